@@ -1,0 +1,1 @@
+"""Hosting for the research agent: one HTTP/SSE contract at every tier."""
