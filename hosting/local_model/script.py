@@ -65,11 +65,16 @@ def _texts(content: Any) -> list[str]:
     return out
 
 
-def _prompt_text(content: Any) -> str:
-    """The user's own words in a message, without the CLI's system reminders."""
+def _prompt_texts(content: Any) -> list[str]:
+    """The user's own texts in a message, without the CLI's system reminders.
+
+    Kept block by block: after a failed turn the CLI sends the next prompt in
+    the same user message, and only the last block is the new prompt.
+    """
     if isinstance(content, list) and any(b.get("type") == "tool_result" for b in content):
-        return ""
-    return _REMINDER.sub("", "\n".join(_texts(content))).strip()
+        return []
+    cleaned = (_REMINDER.sub("", text).strip() for text in _texts(content))
+    return [text for text in cleaned if text]
 
 
 def _tool_results(content: Any) -> list[dict[str, Any]]:
@@ -119,8 +124,7 @@ def plan_reply(request: dict[str, Any]) -> Reply:
     all_text = "\n".join(t for m in messages for t in _texts(m.get("content")))
     reply = Reply(input_tokens=max(1, len(all_text) // 4))
     last = messages[-1] if messages else {"role": "user", "content": ""}
-    prompts = [_prompt_text(m.get("content")) for m in messages if m.get("role") == "user"]
-    prompts = [p for p in prompts if p]
+    prompts = [t for m in messages if m.get("role") == "user" for t in _prompt_texts(m.get("content"))]
     prompt = prompts[-1] if prompts else ""
 
     directives = [(m.group(1), m.group(2) or "") for m in _DIRECTIVE.finditer(prompt)]

@@ -1,0 +1,114 @@
+"""Every setting the hosting layer reads, in one typed place, read once at start-up.
+
+Nothing else in the package reads ``os.environ``: the server, run-once and the
+tests build a :class:`Settings` and pass it down, so what a process does is
+decided by one object that can be printed, compared and faked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from research_agent.options import DEFAULT_MODEL
+
+
+class ConfigError(ValueError):
+    """The environment cannot produce a working server. Raised at start-up."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _optional(env: Mapping[str, str], name: str) -> str | None:
+    return env.get(name, "").strip() or None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Configuration of one agent server (or one run-once job)."""
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    data_dir: Path = Path("/data")
+    auth_token: str | None = None
+    model: str = DEFAULT_MODEL
+    anthropic_base_url: str | None = None
+    anthropic_api_key: str | None = field(default=None, repr=False)
+    claude_code_oauth_token: str | None = field(default=None, repr=False)
+    max_body_bytes: int = 256 * 1024
+    heartbeat_seconds: float = 15.0
+    warm_sessions: int = 32
+    prewarm: int = 2
+    idle_timeout_seconds: float = 600.0
+    shutdown_grace_seconds: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the environment. Bad values raise :class:`ConfigError` naming the variable."""
+        env = os.environ if env is None else env
+        return cls(
+            host=env.get("HOST", "").strip() or cls.host,
+            port=_int(env, "PORT", cls.port, minimum=1),
+            data_dir=Path(env.get("AGENT_DATA_DIR", "").strip() or cls.data_dir),
+            auth_token=_optional(env, "AGENT_AUTH_TOKEN"),
+            model=env.get("MODEL", "").strip() or DEFAULT_MODEL,
+            anthropic_base_url=_optional(env, "ANTHROPIC_BASE_URL"),
+            anthropic_api_key=_optional(env, "ANTHROPIC_API_KEY"),
+            claude_code_oauth_token=_optional(env, "CLAUDE_CODE_OAUTH_TOKEN"),
+            heartbeat_seconds=_float(env, "AGENT_HEARTBEAT_SECONDS", cls.heartbeat_seconds),
+            warm_sessions=_int(env, "AGENT_WARM_SESSIONS", cls.warm_sessions),
+            prewarm=_int(env, "AGENT_PREWARM", cls.prewarm),
+            idle_timeout_seconds=_float(env, "AGENT_IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds),
+            shutdown_grace_seconds=_float(env, "AGENT_SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),
+        )
+
+    def require_credentials(self) -> None:
+        """Fail once, at start-up, instead of once per turn."""
+        if not (self.anthropic_api_key or self.claude_code_oauth_token):
+            raise ConfigError(
+                "No model credentials: set ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN "
+                "(for the offline local model any non-empty value works, with "
+                "ANTHROPIC_BASE_URL pointing at it)."
+            )
+
+    def cli_env(self) -> dict[str, str]:
+        """Variables handed to the Claude Code CLI on top of its inherited environment.
+
+        Credentials go through explicitly; the server's own secrets are blanked
+        so no tool the model runs can read them back.
+        """
+        env = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "AGENT_AUTH_TOKEN": ""}
+        for name, value in (
+            ("ANTHROPIC_BASE_URL", self.anthropic_base_url),
+            ("ANTHROPIC_API_KEY", self.anthropic_api_key),
+            ("CLAUDE_CODE_OAUTH_TOKEN", self.claude_code_oauth_token),
+        ):
+            if value:
+                env[name] = value
+        return env

@@ -1,0 +1,186 @@
+"""The agent server: the HTTP/SSE contract, one process per sandbox.
+
+Routes (identical at every tier, see README):
+``GET /health`` · ``GET /ready`` · ``POST /sessions/{id}/messages`` (SSE) ·
+``POST /sessions/{id}/interrupt`` · ``GET /sessions/{id}`` · ``DELETE /sessions/{id}``.
+
+Validation happens before anything is created: a bad request never reaches the
+model and leaves nothing on disk.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from hosting.config import ConfigError, Settings
+from hosting.limits import BodySizeLimit
+from hosting.sessions import NotAccepting, SessionBusy, SessionManager
+from hosting.turns import Turn
+from hosting.workspaces import InvalidSessionId, WorkspaceStore, validate_session_id
+
+logger = logging.getLogger("hosting.server")
+RETRY_AFTER_SECONDS = "2"
+
+
+class MessageRequest(BaseModel):
+    """Body of ``POST /sessions/{id}/messages``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: StrictStr = Field(min_length=1)
+    include_raw: StrictBool = Field(default=False, description="Also stream the raw SDK messages (debugging).")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value
+
+
+def _session_id(session_id: Annotated[str, Path()]) -> str:
+    try:
+        return validate_session_id(session_id)
+    except InvalidSessionId as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
+SessionId = Annotated[str, Depends(_session_id)]
+
+
+def _busy(session_id: str) -> HTTPException:
+    return HTTPException(409, f"a turn is already running on session {session_id!r}", headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the server for ``settings``. The caller has checked credentials."""
+    workspaces = WorkspaceStore(settings.data_dir)
+    sessions = SessionManager(settings, workspaces)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        workspaces.ensure_writable()
+        yield
+        await sessions.close(settings.shutdown_grace_seconds)
+
+    def require_token(request: Request) -> None:
+        if settings.auth_token is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.auth_token.encode()):
+            raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(title="Research agent server", version="1", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.state.sessions = sessions
+    authed = [Depends(require_token)]
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": jsonable_errors(exc.errors())}, status_code=422)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", dependencies=authed)
+    async def ready() -> JSONResponse:
+        body = {"ready": sessions.accepting, **sessions.status()}
+        return JSONResponse(body, status_code=200 if sessions.accepting else 503)
+
+    @app.post("/sessions/{session_id}/messages", dependencies=authed)
+    async def post_message(session_id: SessionId, request: Request) -> EventSourceResponse:
+        body = await _message_body(request)
+        try:
+            turn = sessions.start_turn(session_id, body.prompt, include_raw=body.include_raw)
+        except SessionBusy:
+            raise _busy(session_id) from None
+        except NotAccepting as exc:
+            raise HTTPException(503, str(exc), headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
+        return EventSourceResponse(_sse(turn), ping=settings.heartbeat_seconds)
+
+    @app.post("/sessions/{session_id}/interrupt", dependencies=authed)
+    async def interrupt(session_id: SessionId) -> dict[str, Any]:
+        if not await sessions.interrupt(session_id):
+            raise HTTPException(404 if sessions.describe(session_id) is None else 409,
+                                f"no turn is running on session {session_id!r}")
+        return {"session_id": session_id, "interrupted": True}
+
+    @app.get("/sessions/{session_id}", dependencies=authed)
+    async def get_session(session_id: SessionId) -> dict[str, Any]:
+        described = sessions.describe(session_id)
+        if described is None:
+            raise HTTPException(404, f"no session {session_id!r}")
+        return described
+
+    @app.delete("/sessions/{session_id}", dependencies=authed, status_code=204)
+    async def delete_session(session_id: SessionId) -> Response:
+        try:
+            deleted = await sessions.delete(session_id)
+        except SessionBusy:
+            raise _busy(session_id) from None
+        if not deleted:
+            raise HTTPException(404, f"no session {session_id!r}")
+        return Response(status_code=204)
+
+    return app
+
+
+def jsonable_errors(errors: Any) -> list[dict[str, Any]]:
+    """Pydantic errors without the non-JSON bits (exception objects in ``ctx``)."""
+    return [{k: v for k, v in error.items() if k in ("type", "loc", "msg")} for error in errors]
+
+
+async def _message_body(request: Request) -> MessageRequest:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise HTTPException(415, "Content-Type must be application/json")
+    raw = await request.body()
+    try:
+        payload = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HTTPException(400, f"body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise HTTPException(400, 'body must be a JSON object like {"prompt": "..."}')
+    try:
+        return MessageRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise HTTPException(422, jsonable_errors(exc.errors())) from None
+
+
+async def _sse(turn: Turn) -> AsyncIterator[ServerSentEvent]:
+    event_id = 0
+    async for event in turn.events():
+        event_id += 1
+        yield ServerSentEvent(data=json.dumps(event.payload()), event=event.type, id=str(event_id))
+
+
+def main() -> None:
+    """``agent-server`` / ``entrypoint.sh serve``: serve on ``$HOST:$PORT`` with settings from the environment."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        settings = Settings.from_env()
+        settings.require_credentials()
+        WorkspaceStore(settings.data_dir).ensure_writable()
+    except (ConfigError, OSError) as exc:
+        print(f"agent-server: {exc}", file=sys.stderr)
+        sys.exit(2)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5)
+
+
+if __name__ == "__main__":
+    main()

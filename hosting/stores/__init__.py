@@ -1,0 +1,73 @@
+"""Durable :class:`~claude_agent_sdk.SessionStore` adapters (Redis, Postgres).
+
+The agent's CLI writes its transcript to local disk, and in the hosted tiers
+that disk belongs to a sandbox or container that is thrown away after the
+turn, the idle timeout or a crash. A session has to outlive its sandbox so a
+later request (possibly served by another replica) can resume it, so the SDK
+mirrors every transcript batch into a ``SessionStore`` and materializes it
+again on resume. These adapters put that mirror in Redis or Postgres.
+
+Retention is the adapter's job (the SDK never deletes on its own): both take
+``ttl_seconds`` (``None`` keeps sessions forever) and forget a session that
+has seen no append for that long; see each adapter for how.
+
+The drivers are the optional ``stores`` extra, so they are imported only for
+the scheme actually used.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from claude_agent_sdk import SessionStore
+
+__all__ = ["DurableSessionStore", "StoreUnavailableError", "open_session_store"]
+
+_REDIS_SCHEMES = frozenset({"redis", "rediss"})
+_POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
+
+
+class StoreUnavailableError(ConnectionError):
+    """The store's server cannot be reached (raised by ``ping()``)."""
+
+
+class DurableSessionStore(SessionStore, Protocol):
+    """A ``SessionStore`` with the lifecycle hooks a server needs."""
+
+    async def ping(self) -> None:
+        """Round-trip to the server; raise :class:`StoreUnavailableError` if down."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections; the store is unusable afterwards."""
+        ...
+
+
+def validate_ttl(ttl_seconds: int | None) -> int | None:
+    """Reject TTLs that would silently mean "expire at once" or "never"."""
+    if ttl_seconds is not None and (
+        isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0
+    ):
+        raise ValueError(f"ttl_seconds must be a positive int or None, got {ttl_seconds!r}")
+    return ttl_seconds
+
+
+def open_session_store(url: str, *, ttl_seconds: int | None) -> DurableSessionStore:
+    """Build the adapter for ``url``'s scheme.
+
+    No connection is made here; call ``await store.ping()`` at startup to fail
+    fast, and ``await store.aclose()`` at shutdown.
+    """
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in _REDIS_SCHEMES:
+        from .redis_store import RedisSessionStore
+
+        return RedisSessionStore(url, ttl_seconds=ttl_seconds)
+    if scheme in _POSTGRES_SCHEMES:
+        from .postgres_store import PostgresSessionStore
+
+        return PostgresSessionStore(url, ttl_seconds=ttl_seconds)
+    accepted = ", ".join(f"{s}://" for s in sorted(_REDIS_SCHEMES | _POSTGRES_SCHEMES))
+    # Only the scheme is echoed: the URL may carry a password.
+    raise ValueError(f"unsupported session store URL scheme {scheme!r}; accepted: {accepted}")

@@ -1,0 +1,42 @@
+"""A turn in flight: the events it produced so far, decoupled from who is listening.
+
+The turn runs as its own task, so a client that disconnects mid-turn does not
+cancel it: the turn completes and is recorded, and the next turn sees a
+consistent history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from hosting.wire import WireEvent
+
+_END = object()
+
+
+class Turn:
+    """One turn of one session. Events are buffered until someone reads them."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self._events: asyncio.Queue[WireEvent | object] = asyncio.Queue()
+        self.finished = asyncio.Event()
+        self.interrupt_requested = False
+
+    def emit(self, event: WireEvent) -> None:
+        self._events.put_nowait(event)
+
+    def finish(self) -> None:
+        """Close the stream with ``done``; safe to call once per turn."""
+        self._events.put_nowait(WireEvent("done"))
+        self._events.put_nowait(_END)
+        self.finished.set()
+
+    async def events(self) -> AsyncIterator[WireEvent]:
+        while True:
+            event = await self._events.get()
+            if event is _END:
+                return
+            assert isinstance(event, WireEvent)
+            yield event

@@ -1,0 +1,7 @@
+"""``python -m research_agent "question"``."""
+
+import sys
+
+from research_agent.cli import main
+
+sys.exit(main())

@@ -1,0 +1,198 @@
+"""Real Redis and PostgreSQL servers for the session-store tests.
+
+The adapters' value is in how they behave against the real servers
+(transactions, expiry, cascades), so these fixtures start throwaway servers
+from the Debian packages on free 127.0.0.1 ports in temp dirs rather than
+mocking them. Missing binaries FAIL the tests with the apt package to
+install: a silent skip would let CI go green without ever testing a store.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+_INSTALL_HINT = "run scripts/install-store-servers.sh or `apt-get install -y {pkg}`"
+_START_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    """Ask the kernel for a free loopback port (small race, fine for tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _wait_ready(
+    proc: subprocess.Popen[bytes], log: Path, probe_ok: Callable[[], bool]
+) -> None:
+    deadline = time.monotonic() + _START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{_log_tail(log)}")
+        if probe_ok():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"server not ready after {_START_TIMEOUT}s:\n{_log_tail(log)}")
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Stop a server we started, by its own PID; escalate to SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=15)
+
+
+@contextmanager
+def running_redis() -> Iterator[str]:
+    """A redis-server without persistence; yields its ``redis://`` URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server not found; " + _INSTALL_HINT.format(pkg="redis-server"))
+    tmp = Path(tempfile.mkdtemp(prefix="redis-test-"))
+    port = free_port()
+    log = tmp / "redis.log"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no", "--dir", str(tmp)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+
+        def ping() -> bool:
+            try:
+                with redis.Redis(port=port, socket_connect_timeout=1) as client:
+                    return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        _wait_ready(proc, log, ping)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        if proc is not None:
+            _stop(proc, signal.SIGTERM)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _postgres_bindir() -> Path:
+    """Newest ``/usr/lib/postgresql/<major>/bin`` (Debian), else ``$PATH``."""
+    found = glob.glob("/usr/lib/postgresql/*/bin/postgres")
+    if found:
+        return Path(max(found, key=lambda p: int(Path(p).parts[-3]))).parent
+    on_path = shutil.which("postgres")
+    if on_path is None:
+        pytest.fail(
+            "PostgreSQL server binaries not found (no /usr/lib/postgresql/*/bin/"
+            "postgres); " + _INSTALL_HINT.format(pkg="postgresql")
+        )
+    return Path(on_path).parent
+
+
+def _server_user() -> str | None:
+    """Postgres refuses to run as root: pick an unprivileged account then."""
+    if os.getuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name).pw_name
+        except KeyError:
+            continue
+    pytest.fail("running as root and neither a 'postgres' nor a 'nobody' user exists")
+
+
+@contextmanager
+def running_postgres() -> Iterator[str]:
+    """A fresh PostgreSQL cluster; yields its ``postgresql://`` URL.
+
+    The server runs in the foreground as our child (``Popen(user=...)``
+    drops root directly, so the PID we hold is the postmaster's own and a
+    signal to it stops the whole cluster).
+    """
+    bindir = _postgres_bindir()
+    user = _server_user()
+    tmp = Path(tempfile.mkdtemp(prefix="pg-test-"))
+    data, sock, log = tmp / "data", tmp / "sock", tmp / "postgres.log"
+    sock.mkdir()
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        for path in (tmp, sock):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+    port = free_port()
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        initdb = subprocess.run(
+            [str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
+             "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"],
+            user=user, cwd=tmp, capture_output=True, check=False,
+        )  # fmt: skip
+        if initdb.returncode != 0:
+            pytest.fail(f"initdb failed:\n{initdb.stdout.decode()}{initdb.stderr.decode()}")
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [str(bindir / "postgres"), "-D", str(data), "-k", str(sock),
+                 "-h", "127.0.0.1", "-p", str(port),
+                 "-c", "fsync=off", "-c", "synchronous_commit=off",
+                 "-c", "full_page_writes=off"],
+                user=user, cwd=tmp, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+        def ping() -> bool:
+            try:
+                with psycopg.connect(url, connect_timeout=1) as conn:
+                    conn.execute("SELECT 1")
+                return True
+            except psycopg.OperationalError:
+                return False
+
+        _wait_ready(proc, log, ping)
+        yield url
+    finally:
+        if proc is not None:
+            # SIGINT is "fast" shutdown: it does not wait for clients (e.g. a
+            # pool a failed test left open) to disconnect, unlike SIGTERM.
+            _stop(proc, signal.SIGINT)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """One Redis server for the test session; tests isolate by key prefix."""
+    with running_redis() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """One PostgreSQL server for the test session; tests isolate by table."""
+    with running_postgres() as url:
+        yield url
