@@ -1,0 +1,281 @@
+"""Python client for the agent's HTTP/SSE contract, the same at every tier.
+
+    async with AgentClient() as agent:              # $AGENT_BASE_URL, $AGENT_AUTH_TOKEN
+        print(await agent.arun("What is new in Python 3.13?"))
+        async for event in agent.astream("And in 3.14?"):
+            if isinstance(event, TextEvent):
+                print(event.text, end="")
+
+Only the base URL and the token change between a local server, a container,
+Modal and the Kubernetes gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from httpx_sse import aconnect_sse
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+
+
+# -- errors ------------------------------------------------------------------
+
+
+class AgentClientError(Exception):
+    """The server refused a request. ``status`` and ``detail`` say why."""
+
+    def __init__(self, status: int, detail: Any, retry_after: float | None = None) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+class BadRequestError(AgentClientError):
+    """400, 415 or 422: the request itself is wrong."""
+
+
+class AuthenticationError(AgentClientError):
+    """401: missing or wrong bearer token."""
+
+
+class ForbiddenError(AgentClientError):
+    """403: the session belongs to another tenant."""
+
+
+class SessionNotFoundError(AgentClientError):
+    """404: no such session."""
+
+
+class SessionBusyError(AgentClientError):
+    """409: a turn is already running on the session; retry after ``retry_after``."""
+
+
+class PayloadTooLargeError(AgentClientError):
+    """413: the body is over the server's limit."""
+
+
+class NotReadyError(AgentClientError):
+    """503: the server is starting or draining; retry after ``retry_after``."""
+
+
+_ERRORS: dict[int, type[AgentClientError]] = {
+    400: BadRequestError, 401: AuthenticationError, 403: ForbiddenError, 404: SessionNotFoundError,
+    409: SessionBusyError, 413: PayloadTooLargeError, 415: BadRequestError, 422: BadRequestError,
+    503: NotReadyError,
+}
+
+
+class TurnError(Exception):
+    """The turn ran but ended with an ``error`` event."""
+
+    def __init__(self, event: ErrorEvent) -> None:
+        super().__init__(f"{event.code}: {event.message}")
+        self.event = event
+
+
+# -- events (wire format v1) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    """Any wire event. ``data`` is the JSON payload as sent, ``id`` the SSE id."""
+
+    id: int | None
+    data: dict[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class SessionEvent(Event):
+    @property
+    def session_id(self) -> str:
+        return self.data["session_id"]
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.data.get("resumed"))
+
+
+@dataclass(frozen=True)
+class TextEvent(Event):
+    @property
+    def text(self) -> str:
+        return self.data.get("text", "")
+
+
+@dataclass(frozen=True)
+class ThinkingEvent(TextEvent):
+    pass
+
+
+@dataclass(frozen=True)
+class ToolUseEvent(Event):
+    @property
+    def name(self) -> str:
+        return self.data["name"]
+
+    @property
+    def input(self) -> dict[str, Any]:
+        return self.data.get("input", {})
+
+
+@dataclass(frozen=True)
+class ToolResultEvent(Event):
+    @property
+    def content(self) -> str:
+        return self.data.get("content", "")
+
+    @property
+    def is_error(self) -> bool:
+        return bool(self.data.get("is_error"))
+
+
+@dataclass(frozen=True)
+class ResultEvent(Event):
+    @property
+    def text(self) -> str | None:
+        return self.data.get("text")
+
+    @property
+    def is_error(self) -> bool:
+        return bool(self.data.get("is_error"))
+
+
+@dataclass(frozen=True)
+class ErrorEvent(Event):
+    @property
+    def code(self) -> str:
+        return self.data.get("code", "unknown")
+
+    @property
+    def message(self) -> str:
+        return self.data.get("message", "")
+
+    @property
+    def retryable(self) -> bool:
+        return bool(self.data.get("retryable"))
+
+
+@dataclass(frozen=True)
+class DoneEvent(Event):
+    pass
+
+
+@dataclass(frozen=True)
+class UnknownEvent(Event):
+    """An event type this client does not know (a newer server); never an error."""
+
+    type: str = ""
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    "session": SessionEvent, "text": TextEvent, "thinking": ThinkingEvent, "tool_use": ToolUseEvent,
+    "tool_result": ToolResultEvent, "result": ResultEvent, "error": ErrorEvent, "done": DoneEvent,
+}
+
+
+def parse_event(event_type: str, event_id: str | None, data: str) -> Event:
+    payload = json.loads(data) if data else {}
+    parsed_id = int(event_id) if event_id and event_id.isdigit() else None
+    cls = EVENT_TYPES.get(event_type)
+    if cls is None:
+        return UnknownEvent(parsed_id, payload, type=event_type)
+    return cls(parsed_id, payload)
+
+
+# -- client --------------------------------------------------------------------
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return float(response.headers["retry-after"])
+    except (KeyError, ValueError):
+        return None
+
+
+async def _raise_for_status(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    await response.aread()
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    cls = _ERRORS.get(response.status_code, AgentClientError)
+    raise cls(response.status_code, detail, _retry_after(response))
+
+
+class AgentClient:
+    """Talks to one agent endpoint on behalf of one conversation (``session_id``)."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        token: str | None = None,
+        session_id: str | None = None,
+        timeout: float = 600.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = (base_url or os.environ.get("AGENT_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        token = token if token is not None else os.environ.get("AGENT_AUTH_TOKEN")
+        self.session_id = session_id or uuid.uuid4().hex
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers,
+                                       timeout=httpx.Timeout(timeout, connect=10.0), transport=transport)
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def astream(self, prompt: str, *, session_id: str | None = None) -> AsyncIterator[Event]:
+        """Send one turn and yield its events as they arrive, ``done`` last."""
+        sid = session_id or self.session_id
+        async with aconnect_sse(self._http, "POST", f"/sessions/{sid}/messages", json={"prompt": prompt}) as source:
+            await _raise_for_status(source.response)
+            async for sse in source.aiter_sse():
+                yield parse_event(sse.event, sse.id, sse.data)
+
+    async def arun(self, prompt: str, *, session_id: str | None = None) -> str:
+        """Send one turn and return the final answer; :class:`TurnError` if it failed."""
+        text: list[str] = []
+        final: str | None = None
+        async for event in self.astream(prompt, session_id=session_id):
+            if isinstance(event, ErrorEvent):
+                raise TurnError(event)
+            if isinstance(event, ResultEvent):
+                final = event.text
+            elif isinstance(event, TextEvent) and not isinstance(event, ThinkingEvent):
+                text.append(event.text)
+        return final if final is not None else "".join(text)
+
+    async def interrupt(self, *, session_id: str | None = None) -> None:
+        """Stop the session's running turn (its stream ends with an ``interrupted`` error)."""
+        response = await self._http.post(f"/sessions/{session_id or self.session_id}/interrupt")
+        await _raise_for_status(response)
+
+    async def get_session(self, *, session_id: str | None = None) -> dict[str, Any]:
+        response = await self._http.get(f"/sessions/{session_id or self.session_id}")
+        await _raise_for_status(response)
+        return response.json()
+
+    async def delete_session(self, *, session_id: str | None = None) -> None:
+        response = await self._http.delete(f"/sessions/{session_id or self.session_id}")
+        await _raise_for_status(response)
+
+    async def ready(self) -> dict[str, Any]:
+        response = await self._http.get("/ready")
+        await _raise_for_status(response)
+        return response.json()
