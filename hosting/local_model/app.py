@@ -84,7 +84,8 @@ def create_app() -> FastAPI:
         body = await request.json()
         reply = plan_reply(body)
         app.state.requests_total += 1
-        seen.append({"model": body.get("model"), "stream": bool(body.get("stream")), "messages": body.get("messages", [])})
+        seen.append({"seq": app.state.requests_total, "model": body.get("model"), "stream": bool(body.get("stream")),
+                     "messages": body.get("messages", [])})
         logger.info("local model (not Claude) answering request %d", app.state.requests_total)
         if reply.delay:
             await asyncio.sleep(reply.delay)
@@ -101,8 +102,9 @@ def create_app() -> FastAPI:
         return {"input_tokens": max(1, len(json.dumps(body.get("messages", []))) // 4)}
 
     @app.get("/local/requests")
-    async def requests_seen() -> dict[str, Any]:
-        return {"total": app.state.requests_total, "recent": list(seen)}
+    async def requests_seen(since: int = 0) -> dict[str, Any]:
+        """How many requests arrived, and the recent ones numbered above ``since``."""
+        return {"total": app.state.requests_total, "recent": [r for r in seen if r["seq"] > since]}
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "HEAD", "PUT", "DELETE"])
     async def not_found(path: str) -> JSONResponse:

@@ -1,0 +1,24 @@
+#!/bin/sh
+# The whole test suite. As root it first installs the system services the tests
+# drive for real (Redis, PostgreSQL, Docker); then it installs the package with
+# its test extra into ./.venv (or $VENV) and runs pytest. Extra args go to pytest.
+set -eu
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+
+if [ "$(id -u)" = 0 ]; then
+    for setup in scripts/install-store-servers.sh scripts/start-dockerd.sh; do
+        [ -x "$setup" ] && "$setup"
+    done
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+
+status=0
+"$VENV/bin/python" -m pytest "$@" || status=$?
+if [ "$status" = 5 ]; then
+    echo "test.sh: pytest collected no tests; that is a failure" >&2
+    exit 1
+fi
+exit "$status"
