@@ -10,12 +10,15 @@ model and leaves nothing on disk.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Annotated, Any
 
 import uvicorn
@@ -73,6 +76,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         workspaces.ensure_writable()
+        await sessions.start()
         yield
         await sessions.close(settings.shutdown_grace_seconds)
 
@@ -98,8 +102,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/ready", dependencies=authed)
     async def ready() -> JSONResponse:
-        body = {"ready": sessions.accepting, **sessions.status()}
-        return JSONResponse(body, status_code=200 if sessions.accepting else 503)
+        status = sessions.status()
+        headers = {} if sessions.accepting else {"Retry-After": RETRY_AFTER_SECONDS}
+        return JSONResponse({"ready": sessions.accepting, **status}, status_code=200 if sessions.accepting else 503,
+                            headers=headers)
 
     @app.post("/sessions/{session_id}/messages", dependencies=authed)
     async def post_message(session_id: SessionId, request: Request) -> EventSourceResponse:
@@ -168,6 +174,43 @@ async def _sse(turn: Turn) -> AsyncIterator[ServerSentEvent]:
         yield ServerSentEvent(data=json.dumps(event.payload()), event=event.type, id=str(event_id))
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but SIGTERM drains first.
+
+    On the first SIGTERM/SIGINT the listener stays open and new turns get 503
+    with ``Retry-After`` while running turns finish (up to the grace period);
+    then uvicorn shuts down as usual and the lifespan closes every CLI. The
+    process exits 0. A second signal exits at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, sessions: SessionManager, grace_seconds: float) -> None:
+        super().__init__(config)
+        self._sessions = sessions
+        self._grace_seconds = grace_seconds
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self._loop is None:
+            self.force_exit = self._draining
+            self.should_exit = True
+            return
+        self._draining = True
+        logger.info("signal %d: draining (grace %.0f s)", sig, self._grace_seconds)
+        self._sessions.stop_accepting()
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))  # type: ignore[union-attr]
+
+    async def _drain(self) -> None:
+        finished = await self._sessions.wait_for_running_turns(self._grace_seconds)
+        if not finished:
+            logger.warning("grace period over: cancelling the turns still running")
+        self.should_exit = True
+
+
 def main() -> None:
     """``agent-server`` / ``entrypoint.sh serve``: serve on ``$HOST:$PORT`` with settings from the environment."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -178,8 +221,9 @@ def main() -> None:
     except (ConfigError, OSError) as exc:
         print(f"agent-server: {exc}", file=sys.stderr)
         sys.exit(2)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=5)
+    DrainingServer(config, app.state.sessions, settings.shutdown_grace_seconds).run()
 
 
 if __name__ == "__main__":

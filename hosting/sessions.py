@@ -1,10 +1,15 @@
-"""Sessions: one turn at a time each, connected CLIs kept warm between turns.
+"""Sessions: one turn at a time each, CLIs kept warm between turns and started ahead.
 
 A *live session* is a connected ``ClaudeSDKClient`` bound to one workspace.
-After a turn it stays connected (up to ``warm_sessions`` of them, least
-recently used evicted first), so a follow-up turn skips spawning the CLI and
-reloading the transcript. An evicted session loses nothing: its transcript is
-on disk and its next turn resumes from it.
+
+- After a turn it stays connected, up to ``warm_sessions`` of them (least
+  recently used evicted first, idle ones closed after ``idle_timeout_seconds``),
+  so a follow-up turn skips spawning the CLI and reloading the transcript. An
+  evicted session loses nothing: its next turn resumes from its transcript.
+- ``prewarm`` fresh CLIs wait in a pool, each in its own new workspace, so the
+  first turn of a new session skips the spawn too. The pool refills one CLI at a
+  time, and only while no turn has started for a moment, so refilling never
+  competes with turns in flight for the CPU.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 from typing import Any
 
 from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient
 
+from hosting.cli import guarded_cli
 from hosting.config import Settings
 from hosting.turns import Turn
 from hosting.wire import Redactor, TurnTranslator, WireEvent, error_event
@@ -25,24 +32,28 @@ from research_agent.options import build_options
 
 logger = logging.getLogger("hosting.sessions")
 
+REFILL_QUIET_SECONDS = 0.25
+"""The pool refills only after this long without a new turn."""
+
 
 class SessionBusy(Exception):
     """A turn is already running on this session (HTTP 409)."""
 
 
 class NotAccepting(Exception):
-    """The server is shutting down or not ready (HTTP 503)."""
+    """The server is shutting down (HTTP 503)."""
 
 
 class LiveSession:
-    """A CLI process connected for one workspace, owning its lock."""
+    """A CLI process connected for one workspace, owning the workspace's lock."""
 
     def __init__(self, workspace: Workspace, options: ClaudeAgentOptions, lock_fd: int) -> None:
         self.workspace = workspace
         self.client = ClaudeSDKClient(options)
-        self._lock_fd = lock_fd
+        self._lock_fd: int | None = lock_fd
         self.connected = False
         self.healthy = True
+        self.last_used = time.monotonic()
 
     async def connect(self) -> None:
         await self.client.connect()
@@ -53,10 +64,19 @@ class LiveSession:
             if self.connected:
                 await self.client.disconnect()
         except Exception:  # noqa: BLE001 - a dying CLI must not block shutdown
-            logger.warning("error while closing the CLI of %s", self.workspace.sdk_session_id, exc_info=True)
+            logger.warning("error closing the CLI of %s", self.workspace.sdk_session_id, exc_info=True)
         finally:
             self.connected = False
-            Workspace.unlock(self._lock_fd)
+            if self._lock_fd is not None:
+                Workspace.unlock(self._lock_fd)
+                self._lock_fd = None
+
+
+@dataclass
+class _Running:
+    turn: Turn
+    task: asyncio.Task[None] | None = None
+    live: LiveSession | None = None
 
 
 class SessionManager:
@@ -66,14 +86,65 @@ class SessionManager:
         self._settings = settings
         self._workspaces = workspaces
         self._redact = Redactor([settings.anthropic_api_key, settings.claude_code_oauth_token, settings.auth_token])
-        self._live: OrderedDict[str, LiveSession] = OrderedDict()
-        self._running: dict[str, tuple[Turn, LiveSession | None, asyncio.Task[None] | None]] = {}
+        self._cli_path, self._cli_env = guarded_cli()
+        self._idle: OrderedDict[str, LiveSession] = OrderedDict()
+        self._running: dict[str, _Running] = {}
+        self._pool: deque[LiveSession] = deque()
+        self._pool_wanted = asyncio.Event()
+        self._last_turn_started = 0.0
+        self._background: list[asyncio.Task[None]] = []
         self.accepting = True
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the pool filler and the idle reaper."""
+        self._background = [
+            asyncio.create_task(self._fill_pool(), name="prewarm-pool"),
+            asyncio.create_task(self._reap_idle(), name="idle-reaper"),
+        ]
+        self._pool_wanted.set()
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+
+    async def wait_for_running_turns(self, timeout: float) -> bool:
+        """Wait until no turn runs; ``False`` if some were still running at the timeout."""
+        tasks = [r.task for r in self._running.values() if r.task is not None]
+        if not tasks:
+            return True
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        return not pending
+
+    async def close(self, grace_seconds: float = 0.0) -> None:
+        """Stop accepting turns, let running ones finish within the grace period, close every CLI."""
+        self.stop_accepting()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if not await self.wait_for_running_turns(grace_seconds):
+            tasks = [r.task for r in self._running.values() if r.task is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        while self._idle:
+            await self._idle.popitem()[1].close()
+        while self._pool:
+            live = self._pool.popleft()
+            await live.close()
+            self._workspaces.discard(live.workspace)
 
     # -- state -----------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        return {"live_sessions": len(self._live) + len(self._running), "running_turns": len(self._running)}
+        return {
+            "accepting": self.accepting,
+            "prewarmed": len(self._pool),
+            "prewarm_target": self._settings.prewarm,
+            "live_sessions": len(self._idle) + sum(1 for r in self._running.values() if r.live is not None),
+            "running_turns": len(self._running),
+            "warm_sessions_cap": self._settings.warm_sessions,
+        }
 
     def describe(self, session_id: str) -> dict[str, Any] | None:
         record = self._workspaces.get(session_id)
@@ -86,42 +157,64 @@ class SessionManager:
             "updated_at": transcript.stat().st_mtime if transcript else None,
             "has_history": transcript is not None,
             "busy": session_id in self._running,
-            "live": session_id in self._live or session_id in self._running,
+            "live": session_id in self._idle or session_id in self._running,
         }
 
     # -- turns -----------------------------------------------------------
 
     def start_turn(self, session_id: str, prompt: str, *, include_raw: bool = False) -> Turn:
-        """Reserve the session and start the turn in the background.
+        """Reserve the session and start its turn in the background.
 
         Synchronous up to the reservation, so two requests for one session
-        cannot both pass the busy check.
+        cannot both pass the busy check. The turn runs in its own task: a
+        client that goes away does not stop it.
         """
         if not self.accepting:
             raise NotAccepting("the server is shutting down")
         if session_id in self._running:
             raise SessionBusy(session_id)
         turn = Turn(session_id)
-        self._running[session_id] = (turn, None, None)
+        running = self._running[session_id] = _Running(turn)
         try:
-            record = self._workspaces.bind(session_id)
+            record, running.live = self._bind(session_id)
         except BaseException:
             del self._running[session_id]
             raise
+        self._last_turn_started = time.monotonic()
         turn.emit(WireEvent("session", {"session_id": session_id, "resumed": record.workspace.has_history()}))
-        task = asyncio.create_task(self._run(turn, record, prompt, include_raw), name=f"turn:{session_id}")
-        self._running[session_id] = (turn, None, task)
+        running.task = asyncio.create_task(self._run(running, record, prompt, include_raw), name=f"turn:{session_id}")
         return turn
 
-    async def _run(self, turn: Turn, record: SessionRecord, prompt: str, include_raw: bool) -> None:
+    def _bind(self, session_id: str) -> tuple[SessionRecord, LiveSession | None]:
+        """The session's record and, if one is ready, its connected CLI (warm or pre-started)."""
+        live = self._idle.pop(session_id, None)
+        record = self._workspaces.get(session_id)
+        if record is not None:
+            return record, live
+        pooled = self._pool.popleft() if self._pool else None
+        self._pool_wanted.set()
+        record = self._workspaces.bind(session_id, pooled.workspace if pooled else None)
+        if pooled is not None and record.workspace != pooled.workspace:
+            # Another process bound this id first and our workspace is gone.
+            asyncio.create_task(pooled.close())
+            pooled = None
+        return record, pooled
+
+    async def _run(self, running: _Running, record: SessionRecord, prompt: str, include_raw: bool) -> None:
+        turn = running.turn
         translator = TurnTranslator(self._redact, include_raw=include_raw)
-        live: LiveSession | None = None
         try:
-            live = self._live.pop(turn.session_id, None) or self._open(record.workspace)
-            self._running[turn.session_id] = (turn, live, self._running[turn.session_id][2])
+            if running.live is None:
+                running.live = self._open(record.workspace)
+            live = running.live
             if not live.connected:
                 await live.connect()
+            if turn.interrupt_requested:
+                turn.emit(error_event("interrupted", "The turn was interrupted before it started.", retryable=True))
+                return
             await live.client.query(prompt)
+            if turn.interrupt_requested:
+                await live.client.interrupt()
             async for message in live.client.receive_response():
                 for event in translator.translate(message):
                     turn.emit(event)
@@ -130,15 +223,19 @@ class SessionManager:
                 turn.emit(error_event("agent_error", "The agent ended without a result.", retryable=True))
         except SessionBusy:
             turn.emit(error_event("session_busy", "Another server process owns this session.", retryable=True))
+        except asyncio.CancelledError:
+            if running.live is not None:
+                running.live.healthy = False
+            turn.emit(error_event("shutting_down", "The server shut down during the turn.", retryable=True))
         except Exception as exc:  # noqa: BLE001 - every failure must end the stream cleanly
             logger.exception("turn on session %s failed", turn.session_id)
-            if live is not None:
-                live.healthy = False
+            if running.live is not None:
+                running.live.healthy = False
             turn.emit(error_event("agent_error", self._redact(f"The agent failed: {exc}"), retryable=True))
         finally:
             del self._running[turn.session_id]
-            if live is not None:
-                await self._release(turn.session_id, live)
+            if running.live is not None:
+                await self._release(turn.session_id, running.live)
             turn.finish()
 
     def _open(self, workspace: Workspace) -> LiveSession:
@@ -148,18 +245,22 @@ class SessionManager:
         return LiveSession(workspace, self._options(workspace), lock_fd)
 
     def _options(self, workspace: Workspace) -> ClaudeAgentOptions:
-        resume = workspace.has_history()
         env = {
             **self._settings.cli_env(),
+            **self._cli_env,
             "HOME": str(workspace.root),
             "CLAUDE_CONFIG_DIR": str(workspace.config_dir),
             "TMPDIR": str(workspace.root),
         }
-        session = {"resume": workspace.sdk_session_id} if resume else {"session_id": workspace.sdk_session_id}
+        if workspace.has_history():
+            session: dict[str, str] = {"resume": workspace.sdk_session_id}
+        else:
+            session = {"session_id": workspace.sdk_session_id}
         return build_options(
             model=self._settings.model,
             cwd=workspace.work_dir,
             env=env,
+            cli_path=self._cli_path,
             include_partial_messages=True,
             stderr=lambda line: logger.debug("cli %s: %s", workspace.sdk_session_id, line),
             **session,
@@ -170,41 +271,63 @@ class SessionManager:
         if not (live.healthy and self.accepting and self._settings.warm_sessions > 0):
             await live.close()
             return
-        self._live[session_id] = live
-        self._live.move_to_end(session_id)
-        while len(self._live) > self._settings.warm_sessions:
-            _, evicted = self._live.popitem(last=False)
-            await evicted.close()
+        live.last_used = time.monotonic()
+        self._idle[session_id] = live
+        while len(self._idle) > self._settings.warm_sessions:
+            await self._idle.popitem(last=False)[1].close()
+
+    # -- background ------------------------------------------------------
+
+    async def _fill_pool(self) -> None:
+        while True:
+            await self._pool_wanted.wait()
+            self._pool_wanted.clear()
+            while self.accepting and len(self._pool) < self._settings.prewarm:
+                quiet = time.monotonic() - self._last_turn_started
+                if quiet < REFILL_QUIET_SECONDS:
+                    await asyncio.sleep(REFILL_QUIET_SECONDS - quiet)
+                    continue
+                workspace = self._workspaces.new_workspace()
+                live = self._open(workspace)
+                try:
+                    await live.connect()
+                except Exception:  # noqa: BLE001 - retry later; turns fall back to spawning
+                    logger.exception("could not pre-start a CLI")
+                    await live.close()
+                    self._workspaces.discard(workspace)
+                    await asyncio.sleep(5)
+                    continue
+                self._pool.append(live)
+
+    async def _reap_idle(self) -> None:
+        timeout = self._settings.idle_timeout_seconds
+        while True:
+            await asyncio.sleep(max(0.05, min(timeout / 4, 30.0)))
+            cutoff = time.monotonic() - timeout
+            for session_id in [sid for sid, live in self._idle.items() if live.last_used < cutoff]:
+                live = self._idle.pop(session_id, None)  # a turn may have taken it meanwhile
+                if live is not None:
+                    await live.close()
 
     # -- control ---------------------------------------------------------
 
     async def interrupt(self, session_id: str) -> bool:
         """Stop the running turn of a session. ``False`` if none is running."""
         running = self._running.get(session_id)
-        if running is None or running[1] is None:
+        if running is None:
             return False
-        turn, live, _ = running
-        turn.interrupt_requested = True
-        await live.client.interrupt()
+        running.turn.interrupt_requested = True
+        if running.live is not None and running.live.connected:
+            try:
+                await running.live.client.interrupt()
+            except Exception:  # noqa: BLE001 - the flag still stops a turn not yet sent
+                logger.debug("interrupt before the query reached the CLI", exc_info=True)
         return True
 
     async def delete(self, session_id: str) -> bool:
         if session_id in self._running:
             raise SessionBusy(session_id)
-        live = self._live.pop(session_id, None)
+        live = self._idle.pop(session_id, None)
         if live is not None:
             await live.close()
         return self._workspaces.delete(session_id)
-
-    async def close(self, grace_seconds: float = 0.0) -> None:
-        """Stop accepting turns, let running ones finish within the grace period, close every CLI."""
-        self.accepting = False
-        tasks = [task for _, _, task in self._running.values() if task is not None]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace_seconds)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        while self._live:
-            _, live = self._live.popitem()
-            await live.close()

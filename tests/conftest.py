@@ -148,6 +148,20 @@ def start_server(local_model: LocalModel, tmp_path: Path) -> Iterator[Any]:
         server.stop()
 
 
+def workspace_of(data_dir: Path, session_id: str) -> Path:
+    """The workspace directory a session is bound to."""
+    entry = json.loads((data_dir / "sessions" / f"{session_id}.json").read_text())
+    return data_dir / "workspaces" / entry["sdk_session_id"]
+
+
+def bound_sessions(data_dir: Path) -> set[str]:
+    return {p.stem for p in (data_dir / "sessions").glob("*.json")}
+
+
+def workspace_dirs(data_dir: Path) -> set[str]:
+    return {p.name for p in (data_dir / "workspaces").iterdir()}
+
+
 @dataclass
 class Turn:
     """What one POST /messages produced: the raw SSE events, in order."""

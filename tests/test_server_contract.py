@@ -11,7 +11,7 @@ import signal
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, post_turn
+from tests.conftest import API_KEY, bound_sessions, post_turn, workspace_dirs, workspace_of
 
 pytestmark = pytest.mark.e2e
 
@@ -123,11 +123,12 @@ def test_session_resource_get_and_delete(start_server):
     base = server.base_url
     assert httpx.get(f"{base}/sessions/nobody").status_code == 404
     post_turn(base, "res-1", "Remember this value: 12")
+    workspace = workspace_of(server.data_dir, "res-1")
     described = httpx.get(f"{base}/sessions/res-1").json()
     assert described["session_id"] == "res-1" and described["has_history"] is True and described["busy"] is False
     assert httpx.delete(f"{base}/sessions/res-1").status_code == 204
     assert httpx.get(f"{base}/sessions/res-1").status_code == 404
-    assert not list((server.data_dir / "workspaces").iterdir())
+    assert not workspace.exists() and "res-1" not in bound_sessions(server.data_dir)
     assert httpx.delete(f"{base}/sessions/res-1").status_code == 404
     again = post_turn(base, "res-1", "What value did I ask you to remember?")
     assert "You have not asked me to remember any value." in again.text
@@ -172,15 +173,15 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize("session_id, kwargs, status", BAD_REQUESTS)
 def test_bad_input_is_refused_and_leaves_nothing(start_server, local_model, session_id, kwargs, status):
-    server = start_server()
+    server = start_server(AGENT_PREWARM="0")
     before = local_model.requests_total()
     response = httpx.post(f"{server.base_url}/sessions/{session_id}/messages", timeout=30, **kwargs)
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     assert response.json()["detail"]
     assert local_model.requests_total() == before
-    assert not list((server.data_dir / "sessions").iterdir())
-    assert not list((server.data_dir / "workspaces").iterdir())
+    assert not bound_sessions(server.data_dir)
+    assert not workspace_dirs(server.data_dir)
 
 
 def test_a_body_just_under_the_limit_is_accepted(start_server):
@@ -207,7 +208,7 @@ def test_bearer_token_required_except_health(start_server, local_model):
         assert httpx.get(f"{base}/sessions/auth-1", headers=headers).status_code == 401
         assert httpx.delete(f"{base}/sessions/auth-1", headers=headers).status_code == 401
     assert local_model.requests_total() == before
-    assert not list((server.data_dir / "sessions").iterdir())
+    assert not bound_sessions(server.data_dir)
     turn = post_turn(base, "auth-1", "hi", headers={"Authorization": "Bearer tok-9c1d"})
     assert turn.types[-2:] == ["result", "done"]
 

@@ -8,11 +8,13 @@
 # with `ARG BASE_IMAGE=python:3.11-slim-bookworm` / `FROM ${BASE_IMAGE}`.
 #
 # Usage:
-#     hosting/docker/build-base-image.sh [--force] [TAG]
+#     hosting/docker/build-base-image.sh [--force] [--no-upgrade] [TAG]
 #
 #     TAG       image tag to create (default: $BASE_IMAGE_TAG, else
 #               research-agent-base:bookworm)
 #     --force   rebuild even if TAG already exists (default: skip, exit 0)
+#     --no-upgrade  skip `apt-get upgrade` from bookworm-updates/-security
+#               (default: upgrade, so the image has current security fixes)
 #
 # Environment (all optional):
 #     BASE_IMAGE_TAG   default tag, see above
@@ -55,10 +57,12 @@ log() { printf '[build-base-image] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 FORCE=0
+UPGRADE=1
 TAG="${BASE_IMAGE_TAG:-research-agent-base:bookworm}"
 while [ $# -gt 0 ]; do
     case "$1" in
         --force|-f) FORCE=1 ;;
+        --no-upgrade) UPGRADE=0 ;;
         -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
         -*) die "unknown option: $1 (see --help)" ;;
         *) TAG="$1" ;;
@@ -205,6 +209,21 @@ APT::Install-Recommends "false";
 APT::Install-Suggests "false";
 Acquire::Languages "none";
 EOF
+
+# Pull in bookworm-updates / bookworm-security (debootstrap only used the
+# release suite), as the official images are rebuilt with them.
+if [ "$UPGRADE" -eq 1 ]; then
+    log "apt-get upgrade from $SUITE-updates / $SUITE-security"
+    mount -t proc proc "$ROOTFS/proc"
+    if ! in_root sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get -y -q \
+            -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold upgrade' \
+            >"$WORK/upgrade.log" 2>&1; then
+        tail -n 30 "$WORK/upgrade.log" >&2
+        die "apt-get upgrade in the rootfs failed"
+    fi
+    grep -E '^[0-9]+ upgraded' "$WORK/upgrade.log" >&2 || true
+    umount_under "$ROOTFS"
+fi
 
 # CA certificates: certificates the host trusts beyond stock Debian (e.g. the
 # egress proxy's CA) become local CAs of the image, then the host bundle is
