@@ -148,6 +148,52 @@ def start_server(local_model: LocalModel, tmp_path: Path) -> Iterator[Any]:
         server.stop()
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (the CLIs a server started)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        try:
+            state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue
+        if state != "Z":
+            out.add(pid)
+    return out
+
+
+def wait_for(predicate: Any, timeout: float = 30, interval: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy; fail the test at the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def ready(base_url: str) -> dict[str, Any]:
+    return httpx.get(f"{base_url}/ready").json()
+
+
 def workspace_of(data_dir: Path, session_id: str) -> Path:
     """The workspace directory a session is bound to."""
     entry = json.loads((data_dir / "sessions" / f"{session_id}.json").read_text())

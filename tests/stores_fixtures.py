@@ -34,7 +34,8 @@ def free_port() -> int:
     """Ask the kernel for a free loopback port (small race, fine for tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _log_tail(path: Path, lines: int = 20) -> str:
@@ -44,9 +45,7 @@ def _log_tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def _wait_ready(
-    proc: subprocess.Popen[bytes], log: Path, probe_ok: Callable[[], bool]
-) -> None:
+def _wait_ready(proc: subprocess.Popen[bytes], log: Path, probe_ok: Callable[[], bool]) -> None:
     deadline = time.monotonic() + _START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -4,7 +4,7 @@ Key layout (``P`` = prefix, default ``agent:``; every component is
 percent-encoded so a ``:`` inside a project key, session id or subpath can
 never make two different sessions share a key)::
 
-    P<project>:sessions                  ZSET  session_id -> mtime (epoch ms)
+    P<project>:sessions                  SET   session ids with a main transcript
     P<project>:<session>:main            LIST  main transcript, one JSON entry each
     P<project>:<session>:main:uuids      SET   entry uuids already stored (dedup)
     P<project>:<session>:sub:<subpath>   LIST  one subagent transcript
@@ -13,8 +13,9 @@ never make two different sessions share a key)::
     P<project>:<session>:summary         STRING  {"mtime": ms, "data": {...}}
 
 Redis has no modification times of its own, so ``mtime`` is the server's
-``TIME`` at append, kept in the project's ``sessions`` index and stamped on
-the summary in the same transaction (the SDK requires both to share a clock).
+``TIME`` at the last main-transcript append, kept in the summary; both
+``list_sessions`` and ``list_session_summaries`` read it from there, so they
+share one clock as the SDK requires.
 
 Retention: with ``ttl_seconds`` every append re-``EXPIRE``s every key of the
 session (and the project index), so a session expires as a whole once it has
@@ -25,11 +26,12 @@ lazily when listed.
 from __future__ import annotations
 
 import json
-from typing import Any
+from contextlib import suppress
+from typing import Any, cast
 from urllib.parse import quote
 
 import redis.asyncio as redis
-from claude_agent_sdk import SessionStore
+from claude_agent_sdk import SessionStore, fold_session_summary
 from claude_agent_sdk.types import (
     SessionKey,
     SessionListSubkeysKey,
@@ -37,7 +39,9 @@ from claude_agent_sdk.types import (
     SessionStoreListEntry,
     SessionSummaryEntry,
 )
-from claude_agent_sdk._internal.session_summary import fold_session_summary
+from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, WatchError
 
 from . import StoreUnavailableError, validate_ttl
@@ -60,13 +64,19 @@ class RedisSessionStore(SessionStore):
     replicated) Redis only: a transaction spans keys in different cluster slots.
     """
 
-    def __init__(
-        self, url: str, *, ttl_seconds: int | None = None, prefix: str = "agent:"
-    ) -> None:
+    def __init__(self, url: str, *, ttl_seconds: int | None = None, prefix: str = "agent:") -> None:
         self._ttl = validate_ttl(ttl_seconds)
         self._prefix = prefix
+        # decode_responses: replies are str (redis-py types them bytes | str,
+        # hence the casts below).
         self._client = redis.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=5
+            url,
+            decode_responses=True,
+            socket_connect_timeout=5,
+            # Explicit, because with redis-py's default a pooled connection
+            # left dead by a Redis restart fails its next PING instead of
+            # being re-dialed.
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
         )
 
     # -- key layout -------------------------------------------------------
@@ -97,30 +107,34 @@ class RedisSessionStore(SessionStore):
             while True:
                 try:
                     await pipe.watch(uuids_key, summary_key, subpaths_key)
-                    fresh = await self._unseen(pipe, uuids_key, entries)
-                    prev_raw = None if subpath is not None else await pipe.get(summary_key)
-                    known_subpaths = await pipe.smembers(subpaths_key) if self._ttl else set()
-                    seconds, micros = await pipe.time()
-                    mtime = seconds * 1000 + micros // 1000
+                    fresh = await _unseen(pipe, uuids_key, entries)
+                    if not fresh:
+                        return  # a retried batch that had already landed
+                    subs = (
+                        cast("set[str]", await pipe.smembers(subpaths_key)) if self._ttl else set()
+                    )
+                    if subpath is None:
+                        raw = cast("str | None", await pipe.get(summary_key))
+                        prev = _summary_from_raw(session_id, raw) if raw else None
+                        summary = fold_session_summary(prev, key, fresh)
+                        seconds, micros = await pipe.time()  # the server's clock, not ours
+                        summary["mtime"] = seconds * 1000 + micros // 1000
 
                     pipe.multi()
-                    if fresh:
-                        pipe.rpush(transcript, *(json.dumps(e) for e in fresh))
-                        new_uuids = [u for u in map(_uuid_of, fresh) if u is not None]
-                        if new_uuids:
-                            pipe.sadd(uuids_key, *new_uuids)
-                    if subpath is not None:
-                        pipe.sadd(subpaths_key, subpath)
+                    pipe.rpush(transcript, *(json.dumps(e) for e in fresh))
+                    new_uuids = [u for u in map(_uuid_of, fresh) if u is not None]
+                    if new_uuids:
+                        pipe.sadd(uuids_key, *new_uuids)
+                    if subpath is None:
+                        stored = {"mtime": summary["mtime"], "data": summary["data"]}
+                        pipe.set(summary_key, json.dumps(stored))
+                        pipe.sadd(index, session_id)
                     else:
-                        prev = _summary_from_raw(session_id, prev_raw)
-                        folded = fold_session_summary(prev, key, entries)
-                        pipe.set(summary_key, json.dumps({"mtime": mtime, "data": folded["data"]}))
-                        pipe.zadd(index, {session_id: mtime})
+                        pipe.sadd(subpaths_key, subpath)
+                        subs.add(subpath)
                     if self._ttl:
-                        subs = known_subpaths | ({subpath} if subpath is not None else set())
-                        for k in self._session_keys(session, subs):
+                        for k in [*self._session_keys(session, subs), index]:
                             pipe.expire(k, self._ttl)
-                        pipe.expire(index, self._ttl)
                     await pipe.execute()
                     return
                 except WatchError:
@@ -133,16 +147,11 @@ class RedisSessionStore(SessionStore):
         return [json.loads(r) for r in raw] or None
 
     async def list_sessions(self, project_key: str) -> list[SessionStoreListEntry]:
-        live = await self._live_index(project_key, "main")
-        return [{"session_id": sid, "mtime": mtime} for sid, mtime, _ in live]
+        summaries = await self._live_summaries(project_key)
+        return [{"session_id": s["session_id"], "mtime": s["mtime"]} for s in summaries]
 
     async def list_session_summaries(self, project_key: str) -> list[SessionSummaryEntry]:
-        live = await self._live_index(project_key, "summary")
-        out: list[SessionSummaryEntry] = []
-        for sid, _, raw in live:
-            stored = json.loads(raw)
-            out.append({"session_id": sid, "mtime": stored["mtime"], "data": stored["data"]})
-        return out
+        return await self._live_summaries(project_key)
 
     async def delete(self, key: SessionKey) -> None:
         project_key, session_id = key["project_key"], key["session_id"]
@@ -162,10 +171,10 @@ class RedisSessionStore(SessionStore):
             while True:
                 try:
                     await pipe.watch(subpaths_key)
-                    subs = await pipe.smembers(subpaths_key)
+                    subs = cast("set[str]", await pipe.smembers(subpaths_key))
                     pipe.multi()
                     pipe.delete(*self._session_keys(session, subs))
-                    pipe.zrem(self._index(project_key), session_id)
+                    pipe.srem(self._index(project_key), session_id)
                     await pipe.execute()
                     return
                 except WatchError:
@@ -173,7 +182,7 @@ class RedisSessionStore(SessionStore):
 
     async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
         session = self._session(key["project_key"], key["session_id"])
-        return sorted(await self._client.smembers(f"{session}:subpaths"))
+        return sorted(cast("set[str]", await self._client.smembers(f"{session}:subpaths")))
 
     # -- lifecycle --------------------------------------------------------
 
@@ -192,60 +201,71 @@ class RedisSessionStore(SessionStore):
 
     def _session_keys(self, session: str, subpaths: set[str]) -> list[str]:
         """Every key belonging to one session (index membership excluded)."""
-        keys = [f"{session}:main", f"{session}:main:uuids", f"{session}:subpaths", f"{session}:summary"]
+        keys = [
+            f"{session}:main",
+            f"{session}:main:uuids",
+            f"{session}:subpaths",
+            f"{session}:summary",
+        ]
         for sub in subpaths:
             transcript = self._transcript(session, sub)
             keys += [transcript, f"{transcript}:uuids"]
         return keys
 
-    @staticmethod
-    async def _unseen(
-        pipe: Any, uuids_key: str, entries: list[SessionStoreEntry]
-    ) -> list[SessionStoreEntry]:
-        """Drop entries whose uuid is already stored (or repeated in the batch).
+    async def _live_summaries(self, project_key: str) -> list[SessionSummaryEntry]:
+        """Summaries of the project's indexed sessions that still exist.
 
-        The SDK retries a failed batch, and a batch whose ``EXEC`` landed but
-        whose reply was lost must not be stored twice.
-        """
-        uuids = [_uuid_of(e) for e in entries]
-        candidates = [u for u in uuids if u is not None]
-        stored = await pipe.smismember(uuids_key, candidates) if candidates else []
-        seen = {u for u, hit in zip(candidates, stored, strict=True) if hit}
-        fresh: list[SessionStoreEntry] = []
-        for entry, uuid in zip(entries, uuids, strict=True):
-            if uuid is None:
-                fresh.append(entry)
-            elif uuid not in seen:
-                seen.add(uuid)
-                fresh.append(entry)
-        return fresh
-
-    async def _live_index(
-        self, project_key: str, suffix: str
-    ) -> list[tuple[str, int, str]]:
-        """Index members whose ``<session>:<suffix>`` key still exists.
-
-        Returns ``(session_id, mtime, value-or-type)``; members whose keys
-        have expired are removed from the index on the way.
+        Every main-transcript append writes the summary, and it expires or
+        is deleted together with the transcript, so it doubles as the
+        session's liveness marker and the holder of its ``mtime``.
         """
         index = self._index(project_key)
-        members = await self._client.zrange(index, 0, -1, withscores=True)
-        if not members:
+        session_ids = sorted(cast("set[str]", await self._client.smembers(index)))
+        if not session_ids:
             return []
-        async with self._client.pipeline(transaction=False) as pipe:
-            for sid, _ in members:
-                key = f"{self._session(project_key, sid)}:{suffix}"
-                pipe.get(key) if suffix == "summary" else pipe.type(key)
-            probes = await pipe.execute()
-        live, gone = [], []
-        for (sid, score), probe in zip(members, probes, strict=True):
-            if probe is None or probe == "none":
-                gone.append(sid)
-            else:
-                live.append((sid, int(score), probe))
-        if gone:
-            await self._client.zrem(index, *gone)
-        return live
+        keys = [f"{self._session(project_key, sid)}:summary" for sid in session_ids]
+        raws = cast("list[str | None]", await self._client.mget(keys))
+        live = [(sid, raw) for sid, raw in zip(session_ids, raws, strict=True) if raw]
+        if len(live) < len(session_ids):
+            gone = [
+                (sid, k) for sid, k, raw in zip(session_ids, keys, raws, strict=True) if not raw
+            ]
+            await self._prune(index, gone)
+        return [_summary_from_raw(sid, raw) for sid, raw in live]
+
+    async def _prune(self, index: str, gone: list[tuple[str, str]]) -> None:
+        """Drop expired sessions from the index, unless one is re-created meanwhile."""
+        summary_keys = [k for _, k in gone]
+        async with self._client.pipeline(transaction=True) as tx:
+            await tx.watch(*summary_keys)
+            if await tx.exists(*summary_keys):
+                return  # re-created since we looked; prune on a later listing
+            tx.multi()
+            tx.srem(index, *(sid for sid, _ in gone))
+            with suppress(WatchError):
+                await tx.execute()
+
+
+async def _unseen(
+    pipe: Pipeline, uuids_key: str, entries: list[SessionStoreEntry]
+) -> list[SessionStoreEntry]:
+    """Drop entries whose uuid is already stored (or repeated in the batch).
+
+    The SDK retries a failed batch, and one whose ``EXEC`` landed but whose
+    reply was lost must not be stored twice.
+    """
+    uuids = [_uuid_of(e) for e in entries]
+    candidates = [u for u in uuids if u is not None]
+    stored = await pipe.smismember(uuids_key, candidates) if candidates else []
+    seen = {u for u, hit in zip(candidates, stored, strict=True) if hit}
+    fresh: list[SessionStoreEntry] = []
+    for entry, uuid in zip(entries, uuids, strict=True):
+        if uuid is None:
+            fresh.append(entry)
+        elif uuid not in seen:
+            seen.add(uuid)
+            fresh.append(entry)
+    return fresh
 
 
 def _uuid_of(entry: SessionStoreEntry) -> str | None:
@@ -253,8 +273,6 @@ def _uuid_of(entry: SessionStoreEntry) -> str | None:
     return uuid if isinstance(uuid, str) and uuid else None
 
 
-def _summary_from_raw(session_id: str, raw: str | None) -> SessionSummaryEntry | None:
-    if raw is None:
-        return None
+def _summary_from_raw(session_id: str, raw: str) -> SessionSummaryEntry:
     stored: dict[str, Any] = json.loads(raw)
     return {"session_id": session_id, "mtime": stored["mtime"], "data": stored["data"]}
