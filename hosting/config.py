@@ -49,6 +49,16 @@ def _optional(env: Mapping[str, str], name: str) -> str | None:
     return env.get(name, "").strip() or None
 
 
+STORE_SCHEMES = ("redis://", "rediss://", "postgresql://", "postgres://")
+
+
+def _store_url(env: Mapping[str, str]) -> str | None:
+    url = _optional(env, "AGENT_SESSION_STORE")
+    if url is not None and not url.startswith(STORE_SCHEMES):
+        raise ConfigError(f"AGENT_SESSION_STORE must start with one of {', '.join(STORE_SCHEMES)}")
+    return url
+
+
 @dataclass(frozen=True)
 class Settings:
     """Configuration of one agent server (or one run-once job)."""
@@ -67,6 +77,8 @@ class Settings:
     prewarm: int = 2
     idle_timeout_seconds: float = 600.0
     shutdown_grace_seconds: float = 30.0
+    session_store_url: str | None = field(default=None, repr=False)
+    session_ttl_seconds: int | None = 30 * 24 * 3600
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -86,6 +98,8 @@ class Settings:
             prewarm=_int(env, "AGENT_PREWARM", cls.prewarm),
             idle_timeout_seconds=_float(env, "AGENT_IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds),
             shutdown_grace_seconds=_float(env, "AGENT_SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),
+            session_store_url=_store_url(env),
+            session_ttl_seconds=_int(env, "AGENT_SESSION_TTL_SECONDS", cls.session_ttl_seconds or 0) or None,
         )
 
     def require_credentials(self) -> None:
@@ -103,7 +117,7 @@ class Settings:
         Credentials go through explicitly; the server's own secrets are blanked
         so no tool the model runs can read them back.
         """
-        env = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "AGENT_AUTH_TOKEN": ""}
+        env = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "AGENT_AUTH_TOKEN": "", "AGENT_SESSION_STORE": ""}
         for name, value in (
             ("ANTHROPIC_BASE_URL", self.anthropic_base_url),
             ("ANTHROPIC_API_KEY", self.anthropic_api_key),

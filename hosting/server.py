@@ -30,7 +30,9 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from hosting.config import ConfigError, Settings
 from hosting.limits import BodySizeLimit
+from hosting.durable import StoreUnavailable
 from hosting.sessions import NotAccepting, SessionBusy, SessionManager
+from hosting.stores import open_session_store
 from hosting.turns import Turn
 from hosting.workspaces import InvalidSessionId, WorkspaceStore, validate_session_id
 
@@ -68,17 +70,31 @@ def _busy(session_id: str) -> HTTPException:
     return HTTPException(409, f"a turn is already running on session {session_id!r}", headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
+def _store_down() -> HTTPException:
+    return HTTPException(503, "the session store is unavailable; nothing was changed",
+                         headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the server for ``settings``. The caller has checked credentials."""
     workspaces = WorkspaceStore(settings.data_dir)
-    sessions = SessionManager(settings, workspaces)
+    store = (open_session_store(settings.session_store_url, ttl_seconds=settings.session_ttl_seconds)
+             if settings.session_store_url else None)
+    sessions = SessionManager(settings, workspaces, store)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         workspaces.ensure_writable()
+        if store is not None:
+            try:
+                await store.ping()
+            except Exception as exc:  # noqa: BLE001 - serve from local disk; restores retry per turn
+                logger.warning("session store unreachable at start-up: %s", exc)
         await sessions.start()
         yield
         await sessions.close(settings.shutdown_grace_seconds)
+        if store is not None:
+            await store.aclose()
 
     def require_token(request: Request) -> None:
         if settings.auth_token is None:
@@ -121,13 +137,16 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/sessions/{session_id}/interrupt", dependencies=authed)
     async def interrupt(session_id: SessionId) -> dict[str, Any]:
         if not await sessions.interrupt(session_id):
-            raise HTTPException(404 if sessions.describe(session_id) is None else 409,
-                                f"no turn is running on session {session_id!r}")
+            known = workspaces.get(session_id) is not None
+            raise HTTPException(409 if known else 404, f"no turn is running on session {session_id!r}")
         return {"session_id": session_id, "interrupted": True}
 
     @app.get("/sessions/{session_id}", dependencies=authed)
     async def get_session(session_id: SessionId) -> dict[str, Any]:
-        described = sessions.describe(session_id)
+        try:
+            described = await sessions.describe(session_id)
+        except StoreUnavailable:
+            raise _store_down() from None
         if described is None:
             raise HTTPException(404, f"no session {session_id!r}")
         return described
@@ -138,6 +157,8 @@ def create_app(settings: Settings) -> FastAPI:
             deleted = await sessions.delete(session_id)
         except SessionBusy:
             raise _busy(session_id) from None
+        except StoreUnavailable:
+            raise _store_down() from None
         if not deleted:
             raise HTTPException(404, f"no session {session_id!r}")
         return Response(status_code=204)

@@ -21,10 +21,11 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
-from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient
+from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient, MirrorErrorMessage, SessionStore
 
 from hosting.cli import guarded_cli
 from hosting.config import Settings
+from hosting.durable import MirrorOnly, StoreUnavailable, catch_up, durable_session_id, restore, store_key
 from hosting.turns import Turn
 from hosting.wire import Redactor, TurnTranslator, WireEvent, error_event
 from hosting.workspaces import SessionRecord, Workspace, WorkspaceStore
@@ -53,6 +54,7 @@ class LiveSession:
         self._lock_fd: int | None = lock_fd
         self.connected = False
         self.healthy = True
+        self.mirror_gap = False
         self.last_used = time.monotonic()
 
     async def connect(self) -> None:
@@ -82,9 +84,11 @@ class _Running:
 class SessionManager:
     """Runs turns for every session of one server process."""
 
-    def __init__(self, settings: Settings, workspaces: WorkspaceStore) -> None:
+    def __init__(self, settings: Settings, workspaces: WorkspaceStore, store: SessionStore | None = None) -> None:
         self._settings = settings
         self._workspaces = workspaces
+        self._store = store
+        self.store_failures = 0
         self._redact = Redactor([settings.anthropic_api_key, settings.claude_code_oauth_token, settings.auth_token])
         self._cli_path, self._cli_env = guarded_cli()
         self._idle: OrderedDict[str, LiveSession] = OrderedDict()
@@ -144,11 +148,16 @@ class SessionManager:
             "live_sessions": len(self._idle) + sum(1 for r in self._running.values() if r.live is not None),
             "running_turns": len(self._running),
             "warm_sessions_cap": self._settings.warm_sessions,
+            "session_store": self._store is not None,
+            "store_failures": self.store_failures,
         }
 
-    def describe(self, session_id: str) -> dict[str, Any] | None:
+    async def describe(self, session_id: str) -> dict[str, Any] | None:
         record = self._workspaces.get(session_id)
         if record is None:
+            if await self._stored(session_id):
+                return {"session_id": session_id, "created_at": None, "updated_at": None,
+                        "has_history": True, "busy": False, "live": False}
             return None
         transcript = record.workspace.transcript()
         return {
@@ -186,14 +195,20 @@ class SessionManager:
         return turn
 
     def _bind(self, session_id: str) -> tuple[SessionRecord, LiveSession | None]:
-        """The session's record and, if one is ready, its connected CLI (warm or pre-started)."""
+        """The session's record and, if one is ready, its connected CLI (warm or pre-started).
+
+        With a store the SDK session id must be derivable from the public id,
+        so pre-started CLIs (whose ids are fixed at spawn) are not used.
+        """
         live = self._idle.pop(session_id, None)
         record = self._workspaces.get(session_id)
         if record is not None:
             return record, live
+        if self._store is not None:
+            return self._workspaces.bind(session_id, self._workspaces.new_workspace(durable_session_id(session_id))), None
         pooled = self._pool.popleft() if self._pool else None
         self._pool_wanted.set()
-        record = self._workspaces.bind(session_id, pooled.workspace if pooled else None)
+        record = self._workspaces.bind(session_id, pooled.workspace if pooled else self._workspaces.new_workspace())
         if pooled is not None and record.workspace != pooled.workspace:
             # Another process bound this id first and our workspace is gone.
             asyncio.create_task(pooled.close())
@@ -205,10 +220,13 @@ class SessionManager:
         translator = TurnTranslator(self._redact, include_raw=include_raw)
         try:
             if running.live is None:
+                await self._prepare_durable(record.workspace)
                 running.live = self._open(record.workspace)
             live = running.live
             if not live.connected:
                 await live.connect()
+            elif live.mirror_gap:
+                live.mirror_gap = not await self._catch_up(record.workspace)
             if turn.interrupt_requested:
                 turn.emit(error_event("interrupted", "The turn was interrupted before it started.", retryable=True))
                 return
@@ -216,6 +234,9 @@ class SessionManager:
             if turn.interrupt_requested:
                 await live.client.interrupt()
             async for message in live.client.receive_response():
+                if isinstance(message, MirrorErrorMessage):
+                    self._count_store_failure(message.error)
+                    live.mirror_gap = True
                 for event in translator.translate(message):
                     turn.emit(event)
             if translator.result is None:
@@ -223,6 +244,9 @@ class SessionManager:
                 turn.emit(error_event("agent_error", "The agent ended without a result.", retryable=True))
         except SessionBusy:
             turn.emit(error_event("session_busy", "Another server process owns this session.", retryable=True))
+        except StoreUnavailable:
+            turn.emit(error_event("store_unavailable", "The session store is unavailable, so the session's history "
+                                  "cannot be loaded; nothing was run. Retry shortly.", retryable=True))
         except asyncio.CancelledError:
             if running.live is not None:
                 running.live.healthy = False
@@ -237,6 +261,39 @@ class SessionManager:
             if running.live is not None:
                 await self._release(turn.session_id, running.live)
             turn.finish()
+
+    async def _prepare_durable(self, workspace: Workspace) -> None:
+        """Before a CLI starts: restore the transcript from the store, or bring the store up to date."""
+        if self._store is None:
+            return
+        if workspace.has_history():
+            await self._catch_up(workspace)
+        else:
+            await restore(self._store, workspace)
+
+    async def _catch_up(self, workspace: Workspace) -> bool:
+        transcript = workspace.transcript()
+        if self._store is None or transcript is None:
+            return True
+        try:
+            await catch_up(self._store, transcript, workspace.sdk_session_id)
+        except StoreUnavailable as exc:
+            self._count_store_failure(str(exc))
+            return False
+        return True
+
+    def _count_store_failure(self, error: str) -> None:
+        self.store_failures += 1
+        logger.warning("session store mirror failed (%d so far); the local transcript stays authoritative: %s",
+                       self.store_failures, error)
+
+    async def _stored(self, session_id: str) -> bool:
+        if self._store is None:
+            return False
+        try:
+            return bool(await self._store.load(store_key(durable_session_id(session_id))))
+        except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
+            raise StoreUnavailable(str(exc)) from exc
 
     def _open(self, workspace: Workspace) -> LiveSession:
         lock_fd = workspace.try_lock()
@@ -262,6 +319,7 @@ class SessionManager:
             env=env,
             cli_path=self._cli_path,
             include_partial_messages=True,
+            session_store=MirrorOnly(self._store) if self._store is not None else None,
             stderr=lambda line: logger.debug("cli %s: %s", workspace.sdk_session_id, line),
             **session,
         )
@@ -325,9 +383,22 @@ class SessionManager:
         return True
 
     async def delete(self, session_id: str) -> bool:
+        """Forget a session everywhere: its CLI, its files and its stored copy.
+
+        The store goes first, so a store outage (:class:`StoreUnavailable`)
+        leaves everything as it was.
+        """
         if session_id in self._running:
             raise SessionBusy(session_id)
+        stored = False
+        if self._store is not None:
+            stored = await self._stored(session_id)
+            if stored:
+                try:
+                    await self._store.delete(store_key(durable_session_id(session_id)))
+                except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
+                    raise StoreUnavailable(str(exc)) from exc
         live = self._idle.pop(session_id, None)
         if live is not None:
             await live.close()
-        return self._workspaces.delete(session_id)
+        return self._workspaces.delete(session_id) or stored

@@ -101,12 +101,12 @@ class WorkspaceStore:
         probe = tempfile.NamedTemporaryFile(dir=self._index, prefix=".probe-")
         probe.close()
 
-    def new_workspace(self) -> Workspace:
-        """A fresh workspace not yet bound to any public id."""
-        sdk_session_id = str(uuid.uuid4())
+    def new_workspace(self, sdk_session_id: str | None = None) -> Workspace:
+        """A workspace not yet bound to any public id (a random SDK session id by default)."""
+        sdk_session_id = sdk_session_id or str(uuid.uuid4())
         workspace = Workspace(sdk_session_id, self._workspaces / sdk_session_id)
-        workspace.work_dir.mkdir(parents=True)
-        workspace.config_dir.mkdir()
+        workspace.work_dir.mkdir(parents=True, exist_ok=True)
+        workspace.config_dir.mkdir(exist_ok=True)
         return workspace
 
     def get(self, session_id: str) -> SessionRecord | None:
@@ -117,8 +117,8 @@ class WorkspaceStore:
         sdk_session_id = entry["sdk_session_id"]
         return SessionRecord(session_id, Workspace(sdk_session_id, self._workspaces / sdk_session_id), entry["created_at"])
 
-    def bind(self, session_id: str, workspace: Workspace | None = None) -> SessionRecord:
-        """Return the session's record, binding it to ``workspace`` (or a new one) if unbound.
+    def bind(self, session_id: str, workspace: Workspace) -> SessionRecord:
+        """Return the session's record, binding it to ``workspace`` if unbound.
 
         If another binder won the race, its record is returned and the
         workspace made here is removed.
@@ -126,7 +126,6 @@ class WorkspaceStore:
         existing = self.get(session_id)
         if existing is not None:
             return existing
-        workspace = workspace or self.new_workspace()
         entry = json.dumps({"sdk_session_id": workspace.sdk_session_id, "created_at": time.time()})
         fd, tmp = tempfile.mkstemp(dir=self._index, prefix=".bind-")
         try:
@@ -142,7 +141,7 @@ class WorkspaceStore:
             return winner
         finally:
             os.unlink(tmp)
-        return self.get(session_id)  # type: ignore[return-value]
+        return SessionRecord(session_id, workspace, json.loads(entry)["created_at"])
 
     def delete(self, session_id: str) -> bool:
         """Forget the session and remove its files. ``False`` if it did not exist."""

@@ -34,10 +34,12 @@
 #     so Dockerfiles that hard-code python:3.11-slim's paths still work.
 #   * PEP 668's EXTERNALLY-MANAGED marker is removed, so `pip install` outside
 #     a venv behaves as in python:3.11-slim.
-#   * The host's CA bundle is copied to /etc/ssl/certs/ca-certificates.crt, and
-#     every certificate in it that stock Debian lacks (e.g. a TLS-intercepting
-#     proxy's CA) is also installed in /usr/local/share/ca-certificates, so it
-#     survives a later update-ca-certificates run inside a build.
+#   * Every CA certificate the host trusts beyond stock Debian (here: the
+#     TLS-intercepting egress proxy's CA, found by comparing the host's
+#     /etc/ssl/certs/ca-certificates.crt with the stock CAs) is installed in
+#     /usr/local/share/ca-certificates and merged into the image's
+#     /etc/ssl/certs/ca-certificates.crt; it survives a later
+#     update-ca-certificates run inside a build.
 #   * /etc/pip.conf sets `cert = /etc/ssl/certs/ca-certificates.crt`, and
 #     SSL_CERT_FILE / REQUESTS_CA_BUNDLE / NODE_EXTRA_CA_CERTS point at the same
 #     bundle, so pip (and httpx/requests/node) work through the proxy.
@@ -204,9 +206,8 @@ APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/a
 Dir::Cache::pkgcache "";
 Dir::Cache::srcpkgcache "";
 EOF
-cat >"$ROOTFS/etc/apt/apt.conf.d/docker-no-recommends" <<'EOF'
-APT::Install-Recommends "false";
-APT::Install-Suggests "false";
+# (Recommends stay on, as in debian:bookworm-slim / python:3.11-slim.)
+cat >"$ROOTFS/etc/apt/apt.conf.d/docker-no-languages" <<'EOF'
 Acquire::Languages "none";
 EOF
 
@@ -225,13 +226,20 @@ if [ "$UPGRADE" -eq 1 ]; then
     umount_under "$ROOTFS"
 fi
 
-# CA certificates: certificates the host trusts beyond stock Debian (e.g. the
-# egress proxy's CA) become local CAs of the image, then the host bundle is
-# copied verbatim on top (as asked; both contain the same extra CAs).
-mkdir -p "$ROOTFS/usr/local/share/ca-certificates"
-n_extra="$(awk -v stock="$ROOTFS/etc/ssl/certs/ca-certificates.crt" \
-    -v outdir="$ROOTFS/usr/local/share/ca-certificates" '
-    # Certificates are compared as their PEM text with all whitespace removed.
+# CA certificates.  The host's bundle is its stock Debian CAs plus local
+# additions (here: the TLS-intercepting egress proxy's CA).  The additions --
+# certificates in the host bundle that are neither in the image's stock bundle
+# nor in the host's /usr/share/ca-certificates -- become local CAs of the image
+# (/usr/local/share/ca-certificates, so they survive an update-ca-certificates
+# run in a later build) and the image's bundle is regenerated.  With the same
+# ca-certificates version as the host this gives the host bundle's content; when
+# the image's is newer (after the upgrade) Debian's newer Mozilla set is kept,
+# i.e. CAs Debian has since dropped are not brought back from the host.
+extract_extras() {
+    # extract_extras STOCK_PEM BUNDLE [OUTDIR]: print how many certificates of
+    # BUNDLE are not in STOCK_PEM; write each one to OUTDIR/host-extra-NN.crt.
+    # Certificates are compared as PEM text with all whitespace removed.
+    awk -v stock="$1" -v outdir="${3:-}" '
     BEGIN {
         inpem = 0
         while ((getline line < stock) > 0) {
@@ -249,16 +257,33 @@ n_extra="$(awk -v stock="$ROOTFS/etc/ssl/certs/ca-certificates.crt" \
         if (k == "-----ENDCERTIFICATE-----" && inpem) {
             inpem = 0
             if (!(key in seen)) {
-                n++; f = sprintf("%s/host-extra-%02d.crt", outdir, n)
-                printf "%s", pem > f; close(f)
+                seen[key] = 1; n++
+                if (outdir != "") {
+                    f = sprintf("%s/host-extra-%02d.crt", outdir, n)
+                    printf "%s", pem > f; close(f)
+                }
             }
         }
     }
     END { print n }
-' "$HOST_CA_BUNDLE")"
-log "host CA certificates not in stock Debian: $n_extra"
-in_root update-ca-certificates >/dev/null 2>&1 || log "warning: update-ca-certificates failed in rootfs"
-install -m 0644 "$HOST_CA_BUNDLE" "$ROOTFS/etc/ssl/certs/ca-certificates.crt"
+    ' "$2"
+}
+host_stock_pems() {
+    local f
+    find /usr/share/ca-certificates -type f -name '*.crt' 2>/dev/null | sort \
+        | while read -r f; do cat "$f"; echo; done
+    return 0
+}
+{ cat "$ROOTFS/etc/ssl/certs/ca-certificates.crt"; host_stock_pems; } >"$WORK/stock.pem"
+mkdir -p "$ROOTFS/usr/local/share/ca-certificates"
+n_extra="$(extract_extras "$WORK/stock.pem" "$HOST_CA_BUNDLE" "$ROOTFS/usr/local/share/ca-certificates")"
+log "host CA certificates added to the image: $n_extra (host bundle: $HOST_CA_BUNDLE)"
+in_root update-ca-certificates --fresh >"$WORK/update-ca.log" 2>&1 \
+    || { tail -n 20 "$WORK/update-ca.log" >&2; die "update-ca-certificates failed in rootfs"; }
+{ cat "$ROOTFS/etc/ssl/certs/ca-certificates.crt"; host_stock_pems; } >"$WORK/stock.pem"
+n_missing="$(extract_extras "$WORK/stock.pem" "$HOST_CA_BUNDLE")"
+[ "$n_missing" -eq 0 ] || die "$n_missing host CA certificate(s) missing from the image bundle"
+log "image CA bundle: $(grep -c 'BEGIN CERTIFICATE' "$ROOTFS/etc/ssl/certs/ca-certificates.crt") certificates"
 
 cat >"$ROOTFS/etc/pip.conf" <<'EOF'
 [global]
@@ -298,6 +323,7 @@ rm -f "$ROOTFS/etc/machine-id" "$ROOTFS/var/lib/dbus/machine-id"
 log "rootfs size: $(du -sh "$ROOTFS" | cut -f1)"
 
 # --- import -----------------------------------------------------------------------
+old_id="$(docker image inspect --format '{{.Id}}' "$TAG" 2>/dev/null || true)"
 log "docker import -> $TAG"
 t0=$(date +%s)
 tar --numeric-owner --xattrs -C "$ROOTFS" -cf - . | docker import \
@@ -311,4 +337,8 @@ tar --numeric-owner --xattrs -C "$ROOTFS" -cf - . | docker import \
     --message "debootstrap --variant=minbase $SUITE + python3 ($DEBIAN_MIRROR)" \
     - "$TAG" >/dev/null
 log "import done in $(( $(date +%s) - t0 ))s"
+# --force: drop the image it replaced, unless something still uses it.
+if [ -n "$old_id" ] && [ "$old_id" != "$(docker image inspect --format '{{.Id}}' "$TAG")" ]; then
+    docker image rm "$old_id" >/dev/null 2>&1 || log "previous $TAG ($old_id) still in use; kept"
+fi
 docker image ls "$TAG" >&2

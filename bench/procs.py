@@ -1,0 +1,298 @@
+"""The processes the benchmark starts, and what their process trees cost.
+
+Costs are read straight from ``/proc`` (no dependency): a server's cost is that
+of its whole tree, because the work of a turn happens mostly in the Claude Code
+CLI processes it spawns, not in the server's own Python process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+SAMPLE_SECONDS = 0.1
+API_KEY = "sk-bench-local-model-anything"
+
+
+class ScenarioError(RuntimeError):
+    """A scenario could not be measured (server did not start, turn failed in set-up, ...)."""
+
+
+class FeatureMissing(ScenarioError):
+    """The server under test lacks a feature this scenario needs (e.g. ``prewarmed`` in /ready)."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- /proc accounting --------------------------------------------------------
+
+@dataclass(frozen=True)
+class ProcStat:
+    """One process: parent, CPU ticks of itself *and its reaped children*, resident bytes."""
+
+    pid: int
+    ppid: int
+    cpu_ticks: int
+    rss_bytes: int
+
+
+def _read_stat(pid: int) -> ProcStat | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after the last ')'.
+    rest = raw[raw.rindex(")") + 2:].split()
+    # rest[k] is field k+3: ppid=4, utime..cstime=14..17, rss=24 (pages).
+    utime, stime, cutime, cstime = (int(x) for x in rest[11:15])
+    return ProcStat(pid, int(rest[1]), utime + stime + cutime + cstime, int(rest[21]) * PAGE_SIZE)
+
+
+def tree(root: int) -> list[ProcStat]:
+    """``root`` and all its live descendants (one scan of /proc)."""
+    stats = [s for s in (_read_stat(int(p)) for p in os.listdir("/proc") if p.isdigit()) if s is not None]
+    by_parent: dict[int, list[ProcStat]] = {}
+    for s in stats:
+        by_parent.setdefault(s.ppid, []).append(s)
+    found = [s for s in stats if s.pid == root]
+    queue = list(found)
+    while queue:
+        for child in by_parent.get(queue.pop().pid, []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time of the tree. Children that exited count through their parent's cutime/cstime,
+    so a CLI spawned and reaped between two readings is not lost."""
+    return sum(s.cpu_ticks for s in tree(root)) / CLK_TCK
+
+
+@dataclass
+class Peak:
+    """Peaks of a process tree over a time window, sampled every 100 ms on a thread
+    (a thread, so a busy event loop driving the load cannot stretch the interval)."""
+
+    root: int
+    rss_bytes: int = 0
+    processes: int = 0
+    direct_children: int = 0
+    samples: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        procs = tree(self.root)
+        self.rss_bytes = max(self.rss_bytes, sum(p.rss_bytes for p in procs))
+        self.processes = max(self.processes, len(procs))
+        self.direct_children = max(self.direct_children, sum(1 for p in procs if p.ppid == self.root))
+        self.samples += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(SAMPLE_SECONDS):
+            self._sample()
+
+    def __enter__(self) -> Peak:
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, name="bench-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._sample()
+
+
+# -- processes ---------------------------------------------------------------
+
+@dataclass
+class Managed:
+    """A process we started in its own session, so teardown can kill its whole group."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Kill the group, plus any descendant that left it (by pid: only ones we started)."""
+        pids = [s.pid for s in tree(self.proc.pid)]
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def spawn(args: list[str], env: Mapping[str, str], log_path: Path) -> Managed:
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=dict(env), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    return Managed(proc, log_path)
+
+
+async def wait_http(managed: Managed, url: str, timeout: float, what: str) -> None:
+    """Poll ``url`` until it answers 200; fail early, with the log, if the process died."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=2) as client:
+        while True:
+            if managed.proc.poll() is not None:
+                raise ScenarioError(f"{what} exited with {managed.proc.returncode}:\n{managed.log_tail()}")
+            try:
+                if (await client.get(url)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise ScenarioError(f"{what} not up after {timeout:.0f} s:\n{managed.log_tail()}")
+            await asyncio.sleep(0.1)
+
+
+@asynccontextmanager
+async def local_model(tmp: Path) -> AsyncIterator[str]:
+    """The offline local model as a subprocess (its CPU is not counted as hosting cost)."""
+    port = free_port()
+    managed = spawn(["-m", "hosting.local_model", "--port", str(port)], os.environ, tmp / "local-model.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        await wait_http(managed, f"{base}/local/requests", 30, "local model")
+        yield base
+    finally:
+        managed.stop()
+
+
+def clean_env() -> dict[str, str]:
+    """Our environment minus anything that would configure the agent behind our back."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "ANTHROPIC_", "CLAUDE_"))}
+
+
+@dataclass
+class Server:
+    """A running ``python -m hosting.server`` and the knobs it was started with."""
+
+    name: str
+    base_url: str
+    managed: Managed
+    warm_sessions: int
+    prewarm: int
+    env_knobs: dict[str, str]
+
+    @property
+    def pid(self) -> int:
+        return self.managed.proc.pid
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "env": self.env_knobs, "warm_sessions": self.warm_sessions, "prewarm": self.prewarm}
+
+    def finish(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Label a part's result with this server's knobs, and keep its log's end if turns failed."""
+        result = {"server": self.describe(), **result}
+        if result.get("errors"):
+            result["server_log_tail"] = self.managed.log_tail(60)
+        return result
+
+
+def effective_knobs(env: Mapping[str, str]) -> tuple[int, int]:
+    """``(warm_sessions, prewarm)`` as the server will read them: from its own Settings,
+    so "default config" is recorded as the numbers actually in force."""
+    from hosting.config import Settings
+
+    settings = Settings.from_env(env)
+    return settings.warm_sessions, getattr(settings, "prewarm", 0)
+
+
+@asynccontextmanager
+async def server(model_url: str, tmp: Path, name: str, knobs: Mapping[str, str]) -> AsyncIterator[Server]:
+    """A fresh server on a fresh data dir; always killed (with its CLIs) and its dir removed."""
+    root = tmp / name
+    root.mkdir(parents=True)
+    port = free_port()
+    env = clean_env() | {
+        "ANTHROPIC_BASE_URL": model_url,
+        "ANTHROPIC_API_KEY": API_KEY,
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "AGENT_DATA_DIR": str(root / "data"),
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        **knobs,
+    }
+    warm, prewarm = effective_knobs(env)
+    managed = spawn(["-m", "hosting.server"], env, root / "server.log")
+    try:
+        srv = Server(name, f"http://127.0.0.1:{port}", managed, warm, prewarm, dict(knobs))
+        await wait_http(managed, f"{srv.base_url}/health", 60, f"server {name}")
+        yield srv
+    except (ScenarioError, httpx.HTTPError) as exc:
+        # The server's log is about to be deleted with its directory: keep its end with the error.
+        kind = type(exc) if isinstance(exc, ScenarioError) else ScenarioError
+        what = str(exc) if isinstance(exc, ScenarioError) else f"{type(exc).__name__}: {exc}"
+        raise kind(f"{what}\n--- end of server {name} log ---\n{managed.log_tail()}") from exc
+    finally:
+        managed.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def settle(client: httpx.AsyncClient, srv: Server, *, need_prewarm: bool, timeout: float) -> dict[str, Any]:
+    """Wait until no turn runs and the prewarm pool is full, so a measurement starts from
+    steady state instead of racing the server's own background CLI start-ups.
+
+    If /ready has no ``prewarmed`` field the server predates prewarming: a scenario
+    that needs it fails with :class:`FeatureMissing`; others just skip the wait.
+    """
+    deadline = time.monotonic() + timeout
+    body: dict[str, Any] = {}
+    while True:
+        response = await client.get(f"{srv.base_url}/ready")
+        if response.status_code == 200:
+            body = response.json()
+            if "prewarmed" not in body:
+                if need_prewarm:
+                    raise FeatureMissing(f"server {srv.name}: GET /ready has no 'prewarmed' field "
+                                         f"(AGENT_PREWARM not supported by this server); /ready = {body}")
+                if body.get("running_turns", 0) == 0:
+                    return body
+            elif body["prewarmed"] >= srv.prewarm and body.get("running_turns", 0) == 0:
+                return body
+        if srv.managed.proc.poll() is not None:
+            raise ScenarioError(f"server {srv.name} exited:\n{srv.managed.log_tail()}")
+        if time.monotonic() > deadline:
+            raise ScenarioError(f"server {srv.name}: not settled after {timeout:.0f} s "
+                                f"(want prewarmed={srv.prewarm}, running_turns=0); last /ready = {body}")
+        await asyncio.sleep(0.1)

@@ -1,0 +1,324 @@
+"""Turning one run's results into ratios, verdicts, a Markdown section, JSON and a console summary.
+
+Targets are reported, never asserted: a slow machine must still produce a full
+report, and only a broken harness should make ``python -m bench`` exit non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import claude_agent_sdk
+from claude_agent_sdk import _cli_version
+
+from bench.procs import ROOT
+
+HERE = Path(__file__).resolve().parent
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers depend on, so runs on different hosts are not compared blindly."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram = 0
+    try:
+        found = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+        ram = int(found.group(1)) * 1024 if found else 0
+    except OSError:
+        pass
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {
+        "date_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "ram_bytes": ram,
+        "python": platform.python_version(),
+        "claude_agent_sdk": claude_agent_sdk.__version__,
+        "claude_code_cli": _cli_version.__cli_version__,
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain")),
+    }
+
+
+# -- ratios and targets ------------------------------------------------------
+
+def _get(results: dict[str, Any], *path: str) -> Any:
+    node: Any = results
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _ok(results: dict[str, Any], *path: str) -> dict[str, Any] | None:
+    node = _get(results, *path)
+    return node if isinstance(node, dict) and node.get("status") == "ok" else None
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num is not None and den else None
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float | None]:
+    """Every ratio the targets and tables use, from one run."""
+    def metric(path: tuple[str, ...], key: str) -> float | None:
+        node = _ok(results, *path)
+        return node.get(key) if node else None
+
+    return {
+        "a_server_over_direct_p50": _ratio(metric(("a", "server"), "p50_s"), metric(("a", "direct"), "p50_s")),
+        "b_prewarmed_over_direct_p50": _ratio(metric(("b", "prewarmed"), "p50_s"), metric(("b", "direct"), "p50_s")),
+        "b_no_prewarm_over_direct_p50": _ratio(metric(("b", "no_prewarm"), "p50_s"), metric(("b", "direct"), "p50_s")),
+        "e_default_over_baseline_turns_per_s": _ratio(metric(("e", "default"), "turns_per_s"),
+                                                      metric(("e", "baseline"), "turns_per_s")),
+        "e_prewarm_over_baseline_turns_per_s": _ratio(metric(("e", "prewarm"), "turns_per_s"),
+                                                      metric(("e", "baseline"), "turns_per_s")),
+        "e_default_over_baseline_p50": _ratio(metric(("e", "default"), "p50_s"), metric(("e", "baseline"), "p50_s")),
+        "e_prewarm_over_baseline_p50": _ratio(metric(("e", "prewarm"), "p50_s"), metric(("e", "baseline"), "p50_s")),
+    }
+
+
+@dataclass(frozen=True)
+class Target:
+    label: str
+    value: float | None
+    op: str  # "<=" or ">="
+    goal: float
+    missing: str  # why there is no value, when there is none
+    note: str = ""  # e.g. turns that failed in a part the value is computed from
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None:
+            return "N/A"
+        return "PASS" if (self.value <= self.goal if self.op == "<=" else self.value >= self.goal) else "FAIL"
+
+    def line(self) -> str:
+        shown = "-" if self.value is None else f"{self.value:.3g}"
+        why = f" (not measured: {self.missing})" if self.value is None else ""
+        note = f" [{self.note}]" if self.note else ""
+        return f"{self.verdict}: {self.label} = {shown} (target {self.op} {self.goal:g}){why}{note}"
+
+
+def _why(results: dict[str, Any], *paths: tuple[str, ...]) -> str:
+    reasons = []
+    for path in paths:
+        node = _get(results, *path)
+        if node is None:
+            reasons.append(f"{'/'.join(path)} not run")
+        elif node.get("status") != "ok":
+            reasons.append(f"{'/'.join(path)} {node.get('status')}")
+    return ", ".join(reasons) or "no data"
+
+
+def _failed_turns(results: dict[str, Any], *paths: tuple[str, ...]) -> str:
+    """Say so when a value rests on parts where some turns failed."""
+    notes = []
+    for path in paths:
+        node = _ok(results, *path)
+        if node and node.get("errors"):
+            notes.append(f"{'/'.join(path)}: {node['errors']}/{node['turns']} turns failed")
+    return "; ".join(notes)
+
+
+def targets(results: dict[str, Any], r: dict[str, float | None]) -> list[Target]:
+    c = _ok(results, "c")
+    a, b = (("a", "server"), ("a", "direct")), (("b", "prewarmed"), ("b", "direct"))
+    e_default, e_prewarm = (("e", "default"), ("e", "baseline")), (("e", "prewarm"), ("e", "baseline"))
+    return [
+        Target("(a) follow-up p50, server / direct query(resume)", r["a_server_over_direct_p50"], "<=", 0.15,
+               _why(results, *a), _failed_turns(results, *a)),
+        Target("(b) first-turn p50, prewarmed server / direct query()", r["b_prewarmed_over_direct_p50"], "<=", 0.2,
+               _why(results, *b), _failed_turns(results, *b)),
+        Target("(c) errors under concurrent follow-ups", c["errors"] if c else None, "<=", 0, _why(results, ("c",))),
+        Target("(c) turns/s under concurrent follow-ups", c.get("turns_per_s") if c else None, ">=", 25,
+               _why(results, ("c",)), _failed_turns(results, ("c",))),
+        Target("(e) burst turns/s, default / baseline (CLI per turn)", r["e_default_over_baseline_turns_per_s"], ">=", 2,
+               _why(results, *e_default), _failed_turns(results, *e_default)),
+        Target("(e) burst turns/s, prewarm / baseline (CLI per turn)", r["e_prewarm_over_baseline_turns_per_s"], ">=", 5,
+               _why(results, *e_prewarm), _failed_turns(results, *e_prewarm)),
+    ]
+
+
+# -- formatting --------------------------------------------------------------
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def _mib(n: int | None) -> str:
+    return "-" if not n else f"{n / 2**20:.0f} MiB"
+
+
+def _num(x: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _config(node: dict[str, Any]) -> str:
+    srv = node.get("server")
+    if not isinstance(srv, dict):
+        return "-"
+    return f"warm cap {srv['warm_sessions']}, prewarm {srv['prewarm']}"
+
+
+def _cli_bound(node: dict[str, Any]) -> str:
+    srv = node.get("server")
+    if not isinstance(srv, dict) or "sessions" not in node:
+        return "-"
+    return str(srv["warm_sessions"] + srv["prewarm"] + node["sessions"])
+
+
+def _recall(node: dict[str, Any]) -> str:
+    return f"{node['recall_ok']}/{node['recall_expected']}" if "recall_expected" in node else "-"
+
+
+ROWS: list[tuple[tuple[str, ...], str]] = [
+    (("a", "server"), "server follow-up"),
+    (("a", "direct"), "direct query(resume) follow-up"),
+    (("b", "prewarmed"), "server first turn, prewarmed"),
+    (("b", "no_prewarm"), "server first turn, no prewarm"),
+    (("b", "direct"), "direct query() first turn"),
+    (("c",), "concurrent follow-ups, default config"),
+    (("e", "default"), "burst, default config"),
+    (("e", "baseline"), "burst, baseline (warm 0, prewarm 0)"),
+    (("e", "prewarm"), "burst, prewarm = sessions"),
+]
+
+
+def _rows(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(section, label, node) for every part present in this run, in report order."""
+    return [(path[0], label, node) for path, label in ROWS if isinstance(node := _get(results, *path), dict)]
+
+
+def _status(node: dict[str, Any]) -> str:
+    return "ok" if node.get("status") == "ok" else f"**{node.get('status')}**"
+
+
+def markdown(run: dict[str, Any]) -> str:
+    """One run as a Markdown section (without the replace markers)."""
+    m, results, r = run["machine"], run["results"], run["ratios"]
+    counts = ", ".join(f"{k}={v}" for k, v in run["counts"].items())
+    out = [
+        f"## `python -m bench{' --quick' if run['mode'] == 'quick' else ''}`: {m['date_utc']}",
+        "",
+        f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB RAM; Python {m['python']}; "
+        f"claude-agent-sdk {m['claude_agent_sdk']}; Claude Code CLI {m['claude_code_cli']}; "
+        f"git {m['git_commit']}{' + uncommitted changes' if m['git_dirty'] else ''}.",
+        "",
+        f"Counts: {counts}. Harness wall time {run['wall_s']:.0f} s.",
+        "",
+    ]
+    if run["mode"] == "quick":
+        out += ["Quick mode: counts scaled down, so percentiles and targets are indicative only.", ""]
+
+    latency_rows = [
+        [f"({s}) {label}", _status(n), _config(n), str(n.get("turns", "-")), str(n.get("errors", "-")), _recall(n),
+         _ms(n.get("p50_s")), _ms(n.get("p95_s")), _ms(n.get("p50_to_result_s"))]
+        for s, label, n in _rows(results) if s in ("a", "b")
+    ]
+    if latency_rows:
+        out += ["### Sequential latency: (a) follow-ups, (b) first turns", "",
+                _table(["path", "status", "config", "turns", "errors", "recall", "p50", "p95", "p50 to result"],
+                       latency_rows), "",
+                f"(a) server p50 / direct p50 = {_num(r['a_server_over_direct_p50'], '{:.3f}')}; "
+                f"(b) prewarmed p50 / direct p50 = {_num(r['b_prewarmed_over_direct_p50'], '{:.3f}')}, "
+                f"no-prewarm p50 / direct p50 = {_num(r['b_no_prewarm_over_direct_p50'], '{:.3f}')}.", ""]
+
+    load_rows = [
+        [f"({s}) {label}", _status(n), _config(n), str(n.get("sessions", "-")), str(n.get("turns", "-")),
+         str(n.get("errors", "-")), _recall(n), _num(n.get("turns_per_s"), "{:.1f}"), _ms(n.get("p50_s")),
+         _ms(n.get("p95_s")), _num(n.get("cpu_s_per_turn"), "{:.3f} s"), _mib(n.get("peak_rss_bytes")),
+         str(n.get("peak_clis", "-")), _cli_bound(n), _mib(n.get("end_rss_bytes"))]
+        for s, label, n in _rows(results) if s in ("c", "e")
+    ]
+    if load_rows:
+        out += ["### Concurrent load: (c) established sessions, (d) CPU per turn, (e) burst of new sessions", "",
+                _table(["scenario", "status", "config", "sessions", "turns", "errors", "recall", "turns/s", "p50",
+                        "p95", "CPU/turn", "peak RSS", "peak CLIs", "CLI bound", "RSS at end"], load_rows), "",
+                f"(e) turns/s vs baseline: default {_num(r['e_default_over_baseline_turns_per_s'])}x, "
+                f"prewarm {_num(r['e_prewarm_over_baseline_turns_per_s'])}x; p50 vs baseline: default "
+                f"{_num(r['e_default_over_baseline_p50'])}, prewarm {_num(r['e_prewarm_over_baseline_p50'])}.", "",
+                "RSS is summed over the server and all its descendants (shared pages counted once per process, "
+                "so an upper bound), sampled every 100 ms. Peak CLIs is the most direct children of the server "
+                "seen at once; CLI bound = warm cap + prewarm + concurrent sessions, the most the server may "
+                "hold, which is what keeps RSS bounded.", ""]
+
+    out += ["### Targets", ""] + [f"- {t}" for t in run["target_lines"]] + [""]
+    problems = [f"- {'/'.join(p)}: {n['status']}: {n.get('error', '')}".replace("\n", " ")[:600]
+                for p, n in _parts(results) if n.get("status") != "ok"]
+    if problems:
+        out += ["### Parts not measured", ""] + problems + [""]
+    return "\n".join(out)
+
+
+def _parts(results: dict[str, Any]) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
+    out: list[tuple[tuple[str, ...], dict[str, Any]]] = []
+    for section, node in results.items():
+        if isinstance(node, dict) and "status" in node:
+            out.append(((section,), node))
+        elif isinstance(node, dict):
+            out += [((section, key), sub) for key, sub in node.items() if isinstance(sub, dict)]
+    return out
+
+
+def console(run: dict[str, Any]) -> str:
+    """The compact summary printed at the end of a run."""
+    results = run["results"]
+    rows = [[f"({s}) {label}", n.get("status", "?"), _config(n), str(n.get("turns", "-")), str(n.get("errors", "-")),
+             _recall(n), _ms(n.get("p50_s")), _ms(n.get("p95_s")), _num(n.get("turns_per_s"), "{:.1f}"),
+             _num(n.get("cpu_s_per_turn"), "{:.3f}"), _mib(n.get("peak_rss_bytes"))]
+            for s, label, n in _rows(results)]
+    headers = ["part", "status", "config", "turns", "err", "recall", "p50", "p95", "turns/s", "cpu/turn", "peak RSS"]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    return "\n".join(lines + [""] + run["target_lines"])
+
+
+# -- files -------------------------------------------------------------------
+
+def write(run: dict[str, Any], results_md: Path = HERE / "RESULTS.md", results_json: Path = HERE / "results.json") -> None:
+    """Replace this mode's section of RESULTS.md and entry of results.json, keeping the other
+    mode's, so a quick smoke run never overwrites the numbers of a full run."""
+    mode = run["mode"]
+    start, end = f"<!-- bench:{mode}:start -->", f"<!-- bench:{mode}:end -->"
+    section = f"{start}\n{markdown(run)}\n{end}"
+    text = results_md.read_text() if results_md.exists() else (
+        "# Benchmark results\n\nWritten by `python -m bench` (see `bench/README.md`): one section per mode "
+        "(full, quick), replaced by each run of that mode.\n")
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + f"\n\n{section}\n"
+    results_md.write_text(text)
+
+    try:
+        raw = json.loads(results_json.read_text()) if results_json.exists() else {}
+    except json.JSONDecodeError:
+        raw = {}
+    raw = raw if isinstance(raw, dict) else {}
+    raw[mode] = run
+    results_json.write_text(json.dumps(raw, indent=2) + "\n")

@@ -1,0 +1,256 @@
+"""The scenarios. Each starts its own servers, so one scenario's warm CLIs never help another.
+
+Each *part* (one server, or the direct-SDK comparison) is measured independently:
+a part that cannot run (say, the server lacks prewarming) is reported as such and
+the others still run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import secrets
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.drive import (
+    RECALL,
+    TurnResult,
+    direct_options,
+    direct_turn,
+    http_client,
+    http_turn,
+    recalled,
+    remember_prompt,
+    summarize,
+)
+from bench.procs import FeatureMissing, Peak, ScenarioError, Server, server, settle, tree, tree_cpu_seconds
+
+
+@dataclass(frozen=True)
+class Counts:
+    """How much each scenario does; ``--quick`` shrinks every count."""
+
+    follow_ups: int = 20        # (a) sequential follow-ups per path
+    first_turns: int = 8        # (b) sequential first turns per path
+    prewarm_b: int = 10         # (b) AGENT_PREWARM; more than first_turns so the pool never runs dry
+    established: int = 25       # (c) sessions
+    follow_ups_c: int = 4       # (c) follow-ups per session
+    burst: int = 25             # (e) new sessions at once (and AGENT_PREWARM of the prewarmed server)
+    settle_timeout: float = 60.0
+    prewarm_timeout: float = 240.0
+
+
+QUICK = Counts(follow_ups=3, first_turns=3, prewarm_b=4, established=3, follow_ups_c=3, burst=3,
+               settle_timeout=30.0, prewarm_timeout=90.0)
+
+
+@dataclass
+class Bench:
+    """What every scenario needs: the local model, a scratch dir, the counts, a time bound."""
+
+    model_url: str
+    tmp: Path
+    counts: Counts
+    part_timeout: float
+    failures: list[str]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+async def part(bench: Bench, name: str, run: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """Run one measured part, bounded in time; turn its failure into a reported status."""
+    started = time.monotonic()
+    try:
+        result = await asyncio.wait_for(run(), bench.part_timeout)
+        result["status"] = "ok"
+    except FeatureMissing as exc:
+        result = {"status": "missing_feature", "error": str(exc)}
+    except (ScenarioError, TimeoutError, OSError, httpx.HTTPError) as exc:
+        message = f"timed out after {bench.part_timeout:.0f} s" if isinstance(exc, TimeoutError) else str(exc)
+        result = {"status": "failed", "error": f"{type(exc).__name__}: {message}"}
+        bench.failures.append(f"{name}: {result['error']}")
+    result["elapsed_s"] = round(time.monotonic() - started, 2)
+    print(f"  {name}: {result['status']} in {result['elapsed_s']} s"
+          + (f" - {result['error'].splitlines()[0]}" if "error" in result else ""), flush=True)
+    return result
+
+
+def _need(turn: TurnResult, what: str) -> None:
+    if turn.error is not None:
+        raise ScenarioError(f"{what} failed: {turn.error}")
+
+
+# -- (a) follow-up latency ---------------------------------------------------
+
+async def follow_ups_server(bench: Bench) -> dict[str, Any]:
+    """Sequential recall follow-ups on one session of a default server (its CLI stays warm)."""
+    async with server(bench.model_url, bench.tmp, "a-default", {}) as srv, http_client() as client:
+        await settle(client, srv, need_prewarm=False, timeout=bench.counts.prewarm_timeout)
+        value, prompt = remember_prompt()
+        sid = new_id("a")
+        _need(await http_turn(client, srv.base_url, sid, prompt), "first turn")
+        turns = [await http_turn(client, srv.base_url, sid, RECALL) for _ in range(bench.counts.follow_ups)]
+        return srv.finish(summarize(turns, recall_expected=len(turns), recall_ok=sum(recalled(t, value) for t in turns)))
+
+
+async def follow_ups_direct(bench: Bench) -> dict[str, Any]:
+    """The same follow-ups with plain ``query(resume=...)``: a CLI spawned and the transcript
+    reloaded every time, which is what hosting without warm sessions would cost."""
+    workdir = Path(tempfile.mkdtemp(prefix="direct-a-", dir=bench.tmp))
+    value, prompt = remember_prompt()
+    first, sid = await direct_turn(prompt, direct_options(workdir, bench.model_url))
+    _need(first, "direct first query")
+    if sid is None:
+        raise ScenarioError("direct first query returned no session id")
+    turns = [(await direct_turn(RECALL, direct_options(workdir, bench.model_url, resume=sid)))[0]
+             for _ in range(bench.counts.follow_ups)]
+    return summarize(turns, recall_expected=len(turns), recall_ok=sum(recalled(t, value) for t in turns))
+
+
+# -- (b) first-turn latency --------------------------------------------------
+
+async def first_turns_server(bench: Bench, name: str, prewarm: int) -> dict[str, Any]:
+    """Sequential first turns of new sessions. Before each, wait for the pool to refill, so
+    each turn sees a full pool (the steady state the setting is meant to provide)."""
+    need = prewarm > 0
+    async with server(bench.model_url, bench.tmp, name, {"AGENT_PREWARM": str(prewarm)}) as srv, \
+            http_client() as client:
+        turns = []
+        for _ in range(bench.counts.first_turns):
+            await settle(client, srv, need_prewarm=need, timeout=bench.counts.prewarm_timeout)
+            turns.append(await http_turn(client, srv.base_url, new_id("b"), remember_prompt()[1]))
+        return srv.finish(summarize(turns))
+
+
+async def first_turns_direct(bench: Bench) -> dict[str, Any]:
+    """First ``query()`` of a new conversation, each in a fresh directory."""
+    turns = []
+    for _ in range(bench.counts.first_turns):
+        workdir = Path(tempfile.mkdtemp(prefix="direct-b-", dir=bench.tmp))
+        turns.append((await direct_turn(remember_prompt()[1], direct_options(workdir, bench.model_url)))[0])
+    return summarize(turns)
+
+
+# -- (c) concurrent follow-ups on established sessions -----------------------
+
+async def _measured(srv: Server, load: Callable[[], Awaitable[list[TurnResult]]]) -> tuple[list[TurnResult], dict[str, Any]]:
+    """Run ``load`` while recording wall time, the tree's CPU delta and peak RSS."""
+    cpu_before = tree_cpu_seconds(srv.pid)
+    with Peak(srv.pid) as peak:
+        started = time.perf_counter()
+        turns = await load()
+        wall = time.perf_counter() - started
+    cpu = tree_cpu_seconds(srv.pid) - cpu_before
+    return turns, {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "cpu_s_per_turn": cpu / len(turns) if turns else None,
+        "peak_rss_bytes": peak.rss_bytes,
+        "peak_processes": peak.processes,
+        "peak_clis": peak.direct_children,
+        "rss_samples": peak.samples,
+        "end_rss_bytes": sum(p.rss_bytes for p in tree(srv.pid)),
+    }
+
+
+async def established(bench: Bench) -> dict[str, Any]:
+    """All sessions at once, each sending its follow-ups back to back (a session takes one
+    turn at a time: a second concurrent turn on it would be a 409 by contract)."""
+    counts = bench.counts
+    async with server(bench.model_url, bench.tmp, "c-default", {}) as srv, http_client() as client:
+        await settle(client, srv, need_prewarm=False, timeout=counts.prewarm_timeout)
+        values = {new_id("c"): remember_prompt() for _ in range(counts.established)}
+        gate = asyncio.Semaphore(5)  # set-up is not measured: be gentle with 2 cores
+
+        async def first(sid: str) -> TurnResult:
+            async with gate:
+                return await http_turn(client, srv.base_url, sid, values[sid][1])
+
+        for turn in await asyncio.gather(*(first(sid) for sid in values)):
+            _need(turn, "set-up first turn")
+        await settle(client, srv, need_prewarm=False, timeout=counts.prewarm_timeout)
+
+        recalls: list[bool] = []
+
+        async def session(sid: str) -> list[TurnResult]:
+            turns = [await http_turn(client, srv.base_url, sid, RECALL) for _ in range(counts.follow_ups_c)]
+            recalls.extend(recalled(t, values[sid][0]) for t in turns)
+            return turns
+
+        async def load() -> list[TurnResult]:
+            return [t for ts in await asyncio.gather(*(session(sid) for sid in values)) for t in ts]
+
+        turns, cost = await _measured(srv, load)
+        return srv.finish({"sessions": len(values), **cost, **summarize(turns, cost["wall_s"],
+                                                                        recall_expected=len(turns),
+                                                                        recall_ok=sum(recalls))})
+
+
+# -- (e) burst of new sessions -----------------------------------------------
+
+async def burst(bench: Bench, name: str, knobs: dict[str, str], need_prewarm: bool) -> dict[str, Any]:
+    """Brand-new sessions all at once, each: remember, then recall (sequential within a session)."""
+    counts = bench.counts
+    async with server(bench.model_url, bench.tmp, name, knobs) as srv, http_client() as client:
+        await settle(client, srv, need_prewarm=need_prewarm, timeout=counts.prewarm_timeout)
+        recalls: list[bool] = []
+
+        async def session() -> list[TurnResult]:
+            sid = new_id("e")
+            value, prompt = remember_prompt()
+            first = await http_turn(client, srv.base_url, sid, prompt)
+            second = await http_turn(client, srv.base_url, sid, RECALL)
+            recalls.append(recalled(second, value))
+            return [first, second]
+
+        async def load() -> list[TurnResult]:
+            return [t for ts in await asyncio.gather(*(session() for _ in range(counts.burst))) for t in ts]
+
+        turns, cost = await _measured(srv, load)
+        return srv.finish({"sessions": counts.burst, **cost, **summarize(turns, cost["wall_s"],
+                                                                         recall_expected=counts.burst,
+                                                                         recall_ok=sum(recalls))})
+
+
+BURST_SERVERS: list[tuple[str, str, dict[str, str], bool]] = [
+    # key, server name, env knobs, needs prewarm
+    ("default", "e-default", {}, False),
+    ("baseline", "e-baseline", {"AGENT_WARM_SESSIONS": "0", "AGENT_PREWARM": "0"}, False),
+    ("prewarm", "e-prewarm", {}, True),  # AGENT_PREWARM filled in from counts.burst
+]
+
+
+async def run_all(bench: Bench, only: set[str]) -> dict[str, Any]:
+    """Every scenario in order; ``only`` picks a subset (a, b, c, e) for smoke tests."""
+    counts = bench.counts
+    results: dict[str, Any] = {}
+    if "a" in only:
+        print("(a) follow-up latency", flush=True)
+        results["a"] = {"server": await part(bench, "a/server", lambda: follow_ups_server(bench)),
+                        "direct": await part(bench, "a/direct", lambda: follow_ups_direct(bench))}
+    if "b" in only:
+        print("(b) first-turn latency", flush=True)
+        results["b"] = {
+            "prewarmed": await part(bench, "b/prewarmed", lambda: first_turns_server(bench, "b-prewarm", counts.prewarm_b)),
+            "no_prewarm": await part(bench, "b/no_prewarm", lambda: first_turns_server(bench, "b-no-prewarm", 0)),
+            "direct": await part(bench, "b/direct", lambda: first_turns_direct(bench)),
+        }
+    if "c" in only:
+        print("(c) concurrent follow-ups on established sessions", flush=True)
+        results["c"] = await part(bench, "c/default", lambda: established(bench))
+    if "e" in only:
+        print("(e) burst of new sessions", flush=True)
+        results["e"] = {}
+        for key, name, knobs, need in BURST_SERVERS:
+            knobs = {**knobs, "AGENT_PREWARM": str(counts.burst)} if key == "prewarm" else knobs
+            results["e"][key] = await part(bench, f"e/{key}", functools.partial(burst, bench, name, knobs, need))
+    return results

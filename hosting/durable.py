@@ -1,0 +1,94 @@
+"""Sessions that outlive their sandbox: local disk first, a SessionStore behind it.
+
+Policy: a turn always runs from the session's local transcript. The store is
+used to *restore* that transcript when a fresh sandbox has none, and as a
+*mirror* that receives every new transcript line. So:
+
+- a store outage during a turn never breaks the turn (the local copy is
+  enough); the failed mirror batch is counted and re-sent later (``catch_up``
+  re-appends the local transcript; the adapters drop entries they already hold
+  by ``uuid``);
+- a session that must be restored while the store is down gets a retryable
+  error instead of silently starting an empty conversation.
+
+In the store every session is filed under one project key, keyed by its SDK
+session id alone, so it resumes on any sandbox whatever its local paths. With
+a store, that id is derived from the public session id (UUIDv5), so a fresh
+sandbox finds it without any local state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+from claude_agent_sdk import SessionStore, project_key_for_directory
+from claude_agent_sdk.types import SessionKey, SessionStoreEntry
+
+from hosting.workspaces import Workspace
+
+STORE_PROJECT_KEY = "research-agent"
+SESSION_NAMESPACE = uuid.UUID("6f6b1f9e-3c55-4a49-9d3e-7d2f3c1b9a10")
+CATCH_UP_BATCH = 500
+
+
+class StoreUnavailable(Exception):
+    """The session store could not be reached when it was needed."""
+
+
+def durable_session_id(session_id: str) -> str:
+    """The SDK session id of a public session id, the same on every sandbox."""
+    return str(uuid.uuid5(SESSION_NAMESPACE, session_id))
+
+
+def store_key(sdk_session_id: str) -> SessionKey:
+    return {"project_key": STORE_PROJECT_KEY, "session_id": sdk_session_id}
+
+
+class MirrorOnly(SessionStore):
+    """What the SDK sees of the store: appends go through, loads find nothing.
+
+    Finding nothing keeps the SDK from materialising the session into a
+    temporary directory: the CLI resumes from the workspace's own transcript,
+    which :func:`restore` has put in place.
+    """
+
+    def __init__(self, inner: SessionStore) -> None:
+        self._inner = inner
+
+    async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
+        await self._inner.append({**key, "project_key": STORE_PROJECT_KEY}, entries)
+
+    async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
+        return None
+
+
+async def restore(store: SessionStore, workspace: Workspace) -> bool:
+    """Write the stored transcript into the workspace. ``False`` if the store has none."""
+    try:
+        entries = await store.load(store_key(workspace.sdk_session_id))
+    except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
+        raise StoreUnavailable(str(exc)) from exc
+    if not entries:
+        return False
+    project_dir = workspace.config_dir / "projects" / project_key_for_directory(str(workspace.work_dir))
+    project_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=project_dir, prefix=".restore-")
+    with os.fdopen(fd, "w") as handle:
+        handle.writelines(json.dumps(entry) + "\n" for entry in entries)
+    os.replace(tmp, project_dir / f"{workspace.sdk_session_id}.jsonl")
+    return True
+
+
+async def catch_up(store: SessionStore, transcript: Path, sdk_session_id: str) -> None:
+    """Re-send the local transcript to the store; entries it holds are skipped by uuid."""
+    entries = [json.loads(line) for line in transcript.read_text().splitlines() if line.strip()]
+    key = store_key(sdk_session_id)
+    try:
+        for start in range(0, len(entries), CATCH_UP_BATCH):
+            await store.append(key, entries[start:start + CATCH_UP_BATCH])
+    except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
+        raise StoreUnavailable(str(exc)) from exc
