@@ -1,0 +1,139 @@
+"""The container tier on a real Docker engine: image, run-once, serve, restarts, compose.
+
+Needs a running engine (``scripts/start-dockerd.sh`` as root). The image is
+built on the offline base from ``hosting/docker/build-base-image.sh``. All
+traffic stays on 127.0.0.1: containers use host networking, compose publishes
+on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import API_KEY, ROOT, free_port, post_turn, wait_for
+
+pytestmark = [pytest.mark.docker, pytest.mark.e2e]
+
+BASE_IMAGE = os.environ.get("AGENT_TEST_BASE_IMAGE", "research-agent-base:bookworm")
+IMAGE = "research-agent:test"
+RECALL = "What value did I ask you to remember?"
+
+
+def docker(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def image() -> str:
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        pytest.fail("no Docker engine: run scripts/start-dockerd.sh as root")
+    subprocess.run([str(ROOT / "hosting/docker/build-base-image.sh"), BASE_IMAGE], check=True, timeout=900)
+    docker("build", "-q", "-f", "hosting/Dockerfile", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
+           "--network", "host", "-t", IMAGE, str(ROOT), timeout=900)
+    return IMAGE
+
+
+@pytest.fixture
+def resources() -> Iterator[dict[str, list[str]]]:
+    """Containers and volumes a test created; removed even if it fails."""
+    created: dict[str, list[str]] = {"containers": [], "volumes": []}
+    yield created
+    for name in created["containers"]:
+        docker("rm", "-f", name, check=False)
+    for name in created["volumes"]:
+        docker("volume", "rm", "-f", name, check=False)
+
+
+def model_env(local_model) -> list[str]:
+    env = {"ANTHROPIC_BASE_URL": local_model.base_url, "ANTHROPIC_API_KEY": API_KEY, "CLAUDE_CODE_MAX_RETRIES": "0"}
+    return [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
+
+
+def test_image_runs_as_non_root_with_a_fixed_workdir_and_healthcheck(image):
+    config = json.loads(docker("image", "inspect", image).stdout)[0]["Config"]
+    assert config["User"] == "agent"
+    assert config["WorkingDir"] == "/app"
+    assert config["Entrypoint"] == ["/app/hosting/entrypoint.sh"]
+    assert "/data" in config["Volumes"]
+    assert "/health" in " ".join(config["Healthcheck"]["Test"])
+    assert docker("run", "--rm", "--entrypoint", "id", image, "-u").stdout.strip() != "0"
+
+
+def test_run_once_prints_the_answer_and_exits_0(image, local_model):
+    proc = docker("run", "--rm", "--network", "host", *model_env(local_model), "-e", "PROMPT=What do otters eat?", image)
+    assert proc.stdout.startswith("Local model answer to: What do otters eat?")
+
+
+def test_run_once_without_prompt_exits_2(image, local_model):
+    proc = docker("run", "--rm", "--network", "host", *model_env(local_model), image, check=False)
+    assert proc.returncode == 2 and "PROMPT" in proc.stderr
+
+
+def test_run_once_api_error_exits_nonzero(image, local_model):
+    proc = docker("run", "--rm", "--network", "host", *model_env(local_model), "-e", "PROMPT=x [[error:500]]",
+                  image, check=False)
+    assert proc.returncode == 1 and "API Error: 500" in proc.stderr
+
+
+def _serve(image, local_model, resources, volume: str, port: int) -> str:
+    name = f"agent-test-{uuid.uuid4().hex[:8]}"
+    resources["containers"].append(name)
+    docker("run", "-d", "--name", name, "--network", "host", *model_env(local_model),
+           "-e", "HOST=127.0.0.1", "-e", f"PORT={port}", "-v", f"{volume}:/data", image, "serve")
+    wait_for(lambda: docker("inspect", "-f", "{{.State.Health.Status}}", name).stdout.strip() == "healthy", timeout=90)
+    return name
+
+
+def test_serve_container_keeps_conversations_across_restart_and_recreate(image, local_model, resources):
+    volume = f"agent-test-{uuid.uuid4().hex[:8]}"
+    resources["volumes"].append(volume)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    name = _serve(image, local_model, resources, volume, port)
+    assert docker("exec", name, "id", "-un").stdout.strip() == "agent"
+    post_turn(base, "boxed", "Remember this value: dock1")
+    assert "You asked me to remember dock1." in post_turn(base, "boxed", RECALL).text
+
+    docker("restart", name)
+    wait_for(lambda: docker("inspect", "-f", "{{.State.Health.Status}}", name).stdout.strip() == "healthy", timeout=90)
+    assert "You asked me to remember dock1." in post_turn(base, "boxed", RECALL).text
+
+    docker("rm", "-f", name)
+    _serve(image, local_model, resources, volume, port)
+    turn = post_turn(base, "boxed", RECALL)
+    assert turn.of("session")[0]["resumed"] is True
+    assert "You asked me to remember dock1." in turn.text
+
+
+def test_compose_up_recall_down(image):
+    project = f"agenttest{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    env = {**os.environ, "AGENT_IMAGE": image, "AGENT_PORT": str(port), "ANTHROPIC_API_KEY": "local",
+           "ANTHROPIC_BASE_URL": "http://local-model:8787"}
+    compose = ["docker-compose", "-f", str(ROOT / "hosting/docker/docker-compose.yml"), "-p", project, "--profile", "local"]
+    try:
+        subprocess.run([*compose, "up", "-d", "--no-build"], env=env, check=True, timeout=300, capture_output=True)
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _healthy(base), timeout=90)
+        post_turn(base, "composed", "Remember this value: comp5")
+        assert "You asked me to remember comp5." in post_turn(base, "composed", RECALL).text
+    finally:
+        subprocess.run([*compose, "down", "-v"], env=env, timeout=300, capture_output=True)
+    assert docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={project}").stdout.strip() == ""
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
