@@ -137,3 +137,31 @@ def _healthy(base: str) -> bool:
         return httpx.get(f"{base}/health", timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+PLAIN_DEBIAN = """\
+ARG BASE_IMAGE
+FROM ${BASE_IMAGE}
+RUN apt-get purge -y python3-pip python3-venv python3.11-venv >/dev/null && rm -f /usr/local/bin/pip* \\
+    && useradd -m dev
+USER dev
+WORKDIR /home/dev
+"""
+
+
+def test_main_job_works_for_a_non_root_user_on_plain_debian(image, tmp_path):
+    """The README's first command on Debian's python3 with no pip, no venv, no root."""
+    from tests.test_quickstart import BLOCKS
+
+    docker_dir = tmp_path / "plain"
+    docker_dir.mkdir()
+    (docker_dir / "Dockerfile").write_text(PLAIN_DEBIAN)
+    docker("build", "-q", "--network", "host", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-t", "plain-debian:test",
+           str(docker_dir))
+    assert "No module named pip" in docker("run", "--rm", "plain-debian:test", "python3", "-m", "pip", check=False).stderr
+    source = tmp_path / "repo"
+    source.mkdir()
+    subprocess.run(f"git archive HEAD | tar -x -C {source}", shell=True, cwd=ROOT, check=True)
+    proc = docker("run", "--rm", "--network", "host", "-v", f"{source}:/src:ro", "plain-debian:test",
+                  "sh", "-c", f"cp -r /src repo && cd repo && {BLOCKS[0].strip()}", timeout=900)
+    assert "OK: the second turn recalled" in proc.stdout
