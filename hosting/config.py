@@ -66,7 +66,7 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 8000
     data_dir: Path = Path("/data")
-    auth_token: str | None = None
+    auth_token: str | None = field(default=None, repr=False)
     model: str = DEFAULT_MODEL
     anthropic_base_url: str | None = None
     anthropic_api_key: str | None = field(default=None, repr=False)

@@ -21,7 +21,6 @@ class Turn:
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
         self._events: asyncio.Queue[WireEvent | object] = asyncio.Queue()
-        self.finished = asyncio.Event()
         self.interrupt_requested = False
 
     def emit(self, event: WireEvent) -> None:
@@ -31,7 +30,6 @@ class Turn:
         """Close the stream with ``done``; safe to call once per turn."""
         self._events.put_nowait(WireEvent("done"))
         self._events.put_nowait(_END)
-        self.finished.set()
 
     async def events(self) -> AsyncIterator[WireEvent]:
         while True:

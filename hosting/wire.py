@@ -173,7 +173,8 @@ class TurnTranslator:
 
     @staticmethod
     def _result_error(message: ResultMessage) -> WireEvent:
-        if message.terminal_reason == "aborted_streaming" or message.subtype == "error_during_execution" and not message.result:
+        aborted = message.terminal_reason == "aborted_streaming"
+        if aborted or (message.subtype == "error_during_execution" and not message.result):
             return error_event("interrupted", "The turn was interrupted.", retryable=True)
         code, retryable = classify_api_error(message.api_error_status)
         return error_event(code, message.result or f"The agent run failed ({message.subtype}).", retryable=retryable)

@@ -125,6 +125,8 @@ class WorkspaceStore:
         """
         existing = self.get(session_id)
         if existing is not None:
+            if existing.workspace != workspace:
+                self.discard(workspace)
             return existing
         entry = json.dumps({"sdk_session_id": workspace.sdk_session_id, "created_at": time.time()})
         fd, tmp = tempfile.mkstemp(dir=self._index, prefix=".bind-")
