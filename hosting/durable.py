@@ -83,9 +83,17 @@ async def restore(store: SessionStore, workspace: Workspace) -> bool:
     return True
 
 
+def _parse(line: str) -> SessionStoreEntry | None:
+    """One transcript line; ``None`` for a blank or torn one (a write cut short by a crash)."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+
+
 async def catch_up(store: SessionStore, transcript: Path, sdk_session_id: str) -> None:
     """Re-send the local transcript to the store; entries it holds are skipped by uuid."""
-    entries = [json.loads(line) for line in transcript.read_text().splitlines() if line.strip()]
+    entries = [entry for line in transcript.read_text().splitlines() if (entry := _parse(line)) is not None]
     key = store_key(sdk_session_id)
     try:
         for start in range(0, len(entries), CATCH_UP_BATCH):

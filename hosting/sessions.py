@@ -190,7 +190,6 @@ class SessionManager:
             del self._running[session_id]
             raise
         self._last_turn_started = time.monotonic()
-        turn.emit(WireEvent("session", {"session_id": session_id, "resumed": record.workspace.has_history()}))
         running.task = asyncio.create_task(self._run(running, record, prompt, include_raw), name=f"turn:{session_id}")
         return turn
 
@@ -221,6 +220,8 @@ class SessionManager:
         try:
             if running.live is None:
                 await self._prepare_durable(record.workspace)
+            turn.announce(resumed=record.workspace.has_history())
+            if running.live is None:
                 running.live = self._open(record.workspace)
             live = running.live
             if not live.connected:
@@ -237,6 +238,7 @@ class SessionManager:
                 if isinstance(message, MirrorErrorMessage):
                     self._count_store_failure(message.error)
                     live.mirror_gap = True
+                    record.workspace.mirror_gap_marker.touch()
                 for event in translator.translate(message):
                     turn.emit(event)
             if translator.result is None:
@@ -245,6 +247,8 @@ class SessionManager:
         except SessionBusy:
             turn.emit(error_event("session_busy", "Another server process owns this session.", retryable=True))
         except StoreUnavailable:
+            if not record.workspace.has_history():
+                self._workspaces.delete(turn.session_id)  # nothing was restored: leave no binding behind
             turn.emit(error_event("store_unavailable", "The session store is unavailable, so the session's history "
                                   "cannot be loaded; nothing was run. Retry shortly.", retryable=True))
         except asyncio.CancelledError:
@@ -257,6 +261,7 @@ class SessionManager:
                 running.live.healthy = False
             turn.emit(error_event("agent_error", self._redact(f"The agent failed: {exc}"), retryable=True))
         finally:
+            turn.announce(resumed=False)  # no-op if announced; a failure before it still starts with `session`
             del self._running[turn.session_id]
             if running.live is not None:
                 await self._release(turn.session_id, running.live)
@@ -266,10 +271,10 @@ class SessionManager:
         """Before a CLI starts: restore the transcript from the store, or bring the store up to date."""
         if self._store is None:
             return
-        if workspace.has_history():
-            await self._catch_up(workspace)
-        else:
+        if not workspace.has_history():
             await restore(self._store, workspace)
+        elif workspace.mirror_gap_marker.exists():
+            await self._catch_up(workspace)
 
     async def _catch_up(self, workspace: Workspace) -> bool:
         transcript = workspace.transcript()
@@ -279,7 +284,9 @@ class SessionManager:
             await catch_up(self._store, transcript, workspace.sdk_session_id)
         except StoreUnavailable as exc:
             self._count_store_failure(str(exc))
+            workspace.mirror_gap_marker.touch()
             return False
+        workspace.mirror_gap_marker.unlink(missing_ok=True)
         return True
 
     def _count_store_failure(self, error: str) -> None:

@@ -22,9 +22,18 @@ class Turn:
         self.session_id = session_id
         self._events: asyncio.Queue[WireEvent | object] = asyncio.Queue()
         self.interrupt_requested = False
+        self._announced = False
 
     def emit(self, event: WireEvent) -> None:
+        if not self._announced:
+            self.announce(resumed=False)
         self._events.put_nowait(event)
+
+    def announce(self, *, resumed: bool) -> None:
+        """Emit the ``session`` event, which is always first; later calls do nothing."""
+        if not self._announced:
+            self._announced = True
+            self._events.put_nowait(WireEvent("session", {"session_id": self.session_id, "resumed": resumed}))
 
     def finish(self) -> None:
         """Close the stream with ``done``; safe to call once per turn."""

@@ -57,6 +57,11 @@ class Workspace:
     def config_dir(self) -> Path:
         return self.root / "config"
 
+    @property
+    def mirror_gap_marker(self) -> Path:
+        """Exists while the session store may lack part of the local transcript."""
+        return self.root / "mirror-gap"
+
     def transcript(self) -> Path | None:
         """The CLI's transcript of this session, if a turn has been recorded."""
         return next(self.config_dir.glob(f"projects/*/{self.sdk_session_id}.jsonl"), None)

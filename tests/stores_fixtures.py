@@ -195,3 +195,129 @@ def postgres_url() -> Iterator[str]:
     """One PostgreSQL server for the test session; tests isolate by table."""
     with running_postgres() as url:
         yield url
+
+
+class RestartableServer:
+    """A store server a test can stop and start again on the same port and data.
+
+    For outage tests: ``stop()`` takes the store away from running agent
+    servers, ``start()`` brings it back at the same URL with the data it held.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        launch: Callable[[], subprocess.Popen[bytes]],
+        probe: Callable[[], bool],
+        log: Path,
+        stop_signal: int,
+    ) -> None:
+        self.url = url
+        self._launch = launch
+        self._probe = probe
+        self._log = log
+        self._stop_signal = stop_signal
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        assert not self.running, "already running"
+        self._proc = self._launch()
+        _wait_ready(self._proc, self._log, self._probe)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            _stop(self._proc, self._stop_signal)
+            self._proc = None
+
+
+@contextmanager
+def restartable_redis() -> Iterator[RestartableServer]:
+    """A started redis-server that keeps its data across ``stop()``/``start()``.
+
+    Unlike :func:`running_redis` it persists (AOF, fsync on every write), so
+    a restart brings back exactly what the store held when it stopped.
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server not found; " + _INSTALL_HINT.format(pkg="redis-server"))
+    tmp = Path(tempfile.mkdtemp(prefix="redis-restartable-"))
+    port = free_port()
+    log = tmp / "redis.log"
+
+    def launch() -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            return subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+
+    def ping() -> bool:
+        try:
+            with redis.Redis(port=port, socket_connect_timeout=1) as client:
+                return bool(client.ping())
+        except (redis.ConnectionError, redis.BusyLoadingError):
+            return False
+
+    server = RestartableServer(f"redis://127.0.0.1:{port}/0", launch, ping, log, signal.SIGTERM)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def restartable_postgres() -> Iterator[RestartableServer]:
+    """A started PostgreSQL cluster that keeps its data across ``stop()``/``start()``."""
+    bindir = _postgres_bindir()
+    user = _server_user()
+    tmp = Path(tempfile.mkdtemp(prefix="pg-restartable-"))
+    data, sock, log = tmp / "data", tmp / "sock", tmp / "postgres.log"
+    sock.mkdir()
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        for path in (tmp, sock):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+    port = free_port()
+    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+    def launch() -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            return subprocess.Popen(
+                [str(bindir / "postgres"), "-D", str(data), "-k", str(sock),
+                 "-h", "127.0.0.1", "-p", str(port),
+                 "-c", "fsync=off", "-c", "synchronous_commit=off",
+                 "-c", "full_page_writes=off"],
+                user=user, cwd=tmp, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+
+    def ping() -> bool:
+        try:
+            with psycopg.connect(url, connect_timeout=1) as conn:
+                conn.execute("SELECT 1")
+            return True
+        except psycopg.OperationalError:
+            return False
+
+    # SIGINT is "fast" shutdown: it does not wait for clients to disconnect.
+    server = RestartableServer(url, launch, ping, log, signal.SIGINT)
+    try:
+        initdb = subprocess.run(
+            [str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
+             "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"],
+            user=user, cwd=tmp, capture_output=True, check=False,
+        )  # fmt: skip
+        if initdb.returncode != 0:
+            pytest.fail(f"initdb failed:\n{initdb.stdout.decode()}{initdb.stderr.decode()}")
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
