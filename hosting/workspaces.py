@@ -142,9 +142,10 @@ class WorkspaceStore:
                 os.fsync(handle.fileno())
             os.link(tmp, self._index / f"{session_id}.json")
         except FileExistsError:
-            shutil.rmtree(workspace.root, ignore_errors=True)
             winner = self.get(session_id)
             assert winner is not None
+            if winner.workspace.root != workspace.root:  # durable ids give both racers the same root
+                self.discard(workspace)
             return winner
         finally:
             os.unlink(tmp)
