@@ -68,39 +68,6 @@ def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
         proc.wait(timeout=15)
 
 
-@contextmanager
-def running_redis() -> Iterator[str]:
-    """A redis-server without persistence; yields its ``redis://`` URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server not found; " + _INSTALL_HINT.format(pkg="redis-server"))
-    tmp = Path(tempfile.mkdtemp(prefix="redis-test-"))
-    port = free_port()
-    log = tmp / "redis.log"
-    proc: subprocess.Popen[bytes] | None = None
-    try:
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no", "--dir", str(tmp)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-
-        def ping() -> bool:
-            try:
-                with redis.Redis(port=port, socket_connect_timeout=1) as client:
-                    return bool(client.ping())
-            except redis.ConnectionError:
-                return False
-
-        _wait_ready(proc, log, ping)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        if proc is not None:
-            _stop(proc, signal.SIGTERM)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _postgres_bindir() -> Path:
     """Newest ``/usr/lib/postgresql/<major>/bin`` (Debian), else ``$PATH``."""
     found = glob.glob("/usr/lib/postgresql/*/bin/postgres")
@@ -128,59 +95,17 @@ def _server_user() -> str | None:
 
 
 @contextmanager
+def running_redis() -> Iterator[str]:
+    """A redis-server without persistence; yields its ``redis://`` URL."""
+    with restartable_redis(persistent=False) as server:
+        yield server.url
+
+
+@contextmanager
 def running_postgres() -> Iterator[str]:
-    """A fresh PostgreSQL cluster; yields its ``postgresql://`` URL.
-
-    The server runs in the foreground as our child (``Popen(user=...)``
-    drops root directly, so the PID we hold is the postmaster's own and a
-    signal to it stops the whole cluster).
-    """
-    bindir = _postgres_bindir()
-    user = _server_user()
-    tmp = Path(tempfile.mkdtemp(prefix="pg-test-"))
-    data, sock, log = tmp / "data", tmp / "sock", tmp / "postgres.log"
-    sock.mkdir()
-    if user is not None:
-        entry = pwd.getpwnam(user)
-        for path in (tmp, sock):
-            os.chown(path, entry.pw_uid, entry.pw_gid)
-    port = free_port()
-    proc: subprocess.Popen[bytes] | None = None
-    try:
-        initdb = subprocess.run(
-            [str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
-             "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"],
-            user=user, cwd=tmp, capture_output=True, check=False,
-        )  # fmt: skip
-        if initdb.returncode != 0:
-            pytest.fail(f"initdb failed:\n{initdb.stdout.decode()}{initdb.stderr.decode()}")
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [str(bindir / "postgres"), "-D", str(data), "-k", str(sock),
-                 "-h", "127.0.0.1", "-p", str(port),
-                 "-c", "fsync=off", "-c", "synchronous_commit=off",
-                 "-c", "full_page_writes=off"],
-                user=user, cwd=tmp, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-
-        def ping() -> bool:
-            try:
-                with psycopg.connect(url, connect_timeout=1) as conn:
-                    conn.execute("SELECT 1")
-                return True
-            except psycopg.OperationalError:
-                return False
-
-        _wait_ready(proc, log, ping)
-        yield url
-    finally:
-        if proc is not None:
-            # SIGINT is "fast" shutdown: it does not wait for clients (e.g. a
-            # pool a failed test left open) to disconnect, unlike SIGTERM.
-            _stop(proc, signal.SIGINT)
-        shutil.rmtree(tmp, ignore_errors=True)
+    """A fresh PostgreSQL cluster; yields its ``postgresql://`` URL."""
+    with restartable_postgres() as server:
+        yield server.url
 
 
 @pytest.fixture(scope="session")
@@ -235,11 +160,11 @@ class RestartableServer:
 
 
 @contextmanager
-def restartable_redis() -> Iterator[RestartableServer]:
-    """A started redis-server that keeps its data across ``stop()``/``start()``.
+def restartable_redis(*, persistent: bool = True) -> Iterator[RestartableServer]:
+    """A started redis-server; ``persistent`` keeps its data across ``stop()``/``start()``.
 
-    Unlike :func:`running_redis` it persists (AOF, fsync on every write), so
-    a restart brings back exactly what the store held when it stopped.
+    Persistence is AOF with fsync on every write, so a restart brings back
+    exactly what the store held when it stopped.
     """
     binary = shutil.which("redis-server")
     if binary is None:
@@ -252,7 +177,8 @@ def restartable_redis() -> Iterator[RestartableServer]:
         with log.open("ab") as out:
             return subprocess.Popen(
                 [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp)],
+                 *(["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]),
+                 "--dir", str(tmp)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
 
