@@ -246,7 +246,8 @@ class AgentClient:
         async with aconnect_sse(self._http, "POST", f"/sessions/{sid}/messages", json={"prompt": prompt}) as source:
             await _raise_for_status(source.response)
             async for sse in source.aiter_sse():
-                yield parse_event(sse.event, sse.id, sse.data)
+                if sse.data:  # empty: a heartbeat comment
+                    yield parse_event(sse.event, sse.id, sse.data)
 
     async def arun(self, prompt: str, *, session_id: str | None = None) -> str:
         """Send one turn and return the final answer; :class:`TurnError` if it failed."""

@@ -240,5 +240,7 @@ def post_turn(base_url: str, session_id: str, prompt: str, *, headers: dict[str,
     ) as source:
         assert source.response.status_code == 200, source.response.read()
         for sse in source.iter_sse():
+            if not sse.data:  # a heartbeat comment, not an event
+                continue
             events.append({"event": sse.event, "id": sse.id, "data": json.loads(sse.data)})
     return Turn(events)
