@@ -58,6 +58,23 @@ def _store_url(env: Mapping[str, str]) -> str | None:
     return url
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's CPU quota is not visible here)."""
+    return len(os.sched_getaffinity(0))
+
+
+CLI_RUNTIME_DEFAULTS: Mapping[str, str] = {"BUN_JSC_useDFGJIT": "0", "BUN_GC_TIMER_DISABLE": "1"}
+"""Runtime tuning of the Claude Code CLI (a Bun binary), each overridable by setting
+the same variable for the server (measured in bench/README.md):
+
+- ``BUN_JSC_useDFGJIT=0``: the optimizing JIT compiles the same code again in every
+  CLI and costs more CPU than it saves over a session's short turns; without it a
+  CLI starts on about a quarter less CPU and concurrent turns need about a fifth less.
+- ``BUN_GC_TIMER_DISABLE=1``: Bun's periodic collector costs a new CLI about 0.3
+  CPU-seconds over its first half minute, idle or not; without it the engine still
+  collects as the heap grows (memory stays flat over hundreds of turns)."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Configuration of one agent server (or one run-once job)."""
@@ -73,11 +90,13 @@ class Settings:
     max_body_bytes: int = 256 * 1024
     heartbeat_seconds: float = 15.0
     warm_sessions: int = 32
-    prewarm: int = 2
+    prewarm: int = 8
+    max_starting_clis: int = field(default_factory=lambda: usable_cpus())
     idle_timeout_seconds: float = 600.0
     shutdown_grace_seconds: float = 30.0
     session_store_url: str | None = field(default=None, repr=False)
     session_ttl_seconds: int | None = 30 * 24 * 3600
+    cli_runtime: Mapping[str, str] = field(default_factory=lambda: dict(CLI_RUNTIME_DEFAULTS))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -95,10 +114,12 @@ class Settings:
             heartbeat_seconds=_float(env, "AGENT_HEARTBEAT_SECONDS", cls.heartbeat_seconds),
             warm_sessions=_int(env, "AGENT_WARM_SESSIONS", cls.warm_sessions),
             prewarm=_int(env, "AGENT_PREWARM", cls.prewarm),
+            max_starting_clis=_int(env, "AGENT_MAX_STARTING_CLIS", usable_cpus(), minimum=1),
             idle_timeout_seconds=_float(env, "AGENT_IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds),
             shutdown_grace_seconds=_float(env, "AGENT_SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),
             session_store_url=_store_url(env),
             session_ttl_seconds=_int(env, "AGENT_SESSION_TTL_SECONDS", cls.session_ttl_seconds or 0) or None,
+            cli_runtime={name: env.get(name, value) for name, value in CLI_RUNTIME_DEFAULTS.items()},
         )
 
     def require_credentials(self) -> None:
@@ -116,7 +137,8 @@ class Settings:
         Credentials go through explicitly; the server's own secrets are blanked
         so no tool the model runs can read them back.
         """
-        env = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "AGENT_AUTH_TOKEN": "", "AGENT_SESSION_STORE": ""}
+        env = {**self.cli_runtime, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+               "AGENT_AUTH_TOKEN": "", "AGENT_SESSION_STORE": ""}
         for name, value in (
             ("ANTHROPIC_BASE_URL", self.anthropic_base_url),
             ("ANTHROPIC_API_KEY", self.anthropic_api_key),

@@ -6,10 +6,13 @@ A *live session* is a connected ``ClaudeSDKClient`` bound to one workspace.
   recently used evicted first, idle ones closed after ``idle_timeout_seconds``),
   so a follow-up turn skips spawning the CLI and reloading the transcript. An
   evicted session loses nothing: its next turn resumes from its transcript.
+- At most ``max_starting_clis`` CLIs start at once; the rest queue. A start is
+  CPU-bound, and two dozen at once on two cores each cost over twice the CPU of
+  one alone (caches thrash), so queueing finishes a burst of new sessions sooner.
 - ``prewarm`` fresh CLIs wait in a pool, each in its own new workspace, so the
   first turn of a new session skips the spawn too. The pool refills one CLI at a
-  time, and only while no turn has started for a moment, so refilling never
-  competes with turns in flight for the CPU.
+  time, with spare CPU only and never while a turn waits for its CLI, so
+  refilling does not compete with turns in flight.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient, MirrorErrorMes
 
 from hosting.cli import guarded_cli
 from hosting.config import Settings
+from hosting.cpu import SpareCpu
 from hosting.durable import MirrorOnly, StoreUnavailable, catch_up, durable_session_id, restore, store_key
 from hosting.turns import Turn
 from hosting.wire import Redactor, TurnTranslator, WireEvent, error_event
@@ -33,8 +37,9 @@ from research_agent.options import build_options
 
 logger = logging.getLogger("hosting.sessions")
 
-REFILL_QUIET_SECONDS = 0.25
-"""The pool refills only after this long without a new turn."""
+REFILL_WINDOW_SECONDS = 0.25
+"""The pool starts a CLI only if a whole core was spare over the last window of this
+length, and never while a turn waits for its CLI (it must not take a turn's start slot)."""
 
 
 class SessionBusy(Exception):
@@ -60,6 +65,11 @@ class LiveSession:
     async def connect(self) -> None:
         await self.client.connect()
         self.connected = True
+
+    async def prime(self) -> None:
+        """Run the CLI's first-request code paths (building the system prompt and tool
+        list) now instead of in the session's first turn; no model call is made."""
+        await self.client.get_context_usage()
 
     async def close(self) -> None:
         try:
@@ -95,7 +105,9 @@ class SessionManager:
         self._running: dict[str, _Running] = {}
         self._pool: deque[LiveSession] = deque()
         self._pool_wanted = asyncio.Event()
-        self._last_turn_started = 0.0
+        self._starting = asyncio.Semaphore(settings.max_starting_clis)
+        self._spare_cpu = SpareCpu()
+        self._turns_starting = 0
         self._background: list[asyncio.Task[None]] = []
         self.accepting = True
 
@@ -189,7 +201,6 @@ class SessionManager:
         except BaseException:
             del self._running[session_id]
             raise
-        self._last_turn_started = time.monotonic()
         running.task = asyncio.create_task(self._run(running, record, prompt, include_raw), name=f"turn:{session_id}")
         return turn
 
@@ -225,7 +236,7 @@ class SessionManager:
                 running.live = self._open(record.workspace)
             live = running.live
             if not live.connected:
-                await live.connect()
+                await self._connect(live, for_turn=True)
             elif live.mirror_gap:
                 live.mirror_gap = not await self._catch_up(record.workspace)
             if turn.interrupt_requested:
@@ -331,6 +342,15 @@ class SessionManager:
             **session,
         )
 
+    async def _connect(self, live: LiveSession, *, for_turn: bool) -> None:
+        """Start a CLI once one of the ``max_starting_clis`` slots is free."""
+        self._turns_starting += for_turn
+        try:
+            async with self._starting:
+                await live.connect()
+        finally:
+            self._turns_starting -= for_turn
+
     async def _release(self, session_id: str, live: LiveSession) -> None:
         """Keep the CLI warm if allowed, evicting the least recently used past the cap."""
         if not (live.healthy and self.accepting and self._settings.warm_sessions > 0):
@@ -348,18 +368,22 @@ class SessionManager:
             await self._pool_wanted.wait()
             self._pool_wanted.clear()
             while self.accepting and len(self._pool) < self._settings.prewarm:
-                quiet = time.monotonic() - self._last_turn_started
-                if quiet < REFILL_QUIET_SECONDS:
-                    await asyncio.sleep(REFILL_QUIET_SECONDS - quiet)
+                self._spare_cpu.cores()  # start a fresh window
+                await asyncio.sleep(REFILL_WINDOW_SECONDS)
+                spare = self._spare_cpu.cores()
+                if self._turns_starting or (spare is not None and spare < 1.0):
                     continue
                 workspace = self._workspaces.new_workspace()
                 live = self._open(workspace)
                 try:
-                    await live.connect()
-                except Exception:  # noqa: BLE001 - retry later; turns fall back to spawning
-                    logger.exception("could not pre-start a CLI")
+                    await self._connect(live, for_turn=False)
+                    await live.prime()
+                except BaseException as exc:
                     await live.close()
                     self._workspaces.discard(workspace)
+                    if not isinstance(exc, Exception):  # cancelled: the server is closing
+                        raise
+                    logger.exception("could not pre-start a CLI")  # retry later; turns fall back to spawning
                     await asyncio.sleep(5)
                     continue
                 self._pool.append(live)
