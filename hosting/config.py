@@ -90,7 +90,7 @@ class Settings:
     max_body_bytes: int = 256 * 1024
     heartbeat_seconds: float = 15.0
     warm_sessions: int = 32
-    prewarm: int = 8
+    prewarm: int = 12
     max_starting_clis: int = field(default_factory=lambda: usable_cpus())
     idle_timeout_seconds: float = 600.0
     shutdown_grace_seconds: float = 30.0

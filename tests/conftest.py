@@ -72,6 +72,8 @@ def agent_env(local_model: LocalModel, data_dir: Path, **extra: str) -> dict[str
         "CLAUDE_CODE_MAX_RETRIES": "0",
         "AGENT_DATA_DIR": str(data_dir),
         "HOST": "127.0.0.1",
+        # The default pool (12) is sized for serving; a test server needs only a couple.
+        "AGENT_PREWARM": "2",
     })
     env.update(extra)
     return env

@@ -55,7 +55,8 @@ def resources() -> Iterator[dict[str, list[str]]]:
 
 
 def model_env(local_model) -> list[str]:
-    env = {"ANTHROPIC_BASE_URL": local_model.base_url, "ANTHROPIC_API_KEY": API_KEY, "CLAUDE_CODE_MAX_RETRIES": "0"}
+    env = {"ANTHROPIC_BASE_URL": local_model.base_url, "ANTHROPIC_API_KEY": API_KEY, "CLAUDE_CODE_MAX_RETRIES": "0",
+           "AGENT_PREWARM": "2"}  # the default pool (12) is sized for serving, not for a test
     return [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
 
 

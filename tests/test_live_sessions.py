@@ -131,11 +131,13 @@ def test_warm_sessions_off_spawns_a_cli_per_turn(start_server):
     assert "You asked me to remember c0." in post_turn(server.base_url, "cold", RECALL).text
 
 
-def test_prestarted_clis_serve_new_sessions_and_refill(start_server):
+def test_prestarted_clis_serve_new_sessions_and_refill(start_server, local_model):
+    model_requests = local_model.requests_total()
     server = start_server(AGENT_PREWARM="2")
     base = server.base_url
     status = wait_for(lambda: (s := ready(base))["prewarmed"] == 2 and s)
     assert status["prewarm_target"] == 2 and status["ready"] is True
+    assert local_model.requests_total() == model_requests  # priming a CLI calls no model
     pooled = descendants(server.process.pid)
     assert len(pooled) == 2
     post_turn(base, "fresh", "Remember this value: p2")
@@ -181,10 +183,11 @@ def test_sigkill_leaves_no_cli_and_the_next_start_serves_every_session(start_ser
     wait_for(lambda: ready(first.base_url)["prewarmed"] == 2)
     for n in range(3):
         post_turn(first.base_url, f"kill-{n}", f"Remember this value: k{n}")
+    wait_for(lambda: ready(first.base_url)["prewarmed"] == 2)  # pooled CLIs must die too
     thread, _ = background_turn(first.base_url, "kill-mid", "Remember this value: km [[delay:3]]")
     wait_for(lambda: ready(first.base_url)["running_turns"] == 1)
     clis = descendants(first.process.pid)
-    assert len(clis) >= 5
+    assert len(clis) >= 5  # three warm, one running, one still pooled
     first.kill(signal.SIGKILL)
     thread.join(30)
     wait_for(lambda: not alive(clis), timeout=10)
