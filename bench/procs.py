@@ -273,10 +273,30 @@ async def settle(client: httpx.AsyncClient, srv: Server, *, need_prewarm: bool, 
     """Wait until no turn runs and the prewarm pool is full, so a measurement starts from
     steady state instead of racing the server's own background CLI start-ups.
 
+    Then wait (within the same bound) until the server's process tree is quiet, so
+    work left over from the previous turn or a just-started CLI is not billed to the
+    next measurement.
+
     If /ready has no ``prewarmed`` field the server predates prewarming: a scenario
     that needs it fails with :class:`FeatureMissing`; others just skip the wait.
     """
     deadline = time.monotonic() + timeout
+    body = await _ready_and_full(client, srv, need_prewarm, deadline, timeout)
+    while time.monotonic() < deadline:
+        before = tree_cpu_seconds(srv.pid)
+        await asyncio.sleep(QUIET_WINDOW_SECONDS)
+        if tree_cpu_seconds(srv.pid) - before <= QUIET_CPU_FRACTION * QUIET_WINDOW_SECONDS:
+            break
+    return body
+
+
+QUIET_WINDOW_SECONDS = 0.5
+QUIET_CPU_FRACTION = 0.05
+"""The tree counts as quiet when it used at most this share of one core over the window."""
+
+
+async def _ready_and_full(client: httpx.AsyncClient, srv: Server, need_prewarm: bool, deadline: float,
+                          timeout: float) -> dict[str, Any]:
     body: dict[str, Any] = {}
     while True:
         response = await client.get(f"{srv.base_url}/ready")

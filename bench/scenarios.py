@@ -38,8 +38,8 @@ class Counts:
     """How much each scenario does; ``--quick`` shrinks every count."""
 
     follow_ups: int = 20        # (a) sequential follow-ups per path
-    first_turns: int = 8        # (b) sequential first turns per path
-    prewarm_b: int = 10         # (b) AGENT_PREWARM; more than first_turns so the pool never runs dry
+    first_turns: int = 15       # (b) sequential first turns per path
+    prewarm_b: int = 16         # (b) AGENT_PREWARM; more than first_turns so the pool never runs dry
     established: int = 25       # (c) sessions
     follow_ups_c: int = 4       # (c) follow-ups per session
     burst: int = 25             # (e) new sessions at once (and AGENT_PREWARM of the prewarmed server)
@@ -131,13 +131,20 @@ async def first_turns_server(bench: Bench, name: str, prewarm: int) -> dict[str,
         return srv.finish(summarize(turns))
 
 
-async def first_turns_direct(bench: Bench) -> dict[str, Any]:
-    """First ``query()`` of a new conversation, each in a fresh directory."""
-    turns = []
-    for _ in range(bench.counts.first_turns):
-        workdir = Path(tempfile.mkdtemp(prefix="direct-b-", dir=bench.tmp))
-        turns.append((await direct_turn(remember_prompt()[1], direct_options(workdir, bench.model_url)))[0])
-    return summarize(turns)
+async def first_turns_paired(bench: Bench) -> dict[str, Any]:
+    """First turns on a prewarmed server and first direct ``query()`` calls (fresh directory
+    each), alternated, so a drift in the machine's speed hits both sides of the ratio alike.
+    The server is settled (pool full, tree quiet) before every turn of either kind."""
+    async with server(bench.model_url, bench.tmp, "b-prewarm", {"AGENT_PREWARM": str(bench.counts.prewarm_b)}) as srv, \
+            http_client() as client:
+        served, direct = [], []
+        for _ in range(bench.counts.first_turns):
+            await settle(client, srv, need_prewarm=True, timeout=bench.counts.prewarm_timeout)
+            served.append(await http_turn(client, srv.base_url, new_id("b"), remember_prompt()[1]))
+            await settle(client, srv, need_prewarm=True, timeout=bench.counts.prewarm_timeout)
+            workdir = Path(tempfile.mkdtemp(prefix="direct-b-", dir=bench.tmp))
+            direct.append((await direct_turn(remember_prompt()[1], direct_options(workdir, bench.model_url)))[0])
+        return {"prewarmed": srv.finish(summarize(served)), "direct": summarize(direct)}
 
 
 # -- (c) concurrent follow-ups on established sessions -----------------------
@@ -239,11 +246,12 @@ async def run_all(bench: Bench, only: set[str]) -> dict[str, Any]:
                         "direct": await part(bench, "a/direct", lambda: follow_ups_direct(bench))}
     if "b" in only:
         print("(b) first-turn latency", flush=True)
-        results["b"] = {
-            "prewarmed": await part(bench, "b/prewarmed", lambda: first_turns_server(bench, "b-prewarm", counts.prewarm_b)),
-            "no_prewarm": await part(bench, "b/no_prewarm", lambda: first_turns_server(bench, "b-no-prewarm", 0)),
-            "direct": await part(bench, "b/direct", lambda: first_turns_direct(bench)),
-        }
+        paired = await part(bench, "b/prewarmed+direct", lambda: first_turns_paired(bench))
+        if paired["status"] == "ok":
+            results["b"] = {key: {**paired[key], "status": "ok"} for key in ("prewarmed", "direct")}
+        else:
+            results["b"] = {key: paired for key in ("prewarmed", "direct")}
+        results["b"]["no_prewarm"] = await part(bench, "b/no_prewarm", lambda: first_turns_server(bench, "b-no-prewarm", 0))
     if "c" in only:
         print("(c) concurrent follow-ups on established sessions", flush=True)
         results["c"] = await part(bench, "c/default", lambda: established(bench))
