@@ -23,12 +23,17 @@ class SpareCpu:
         self._proc_stat = proc_stat
         self._last = self._read()
 
+    @property
+    def capacity(self) -> float:
+        """Cores available in all (the quota, or the CPUs), as of the last reading."""
+        return self._last[2] if self._last is not None else float(len(os.sched_getaffinity(0)))
+
     def cores(self) -> float | None:
         """Cores left unused since the previous call; ``None`` if nothing can be read."""
         previous, self._last = self._last, self._read()
         if previous is None or self._last is None:
             return None
-        (wall0, busy0, capacity), (wall1, busy1, _) = previous, self._last
+        (wall0, busy0, _), (wall1, busy1, capacity) = previous, self._last
         if wall1 <= wall0:
             return None
         return max(0.0, capacity - (busy1 - busy0) / (wall1 - wall0))

@@ -38,8 +38,9 @@ from research_agent.options import build_options
 logger = logging.getLogger("hosting.sessions")
 
 REFILL_WINDOW_SECONDS = 0.25
-"""The pool starts a CLI only if a whole core was spare over the last window of this
-length, and never while a turn waits for its CLI (it must not take a turn's start slot)."""
+"""The pool starts a CLI only if a whole core (or, on a machine or quota of less than two,
+half of it) was spare over the last window of this length, and never while a turn waits
+for its CLI (it must not take a turn's start slot)."""
 
 
 class SessionBusy(Exception):
@@ -68,8 +69,12 @@ class LiveSession:
 
     async def prime(self) -> None:
         """Run the CLI's first-request code paths (building the system prompt and tool
-        list) now instead of in the session's first turn; no model call is made."""
-        await self.client.get_context_usage()
+        list) now instead of in the session's first turn; no model call is made.
+        Only an optimisation: a CLI that cannot answer is still usable."""
+        try:
+            await self.client.get_context_usage()
+        except Exception:  # noqa: BLE001
+            logger.debug("could not prime the CLI of %s", self.workspace.sdk_session_id, exc_info=True)
 
     async def close(self) -> None:
         try:
@@ -371,7 +376,7 @@ class SessionManager:
                 self._spare_cpu.cores()  # start a fresh window
                 await asyncio.sleep(REFILL_WINDOW_SECONDS)
                 spare = self._spare_cpu.cores()
-                if self._turns_starting or (spare is not None and spare < 1.0):
+                if self._turns_starting or (spare is not None and spare < min(1.0, self._spare_cpu.capacity / 2)):
                     continue
                 workspace = self._workspaces.new_workspace()
                 live = self._open(workspace)

@@ -39,6 +39,8 @@ class Starts:
 
 
 class FixedSpareCpu:
+    capacity = 2.0
+
     def __init__(self, cores: float) -> None:
         self.value = cores
 

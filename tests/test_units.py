@@ -134,7 +134,7 @@ def test_spare_cpu_from_proc_stat(tmp_path, monkeypatch):
     _proc_stat(stat, busy=0, idle=0)
     meter = SpareCpu(cgroup=tmp_path / "no-cgroup", proc_stat=stat)
     _proc_stat(stat, busy=int(1.5 * ticks), idle=int(0.5 * ticks))  # 1.5 of 2 cores busy for 1 s
-    assert meter.cores() == pytest.approx(0.5)
+    assert meter.cores() == pytest.approx(0.5) and meter.capacity == 2
     _proc_stat(stat, busy=int(1.5 * ticks), idle=int(2.5 * ticks))  # then idle
     assert meter.cores() == pytest.approx(2.0)
 
