@@ -39,6 +39,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--turns-per-session", type=int, metavar="N", dest="follow_ups_c",
                         help=f"(c) follow-ups per session ({defaults.follow_ups_c})")
     parser.add_argument("--burst", type=int, metavar="N", help=f"(e) new sessions at once, and AGENT_PREWARM ({defaults.burst})")
+    parser.add_argument("--burst-rounds", type=int, metavar="N", help=f"(e) rounds of the three servers ({defaults.burst_rounds})")
     parser.add_argument("--part-timeout", type=float, metavar="S", help="seconds each part may take (900; quick: 300)")
     args = parser.parse_args(argv)
     only = {s.strip() for s in args.only.split(",") if s.strip()}

@@ -220,6 +220,15 @@ def _status(node: dict[str, Any]) -> str:
     return "ok" if node.get("status") == "ok" else f"**{node.get('status')}**"
 
 
+def _burst_rounds(results: dict[str, Any]) -> int:
+    return max((len(n.get("rounds_turns_per_s", [])) for n in (results.get("e") or {}).values()), default=1)
+
+
+def _round_rates(results: dict[str, Any]) -> str:
+    return "; ".join(f"{key} " + ", ".join(_num(v, "{:.1f}") for v in node.get("rounds_turns_per_s", []))
+                     for key, node in (results.get("e") or {}).items())
+
+
 def markdown(run: dict[str, Any]) -> str:
     """One run as a Markdown section (without the replace markers)."""
     m, results, r = run["machine"], run["results"], run["ratios"]
@@ -263,7 +272,9 @@ def markdown(run: dict[str, Any]) -> str:
                         "p95", "CPU/turn", "peak RSS", "peak CLIs", "CLI bound", "RSS at end"], load_rows), "",
                 f"(e) turns/s vs baseline: default {_num(r['e_default_over_baseline_turns_per_s'])}x, "
                 f"prewarm {_num(r['e_prewarm_over_baseline_turns_per_s'])}x; p50 vs baseline: default "
-                f"{_num(r['e_default_over_baseline_p50'])}, prewarm {_num(r['e_prewarm_over_baseline_p50'])}.", "",
+                f"{_num(r['e_default_over_baseline_p50'])}, prewarm {_num(r['e_prewarm_over_baseline_p50'])}. "
+                f"Each (e) row is the median of {_burst_rounds(results)} alternated rounds; turns/s of every round: "
+                f"{_round_rates(results)}.", "",
                 "RSS is summed over the server and all its descendants (shared pages counted once per process, "
                 "so an upper bound), sampled every 100 ms. Peak CLIs is the most direct children of the server "
                 "seen at once; CLI bound = warm cap + prewarm + concurrent sessions, the most the server may "
