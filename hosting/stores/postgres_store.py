@@ -114,8 +114,9 @@ class PostgresSessionStore(SessionStore):
             min_size=1,
             max_size=max_connections,
             open=False,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, "connect_timeout": 5},
             check=AsyncConnectionPool.check_connection,
+            timeout=5.0,  # a down store is reported within seconds, not psycopg_pool's default 30
         )
         self._ready = False
         self._ready_lock = asyncio.Lock()
