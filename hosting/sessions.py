@@ -12,7 +12,8 @@ A *live session* is a connected ``ClaudeSDKClient`` bound to one workspace.
 - ``prewarm`` fresh CLIs wait in a pool, each in its own new workspace, so the
   first turn of a new session skips the spawn too. The pool refills one CLI at a
   time, with spare CPU only and never while a turn waits for its CLI, so
-  refilling does not compete with turns in flight.
+  refilling does not compete with turns in flight. A pre-started CLI is primed
+  (asked for its context usage, no model call) before it joins the pool.
 """
 
 from __future__ import annotations
@@ -373,10 +374,7 @@ class SessionManager:
             await self._pool_wanted.wait()
             self._pool_wanted.clear()
             while self.accepting and len(self._pool) < self._settings.prewarm:
-                self._spare_cpu.cores()  # start a fresh window
-                await asyncio.sleep(REFILL_WINDOW_SECONDS)
-                spare = self._spare_cpu.cores()
-                if self._turns_starting or (spare is not None and spare < min(1.0, self._spare_cpu.capacity / 2)):
+                if not await self._room_to_start():
                     continue
                 workspace = self._workspaces.new_workspace()
                 live = self._open(workspace)
@@ -392,6 +390,15 @@ class SessionManager:
                     await asyncio.sleep(5)
                     continue
                 self._pool.append(live)
+
+    async def _room_to_start(self) -> bool:
+        """Whether the pool may start a CLI now: see :data:`REFILL_WINDOW_SECONDS`."""
+        self._spare_cpu.cores()  # start a fresh window
+        await asyncio.sleep(REFILL_WINDOW_SECONDS)
+        spare = self._spare_cpu.cores()
+        if self._turns_starting:
+            return False
+        return spare is None or spare >= min(1.0, self._spare_cpu.capacity / 2)
 
     async def _reap_idle(self) -> None:
         timeout = self._settings.idle_timeout_seconds
