@@ -28,6 +28,7 @@ import json
 import logging
 import re
 import time
+from typing import Any
 
 import psycopg
 from claude_agent_sdk import SessionStore, fold_session_summary
@@ -193,40 +194,25 @@ class PostgresSessionStore(SessionStore):
         await self._maybe_purge()
 
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
-        await self.open()
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(
-                self._sql(
-                    "SELECT entry FROM {e} WHERE project_key = %s AND session_id = %s "
-                    "AND subpath = %s ORDER BY seq"
-                ),
-                (key["project_key"], key["session_id"], key.get("subpath") or ""),
-            )
-            rows = await cur.fetchall()
+        rows = await self._rows(
+            "SELECT entry FROM {e} WHERE project_key = %s AND session_id = %s AND subpath = %s ORDER BY seq",
+            (key["project_key"], key["session_id"], key.get("subpath") or ""),
+        )
         return [entry for (entry,) in rows] or None
 
     async def list_sessions(self, project_key: str) -> list[SessionStoreListEntry]:
-        await self.open()
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(
-                self._sql(
-                    "SELECT session_id, mtime FROM {t} WHERE project_key = %s AND subpath = ''"
-                ),
-                (project_key,),
-            )
-            return [{"session_id": s, "mtime": m} for s, m in await cur.fetchall()]
+        rows = await self._rows(
+            "SELECT session_id, mtime FROM {t} WHERE project_key = %s AND subpath = ''", (project_key,)
+        )
+        return [{"session_id": s, "mtime": m} for s, m in rows]
 
     async def list_session_summaries(self, project_key: str) -> list[SessionSummaryEntry]:
-        await self.open()
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(
-                self._sql(
-                    "SELECT session_id, mtime, summary FROM {t} "
-                    "WHERE project_key = %s AND subpath = '' AND summary IS NOT NULL"
-                ),
-                (project_key,),
-            )
-            return [{"session_id": s, "mtime": m, "data": d} for s, m, d in await cur.fetchall()]
+        rows = await self._rows(
+            "SELECT session_id, mtime, summary FROM {t} "
+            "WHERE project_key = %s AND subpath = '' AND summary IS NOT NULL",
+            (project_key,),
+        )
+        return [{"session_id": s, "mtime": m, "data": d} for s, m, d in rows]
 
     async def delete(self, key: SessionKey) -> None:
         await self.open()
@@ -240,16 +226,12 @@ class PostgresSessionStore(SessionStore):
             await conn.execute(self._sql(f"DELETE FROM {{t}} WHERE {where}"), params)
 
     async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
-        await self.open()
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(
-                self._sql(
-                    "SELECT subpath FROM {t} WHERE project_key = %s AND session_id = %s "
-                    "AND subpath <> '' ORDER BY subpath"
-                ),
-                (key["project_key"], key["session_id"]),
-            )
-            return [s for (s,) in await cur.fetchall()]
+        rows = await self._rows(
+            "SELECT subpath FROM {t} WHERE project_key = %s AND session_id = %s "
+            "AND subpath <> '' ORDER BY subpath",
+            (key["project_key"], key["session_id"]),
+        )
+        return [s for (s,) in rows]
 
     # -- retention --------------------------------------------------------
 
@@ -262,22 +244,18 @@ class PostgresSessionStore(SessionStore):
         """
         if self._ttl is None:
             return 0
-        await self.open()
-        async with self._pool.connection() as conn:
-            # The outer mtime test is re-checked against the locked row, so a
-            # session revived by a concurrent append is not deleted under it.
-            cur = await conn.execute(
-                self._sql(
-                    f"WITH cutoff AS (SELECT {_NOW_MS} - %s AS ms), "
-                    "idle AS (SELECT project_key, session_id FROM {t} GROUP BY 1, 2 "
-                    "HAVING max(mtime) < (SELECT ms FROM cutoff)) "
-                    "DELETE FROM {t} WHERE mtime < (SELECT ms FROM cutoff) "
-                    "AND (project_key, session_id) IN (SELECT * FROM idle) "
-                    "RETURNING project_key, session_id"
-                ),
-                (self._ttl * 1000,),
-            )
-            return len(set(await cur.fetchall()))
+        # The outer mtime test is re-checked against the locked row, so a
+        # session revived by a concurrent append is not deleted under it.
+        rows = await self._rows(
+            f"WITH cutoff AS (SELECT {_NOW_MS} - %s AS ms), "
+            "idle AS (SELECT project_key, session_id FROM {t} GROUP BY 1, 2 "
+            "HAVING max(mtime) < (SELECT ms FROM cutoff)) "
+            "DELETE FROM {t} WHERE mtime < (SELECT ms FROM cutoff) "
+            "AND (project_key, session_id) IN (SELECT * FROM idle) "
+            "RETURNING project_key, session_id",
+            (self._ttl * 1000,),
+        )
+        return len(set(rows))
 
     # -- lifecycle --------------------------------------------------------
 
@@ -302,6 +280,13 @@ class PostgresSessionStore(SessionStore):
 
     def _sql(self, template: str) -> sql.Composed:
         return sql.SQL(template).format(e=self._entries, t=self._transcripts)
+
+    async def _rows(self, template: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Run one statement on a pooled connection and return every row it yields."""
+        await self.open()
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self._sql(template), params)
+            return await cur.fetchall()
 
     async def _maybe_purge(self) -> None:
         """Opportunistic retention: at most one purge per interval, never failing an append."""
