@@ -264,19 +264,19 @@ class AgentClient:
 
     async def interrupt(self, *, session_id: str | None = None) -> None:
         """Stop the session's running turn (its stream ends with an ``interrupted`` error)."""
-        response = await self._http.post(f"/sessions/{session_id or self.session_id}/interrupt")
-        await _raise_for_status(response)
+        await self._call("POST", f"/sessions/{session_id or self.session_id}/interrupt")
 
     async def get_session(self, *, session_id: str | None = None) -> dict[str, Any]:
-        response = await self._http.get(f"/sessions/{session_id or self.session_id}")
-        await _raise_for_status(response)
-        return response.json()
+        return (await self._call("GET", f"/sessions/{session_id or self.session_id}")).json()
 
     async def delete_session(self, *, session_id: str | None = None) -> None:
-        response = await self._http.delete(f"/sessions/{session_id or self.session_id}")
-        await _raise_for_status(response)
+        await self._call("DELETE", f"/sessions/{session_id or self.session_id}")
 
     async def ready(self) -> dict[str, Any]:
-        response = await self._http.get("/ready")
+        return (await self._call("GET", "/ready")).json()
+
+    async def _call(self, method: str, path: str) -> httpx.Response:
+        """One plain request; the typed error for its status if it failed."""
+        response = await self._http.request(method, path)
         await _raise_for_status(response)
-        return response.json()
+        return response

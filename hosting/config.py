@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from hosting.cpu import usable_cpus
 from research_agent.options import DEFAULT_MODEL
 
 
@@ -58,11 +59,6 @@ def _store_url(env: Mapping[str, str]) -> str | None:
     return url
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (a container's CPU quota is not visible here)."""
-    return len(os.sched_getaffinity(0))
-
-
 CLI_RUNTIME_DEFAULTS: Mapping[str, str] = {"BUN_JSC_useDFGJIT": "0", "BUN_GC_TIMER_DISABLE": "1"}
 """Runtime tuning of the Claude Code CLI (a Bun binary), each overridable by setting
 the same variable for the server (measured in bench/README.md):
@@ -91,7 +87,7 @@ class Settings:
     heartbeat_seconds: float = 15.0
     warm_sessions: int = 32
     prewarm: int = 12
-    max_starting_clis: int = field(default_factory=lambda: usable_cpus())
+    max_starting_clis: int = field(default_factory=usable_cpus)
     idle_timeout_seconds: float = 600.0
     shutdown_grace_seconds: float = 30.0
     session_store_url: str | None = field(default=None, repr=False)

@@ -14,6 +14,11 @@ from pathlib import Path
 CGROUP = Path("/sys/fs/cgroup")
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (a CPU quota is not visible here; see :class:`SpareCpu`)."""
+    return len(os.sched_getaffinity(0))
+
+
 class SpareCpu:
     """Spare CPU, in cores, between one reading and the next."""
 
@@ -26,7 +31,7 @@ class SpareCpu:
     @property
     def capacity(self) -> float:
         """Cores available in all (the quota, or the CPUs), as of the last reading."""
-        return self._last[2] if self._last is not None else float(len(os.sched_getaffinity(0)))
+        return self._last[2] if self._last is not None else float(usable_cpus())
 
     def cores(self) -> float | None:
         """Cores left unused since the previous call; ``None`` if nothing can be read."""
@@ -53,7 +58,7 @@ class SpareCpu:
         usage = next(line.split()[1] for line in self._cgroup_stat.read_text().splitlines()
                      if line.startswith("usage_usec "))
         quota, period = self._cgroup_max.read_text().split()
-        cpus = float(len(os.sched_getaffinity(0)))
+        cpus = float(usable_cpus())
         capacity = cpus if quota == "max" else min(cpus, int(quota) / int(period))
         return time.monotonic(), int(usage) / 1e6, capacity
 
