@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from hosting.cpu import usable_cpus
+from hosting.contract import MAX_BODY_BYTES
+from hosting.server.cpu import usable_cpus
 from research_agent.options import DEFAULT_MODEL
 
 
@@ -83,7 +84,7 @@ class Settings:
     anthropic_base_url: str | None = None
     anthropic_api_key: str | None = field(default=None, repr=False)
     claude_code_oauth_token: str | None = field(default=None, repr=False)
-    max_body_bytes: int = 256 * 1024
+    max_body_bytes: int = MAX_BODY_BYTES
     heartbeat_seconds: float = 15.0
     warm_sessions: int = 32
     prewarm: int = 12

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from hosting.config import Settings
-from hosting.sessions import LiveSession, SessionManager
-from hosting.workspaces import WorkspaceStore
+from hosting.server.sessions import LiveSession, SessionManager
+from hosting.server.workspaces import WorkspaceStore
 
 
 class Starts:

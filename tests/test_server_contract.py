@@ -1,4 +1,4 @@
-"""The HTTP/SSE contract of hosting/server.py, end to end.
+"""The HTTP/SSE contract of hosting/server/app.py, end to end.
 
 Real server process → real claude-agent-sdk → real bundled CLI → local model.
 """

@@ -9,9 +9,10 @@ import pytest
 from claude_agent_sdk import AssistantMessage, ResultMessage, StreamEvent, TextBlock, ToolUseBlock
 
 from hosting.config import ConfigError, Settings
-from hosting.cpu import SpareCpu
-from hosting.wire import Redactor, TurnTranslator, classify_api_error
-from hosting.workspaces import InvalidSessionId, WorkspaceStore, validate_session_id
+from hosting.server.cpu import SpareCpu
+from hosting.server.wire import Redactor, TurnTranslator, classify_api_error
+from hosting.contract import InvalidSessionId, validate_session_id
+from hosting.server.workspaces import WorkspaceStore
 
 
 def test_settings_defaults_and_overrides():
@@ -128,7 +129,7 @@ def _proc_stat(path: Path, busy: int, idle: int, cpus: int = 2) -> None:
 
 def test_spare_cpu_from_proc_stat(tmp_path, monkeypatch):
     clock = iter([100.0, 101.0, 102.0])
-    monkeypatch.setattr("hosting.cpu.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("hosting.server.cpu.time.monotonic", lambda: next(clock))
     stat = tmp_path / "stat"
     ticks = os.sysconf("SC_CLK_TCK")
     _proc_stat(stat, busy=0, idle=0)
@@ -141,7 +142,7 @@ def test_spare_cpu_from_proc_stat(tmp_path, monkeypatch):
 
 def test_spare_cpu_from_a_cgroup_quota(tmp_path, monkeypatch):
     clock = iter([10.0, 12.0])
-    monkeypatch.setattr("hosting.cpu.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("hosting.server.cpu.time.monotonic", lambda: next(clock))
     (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 cores
     (tmp_path / "cpu.stat").write_text("usage_usec 0\nuser_usec 0\n")
     meter = SpareCpu(cgroup=tmp_path, proc_stat=tmp_path / "missing")

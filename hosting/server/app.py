@@ -11,7 +11,6 @@ model and leaves nothing on disk.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import socket
@@ -19,51 +18,30 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
-from typing import Annotated, Any
+from typing import Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Path, Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from hosting.config import ConfigError, Settings
-from hosting.limits import BodySizeLimit
-from hosting.durable import StoreUnavailable
-from hosting.sessions import NotAccepting, SessionBusy, SessionManager
+from hosting.contract import (
+    RETRY_AFTER_SECONDS,
+    SessionId,
+    bearer_token,
+    install_json_errors,
+    message_body,
+    tokens_equal,
+    unauthorized,
+)
+from hosting.server.durable import StoreUnavailable
+from hosting.server.sessions import NotAccepting, SessionBusy, SessionManager
+from hosting.server.turns import Turn
+from hosting.server.workspaces import WorkspaceStore
 from hosting.stores import open_session_store
-from hosting.turns import Turn
-from hosting.workspaces import InvalidSessionId, WorkspaceStore, validate_session_id
 
 logger = logging.getLogger("hosting.server")
-RETRY_AFTER_SECONDS = "2"
-
-
-class MessageRequest(BaseModel):
-    """Body of ``POST /sessions/{id}/messages``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: StrictStr = Field(min_length=1)
-    include_raw: StrictBool = Field(default=False, description="Also stream the raw SDK messages (debugging).")
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must not be blank")
-        return value
-
-
-def _session_id(session_id: Annotated[str, Path()]) -> str:
-    try:
-        return validate_session_id(session_id)
-    except InvalidSessionId as exc:
-        raise HTTPException(400, str(exc)) from None
-
-
-SessionId = Annotated[str, Depends(_session_id)]
 
 
 def _busy(session_id: str) -> HTTPException:
@@ -99,18 +77,14 @@ def create_app(settings: Settings) -> FastAPI:
     def require_token(request: Request) -> None:
         if settings.auth_token is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.auth_token.encode()):
-            raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+        token = bearer_token(request)
+        if token is None or not tokens_equal(token, settings.auth_token):
+            raise unauthorized()
 
     app = FastAPI(title="Research agent server", version="1", lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    install_json_errors(app, settings.max_body_bytes)
     app.state.sessions = sessions
     authed = [Depends(require_token)]
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": jsonable_errors(exc.errors())}, status_code=422)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -125,7 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/sessions/{session_id}/messages", dependencies=authed)
     async def post_message(session_id: SessionId, request: Request) -> EventSourceResponse:
-        body = await _message_body(request)
+        body, _ = await message_body(request)
         try:
             turn = sessions.start_turn(session_id, body.prompt, include_raw=body.include_raw)
         except SessionBusy:
@@ -164,28 +138,6 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(status_code=204)
 
     return app
-
-
-def jsonable_errors(errors: Any) -> list[dict[str, Any]]:
-    """Pydantic errors without the non-JSON bits (exception objects in ``ctx``)."""
-    return [{k: v for k, v in error.items() if k in ("type", "loc", "msg")} for error in errors]
-
-
-async def _message_body(request: Request) -> MessageRequest:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/json":
-        raise HTTPException(415, "Content-Type must be application/json")
-    raw = await request.body()
-    try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HTTPException(400, f"body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise HTTPException(400, 'body must be a JSON object like {"prompt": "..."}')
-    try:
-        return MessageRequest.model_validate(payload)
-    except ValidationError as exc:
-        raise HTTPException(422, jsonable_errors(exc.errors())) from None
 
 
 async def _sse(turn: Turn) -> AsyncIterator[ServerSentEvent]:
@@ -246,6 +198,3 @@ def main() -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=5)
     DrainingServer(config, app.state.sessions, settings.shutdown_grace_seconds).run()
 
-
-if __name__ == "__main__":
-    main()

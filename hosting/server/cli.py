@@ -13,9 +13,9 @@ from pathlib import Path
 
 import claude_agent_sdk
 
-logger = logging.getLogger("hosting.cli")
+logger = logging.getLogger("hosting.server.cli")
 
-GUARD = Path(__file__).parent / "bin" / "claude-guarded"
+GUARD = Path(__file__).parent.parent / "bin" / "claude-guarded"
 BUNDLED_CLI = Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from hosting.wire import WireEvent
+from hosting.server.wire import WireEvent
 
 _END = object()
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from claude_agent_sdk import SessionStore, project_key_for_directory
 from claude_agent_sdk.types import SessionKey, SessionStoreEntry
 
-from hosting.workspaces import Workspace
+from hosting.server.workspaces import Workspace
 
 STORE_PROJECT_KEY = "research-agent"
 SESSION_NAMESPACE = uuid.UUID("6f6b1f9e-3c55-4a49-9d3e-7d2f3c1b9a10")

@@ -27,16 +27,16 @@ from typing import Any
 
 from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient, MirrorErrorMessage, SessionStore
 
-from hosting.cli import guarded_cli
+from hosting.server.cli import guarded_cli
 from hosting.config import Settings
-from hosting.cpu import SpareCpu
-from hosting.durable import MirrorOnly, StoreUnavailable, catch_up, durable_session_id, restore, store_key
-from hosting.turns import Turn
-from hosting.wire import Redactor, TurnTranslator, WireEvent, error_event
-from hosting.workspaces import SessionRecord, Workspace, WorkspaceStore
+from hosting.server.cpu import SpareCpu
+from hosting.server.durable import MirrorOnly, StoreUnavailable, catch_up, durable_session_id, restore, store_key
+from hosting.server.turns import Turn
+from hosting.server.wire import Redactor, TurnTranslator, error_event
+from hosting.server.workspaces import SessionRecord, Workspace, WorkspaceStore
 from research_agent.options import build_options
 
-logger = logging.getLogger("hosting.sessions")
+logger = logging.getLogger("hosting.server.sessions")
 
 REFILL_WINDOW_SECONDS = 0.25
 """The pool starts a CLI only if a whole core (or, on a machine or quota of less than two,

@@ -19,28 +19,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-
-SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-
-
-class InvalidSessionId(ValueError):
-    """The id does not match ``^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$``."""
-
-
-def validate_session_id(session_id: str) -> str:
-    if not SESSION_ID_PATTERN.fullmatch(session_id):
-        raise InvalidSessionId(
-            "session_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-', starting with a letter or digit"
-        )
-    return session_id
-
 
 @dataclass(frozen=True)
 class Workspace:

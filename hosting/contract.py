@@ -1,0 +1,174 @@
+"""What every HTTP front of the product enforces, in one place.
+
+The server and the gateway speak one contract (README, "The HTTP contract"), so
+the rules a request must pass before anything is created live here and both
+import them: the session-id rule, the body limit (declared or chunked), the
+message body, JSON errors and bearer-token parsing. A request refused by these
+rules never reaches a route, a sandbox or the model.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+MAX_BODY_BYTES = 256 * 1024
+RETRY_AFTER_SECONDS = "2"
+
+
+class InvalidSessionId(ValueError):
+    """The id does not match ``^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$``."""
+
+
+def validate_session_id(session_id: str) -> str:
+    if not SESSION_ID_PATTERN.fullmatch(session_id):
+        raise InvalidSessionId(
+            "session_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-', starting with a letter or digit"
+        )
+    return session_id
+
+
+def _session_id(session_id: Annotated[str, Path()]) -> str:
+    try:
+        return validate_session_id(session_id)
+    except InvalidSessionId as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
+SessionId = Annotated[str, Depends(_session_id)]
+"""A path parameter that is a valid session id (400 otherwise)."""
+
+
+class MessageRequest(BaseModel):
+    """Body of ``POST /sessions/{id}/messages``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: StrictStr = Field(min_length=1)
+    include_raw: StrictBool = Field(default=False, description="Also stream the raw SDK messages (debugging).")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value
+
+
+def jsonable_errors(errors: Any) -> list[dict[str, Any]]:
+    """Pydantic errors without the non-JSON bits (exception objects in ``ctx``)."""
+    return [{k: v for k, v in error.items() if k in ("type", "loc", "msg")} for error in errors]
+
+
+async def message_body(request: Request) -> tuple[MessageRequest, bytes]:
+    """Validate a message body: 415 not JSON, 400 malformed or not an object, 422 bad fields.
+
+    Returns the parsed request and the raw bytes (the gateway forwards those unchanged).
+    """
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise HTTPException(415, "Content-Type must be application/json")
+    raw = await request.body()
+    try:
+        payload = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HTTPException(400, f"body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise HTTPException(400, 'body must be a JSON object like {"prompt": "..."}')
+    try:
+        return MessageRequest.model_validate(payload), raw
+    except ValidationError as exc:
+        raise HTTPException(422, jsonable_errors(exc.errors())) from None
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or ``None``."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def tokens_equal(given: str, expected: str) -> bool:
+    """Constant-time comparison, so response timing tells nothing about the token."""
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def unauthorized(detail: str = "missing or invalid bearer token") -> HTTPException:
+    return HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def install_json_errors(app: FastAPI, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    """Body limit in front of ``app`` and JSON ``{"detail": ...}`` for validation errors."""
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": jsonable_errors(exc.errors())}, status_code=422)
+
+
+# Request body limit, enforced on every body, declared length or chunked.
+# Starlette reads bodies lazily, so the limit sits in front of the app: the
+# declared Content-Length is refused up front, a chunked body is counted as it
+# streams in and refused the moment it passes the limit.
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """Pure ASGI middleware answering 413 ``{"detail": ...}`` for oversized bodies."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(send)
+            return
+
+        received = 0
+        response_started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not response_started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = json.dumps({"detail": f"request body larger than {self.max_bytes} bytes"}).encode()
+        await send({
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")],
+        })
+        await send({"type": "http.response.body", "body": body})

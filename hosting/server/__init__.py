@@ -1,0 +1,7 @@
+"""The agent server: one per sandbox, speaking the HTTP/SSE contract.
+
+``app`` builds the FastAPI app and runs it (``agent-server``, ``python -m
+hosting.server``); ``sessions`` keeps each session's CLI and serialises its
+turns; ``wire`` translates SDK messages into wire format v1; ``workspaces`` and
+``durable`` keep conversations on disk and in a SessionStore.
+"""

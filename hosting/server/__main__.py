@@ -1,0 +1,3 @@
+from hosting.server.app import main
+
+main()
