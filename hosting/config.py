@@ -38,15 +38,15 @@ def _number(env: Mapping[str, str], name: str, default: _N, kind: type[_N], mini
     return value
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def int_setting(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
     return _number(env, name, default, int, minimum)
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def float_setting(env: Mapping[str, str], name: str, default: float) -> float:
     return _number(env, name, default, float, 0.0)
 
 
-def _optional(env: Mapping[str, str], name: str) -> str | None:
+def optional_setting(env: Mapping[str, str], name: str) -> str | None:
     return env.get(name, "").strip() or None
 
 
@@ -54,7 +54,7 @@ STORE_SCHEMES = ("redis://", "rediss://", "postgresql://", "postgres://")
 
 
 def _store_url(env: Mapping[str, str]) -> str | None:
-    url = _optional(env, "AGENT_SESSION_STORE")
+    url = optional_setting(env, "AGENT_SESSION_STORE")
     if url is not None and not url.startswith(STORE_SCHEMES):
         raise ConfigError(f"AGENT_SESSION_STORE must start with one of {', '.join(STORE_SCHEMES)}")
     return url
@@ -101,21 +101,21 @@ class Settings:
         env = os.environ if env is None else env
         return cls(
             host=env.get("HOST", "").strip() or cls.host,
-            port=_int(env, "PORT", cls.port, minimum=1),
+            port=int_setting(env, "PORT", cls.port, minimum=1),
             data_dir=Path(env.get("AGENT_DATA_DIR", "").strip() or cls.data_dir),
-            auth_token=_optional(env, "AGENT_AUTH_TOKEN"),
+            auth_token=optional_setting(env, "AGENT_AUTH_TOKEN"),
             model=env.get("MODEL", "").strip() or DEFAULT_MODEL,
-            anthropic_base_url=_optional(env, "ANTHROPIC_BASE_URL"),
-            anthropic_api_key=_optional(env, "ANTHROPIC_API_KEY"),
-            claude_code_oauth_token=_optional(env, "CLAUDE_CODE_OAUTH_TOKEN"),
-            heartbeat_seconds=_float(env, "AGENT_HEARTBEAT_SECONDS", cls.heartbeat_seconds),
-            warm_sessions=_int(env, "AGENT_WARM_SESSIONS", cls.warm_sessions),
-            prewarm=_int(env, "AGENT_PREWARM", cls.prewarm),
-            max_starting_clis=_int(env, "AGENT_MAX_STARTING_CLIS", usable_cpus(), minimum=1),
-            idle_timeout_seconds=_float(env, "AGENT_IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds),
-            shutdown_grace_seconds=_float(env, "AGENT_SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),
+            anthropic_base_url=optional_setting(env, "ANTHROPIC_BASE_URL"),
+            anthropic_api_key=optional_setting(env, "ANTHROPIC_API_KEY"),
+            claude_code_oauth_token=optional_setting(env, "CLAUDE_CODE_OAUTH_TOKEN"),
+            heartbeat_seconds=float_setting(env, "AGENT_HEARTBEAT_SECONDS", cls.heartbeat_seconds),
+            warm_sessions=int_setting(env, "AGENT_WARM_SESSIONS", cls.warm_sessions),
+            prewarm=int_setting(env, "AGENT_PREWARM", cls.prewarm),
+            max_starting_clis=int_setting(env, "AGENT_MAX_STARTING_CLIS", usable_cpus(), minimum=1),
+            idle_timeout_seconds=float_setting(env, "AGENT_IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds),
+            shutdown_grace_seconds=float_setting(env, "AGENT_SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),
             session_store_url=_store_url(env),
-            session_ttl_seconds=_int(env, "AGENT_SESSION_TTL_SECONDS", cls.session_ttl_seconds or 0) or None,
+            session_ttl_seconds=int_setting(env, "AGENT_SESSION_TTL_SECONDS", cls.session_ttl_seconds or 0) or None,
             cli_runtime={name: env.get(name, value) for name, value in CLI_RUNTIME_DEFAULTS.items()},
         )
 

@@ -39,7 +39,7 @@ from hosting.server.durable import StoreUnavailable
 from hosting.server.sessions import NotAccepting, SessionBusy, SessionManager
 from hosting.server.turns import Turn
 from hosting.server.workspaces import WorkspaceStore
-from hosting.stores import open_session_store
+from hosting.stores import MissingStoreDriver, open_session_store
 
 logger = logging.getLogger("hosting.server")
 
@@ -191,10 +191,10 @@ def main() -> None:
         settings = Settings.from_env()
         settings.require_credentials()
         WorkspaceStore(settings.data_dir).ensure_writable()
-    except (ConfigError, OSError) as exc:
+        app = create_app(settings)
+    except (ConfigError, MissingStoreDriver, OSError) as exc:
         print(f"agent-server: {exc}", file=sys.stderr)
         sys.exit(2)
-    app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=5)
     DrainingServer(config, app.state.sessions, settings.shutdown_grace_seconds).run()
 

@@ -103,7 +103,8 @@ class TurnTranslator:
     def translate(self, message: Any) -> list[WireEvent]:
         events = self._translate(message)
         if self._include_raw:
-            raw = dataclasses.asdict(message) if dataclasses.is_dataclass(message) else {"repr": repr(message)}
+            is_instance = dataclasses.is_dataclass(message) and not isinstance(message, type)
+            raw = dataclasses.asdict(message) if is_instance else {"repr": repr(message)}
             events.insert(0, WireEvent("raw", {"sdk_type": type(message).__name__, "message": raw}))
         return [WireEvent(e.type, self._redact(e.data)) for e in events]
 

@@ -22,10 +22,14 @@ from urllib.parse import urlsplit
 
 from claude_agent_sdk import SessionStore
 
-__all__ = ["DurableSessionStore", "StoreUnavailableError", "open_session_store"]
+__all__ = ["DurableSessionStore", "MissingStoreDriver", "StoreUnavailableError", "open_session_store"]
 
 _REDIS_SCHEMES = frozenset({"redis", "rediss"})
 _POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
+
+
+class MissingStoreDriver(RuntimeError):
+    """The store's driver is an optional extra that is not installed."""
 
 
 class StoreUnavailableError(ConnectionError):
@@ -65,7 +69,13 @@ def open_session_store(url: str, *, ttl_seconds: int | None) -> DurableSessionSt
 
         return RedisSessionStore(url, ttl_seconds=ttl_seconds)
     if scheme in _POSTGRES_SCHEMES:
-        from .postgres_store import PostgresSessionStore
+        try:
+            from .postgres_store import PostgresSessionStore
+        except ModuleNotFoundError as exc:
+            raise MissingStoreDriver(
+                f"a postgresql:// session store needs the PostgreSQL driver ({exc.name} is not installed): "
+                'pip install "research-agent-hosting[stores]"'
+            ) from None
 
         return PostgresSessionStore(url, ttl_seconds=ttl_seconds)
     accepted = ", ".join(f"{s}://" for s in sorted(_REDIS_SCHEMES | _POSTGRES_SCHEMES))

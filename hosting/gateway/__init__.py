@@ -1,0 +1,8 @@
+"""Tier 3: the multi-tenant gateway in front of one sandbox per session.
+
+``app`` (routes, ``agent-gateway``), ``settings`` (the typed configuration),
+``tenants`` (authentication), ``routes`` (the routing store: memory or Redis),
+``provisioning`` (one sandbox per session, under a lock), ``pool`` (warm
+sandboxes), ``reaper`` (idle sandboxes), ``reconcile`` (start-up),
+``relay`` (SSE passed through).
+"""

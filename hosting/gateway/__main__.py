@@ -1,0 +1,3 @@
+from hosting.gateway.app import main
+
+main()

@@ -1,0 +1,292 @@
+"""The gateway: one authenticated front door, a sandbox per session behind it.
+
+Same routes and errors as the server (:mod:`hosting.contract` enforces both).
+The gateway authenticates the tenant, checks the session is the tenant's,
+finds or provisions the session's sandbox and relays; it never runs a turn or
+interprets one. Requests the contract refuses are refused here, before any
+route or sandbox exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import httpx
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from hosting.config import ConfigError
+from hosting.contract import (
+    RETRY_AFTER_SECONDS,
+    SessionId,
+    bearer_token,
+    install_json_errors,
+    message_body,
+    tokens_equal,
+    unauthorized,
+)
+from hosting.gateway.pool import WarmPool
+from hosting.gateway.provisioning import NotOwner, Provisioner, ProvisioningFailed
+from hosting.gateway.reaper import Reaper
+from hosting.gateway.reconcile import reconcile
+from hosting.gateway.relay import RELAYED_RESPONSE_HEADERS, Relay, SandboxLost, SandboxUnreachable, lost_stream
+from hosting.gateway.routes import MemoryRouteStore, Route, RouteStore, RouteStoreUnavailable, open_route_store
+from hosting.gateway.settings import GatewaySettings
+from hosting.gateway.tenants import Authenticator, TokenAuthenticator
+from hosting.sandboxes.base import SandboxBackend, SandboxError
+
+logger = logging.getLogger("hosting.gateway")
+
+FORBIDDEN = "this session belongs to another tenant"
+
+
+def open_backend(settings: GatewaySettings) -> SandboxBackend:
+    """The configured backend; raises :class:`SandboxError` if it cannot be used here."""
+    if settings.backend == "docker":
+        from hosting.sandboxes.docker import DockerBackend
+
+        return DockerBackend(image=settings.docker_image, installation=settings.installation,
+                             network=settings.docker_network, memory_bytes=settings.sandbox_memory_bytes,
+                             nano_cpus=int(settings.sandbox_cpus * 1e9))
+    from hosting.sandboxes.local import LocalBackend
+
+    return LocalBackend(settings.data_dir, installation=settings.installation)
+
+
+def _unavailable(detail: str) -> HTTPException:
+    return HTTPException(503, detail, headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+
+def _relayed(response: httpx.Response, body: bytes) -> Response:
+    headers = {name: response.headers[name] for name in RELAYED_RESPONSE_HEADERS if name in response.headers}
+    return Response(body, status_code=response.status_code, headers=headers)
+
+
+def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteStore | None = None,
+               authenticator: Authenticator | None = None) -> FastAPI:
+    """Build the gateway. ``store`` and ``authenticator`` default to the settings'."""
+    store = store or open_route_store(settings.redis_url, settings.installation)
+    authenticator = authenticator or TokenAuthenticator(settings.tenants)
+    claimed = asyncio.Event()
+    provisioner = Provisioner(backend, store, settings.sandbox_env, settings.provision_timeout_seconds, claimed)
+    pool = WarmPool(backend, store, provisioner, settings.sandbox_env, settings.warm_pool,
+                    settings.provision_timeout_seconds + 10, claimed)
+    reaper = Reaper(backend, store, settings.idle_timeout_seconds)
+    relay = Relay(store, stamp_interval_seconds=max(0.2, min(settings.idle_timeout_seconds / 4, 15.0)))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await reconcile(backend, store)
+        except (RouteStoreUnavailable, SandboxError) as exc:
+            logger.warning("could not reconcile sandboxes at start-up: %s", exc)
+        tasks = [asyncio.create_task(pool.run(), name="warm-pool"), asyncio.create_task(reaper.run(), name="reaper")]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if isinstance(store, MemoryRouteStore):
+                await _remove_everything(backend, store, pool)
+            await relay.aclose()
+            await store.aclose()
+            await backend.aclose()
+
+    app = FastAPI(title="Research agent gateway", version="1", lifespan=lifespan)
+    install_json_errors(app, settings.max_body_bytes)
+    app.state.settings, app.state.store, app.state.pool, app.state.reaper = settings, store, pool, reaper
+
+    @app.exception_handler(NotOwner)
+    async def _not_owner(request: Request, exc: NotOwner) -> JSONResponse:
+        return JSONResponse({"detail": FORBIDDEN}, status_code=403)
+
+    @app.exception_handler(RouteStoreUnavailable)
+    async def _store_down(request: Request, exc: RouteStoreUnavailable) -> JSONResponse:
+        logger.warning("%s", exc)
+        return JSONResponse({"detail": "the routing store is unavailable; nothing was changed"}, status_code=503,
+                            headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+    @app.exception_handler(ProvisioningFailed)
+    async def _no_sandbox(request: Request, exc: ProvisioningFailed) -> JSONResponse:
+        logger.error("provisioning failed: %s", exc)
+        return JSONResponse({"detail": "no sandbox could be started for this session; retry later"},
+                            status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+    def tenant_of(request: Request) -> str:
+        tenant = authenticator.authenticate(request)
+        if tenant is None:
+            raise unauthorized()
+        return tenant
+
+    def require_admin(request: Request) -> None:
+        if settings.admin_token is None:
+            raise HTTPException(404, "the admin API is off (set GATEWAY_ADMIN_TOKEN)")
+        token = bearer_token(request)
+        if token is None or not tokens_equal(token, settings.admin_token):
+            raise unauthorized()
+
+    def tenant_or_admin(request: Request) -> None:
+        token = bearer_token(request)
+        if settings.admin_token is not None and token is not None and tokens_equal(token, settings.admin_token):
+            return
+        tenant_of(request)
+
+    Tenant = Annotated[str, Depends(tenant_of)]
+
+    async def owned_route(session_id: str, tenant: str) -> Route:
+        route = await provisioner.route(session_id, tenant)
+        if route is None:
+            raise HTTPException(404, f"no session {session_id!r}")
+        return route
+
+    async def send(route: Route, request: Request, path: str, body: bytes | None = None) -> tuple[Route, httpx.Response]:
+        """Send to the session's sandbox; if it cannot be reached, provision another once."""
+        await relay.touch(route.session_id)
+        try:
+            return route, await relay.send(route, request.method, path, request.headers, body)
+        except SandboxUnreachable:
+            route = await provisioner.replace(route)
+            return route, await relay.send(route, request.method, path, request.headers, body)
+
+    async def plain(route: Route, request: Request, path: str) -> tuple[Route, httpx.Response, bytes]:
+        """A non-streaming exchange: the sandbox's status and body, read whole."""
+        try:
+            route, response = await send(route, request, path)
+            try:
+                body = await response.aread()
+            finally:
+                await response.aclose()
+        except (SandboxUnreachable, SandboxLost, httpx.TransportError):
+            raise _unavailable("the session's sandbox stopped answering; retry") from None
+        return route, response, body
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", dependencies=[Depends(tenant_or_admin)])
+    async def ready() -> JSONResponse:
+        try:
+            await store.ping()
+        except RouteStoreUnavailable:
+            return JSONResponse({"ready": False, "reason": "routing store unreachable"}, status_code=503,
+                                headers={"Retry-After": RETRY_AFTER_SECONDS})
+        return JSONResponse({"ready": True, "backend": backend.name,
+                             "routing": "memory" if isinstance(store, MemoryRouteStore) else "redis",
+                             "pool": await pool.status()})
+
+    @app.post("/sessions/{session_id}/messages")
+    async def post_message(session_id: SessionId, tenant: Tenant, request: Request) -> Response:
+        _, raw = await message_body(request)
+        route = await provisioner.ensure(session_id, tenant)
+        path = f"/sessions/{session_id}/messages"
+        try:
+            route, response = await send(route, request, path, raw)
+        except (SandboxUnreachable, SandboxLost) as exc:
+            logger.warning("session %s: sandbox lost before the turn started: %s", session_id, exc)
+            return StreamingResponse(iter([lost_stream(None, "the session's sandbox could not take the turn; send it again")]),
+                                     media_type="text/event-stream")
+        if response.status_code != 200:
+            try:
+                return _relayed(response, await response.aread())
+            finally:
+                await response.aclose()
+        headers = {name: response.headers[name] for name in RELAYED_RESPONSE_HEADERS if name in response.headers}
+        headers.setdefault("x-accel-buffering", "no")
+        return StreamingResponse(relay.stream(route, response), status_code=200, headers=headers)
+
+    @app.post("/sessions/{session_id}/interrupt")
+    async def interrupt(session_id: SessionId, tenant: Tenant, request: Request) -> Response:
+        route = await owned_route(session_id, tenant)
+        if route.sandbox_id is None:
+            raise HTTPException(409, f"no turn is running on session {session_id!r}")
+        try:
+            response = await relay.send(route, "POST", f"/sessions/{session_id}/interrupt", request.headers)
+            body = await response.aread()
+            await response.aclose()
+        except (SandboxUnreachable, SandboxLost, httpx.TransportError):
+            raise HTTPException(409, f"no turn is running on session {session_id!r}") from None
+        return _relayed(response, body)
+
+    @app.get("/sessions/{session_id}")
+    async def get_session(session_id: SessionId, tenant: Tenant, request: Request) -> Response:
+        route = await owned_route(session_id, tenant)
+        route = await provisioner.ensure(session_id, tenant)
+        _, response, body = await plain(route, request, f"/sessions/{session_id}")
+        return _relayed(response, body)
+
+    @app.delete("/sessions/{session_id}")
+    async def delete_session(session_id: SessionId, tenant: Tenant, request: Request) -> Response:
+        route = await owned_route(session_id, tenant)
+        route = await provisioner.ensure(session_id, tenant)
+        route, response, body = await plain(route, request, f"/sessions/{session_id}")
+        if response.status_code not in (204, 404):
+            return _relayed(response, body)
+        assert route.sandbox_id is not None
+        await store.release(session_id, route.sandbox_id)
+        await backend.delete(route.sandbox_id)
+        await backend.delete_volume(route.volume)
+        await store.delete(session_id)
+        logger.info("session %s: deleted with sandbox %s", session_id, route.sandbox_id)
+        return Response(status_code=204)
+
+    @app.get("/admin/sessions/{session_id}", dependencies=[Depends(require_admin)])
+    async def admin_session(session_id: SessionId) -> dict[str, Any]:
+        route = await store.get(session_id)
+        if route is None:
+            raise HTTPException(404, f"no route for session {session_id!r}")
+        described: dict[str, Any] = {
+            "session_id": route.session_id, "tenant": route.tenant, "sandbox_id": route.sandbox_id,
+            "backend": backend.name, "address": route.address, "state": route.state,
+            "last_activity": route.last_activity, "volume": route.volume,
+        }
+        if backend.name == "local":
+            described["pid"] = route.pid
+        return described
+
+    @app.get("/admin/sandboxes", dependencies=[Depends(require_admin)])
+    async def admin_sandboxes() -> dict[str, Any]:
+        sandboxes = await backend.list()
+        return {"backend": backend.name, "sandboxes": [
+            {"sandbox_id": s.sandbox_id, "session_id": s.session_id, "tenant": s.tenant, "address": s.address,
+             "volume": s.volume, "created_at": s.created_at, "pid": s.pid} for s in sandboxes]}
+
+    @app.get("/admin/pool", dependencies=[Depends(require_admin)])
+    async def admin_pool() -> dict[str, Any]:
+        return await pool.status()
+
+    return app
+
+
+async def _remove_everything(backend: SandboxBackend, store: RouteStore, pool: WarmPool) -> None:
+    """With an in-memory store nothing could find these sandboxes again: remove them.
+    Session volumes stay on disk (a restarted gateway does not know them either)."""
+    await pool.drain()
+    for route in await store.routes():
+        if route.sandbox_id is not None:
+            with contextlib.suppress(SandboxError):
+                await backend.delete(route.sandbox_id)
+
+
+def main() -> None:
+    """``agent-gateway`` / ``python -m hosting.gateway``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        settings = GatewaySettings.from_env()
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        backend = open_backend(settings)
+    except (ConfigError, SandboxError, OSError) as exc:
+        print(f"agent-gateway: {exc}", file=sys.stderr)
+        sys.exit(2)
+    app = create_app(settings, backend)
+    uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=30, log_level="info")

@@ -1,0 +1,149 @@
+"""Giving a session a sandbox: exactly one, even when requests race across replicas.
+
+The first request for a session that has no sandbox takes the session's
+provisioning lock, claims a warm sandbox from the pool (or starts one) and
+writes the route; every other request for that session meanwhile waits for the
+route to appear instead of starting a second sandbox. The lock has an expiry
+so a replica that dies holding it cannot block the session for ever, and only
+its holder releases it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+
+from hosting.sandboxes.base import Health, Sandbox, SandboxBackend, SandboxError, SandboxSpec
+from hosting.gateway.routes import PoolEntry, Route, RouteStore
+
+logger = logging.getLogger("hosting.gateway.provisioning")
+
+
+class NotOwner(Exception):
+    """The session belongs to another tenant (HTTP 403)."""
+
+
+class ProvisioningFailed(Exception):
+    """No sandbox could be made ready for the session (HTTP 503)."""
+
+
+def new_sandbox_id() -> str:
+    return f"sbx-{secrets.token_hex(8)}"
+
+
+def new_spec(env: Mapping[str, str], session_id: str | None = None, tenant: str | None = None,
+             volume: str | None = None) -> SandboxSpec:
+    """A fresh sandbox: new id and token; a new volume unless the session has one."""
+    sandbox_id = new_sandbox_id()
+    return SandboxSpec(sandbox_id=sandbox_id, volume=volume or f"vol-{sandbox_id.removeprefix('sbx-')}",
+                       token=secrets.token_urlsafe(32), env=env, session_id=session_id, tenant=tenant)
+
+
+class Provisioner:
+    """Finds or makes the sandbox of a session; the only writer of new routes."""
+
+    def __init__(self, backend: SandboxBackend, store: RouteStore, sandbox_env: Mapping[str, str],
+                 timeout_seconds: float, on_claim: asyncio.Event | None = None) -> None:
+        self._backend = backend
+        self._store = store
+        self._env = sandbox_env
+        self._timeout = timeout_seconds
+        self._on_claim = on_claim
+
+    async def route(self, session_id: str, tenant: str) -> Route | None:
+        """The session's route if ``tenant`` owns it; ``None`` if it has none."""
+        route = await self._store.get(session_id)
+        if route is not None and route.tenant != tenant:
+            raise NotOwner
+        return route
+
+    async def ensure(self, session_id: str, tenant: str) -> Route:
+        """The session's route with a sandbox assigned, provisioning one if needed.
+
+        Raises :class:`NotOwner`, :class:`ProvisioningFailed`, or
+        :class:`~hosting.gateway.routes.RouteStoreUnavailable`.
+        """
+        deadline = time.monotonic() + self._timeout
+        delay = 0.01
+        while True:
+            route = await self.route(session_id, tenant)
+            if route is not None and route.sandbox_id is not None:
+                return route
+            lock = await self._store.acquire(f"provision:{session_id}", self._timeout + 10)
+            if lock is not None:
+                try:
+                    return await self._provision_locked(session_id, tenant)
+                finally:
+                    await self._store.release_lock(f"provision:{session_id}", lock)
+            if time.monotonic() + delay > deadline:
+                raise ProvisioningFailed(f"timed out waiting for session {session_id!r} to get a sandbox")
+            # Another request (maybe on another replica) is provisioning: wait for its route.
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    async def _provision_locked(self, session_id: str, tenant: str) -> Route:
+        route = await self.route(session_id, tenant)
+        if route is not None and route.sandbox_id is not None:
+            return route
+        if route is None:
+            claimed = await self._claim_from_pool(session_id, tenant)
+            if claimed is not None:
+                route = Route(session_id, tenant, claimed.sandbox.volume).with_sandbox(claimed.sandbox, claimed.token)
+                await self._store.put(route)
+                logger.info("session %s: claimed pooled sandbox %s", session_id, claimed.sandbox.sandbox_id)
+                return route
+        spec = new_spec(self._env, session_id, tenant, route.volume if route is not None else None)
+        sandbox = await self.start(spec)
+        try:
+            assigned = (route or Route(session_id, tenant, spec.volume)).with_sandbox(sandbox, spec.token)
+            await self._store.put(assigned)
+        except BaseException:
+            await self._backend.delete(sandbox.sandbox_id)
+            raise
+        logger.info("session %s: started sandbox %s", session_id, sandbox.sandbox_id)
+        return assigned
+
+    async def start(self, spec: SandboxSpec) -> Sandbox:
+        """Create a sandbox and wait until it is ready; nothing is left behind on failure."""
+        try:
+            sandbox = await self._backend.create(spec)
+        except SandboxError as exc:
+            raise ProvisioningFailed(str(exc)) from None
+        try:
+            await self._backend.wait_ready(sandbox, spec.token, self._timeout)
+        except BaseException as exc:
+            await self._backend.delete(sandbox.sandbox_id)
+            if isinstance(exc, SandboxError):
+                raise ProvisioningFailed(str(exc)) from None
+            raise
+        return sandbox
+
+    async def _claim_from_pool(self, session_id: str, tenant: str) -> PoolEntry | None:
+        while (entry := await self._store.pool_take()) is not None:
+            if self._on_claim is not None:
+                self._on_claim.set()
+            if await self._backend.health(entry.sandbox, entry.token) is not Health.READY:
+                logger.warning("pooled sandbox %s is not ready: removing it", entry.sandbox.sandbox_id)
+                await self._remove(entry.sandbox)
+                continue
+            claimed = await self._backend.claim(entry.sandbox, session_id, tenant)
+            if claimed is not None:
+                return PoolEntry(claimed, entry.token)
+        return None
+
+    async def replace(self, route: Route) -> Route:
+        """The route's sandbox is unreachable: drop it and provision another on the same
+        volume. Another request may have replaced it already; then that one is used."""
+        if route.sandbox_id is not None and await self._store.release(route.session_id, route.sandbox_id):
+            logger.warning("session %s: sandbox %s lost, replacing it", route.session_id, route.sandbox_id)
+            await self._backend.delete(route.sandbox_id)
+        return await self.ensure(route.session_id, route.tenant)
+
+    async def _remove(self, sandbox: Sandbox) -> None:
+        try:
+            await self._backend.delete(sandbox.sandbox_id)
+        except SandboxError as exc:
+            logger.warning("could not remove sandbox %s: %s", sandbox.sandbox_id, exc)

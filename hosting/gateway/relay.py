@@ -1,0 +1,134 @@
+"""Passing requests to a sandbox and its SSE bytes back, unchanged.
+
+The relay never parses or re-encodes a turn: chunks go out as they come in
+(heartbeat comments included), so the gateway adds no buffering. It only
+watches the lines go by to know the last event id and whether ``done`` was
+seen, so that a sandbox dying mid-stream ends the client's stream properly:
+an ``error`` event (``sandbox_lost``, retryable) and ``done``, with ids that
+continue the sandbox's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+import httpx
+from sse_starlette import ServerSentEvent
+
+from hosting.gateway.routes import Route, RouteStore, RouteStoreUnavailable
+from hosting.server.wire import WireEvent, error_event
+
+logger = logging.getLogger("hosting.gateway.relay")
+
+FORWARDED_REQUEST_HEADERS = ("content-type", "accept", "last-event-id")
+RELAYED_RESPONSE_HEADERS = ("content-type", "cache-control", "retry-after", "x-accel-buffering")
+
+
+class SandboxUnreachable(Exception):
+    """No connection could be made: the request never reached the sandbox, so it is
+    safe to provision another and send it again."""
+
+
+class SandboxLost(Exception):
+    """The connection broke after the request was sent: it may have run."""
+
+
+def next_event_id(last: str | None) -> str:
+    """The id after ``last``: ``7`` → ``8``, ``t3-7`` → ``t3-8``, none → ``1``."""
+    if last is None:
+        return "1"
+    head, sep, tail = last.rpartition("-")
+    if tail.isdigit():
+        return f"{head}{sep}{int(tail) + 1}"
+    return f"{last}-1"
+
+
+def encode(event: WireEvent, event_id: str) -> bytes:
+    return ServerSentEvent(data=json.dumps(event.payload()), event=event.type, id=event_id).encode()
+
+
+def lost_stream(last_id: str | None, message: str) -> bytes:
+    """``error`` (``sandbox_lost``, retryable) then ``done``, continuing after ``last_id``."""
+    error_id = next_event_id(last_id)
+    return (encode(error_event("sandbox_lost", message, retryable=True), error_id)
+            + encode(WireEvent("done"), next_event_id(error_id)))
+
+
+class StreamWatcher:
+    """Follows SSE lines across chunk boundaries: the last ``id:`` and whether ``done`` came."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self.last_id: str | None = None
+        self.done = False
+
+    def feed(self, chunk: bytes) -> None:
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if line.startswith(b"id:"):
+                self.last_id = line[3:].strip().decode(errors="replace")
+            elif line.startswith(b"event:") and line[6:].strip() == b"done":
+                self.done = True
+
+
+class Relay:
+    """One HTTP client to every sandbox; requests carry the sandbox's own token."""
+
+    def __init__(self, store: RouteStore, stamp_interval_seconds: float) -> None:
+        self._store = store
+        self._stamp_interval = stamp_interval_seconds
+        # No read timeout: a turn may think for minutes; heartbeats keep proxies happy.
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
+                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+
+    async def send(self, route: Route, method: str, path: str, headers: Mapping[str, str],
+                   body: bytes | None = None) -> httpx.Response:
+        """Send to the route's sandbox; the response is open for streaming (close it)."""
+        assert route.address is not None and route.token is not None
+        forwarded = {name: headers[name] for name in FORWARDED_REQUEST_HEADERS if name in headers}
+        forwarded["authorization"] = f"Bearer {route.token}"
+        request = self._client.build_request(method, f"{route.address}{path}", headers=forwarded, content=body)
+        try:
+            return await self._client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise SandboxUnreachable(str(exc)) from None
+        except httpx.TransportError as exc:
+            raise SandboxLost(str(exc)) from None
+
+    async def stream(self, route: Route, response: httpx.Response) -> AsyncIterator[bytes]:
+        """The response's bytes as they arrive, activity stamped meanwhile, and a
+        ``sandbox_lost`` ending if the sandbox goes away before ``done``."""
+        watcher = StreamWatcher()
+        stamper = asyncio.create_task(self._stamp_while_streaming(route.session_id))
+        try:
+            async for chunk in response.aiter_raw():
+                watcher.feed(chunk)
+                yield chunk
+        except httpx.TransportError as exc:
+            logger.warning("session %s: sandbox %s lost mid-stream: %s", route.session_id, route.sandbox_id,
+                           type(exc).__name__)
+        finally:
+            stamper.cancel()
+            await response.aclose()
+        await self.touch(route.session_id)
+        if not watcher.done:
+            yield lost_stream(watcher.last_id, "the sandbox serving this session stopped mid-turn; send the turn again")
+
+    async def touch(self, session_id: str) -> None:
+        try:
+            await self._store.touch(session_id)
+        except RouteStoreUnavailable:
+            logger.warning("session %s: could not stamp activity (routing store down)", session_id)
+
+    async def _stamp_while_streaming(self, session_id: str) -> None:
+        while True:
+            await self.touch(session_id)
+            await asyncio.sleep(self._stamp_interval)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

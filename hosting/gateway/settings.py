@@ -1,0 +1,134 @@
+"""Every setting of the gateway, typed, read once at start-up.
+
+Like :mod:`hosting.config` for the server: nothing else in the gateway reads
+``os.environ``. Bad values raise :class:`~hosting.config.ConfigError` naming the
+variable, and ``agent-gateway`` turns that into one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from hosting.config import ConfigError, float_setting, int_setting, optional_setting
+from hosting.contract import MAX_BODY_BYTES
+from hosting.gateway.tenants import TenantTokens, load_tenant_tokens
+
+Backend = Literal["local", "docker"]
+BACKENDS: tuple[Backend, ...] = ("local", "docker")
+
+SANDBOX_ENV_ALLOWLIST = (
+    "ANTHROPIC_BASE_URL",
+    "ANTHROPIC_API_KEY",
+    "CLAUDE_CODE_OAUTH_TOKEN",
+    "MODEL",
+    "AGENT_SESSION_STORE",
+    "AGENT_SESSION_TTL_SECONDS",
+    "AGENT_HEARTBEAT_SECONDS",
+    "AGENT_IDLE_TIMEOUT_SECONDS",
+    "CLAUDE_CODE_MAX_RETRIES",
+)
+"""What a sandbox's server inherits from the gateway's environment, and nothing
+else: the model endpoint and credentials, the model, the session store. Extra
+names can be added with ``GATEWAY_SANDBOX_ENV`` (comma-separated)."""
+
+
+def _default_data_dir(env: Mapping[str, str]) -> Path:
+    base = env.get("XDG_DATA_HOME", "").strip() or str(Path(env.get("HOME", ".")) / ".local" / "share")
+    return Path(base) / "agent-gateway"
+
+
+def _sandbox_env(env: Mapping[str, str]) -> dict[str, str]:
+    extra = [name.strip() for name in env.get("GATEWAY_SANDBOX_ENV", "").split(",") if name.strip()]
+    passed = {name: env[name] for name in (*SANDBOX_ENV_ALLOWLIST, *extra) if env.get(name, "").strip()}
+    passed["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
+    return passed
+
+
+def _backend(env: Mapping[str, str]) -> Backend:
+    raw = env.get("GATEWAY_BACKEND", "").strip() or "local"
+    for backend in BACKENDS:
+        if raw == backend:
+            return backend
+    raise ConfigError(f"GATEWAY_BACKEND must be one of {', '.join(BACKENDS)}, got {raw!r}")
+
+
+def _docker_network(env: Mapping[str, str]) -> Literal["bridge", "host"]:
+    raw = env.get("GATEWAY_DOCKER_NETWORK", "").strip() or "bridge"
+    if raw == "bridge":
+        return "bridge"
+    if raw == "host":
+        return "host"
+    raise ConfigError(f"GATEWAY_DOCKER_NETWORK must be bridge or host, got {raw!r}")
+
+
+def _redis_url(env: Mapping[str, str]) -> str | None:
+    url = optional_setting(env, "GATEWAY_REDIS_URL")
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("GATEWAY_REDIS_URL must start with redis://, rediss:// or unix://")
+    return url
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Configuration of one gateway replica."""
+
+    tenants: TenantTokens = field(repr=False)
+    host: str = "0.0.0.0"
+    port: int = 8080
+    backend: Backend = "local"
+    data_dir: Path = Path("gateway-data")
+    redis_url: str | None = field(default=None, repr=False)
+    installation: str = "default"
+    warm_pool: int = 2
+    idle_timeout_seconds: float = 900.0
+    provision_timeout_seconds: float = 120.0
+    admin_token: str | None = field(default=None, repr=False)
+    max_body_bytes: int = MAX_BODY_BYTES
+    sandbox_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    docker_image: str = "research-agent"
+    docker_network: Literal["bridge", "host"] = "bridge"
+    sandbox_memory_bytes: int = 1024**3
+    sandbox_cpus: float = 1.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
+        """Read the environment; fail closed when no tenant is configured."""
+        env = os.environ if env is None else env
+        settings = cls(
+            tenants=load_tenant_tokens(env.get("GATEWAY_TENANTS", ""), optional_setting(env, "GATEWAY_TENANTS_FILE")),
+            host=env.get("HOST", "").strip() or cls.host,
+            port=int_setting(env, "PORT", cls.port, minimum=1),
+            backend=_backend(env),
+            data_dir=Path(optional_setting(env, "GATEWAY_DATA_DIR") or _default_data_dir(env)),
+            redis_url=_redis_url(env),
+            installation=optional_setting(env, "GATEWAY_INSTALLATION") or cls.installation,
+            warm_pool=int_setting(env, "GATEWAY_WARM_POOL", cls.warm_pool),
+            idle_timeout_seconds=float_setting(env, "GATEWAY_IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds),
+            provision_timeout_seconds=float_setting(env, "GATEWAY_PROVISION_TIMEOUT_SECONDS",
+                                                    cls.provision_timeout_seconds),
+            admin_token=optional_setting(env, "GATEWAY_ADMIN_TOKEN"),
+            sandbox_env=_sandbox_env(env),
+            docker_image=optional_setting(env, "GATEWAY_DOCKER_IMAGE") or cls.docker_image,
+            docker_network=_docker_network(env),
+            sandbox_memory_bytes=int_setting(env, "GATEWAY_SANDBOX_MEMORY_BYTES", cls.sandbox_memory_bytes,
+                                             minimum=64 * 1024**2),
+            sandbox_cpus=float_setting(env, "GATEWAY_SANDBOX_CPUS", cls.sandbox_cpus),
+        )
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,19}", settings.installation):
+            raise ConfigError("GATEWAY_INSTALLATION must be 1-20 characters of a-z, 0-9 and '-'")
+        if not settings.tenants:
+            raise ConfigError(
+                "no tenant configured: set GATEWAY_TENANTS=token:tenant[,token:tenant...] or "
+                "GATEWAY_TENANTS_FILE (lines of 'tenant sha256:<hex of token>'); the gateway never runs open"
+            )
+        if not (settings.sandbox_env.get("ANTHROPIC_API_KEY") or settings.sandbox_env.get("CLAUDE_CODE_OAUTH_TOKEN")):
+            raise ConfigError(
+                "No model credentials for the sandboxes: set ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN "
+                "(for the offline local model any non-empty value works, with ANTHROPIC_BASE_URL pointing at it)."
+            )
+        return settings

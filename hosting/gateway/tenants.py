@@ -1,0 +1,99 @@
+"""Who is calling: tenant authentication.
+
+An :class:`Authenticator` turns a request into a tenant name, or refuses it.
+The gateway ships :class:`TokenAuthenticator` (static bearer tokens, stored as
+SHA-256 digests). To use JWT/OIDC instead, implement ``authenticate`` — verify
+the bearer token's signature, issuer, audience and expiry with a JOSE library
+(e.g. PyJWT with the issuer's JWKS) and return the claim that names the tenant
+— and pass it to :func:`hosting.gateway.app.create_app`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from starlette.requests import Request
+
+from hosting.config import ConfigError
+from hosting.contract import bearer_token
+
+TenantTokens = Mapping[bytes, str]
+"""SHA-256 digest of a token → tenant name."""
+
+
+class Authenticator(Protocol):
+    """Maps a request to the tenant it acts for."""
+
+    def authenticate(self, request: Request) -> str | None:
+        """The tenant, or ``None`` to answer 401. Must not raise for bad input."""
+        ...
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class TokenAuthenticator:
+    """Static bearer tokens. Every configured digest is compared in constant time,
+    so neither the answer's timing nor its content tells which tokens exist."""
+
+    def __init__(self, tokens: TenantTokens) -> None:
+        self._tokens = list(tokens.items())
+
+    def authenticate(self, request: Request) -> str | None:
+        token = bearer_token(request)
+        if token is None:
+            return None
+        given = _digest(token)
+        tenant = None
+        for digest, name in self._tokens:
+            if hmac.compare_digest(given, digest):
+                tenant = name
+        return tenant
+
+
+def _tenant_name(name: str, where: str) -> str:
+    if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ConfigError(f"{where}: tenant names are letters, digits, '-', '_' and '.', got {name!r}")
+    return name
+
+
+def load_tenant_tokens(inline: str, path: str | None) -> dict[bytes, str]:
+    """Tenants from ``GATEWAY_TENANTS`` (``token:tenant,token:tenant``) and from the
+    file ``GATEWAY_TENANTS_FILE`` (lines ``tenant sha256:<hex of token>``, ``#`` comments).
+
+    Error messages name the variable and line, never a token.
+    """
+    tokens: dict[bytes, str] = {}
+    for number, item in enumerate((part.strip() for part in inline.split(",")), start=1):
+        if not item:
+            continue
+        token, sep, tenant = item.rpartition(":")
+        if not sep or not token.strip():
+            raise ConfigError(f"GATEWAY_TENANTS entry {number} is not token:tenant")
+        tokens[_digest(token.strip())] = _tenant_name(tenant.strip(), f"GATEWAY_TENANTS entry {number}")
+    if path is not None:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"GATEWAY_TENANTS_FILE {path}: {exc.strerror}") from None
+        for number, line in enumerate(lines, start=1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            where = f"GATEWAY_TENANTS_FILE line {number}"
+            fields = line.split()
+            if len(fields) != 2 or not fields[1].startswith("sha256:"):
+                raise ConfigError(f"{where}: expected 'tenant sha256:<64 hex digits>'")
+            try:
+                digest = bytes.fromhex(fields[1].removeprefix("sha256:"))
+            except ValueError:
+                digest = b""
+            if len(digest) != 32:
+                raise ConfigError(f"{where}: expected 'tenant sha256:<64 hex digits>'")
+            tokens[digest] = _tenant_name(fields[0], where)
+    return tokens

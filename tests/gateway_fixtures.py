@@ -1,0 +1,206 @@
+"""Real gateway processes for the end-to-end tests, on the local or Docker backend.
+
+Each gateway gets its own installation name, so the sandboxes and Redis keys of
+one test never meet another's, and teardown removes exactly what the test made:
+the gateway (SIGTERM, then the process group), every sandbox of its
+installation, and for Docker its containers and volumes.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import ROOT, LocalModel, agent_env, free_port
+
+ALICE, BOB, ADMIN = "alice-token-1f9e", "bob-token-77c2", "admin-token-5d0a"
+TENANTS = f"{ALICE}:alice,{BOB}:bob"
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+@dataclass
+class GatewayProcess:
+    env: dict[str, str]
+    data_dir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir.parent / f"gateway-{self.port}.log"
+
+    def start(self, wait_pool: bool = True) -> GatewayProcess:
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "hosting.gateway"], cwd=ROOT,
+                                        env={**self.env, "PORT": str(self.port)}, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gateway did not become healthy:\n{self.log()}")
+            time.sleep(0.1)
+        if wait_pool:
+            self.wait_pool_full()
+        return self
+
+    def wait_pool_full(self, timeout: float = 180) -> None:
+        target = int(self.env.get("GATEWAY_WARM_POOL", "2"))
+        deadline = time.monotonic() + timeout
+        while len(self.pool()["sandboxes"]) < target:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"warm pool not full after {timeout} s:\n{self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def admin(self, path: str) -> httpx.Response:
+        return httpx.get(f"{self.base_url}/admin/{path}", headers=auth(ADMIN), timeout=10)
+
+    def pool(self) -> dict[str, Any]:
+        return self.admin("pool").json()
+
+    def route(self, session_id: str) -> dict[str, Any] | None:
+        response = self.admin(f"sessions/{session_id}")
+        return None if response.status_code == 404 else response.json()
+
+    def sandboxes(self) -> list[dict[str, Any]]:
+        return self.admin("sandboxes").json()["sandboxes"]
+
+    def terminate(self, timeout: float = 60) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            try:
+                self.terminate(30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(30)
+
+
+@dataclass
+class Gateways:
+    """Factory of gateways sharing one installation (so replicas see one another's sandboxes)."""
+
+    local_model: LocalModel
+    root: Path
+    backend: str
+    image: str | None
+    installation: str = field(default_factory=lambda: f"t{secrets.token_hex(4)}")
+    started: list[GatewayProcess] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = agent_env(self.local_model, self.root / "unused")
+        env = {k: v for k, v in env.items() if not k.startswith(("AGENT_", "HOST", "GATEWAY_"))}
+        env.update({"HOST": "127.0.0.1", "GATEWAY_TENANTS": TENANTS, "GATEWAY_ADMIN_TOKEN": ADMIN,
+                    "GATEWAY_BACKEND": self.backend, "GATEWAY_DATA_DIR": str(self.root / "gateway-data"),
+                    "GATEWAY_INSTALLATION": self.installation, "GATEWAY_WARM_POOL": "1",
+                    "GATEWAY_PROVISION_TIMEOUT_SECONDS": "90", "SOME_GATEWAY_SECRET": "must-not-leak"})
+        if self.backend == "docker":
+            assert self.image is not None
+            env.update({"GATEWAY_DOCKER_IMAGE": self.image, "GATEWAY_DOCKER_NETWORK": "host"})
+        env.update(extra)
+        return env
+
+    def start(self, wait_pool: bool = True, **extra: str) -> GatewayProcess:
+        gateway = GatewayProcess(self.env(**extra), self.root / "gateway-data")
+        self.started.append(gateway)
+        return gateway.start(wait_pool=wait_pool)
+
+    def kill_sandbox(self, sandbox_id: str, pid: int | None) -> None:
+        """Kill a sandbox the way a crash would: SIGKILL its server / ``docker kill``."""
+        if self.backend == "docker":
+            import docker
+
+            docker.from_env().containers.get(f"agent-{sandbox_id}").kill()
+        else:
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+
+    def sandbox_alive(self, sandbox_id: str, pid: int | None) -> bool:
+        if self.backend == "docker":
+            import docker
+
+            client = docker.from_env()
+            found = client.containers.list(filters={"label": f"research-agent.sandbox={sandbox_id}"})
+            return bool(found)
+        assert pid is not None
+        try:
+            state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state != "Z"
+
+    def cleanup(self) -> None:
+        for gateway in self.started:
+            gateway.stop()
+        if self.backend == "docker":
+            import docker
+
+            client = docker.from_env()
+            label = f"research-agent.installation={self.installation}"
+            for container in client.containers.list(all=True, filters={"label": label}):
+                container.remove(force=True)
+            for volume in client.volumes.list(filters={"label": label}):
+                volume.remove(force=True)
+        records = self.root / "gateway-data" / "sandboxes"
+        for record in records.glob("*.json") if records.exists() else []:
+            import json
+
+            pid = json.loads(record.read_text()).get("pid")
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+@pytest.fixture(params=["local", pytest.param("docker", marks=pytest.mark.docker)])
+def gateways(request: pytest.FixtureRequest, local_model: LocalModel, tmp_path: Path) -> Iterator[Gateways]:
+    """Gateways on each backend (the same tests run on both)."""
+    image = request.getfixturevalue("agent_image") if request.param == "docker" else None
+    factory = Gateways(local_model, tmp_path, request.param, image)
+    yield factory
+    factory.cleanup()
+
+
+@pytest.fixture
+def local_gateways(local_model: LocalModel, tmp_path: Path) -> Iterator[Gateways]:
+    """Gateways on the local backend only (for tests of backend-agnostic logic)."""
+    factory = Gateways(local_model, tmp_path, "local", None)
+    yield factory
+    factory.cleanup()

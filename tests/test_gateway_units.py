@@ -1,0 +1,169 @@
+"""The gateway's pure logic: tenants, settings, the routing store's atomic steps, the relay's
+stream watching. The routing store runs against both implementations, Redis for real."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from starlette.requests import Request
+
+from hosting.config import ConfigError
+from hosting.gateway.relay import StreamWatcher, lost_stream, next_event_id
+from hosting.gateway.routes import MemoryRouteStore, PoolEntry, RedisRouteStore, Route, RouteStore
+from hosting.gateway.settings import GatewaySettings
+from hosting.gateway.tenants import TokenAuthenticator, load_tenant_tokens
+from hosting.sandboxes.base import Sandbox
+from stores_fixtures import redis_url  # noqa: F401 - fixture
+
+BASE_ENV = {"GATEWAY_TENANTS": "tok-a:alice", "ANTHROPIC_API_KEY": "sk-x"}
+
+
+def request_with(authorization: str | None) -> Request:
+    headers = [] if authorization is None else [(b"authorization", authorization.encode())]
+    return Request({"type": "http", "headers": headers, "method": "GET", "path": "/"})
+
+
+def test_tokens_inline_and_from_a_file_of_digests(tmp_path: Path) -> None:
+    digest = hashlib.sha256(b"tok-bob").hexdigest()
+    tenants_file = tmp_path / "tenants"
+    tenants_file.write_text(f"# tenants\nbob sha256:{digest}\n\n")
+    auth = TokenAuthenticator(load_tenant_tokens("tok-a:alice, tok:with:colons:carol", str(tenants_file)))
+    assert auth.authenticate(request_with("Bearer tok-a")) == "alice"
+    assert auth.authenticate(request_with("bearer tok-bob")) == "bob"
+    assert auth.authenticate(request_with("Bearer tok:with:colons")) == "carol"
+    for refused in (None, "", "Bearer", "Bearer wrong", "Basic tok-a", "tok-a"):
+        assert auth.authenticate(request_with(refused)) is None
+
+
+@pytest.mark.parametrize("inline, line, fragment", [
+    ("secret-token", "", "GATEWAY_TENANTS entry 1 is not token:tenant"),
+    ("secret-token:bad name", "", "tenant names are"),
+    ("", "alice sha256:abc", "line 1: expected"),
+    ("", "alice secret-token", "line 1: expected"),
+])
+def test_bad_tenant_configuration_names_the_place_never_the_token(tmp_path: Path, inline: str, line: str,
+                                                                  fragment: str) -> None:
+    path = tmp_path / "tenants"
+    path.write_text(line)
+    with pytest.raises(ConfigError) as raised:
+        load_tenant_tokens(inline, str(path) if line else None)
+    assert fragment in str(raised.value)
+    assert "secret-token" not in str(raised.value)
+
+
+def test_settings_fail_closed_without_tenants() -> None:
+    with pytest.raises(ConfigError, match="no tenant configured"):
+        GatewaySettings.from_env({"ANTHROPIC_API_KEY": "sk-x"})
+
+
+def test_settings_need_model_credentials_for_the_sandboxes() -> None:
+    with pytest.raises(ConfigError, match="No model credentials"):
+        GatewaySettings.from_env({"GATEWAY_TENANTS": "t:alice"})
+
+
+@pytest.mark.parametrize("name, value", [("GATEWAY_BACKEND", "k8s"), ("GATEWAY_WARM_POOL", "-1"),
+                                         ("GATEWAY_REDIS_URL", "http://x"), ("GATEWAY_INSTALLATION", "Bad_Name"),
+                                         ("GATEWAY_DOCKER_NETWORK", "none"), ("PORT", "0")])
+def test_settings_reject_bad_values_naming_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        GatewaySettings.from_env({**BASE_ENV, name: value})
+
+
+def test_sandboxes_inherit_only_the_allowlist() -> None:
+    settings = GatewaySettings.from_env({**BASE_ENV, "MODEL": "m", "GATEWAY_ADMIN_TOKEN": "admin-secret",
+                                         "AWS_SECRET_ACCESS_KEY": "aws", "GATEWAY_SANDBOX_ENV": "HTTPS_PROXY",
+                                         "HTTPS_PROXY": "http://proxy"})
+    assert dict(settings.sandbox_env) == {"ANTHROPIC_API_KEY": "sk-x", "MODEL": "m", "HTTPS_PROXY": "http://proxy",
+                                          "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+    assert "admin-secret" not in repr(settings) and "sk-x" not in repr(settings)
+    assert settings.port == 8080 and settings.backend == "local" and settings.warm_pool == 2
+    assert settings.idle_timeout_seconds == 900
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[RouteStore]:
+    if request.param == "memory":
+        yield MemoryRouteStore()
+        return
+    url = request.getfixturevalue("redis_url")
+    redis_store = RedisRouteStore(url, installation=f"t{secrets.token_hex(4)}")
+    yield redis_store
+    await redis_store.aclose()
+
+
+def pooled(n: int) -> PoolEntry:
+    return PoolEntry(Sandbox(f"sbx-{n}", "memory", f"http://sbx-{n}", f"vol-{n}"), token=f"token-{n}")
+
+
+@pytest.mark.stores
+async def test_route_round_trip_touch_and_compare_and_release(store: RouteStore) -> None:
+    route = Route("s1", "alice", "vol-1").with_sandbox(Sandbox("sbx-1", "local", "http://a", "vol-1", pid=7), "tk")
+    await store.put(route)
+    assert await store.get("s1") == route
+    await store.touch("s1")
+    assert (touched := await store.get("s1")) is not None and touched.last_activity >= route.last_activity
+    await store.touch("nobody")
+    assert await store.get("nobody") is None
+    assert not await store.release("s1", "sbx-other")
+    assert await store.release("s1", "sbx-1")
+    assert not await store.release("s1", "sbx-1")
+    released = await store.get("s1")
+    assert released is not None and released.sandbox_id is None and released.token is None and released.volume == "vol-1"
+    assert [r.session_id for r in await store.routes()] == ["s1"]
+    await store.delete("s1")
+    assert await store.get("s1") is None and await store.routes() == []
+
+
+@pytest.mark.stores
+async def test_a_lock_is_released_only_by_its_holder_and_expires(store: RouteStore) -> None:
+    token = await store.acquire("provision:s1", 0.3)
+    assert token is not None
+    assert await store.acquire("provision:s1", 0.3) is None
+    assert not await store.release_lock("provision:s1", "not-the-holder")
+    assert await store.acquire("provision:s1", 0.3) is None
+    await asyncio.sleep(0.4)
+    newer = await store.acquire("provision:s1", 5)
+    assert newer is not None
+    assert not await store.release_lock("provision:s1", token), "an expired holder must not release the new one"
+    assert await store.release_lock("provision:s1", newer)
+
+
+@pytest.mark.stores
+async def test_each_pooled_sandbox_goes_to_one_taker(store: RouteStore) -> None:
+    for n in range(5):
+        await store.pool_put(pooled(n))
+    taken = await asyncio.gather(*(store.pool_take() for _ in range(12)))
+    got = [entry.sandbox.sandbox_id for entry in taken if entry is not None]
+    assert sorted(got) == [f"sbx-{n}" for n in range(5)]
+    assert all(entry.token == f"token-{entry.sandbox.sandbox_id[4:]}" for entry in taken if entry is not None)
+    await store.pool_put(pooled(9))
+    assert [await store.pool_remove("sbx-9"), await store.pool_remove("sbx-9")] == [True, False]
+    assert await store.pool_entries() == []
+
+
+def test_event_ids_continue_either_numbering() -> None:
+    assert [next_event_id(None), next_event_id("7"), next_event_id("t3-9"), next_event_id("abc")] == \
+        ["1", "8", "t3-10", "abc-1"]
+
+
+def test_the_watcher_follows_lines_split_across_chunks() -> None:
+    watcher = StreamWatcher()
+    stream = b'event: text\r\nid: 4\r\ndata: {"v": 1}\r\n\r\n: ping\r\n\r\nevent: do'
+    for i in range(0, len(stream), 5):
+        watcher.feed(stream[i:i + 5])
+    assert watcher.last_id == "4" and not watcher.done
+    watcher.feed(b"ne\r\nid: 5\r\n")
+    assert watcher.last_id == "5" and watcher.done
+
+
+def test_a_lost_stream_ends_with_error_then_done() -> None:
+    events = [block for block in lost_stream("12", "gone").decode().split("\r\n\r\n") if block]
+    parsed = [dict(line.split(": ", 1) for line in block.split("\r\n")) for block in events]
+    assert [(e["event"], e["id"]) for e in parsed] == [("error", "13"), ("done", "14")]
+    assert json.loads(parsed[0]["data"]) == {"v": 1, "code": "sandbox_lost", "message": "gone", "retryable": True}
