@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only a,b,c,e]``: run every scenario once, write the results.
+"""``python -m bench [--quick] [--only a,b,c,e,limits]``: run every scenario once, write the results.
 
 Exit status: 0 when every part was measured or skipped because the server lacks
 a feature (targets are reported, not asserted); 1 when the harness or a server
@@ -23,7 +23,7 @@ from bench import report
 from bench.procs import local_model
 from bench.scenarios import QUICK, Bench, Counts, run_all
 
-SCENARIOS = {"a", "b", "c", "e"}
+SCENARIOS = ("a", "b", "c", "e", "limits")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -31,7 +31,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small counts for a smoke test (section 'quick')")
-    parser.add_argument("--only", default="a,b,c,e", help="comma-separated scenarios to run (default: all)")
+    parser.add_argument("--only", default=",".join(SCENARIOS),
+                        help="comma-separated scenarios to run (default: all); a subset writes its own section")
     parser.add_argument("--follow-ups", type=int, metavar="N", help=f"(a) sequential follow-ups per path ({defaults.follow_ups})")
     parser.add_argument("--first-turns", type=int, metavar="N", help=f"(b) sequential first turns per path ({defaults.first_turns})")
     parser.add_argument("--prewarm", type=int, metavar="N", dest="prewarm_b", help=f"(b) AGENT_PREWARM ({defaults.prewarm_b})")
@@ -40,11 +41,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help=f"(c) follow-ups per session ({defaults.follow_ups_c})")
     parser.add_argument("--burst", type=int, metavar="N", help=f"(e) new sessions at once, and AGENT_PREWARM ({defaults.burst})")
     parser.add_argument("--burst-rounds", type=int, metavar="N", help=f"(e) rounds of the three servers ({defaults.burst_rounds})")
+    parser.add_argument("--limit-mib", type=int, metavar="N",
+                        help=f"(limits) memory limit of the limited servers, MiB ({defaults.limit_mib})")
     parser.add_argument("--part-timeout", type=float, metavar="S", help="seconds each part may take (900; quick: 300)")
     args = parser.parse_args(argv)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
-    if not only or only - SCENARIOS:
-        parser.error(f"--only takes some of {','.join(sorted(SCENARIOS))}")
+    if not only or only - set(SCENARIOS):
+        parser.error(f"--only takes some of {','.join(SCENARIOS)}")
     args.only = only
     return args
 
@@ -74,8 +77,10 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ratios = report.ratios(results)
+    mode = "quick" if args.quick else "full"
     run_info = {
-        "mode": "quick" if args.quick else "full",
+        "mode": mode,
+        "section": mode if args.only == set(SCENARIOS) else f"{mode}-only-{'-'.join(sorted(args.only))}",
         "machine": report.machine(),
         "counts": dataclasses.asdict(counts),
         "scenarios": sorted(args.only),
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     report.write(run_info)
     print()
     print(report.console(run_info))
-    print(f"\nwrote {report.HERE / 'RESULTS.md'} and {report.HERE / 'results.json'} (section '{run_info['mode']}')")
+    print(f"\nwrote {report.HERE / 'RESULTS.md'} and {report.HERE / 'results.json'} (section '{run_info['section']}')")
     for failure in failures:
         print(f"harness: part failed: {failure.splitlines()[0]}", file=sys.stderr)
     return 1 if failures else 0

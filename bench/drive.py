@@ -8,6 +8,7 @@ The time to the ``result`` is recorded too.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import secrets
@@ -39,6 +40,7 @@ class TurnResult:
     to_result: float | None
     text: str
     error: str | None = None
+    retry_after: str | None = None  # the Retry-After of a refusal (a non-200 answer)
 
 
 def recalled(turn: TurnResult, value: str) -> bool:
@@ -58,6 +60,7 @@ async def http_turn(client: httpx.AsyncClient, base_url: str, session_id: str, p
     parts: list[str] = []
     to_result: float | None = None
     error: str | None = None
+    retry_after: str | None = None
     done = False
     try:
         async with aconnect_sse(client, "POST", f"{base_url}/sessions/{session_id}/messages",
@@ -65,6 +68,7 @@ async def http_turn(client: httpx.AsyncClient, base_url: str, session_id: str, p
             if source.response.status_code != 200:
                 body = (await source.response.aread()).decode(errors="replace")[:200]
                 error = f"HTTP {source.response.status_code}: {body}"
+                retry_after = source.response.headers.get("retry-after")
             else:
                 async for sse in source.aiter_sse():
                     data = json.loads(sse.data) if sse.data else {}
@@ -81,7 +85,23 @@ async def http_turn(client: httpx.AsyncClient, base_url: str, session_id: str, p
         error = f"{type(exc).__name__}: {exc}"
     if not done and error is None:
         error = "stream ended without a done event"
-    return TurnResult(time.perf_counter() - started, to_result, "".join(parts), error)
+    return TurnResult(time.perf_counter() - started, to_result, "".join(parts), error, retry_after)
+
+
+async def http_turn_retrying(client: httpx.AsyncClient, base_url: str, session_id: str, prompt: str,
+                             refusals: list[str], attempts: int = 20) -> TurnResult:
+    """A turn as a well-behaved client makes it: a 503 with ``Retry-After`` (the server had no
+    room) is retried after that long, and recorded in ``refusals``; anything else counts as is.
+    The latency is the caller's whole wait, refusals included."""
+    started = time.perf_counter()
+    for _ in range(attempts):
+        turn = await http_turn(client, base_url, session_id, prompt)
+        if not (turn.error or "").startswith("HTTP 503") or turn.retry_after is None:
+            break
+        refusals.append(turn.error or "")
+        await asyncio.sleep(float(turn.retry_after))
+    turn.latency = time.perf_counter() - started
+    return turn
 
 
 def direct_options(workdir: Path, model_url: str, **session: Any) -> ClaudeAgentOptions:

@@ -24,6 +24,8 @@ from typing import Any
 
 import httpx
 
+from bench.cgroups import MemoryCgroup
+
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -161,10 +163,13 @@ class Managed:
             pass
 
 
-def spawn(args: list[str], env: Mapping[str, str], log_path: Path) -> Managed:
+def spawn(args: list[str], env: Mapping[str, str], log_path: Path, cgroup: MemoryCgroup | None = None) -> Managed:
+    """``python args...``, in its own session (and in ``cgroup``, if given, before it execs)."""
+    command = [sys.executable, *args]
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=dict(env), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(cgroup.command(command) if cgroup else command, cwd=ROOT, env=dict(env),
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
     return Managed(proc, log_path)
 
 
@@ -239,8 +244,11 @@ def effective_knobs(env: Mapping[str, str]) -> tuple[int, int]:
 
 
 @asynccontextmanager
-async def server(model_url: str, tmp: Path, name: str, knobs: Mapping[str, str]) -> AsyncIterator[Server]:
-    """A fresh server on a fresh data dir; always killed (with its CLIs) and its dir removed."""
+async def server(model_url: str, tmp: Path, name: str, knobs: Mapping[str, str],
+                 cgroup: MemoryCgroup | None = None) -> AsyncIterator[Server]:
+    """A fresh server on a fresh data dir (inside ``cgroup`` if given); always killed (with
+    its CLIs) and its dir removed. The warm cap and pool it reports are those in force
+    (sized from its own box), else those its settings would pick here."""
     root = tmp / name
     root.mkdir(parents=True)
     port = free_port()
@@ -254,10 +262,14 @@ async def server(model_url: str, tmp: Path, name: str, knobs: Mapping[str, str])
         **knobs,
     }
     warm, prewarm = effective_knobs(env)
-    managed = spawn(["-m", "hosting.server"], env, root / "server.log")
+    managed = spawn(["-m", "hosting.server"], env, root / "server.log", cgroup)
     try:
         srv = Server(name, f"http://127.0.0.1:{port}", managed, warm, prewarm, dict(knobs))
         await wait_http(managed, f"{srv.base_url}/health", 60, f"server {name}")
+        async with httpx.AsyncClient(timeout=10) as client:
+            status = (await client.get(f"{srv.base_url}/ready")).json()
+        srv.warm_sessions = status.get("warm_sessions_cap", warm)
+        srv.prewarm = status.get("prewarm_target", prewarm)
         yield srv
     except (ScenarioError, httpx.HTTPError) as exc:
         # The server's log is about to be deleted with its directory: keep its end with the error.

@@ -96,6 +96,10 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
                                                       metric(("e", "baseline"), "turns_per_s")),
         "e_default_over_baseline_p50": _ratio(metric(("e", "default"), "p50_s"), metric(("e", "baseline"), "p50_s")),
         "e_prewarm_over_baseline_p50": _ratio(metric(("e", "prewarm"), "p50_s"), metric(("e", "baseline"), "p50_s")),
+        "limits_first_p50": _ratio(metric(("limits", "first_limited"), "p50_s"),
+                                   metric(("limits", "first_unlimited"), "p50_s")),
+        "limits_follow_p50": _ratio(metric(("limits", "follow_limited"), "p50_s"),
+                                    metric(("limits", "follow_unlimited"), "p50_s")),
     }
 
 
@@ -146,6 +150,11 @@ def targets(results: dict[str, Any], r: dict[str, float | None]) -> list[Target]
     c = _ok(results, "c")
     a, b = (("a", "server"), ("a", "direct")), (("b", "prewarmed"), ("b", "direct"))
     e_default, e_prewarm = (("e", "default"), ("e", "baseline")), (("e", "prewarm"), ("e", "baseline"))
+    first, follow = (("limits", "first_limited"), ("limits", "first_unlimited")), (
+        ("limits", "follow_limited"), ("limits", "follow_unlimited"))
+    burst = _ok(results, "limits", "burst")
+    limit = f"{burst['limit_bytes'] / 2**20:.0f} MiB" if burst else "the"
+    why_burst = _why(results, ("limits", "burst"))
     return [
         Target("(a) follow-up p50, server / direct query(resume)", r["a_server_over_direct_p50"], "<=", 0.15,
                _why(results, *a), _failed_turns(results, *a)),
@@ -158,6 +167,17 @@ def targets(results: dict[str, Any], r: dict[str, float | None]) -> list[Target]
                _why(results, *e_default), _failed_turns(results, *e_default)),
         Target("(e) burst turns/s, prewarm / baseline (CLI per turn)", r["e_prewarm_over_baseline_turns_per_s"], ">=", 5,
                _why(results, *e_prewarm), _failed_turns(results, *e_prewarm)),
+        Target(f"(limits) first-turn p50, {limit} limit / no limit", r["limits_first_p50"], "<=", 1.5,
+               _why(results, *first), _failed_turns(results, *first)),
+        Target(f"(limits) follow-up p50, {limit} limit / no limit", r["limits_follow_p50"], "<=", 1.5,
+               _why(results, *follow), _failed_turns(results, *follow)),
+        Target(f"(limits) burst under {limit} limit: errors other than 503 with Retry-After",
+               burst["errors"] if burst else None, "<=", 0, why_burst),
+        Target(f"(limits) burst under {limit} limit: OOM kills", burst["oom_kills"] if burst else None, "<=", 0,
+               why_burst),
+        Target(f"(limits) burst under {limit} limit: peak usage / limit",
+               burst["peak_bytes"] / burst["limit_bytes"] if burst and burst["peak_bytes"] else None, "<=", 1,
+               why_burst if not burst else "the kernel does not record a peak"),
     ]
 
 
@@ -208,6 +228,11 @@ ROWS: list[tuple[tuple[str, ...], str]] = [
     (("e", "default"), "burst, default config"),
     (("e", "baseline"), "burst, baseline (warm 0, prewarm 0)"),
     (("e", "prewarm"), "burst, prewarm = sessions"),
+    (("limits", "first_unlimited"), "first turn, no limit"),
+    (("limits", "first_limited"), "first turn, under the limit"),
+    (("limits", "follow_unlimited"), "follow-up, no limit"),
+    (("limits", "follow_limited"), "follow-up, under the limit"),
+    (("limits", "burst"), "burst under the limit"),
 ]
 
 
@@ -229,12 +254,16 @@ def _round_rates(results: dict[str, Any]) -> str:
                      for key, node in (results.get("e") or {}).items())
 
 
+def _only(run: dict[str, Any]) -> str:
+    return f" --only {','.join(run['scenarios'])}" if run["section"] != run["mode"] else ""
+
+
 def markdown(run: dict[str, Any]) -> str:
     """One run as a Markdown section (without the replace markers)."""
     m, results, r = run["machine"], run["results"], run["ratios"]
     counts = ", ".join(f"{k}={v}" for k, v in run["counts"].items())
     out = [
-        f"## `python -m bench{' --quick' if run['mode'] == 'quick' else ''}`: {m['date_utc']}",
+        f"## `python -m bench{' --quick' if run['mode'] == 'quick' else ''}{_only(run)}`: {m['date_utc']}",
         "",
         f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB RAM; Python {m['python']}; "
         f"claude-agent-sdk {m['claude_agent_sdk']}; Claude Code CLI {m['claude_code_cli']}; "
@@ -280,6 +309,26 @@ def markdown(run: dict[str, Any]) -> str:
                 "seen at once; CLI bound = warm cap + prewarm + concurrent sessions, the most the server may "
                 "hold, which is what keeps RSS bounded.", ""]
 
+    limit_rows = [
+        [f"({s}) {label}", _status(n), _config(n), str(n.get("sessions", "-")), str(n.get("turns", "-")),
+         str(n.get("errors", "-")), str(n.get("refusals_503", "-")), _recall(n), _num(n.get("turns_per_s"), "{:.1f}"),
+         _ms(n.get("p50_s")), _ms(n.get("p95_s")), _mib(n.get("usage_bytes")), _mib(n.get("peak_bytes")),
+         str(n.get("limit_hits", "-")), str(n.get("oom_kills", "-"))]
+        for s, label, n in _rows(results) if s == "limits"
+    ]
+    if limit_rows:
+        out += [f"### Under a memory limit: {run['counts']['limit_mib']} MiB, cgroup", "",
+                _table(["path", "status", "config", "sessions", "turns", "errors", "503s", "recall", "turns/s", "p50",
+                        "p95", "usage at end", "peak usage", "limit hits", "OOM kills"], limit_rows), "",
+                f"First-turn p50 under the limit / without = {_num(r['limits_first_p50'], '{:.2f}')}; follow-up p50 "
+                f"= {_num(r['limits_follow_p50'], '{:.2f}')}. Both servers run the default configuration, the "
+                "limited one in a memory cgroup (with every CLI it starts), so it sizes itself from the limit; "
+                "their turns alternate, both settled (pools full, trees quiet) before each first turn and before "
+                "the follow-ups. The burst runs on a fresh limited server; a 503 (no room for another CLI within "
+                "the budget) is retried after its Retry-After and counted under 503s, the turn's latency includes "
+                "the wait. Usage, peak, limit hits (v1 failcnt: times usage reached the limit and the kernel had "
+                "to reclaim) and OOM kills are the cgroup's own counters.", ""]
+
     out += ["### Targets", ""] + [f"- {t}" for t in run["target_lines"]] + [""]
     problems = [f"- {'/'.join(p)}: {n['status']}: {n.get('error', '')}".replace("\n", " ")[:600]
                 for p, n in _parts(results) if n.get("status") != "ok"]
@@ -314,14 +363,15 @@ def console(run: dict[str, Any]) -> str:
 # -- files -------------------------------------------------------------------
 
 def write(run: dict[str, Any], results_md: Path = HERE / "RESULTS.md", results_json: Path = HERE / "results.json") -> None:
-    """Replace this mode's section of RESULTS.md and entry of results.json, keeping the other
-    mode's, so a quick smoke run never overwrites the numbers of a full run."""
-    mode = run["mode"]
+    """Replace this run's section of RESULTS.md and entry of results.json (one per mode, and
+    per ``--only`` subset), keeping the others, so a smoke run or a subset never overwrites
+    the numbers of a full run."""
+    mode = run["section"]
     start, end = f"<!-- bench:{mode}:start -->", f"<!-- bench:{mode}:end -->"
     section = f"{start}\n{markdown(run)}\n{end}"
     text = results_md.read_text() if results_md.exists() else (
         "# Benchmark results\n\nWritten by `python -m bench` (see `bench/README.md`): one section per mode "
-        "(full, quick), replaced by each run of that mode.\n")
+        "(full, quick) and `--only` subset, replaced by each run of it.\n")
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + f"\n\n{section}\n"
     results_md.write_text(text)

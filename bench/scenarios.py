@@ -12,13 +12,15 @@ import functools
 import secrets
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bench.cgroups import CgroupUnavailable, MemoryCgroup, drop_file_cache
 from bench.drive import (
     RECALL,
     TurnResult,
@@ -26,11 +28,13 @@ from bench.drive import (
     direct_turn,
     http_client,
     http_turn,
+    http_turn_retrying,
     recalled,
     remember_prompt,
     summarize,
 )
 from bench.procs import FeatureMissing, Peak, ScenarioError, Server, server, settle, tree, tree_cpu_seconds
+from hosting.server.cli import BUNDLED_CLI
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Counts:
     follow_ups_c: int = 4       # (c) follow-ups per session
     burst: int = 25             # (e) new sessions at once (and AGENT_PREWARM of the prewarmed server)
     burst_rounds: int = 3       # (e) rounds of the three servers, alternated; the median round is reported
+    limit_mib: int = 1024       # (limits) the memory limit; first turns, follow-ups and the burst use the counts above
     settle_timeout: float = 60.0
     prewarm_timeout: float = 240.0
 
@@ -229,6 +234,99 @@ async def burst(bench: Bench, name: str, knobs: dict[str, str], need_prewarm: bo
                                                                          recall_ok=sum(recalls))})
 
 
+# -- (limits) under a memory limit --------------------------------------------
+
+@asynccontextmanager
+async def memory_cgroup(bench: Bench) -> AsyncIterator[MemoryCgroup]:
+    """A fresh cgroup limited to ``limit_mib``, always removed. The CLI's executable is
+    evicted from the page cache first, so the limited server's CLIs are charged for reading
+    it, as in a new container."""
+    try:
+        cgroup = MemoryCgroup.create(bench.counts.limit_mib * 2**20)
+    except CgroupUnavailable as exc:
+        raise FeatureMissing(f"no memory cgroup to run a server under a limit: {exc}") from None
+    try:
+        drop_file_cache(BUNDLED_CLI)
+        yield cgroup
+    finally:
+        cgroup.close()
+
+
+async def _settle_all(client: httpx.AsyncClient, servers: tuple[Server, ...], counts: Counts) -> None:
+    for srv in servers:
+        await settle(client, srv, need_prewarm=True, timeout=counts.prewarm_timeout)
+
+
+async def limited_vs_unlimited(bench: Bench) -> dict[str, Any]:
+    """Two default servers, one under the memory limit (so sized from it) and one without:
+    sequential first turns of new sessions, then sequential follow-ups on one session each,
+    alternated turn by turn, both servers settled (pools full, trees quiet) before every
+    first turn and before the follow-ups. The limited server starts first, so its CLIs are
+    the ones charged for reading the CLI's executable."""
+    counts = bench.counts
+    async with memory_cgroup(bench) as cgroup, \
+            server(bench.model_url, bench.tmp, "limits-limited", {}, cgroup) as boxed, http_client() as client:
+        await settle(client, boxed, need_prewarm=True, timeout=counts.prewarm_timeout)
+        async with server(bench.model_url, bench.tmp, "limits-unlimited", {}) as free:
+            servers = (boxed, free)
+            first: dict[str, list[TurnResult]] = {srv.name: [] for srv in servers}
+            for _ in range(counts.first_turns):
+                for srv in servers:
+                    await _settle_all(client, servers, counts)
+                    first[srv.name].append(await http_turn(client, srv.base_url, new_id("l"), remember_prompt()[1]))
+            sessions = {srv.name: (new_id("l"), *remember_prompt()) for srv in servers}
+            for srv in servers:
+                sid, _, prompt = sessions[srv.name]
+                _need(await http_turn(client, srv.base_url, sid, prompt), "first turn")
+            await _settle_all(client, servers, counts)
+            follow: dict[str, list[TurnResult]] = {srv.name: [] for srv in servers}
+            for _ in range(counts.follow_ups):
+                for srv in servers:
+                    follow[srv.name].append(await http_turn(client, srv.base_url, sessions[srv.name][0], RECALL))
+
+            def follow_ups(srv: Server) -> dict[str, Any]:
+                turns, value = follow[srv.name], sessions[srv.name][1]
+                return summarize(turns, recall_expected=len(turns), recall_ok=sum(recalled(t, value) for t in turns))
+
+            return {
+                "first_limited": boxed.finish({**summarize(first[boxed.name]), **cgroup.counters()}),
+                "first_unlimited": free.finish(summarize(first[free.name])),
+                "follow_limited": boxed.finish({**follow_ups(boxed), **cgroup.counters()}),
+                "follow_unlimited": free.finish(follow_ups(free)),
+            }
+
+
+async def limited_burst(bench: Bench) -> dict[str, Any]:
+    """``burst`` brand-new sessions at once on a default server under the memory limit, each
+    "remember" then the recall. A 503 (no room for another CLI) is retried after its
+    ``Retry-After``, as a client would; it is counted, not an error."""
+    counts = bench.counts
+    async with memory_cgroup(bench) as cgroup, \
+            server(bench.model_url, bench.tmp, "limits-burst", {}, cgroup) as srv, http_client() as client:
+        await settle(client, srv, need_prewarm=True, timeout=counts.prewarm_timeout)
+        recalls: list[bool] = []
+        refusals: list[str] = []
+
+        async def session() -> list[TurnResult]:
+            sid = new_id("l")
+            value, prompt = remember_prompt()
+            first = await http_turn_retrying(client, srv.base_url, sid, prompt, refusals)
+            second = await http_turn_retrying(client, srv.base_url, sid, RECALL, refusals)
+            recalls.append(recalled(second, value))
+            return [first, second]
+
+        async def load() -> list[TurnResult]:
+            return [t for ts in await asyncio.gather(*(session() for _ in range(counts.burst))) for t in ts]
+
+        turns, cost = await _measured(srv, load)
+        return srv.finish({"sessions": counts.burst, "refusals_503": len(refusals),
+                           "limit_bytes": counts.limit_mib * 2**20, **cgroup.counters(), **cost,
+                           **summarize(turns, cost["wall_s"], recall_expected=counts.burst, recall_ok=sum(recalls))})
+
+
+LIMITS_PAIRED = ("first_limited", "first_unlimited", "follow_limited", "follow_unlimited")
+
+
 BURST_SERVERS: list[tuple[str, str, dict[str, str], bool]] = [
     # key, server name, env knobs, needs prewarm
     ("default", "e-default", {}, False),
@@ -238,7 +336,7 @@ BURST_SERVERS: list[tuple[str, str, dict[str, str], bool]] = [
 
 
 async def run_all(bench: Bench, only: set[str]) -> dict[str, Any]:
-    """Every scenario in order; ``only`` picks a subset (a, b, c, e) for smoke tests."""
+    """Every scenario in order; ``only`` picks a subset (a, b, c, e, limits)."""
     counts = bench.counts
     results: dict[str, Any] = {}
     if "a" in only:
@@ -265,6 +363,12 @@ async def run_all(bench: Bench, only: set[str]) -> dict[str, Any]:
                 rounds[key].append(await part(bench, f"e/{key} round {round_no}",
                                               functools.partial(burst, bench, f"{name}-{round_no}", knobs, need)))
         results["e"] = {key: median_round(parts) for key, parts in rounds.items()}
+    if "limits" in only:
+        print(f"(limits) under a {counts.limit_mib} MiB memory limit", flush=True)
+        paired = await part(bench, "limits/paired", lambda: limited_vs_unlimited(bench))
+        results["limits"] = {key: {**paired[key], "status": "ok"} if paired["status"] == "ok" else paired
+                             for key in LIMITS_PAIRED}
+        results["limits"]["burst"] = await part(bench, "limits/burst", lambda: limited_burst(bench))
     return results
 
 

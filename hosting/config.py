@@ -14,7 +14,17 @@ from pathlib import Path
 from typing import TypeVar
 
 from hosting.contract import MAX_BODY_BYTES
-from hosting.server.cpu import usable_cpus
+from hosting.server.box import (
+    CLI_BYTES,
+    CLI_SHARED_BYTES,
+    MAX_PREWARM,
+    MAX_WARM_SESSIONS,
+    MEMORY_SHARE,
+    SERVER_BYTES,
+    Box,
+    read_box,
+    usable_cpus,
+)
 from research_agent.options import DEFAULT_MODEL
 
 
@@ -74,7 +84,12 @@ the same variable for the server (measured in bench/README.md):
 
 @dataclass(frozen=True)
 class Settings:
-    """Configuration of one agent server (or one run-once job)."""
+    """Configuration of one agent server (or one run-once job).
+
+    :meth:`from_env` sizes the CLI pools to ``box``, the limits the process runs
+    under; built directly (tests), they are what is passed, or the sizes for a
+    box with room to spare.
+    """
 
     host: str = "0.0.0.0"
     port: int = 8000
@@ -86,19 +101,25 @@ class Settings:
     claude_code_oauth_token: str | None = field(default=None, repr=False)
     max_body_bytes: int = MAX_BODY_BYTES
     heartbeat_seconds: float = 15.0
-    warm_sessions: int = 32
-    prewarm: int = 12
+    warm_sessions: int = MAX_WARM_SESSIONS
+    prewarm: int = MAX_PREWARM
     max_starting_clis: int = field(default_factory=usable_cpus)
+    queue_timeout_seconds: float = 10.0
     idle_timeout_seconds: float = 600.0
     shutdown_grace_seconds: float = 30.0
     session_store_url: str | None = field(default=None, repr=False)
     session_ttl_seconds: int | None = 30 * 24 * 3600
     cli_runtime: Mapping[str, str] = field(default_factory=lambda: dict(CLI_RUNTIME_DEFAULTS))
+    box: Box = field(default_factory=read_box)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read the environment. Bad values raise :class:`ConfigError` naming the variable."""
+    def from_env(cls, env: Mapping[str, str] | None = None, box: Box | None = None) -> Settings:
+        """Read the environment and the box (see :meth:`Box.fit` for the sizes it gives).
+        Bad values raise :class:`ConfigError` naming the variable."""
         env = os.environ if env is None else env
+        box = read_box() if box is None else box
+        fit = box.fit()
+        prewarm = int_setting(env, "AGENT_PREWARM", fit.prewarm)
         return cls(
             host=env.get("HOST", "").strip() or cls.host,
             port=int_setting(env, "PORT", cls.port, minimum=1),
@@ -109,15 +130,39 @@ class Settings:
             anthropic_api_key=optional_setting(env, "ANTHROPIC_API_KEY"),
             claude_code_oauth_token=optional_setting(env, "CLAUDE_CODE_OAUTH_TOKEN"),
             heartbeat_seconds=float_setting(env, "AGENT_HEARTBEAT_SECONDS", cls.heartbeat_seconds),
-            warm_sessions=int_setting(env, "AGENT_WARM_SESSIONS", cls.warm_sessions),
-            prewarm=int_setting(env, "AGENT_PREWARM", cls.prewarm),
-            max_starting_clis=int_setting(env, "AGENT_MAX_STARTING_CLIS", usable_cpus(), minimum=1),
+            warm_sessions=int_setting(env, "AGENT_WARM_SESSIONS", fit.warm_sessions(prewarm)),
+            prewarm=prewarm,
+            max_starting_clis=int_setting(env, "AGENT_MAX_STARTING_CLIS", fit.max_starting_clis, minimum=1),
+            queue_timeout_seconds=float_setting(env, "AGENT_QUEUE_TIMEOUT_SECONDS", cls.queue_timeout_seconds),
             idle_timeout_seconds=float_setting(env, "AGENT_IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds),
             shutdown_grace_seconds=float_setting(env, "AGENT_SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),
             session_store_url=_store_url(env),
             session_ttl_seconds=int_setting(env, "AGENT_SESSION_TTL_SECONDS", cls.session_ttl_seconds or 0) or None,
             cli_runtime={name: env.get(name, value) for name, value in CLI_RUNTIME_DEFAULTS.items()},
+            box=box,
         )
+
+    @property
+    def cli_budget(self) -> int:
+        """Most CLIs alive at once (warm, running, pre-started, starting): what fits the box,
+        or more if the warm cap and the pool were set higher (they win, with a warning)."""
+        return max(self.box.fit().clis, self.warm_sessions + self.prewarm)
+
+    def fit_warning(self) -> str | None:
+        """The one warning to log at start-up when the settings or the box leave no headroom."""
+        fit = self.box.fit()
+        held = self.warm_sessions + self.prewarm
+        if held > fit.clis:
+            need = SERVER_BYTES + CLI_SHARED_BYTES + held * CLI_BYTES
+            return (f"AGENT_WARM_SESSIONS={self.warm_sessions} and AGENT_PREWARM={self.prewarm} may hold {held} CLIs, "
+                    f"about {need / 2**20:.0f} MiB with the server, but {self.box.describe()} fits {fit.clis} "
+                    f"within {MEMORY_SHARE:.0%} of {self.box.memory / 2**20:.0f} MiB: expect reclaim stalls and "
+                    "OOM-killed turns. Unset them to size from the limit.")
+        if not fit.enough_for_one:
+            wanted = (SERVER_BYTES + CLI_SHARED_BYTES + CLI_BYTES) / MEMORY_SHARE
+            return (f"{self.box.describe()}: the server and one CLI want about {wanted / 2**20:.0f} MiB "
+                    "with headroom; one CLI runs at a time and turns may stall or be OOM-killed.")
+        return None
 
     def require_credentials(self) -> None:
         """Fail once, at start-up, instead of once per turn."""

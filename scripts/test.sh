@@ -1,7 +1,9 @@
 #!/bin/sh
 # The whole test suite. As root it first installs the system services the tests
 # drive for real (Redis, PostgreSQL, Docker); then it installs the package with
-# its test extra into ./.venv (or $VENV) and runs pytest. Extra args go to pytest.
+# its test extra into ./.venv (or $VENV), lints (ruff), type-checks (mypy; the
+# gateway and the sandbox backends with --strict) and runs pytest. Extra args go
+# to pytest.
 set -eu
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
@@ -14,6 +16,10 @@ if [ "$(id -u)" = 0 ]; then
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+
+"$VENV/bin/python" -m ruff check --quiet .
+"$VENV/bin/python" -m mypy
+"$VENV/bin/python" -m mypy --strict hosting/gateway hosting/sandboxes
 
 status=0
 "$VENV/bin/python" -m pytest "$@" || status=$?

@@ -29,6 +29,8 @@ from hosting.local_model import create_app as create_local_model
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-secret-6b1f0c2e9a"
+BASE_IMAGE = os.environ.get("AGENT_TEST_BASE_IMAGE", "research-agent-base:bookworm")
+IMAGE = "research-agent:test"
 
 
 def free_port() -> int:
@@ -60,6 +62,25 @@ def local_model() -> Iterator[LocalModel]:
     yield LocalModel(f"http://127.0.0.1:{port}")
     server.should_exit = True
     thread.join(10)
+
+
+def docker(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """The docker CLI; fails the test with its output unless ``check=False``."""
+    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def agent_image() -> str:
+    """The product image, built once per run on the offline base image (needs a Docker engine)."""
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        pytest.fail("no Docker engine: run scripts/start-dockerd.sh as root")
+    subprocess.run([str(ROOT / "hosting/docker/build-base-image.sh"), BASE_IMAGE], check=True, timeout=900)
+    docker("build", "-q", "-f", "hosting/Dockerfile", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
+           "--network", "host", "-t", IMAGE, str(ROOT), timeout=900)
+    return IMAGE
 
 
 def agent_env(local_model: LocalModel, data_dir: Path, **extra: str) -> dict[str, str]:

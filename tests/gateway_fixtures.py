@@ -21,7 +21,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import ROOT, LocalModel, agent_env, free_port
 
 ALICE, BOB, ADMIN = "alice-token-1f9e", "bob-token-77c2", "admin-token-5d0a"

@@ -17,30 +17,17 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, ROOT, free_port, post_turn, wait_for
+from tests.conftest import API_KEY, BASE_IMAGE, ROOT, docker, free_port, post_turn, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
-BASE_IMAGE = os.environ.get("AGENT_TEST_BASE_IMAGE", "research-agent-base:bookworm")
-IMAGE = "research-agent:test"
 RECALL = "What value did I ask you to remember?"
 
 
-def docker(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-@pytest.fixture(scope="session")
-def image() -> str:
-    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
-        pytest.fail("no Docker engine: run scripts/start-dockerd.sh as root")
-    subprocess.run([str(ROOT / "hosting/docker/build-base-image.sh"), BASE_IMAGE], check=True, timeout=900)
-    docker("build", "-q", "-f", "hosting/Dockerfile", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
-           "--network", "host", "-t", IMAGE, str(ROOT), timeout=900)
-    return IMAGE
+@pytest.fixture
+def image(agent_image: str) -> str:
+    """The product image, built once per run by conftest (the gateway and backend tests share it)."""
+    return agent_image
 
 
 @pytest.fixture

@@ -18,10 +18,9 @@ from typing import Any
 
 import httpx
 import pytest
-from httpx_sse import connect_sse
-
 from conftest import ROOT, Turn, post_turn, wait_for
 from gateway_fixtures import ADMIN, ALICE, BOB, Gateways, auth, gateways, local_gateways  # noqa: F401
+from httpx_sse import connect_sse
 from stores_fixtures import redis_url  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e

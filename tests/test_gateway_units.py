@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from starlette.requests import Request
+from stores_fixtures import redis_url  # noqa: F401 - fixture
 
 from hosting.config import ConfigError
 from hosting.gateway.relay import StreamWatcher, lost_stream, next_event_id
@@ -19,7 +20,6 @@ from hosting.gateway.routes import MemoryRouteStore, PoolEntry, RedisRouteStore,
 from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.tenants import TokenAuthenticator, load_tenant_tokens
 from hosting.sandboxes.base import Sandbox
-from stores_fixtures import redis_url  # noqa: F401 - fixture
 
 BASE_ENV = {"GATEWAY_TENANTS": "tok-a:alice", "ANTHROPIC_API_KEY": "sk-x"}
 

@@ -9,17 +9,19 @@ import pytest
 from claude_agent_sdk import AssistantMessage, ResultMessage, StreamEvent, TextBlock, ToolUseBlock
 
 from hosting.config import ConfigError, Settings
-from hosting.server.cpu import SpareCpu
-from hosting.server.wire import Redactor, TurnTranslator, classify_api_error
 from hosting.contract import InvalidSessionId, validate_session_id
+from hosting.server.box import Box
+from hosting.server.wire import Redactor, TurnTranslator, classify_api_error
 from hosting.server.workspaces import WorkspaceStore
 
 
 def test_settings_defaults_and_overrides():
-    default = Settings.from_env({})
+    roomy = Box(machine_memory=24 * 2**30, cpus=4)
+    default = Settings.from_env({}, box=roomy)
     assert (default.port, default.data_dir, default.model, default.warm_sessions, default.prewarm) == (
         8000, Path("/data"), "claude-sonnet-4-6", 32, 12)
-    assert default.max_starting_clis == len(os.sched_getaffinity(0))
+    assert default.max_starting_clis == 4 and default.queue_timeout_seconds == 10
+    assert Settings.from_env({}).box.cpus == len(os.sched_getaffinity(0))
     custom = Settings.from_env({"PORT": "9000", "AGENT_WARM_SESSIONS": "0", "AGENT_SESSION_TTL_SECONDS": "0",
                                 "AGENT_SESSION_STORE": "redis://127.0.0.1:6379/0", "AGENT_MAX_STARTING_CLIS": "1"})
     assert (custom.port, custom.warm_sessions, custom.session_ttl_seconds, custom.max_starting_clis) == (9000, 0, None, 1)
@@ -34,6 +36,7 @@ def test_cli_runtime_tuning_is_on_by_default_and_the_operator_can_override_it():
 @pytest.mark.parametrize("env, name", [
     ({"PORT": "http"}, "PORT"), ({"PORT": "0"}, "PORT"), ({"AGENT_PREWARM": "-1"}, "AGENT_PREWARM"),
     ({"AGENT_MAX_STARTING_CLIS": "0"}, "AGENT_MAX_STARTING_CLIS"),
+    ({"AGENT_QUEUE_TIMEOUT_SECONDS": "-1"}, "AGENT_QUEUE_TIMEOUT_SECONDS"),
     ({"AGENT_IDLE_TIMEOUT_SECONDS": "soon"}, "AGENT_IDLE_TIMEOUT_SECONDS"),
     ({"AGENT_SESSION_STORE": "mysql://x"}, "AGENT_SESSION_STORE"),
 ])
@@ -120,36 +123,3 @@ def test_classify_api_error(status, code, retryable):
 def test_redaction_reaches_nested_values():
     redact = Redactor(["sk-secret", None])
     assert redact({"a": ["x sk-secret y", {"b": "sk-secret"}], "n": 1}) == {"a": ["x [redacted] y", {"b": "[redacted]"}], "n": 1}
-
-
-def _proc_stat(path: Path, busy: int, idle: int, cpus: int = 2) -> None:
-    lines = [f"cpu  {busy} 0 0 {idle} 0 0 0 0 0 0"] + [f"cpu{i} 0 0 0 0 0 0 0 0 0 0" for i in range(cpus)]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def test_spare_cpu_from_proc_stat(tmp_path, monkeypatch):
-    clock = iter([100.0, 101.0, 102.0])
-    monkeypatch.setattr("hosting.server.cpu.time.monotonic", lambda: next(clock))
-    stat = tmp_path / "stat"
-    ticks = os.sysconf("SC_CLK_TCK")
-    _proc_stat(stat, busy=0, idle=0)
-    meter = SpareCpu(cgroup=tmp_path / "no-cgroup", proc_stat=stat)
-    _proc_stat(stat, busy=int(1.5 * ticks), idle=int(0.5 * ticks))  # 1.5 of 2 cores busy for 1 s
-    assert meter.cores() == pytest.approx(0.5) and meter.capacity == 2
-    _proc_stat(stat, busy=int(1.5 * ticks), idle=int(2.5 * ticks))  # then idle
-    assert meter.cores() == pytest.approx(2.0)
-
-
-def test_spare_cpu_from_a_cgroup_quota(tmp_path, monkeypatch):
-    clock = iter([10.0, 12.0])
-    monkeypatch.setattr("hosting.server.cpu.time.monotonic", lambda: next(clock))
-    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 cores
-    (tmp_path / "cpu.stat").write_text("usage_usec 0\nuser_usec 0\n")
-    meter = SpareCpu(cgroup=tmp_path, proc_stat=tmp_path / "missing")
-    (tmp_path / "cpu.stat").write_text("usage_usec 2000000\nuser_usec 0\n")  # 2 CPU-s over 2 s
-    expected = min(1.5, len(os.sched_getaffinity(0))) - 1.0
-    assert meter.cores() == pytest.approx(max(0.0, expected))
-
-
-def test_spare_cpu_unknown_when_nothing_is_readable(tmp_path):
-    assert SpareCpu(cgroup=tmp_path, proc_stat=tmp_path / "missing").cores() is None

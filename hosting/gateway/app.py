@@ -32,6 +32,7 @@ from hosting.contract import (
     tokens_equal,
     unauthorized,
 )
+from hosting.draining import DrainingServer
 from hosting.gateway.pool import WarmPool
 from hosting.gateway.provisioning import NotOwner, Provisioner, ProvisioningFailed
 from hosting.gateway.reaper import Reaper
@@ -69,6 +70,35 @@ def _relayed(response: httpx.Response, body: bytes) -> Response:
     return Response(body, status_code=response.status_code, headers=headers)
 
 
+def _tenant_of(request: Request) -> str:
+    tenant: str | None = request.app.state.authenticator.authenticate(request)
+    if tenant is None:
+        raise unauthorized()
+    return tenant
+
+
+Tenant = Annotated[str, Depends(_tenant_of)]
+"""The authenticated tenant of a request (401 otherwise)."""
+
+
+def _is_admin(request: Request) -> bool:
+    admin_token: str | None = request.app.state.settings.admin_token
+    token = bearer_token(request)
+    return admin_token is not None and token is not None and tokens_equal(token, admin_token)
+
+
+def _require_admin(request: Request) -> None:
+    if request.app.state.settings.admin_token is None:
+        raise HTTPException(404, "the admin API is off (set GATEWAY_ADMIN_TOKEN)")
+    if not _is_admin(request):
+        raise unauthorized()
+
+
+def _tenant_or_admin(request: Request) -> None:
+    if not _is_admin(request):
+        _tenant_of(request)
+
+
 def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteStore | None = None,
                authenticator: Authenticator | None = None) -> FastAPI:
     """Build the gateway. ``store`` and ``authenticator`` default to the settings'."""
@@ -104,7 +134,8 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
 
     app = FastAPI(title="Research agent gateway", version="1", lifespan=lifespan)
     install_json_errors(app, settings.max_body_bytes)
-    app.state.settings, app.state.store, app.state.pool, app.state.reaper = settings, store, pool, reaper
+    app.state.settings, app.state.authenticator = settings, authenticator
+    app.state.store, app.state.pool, app.state.reaper, app.state.relay = store, pool, reaper, relay
 
     @app.exception_handler(NotOwner)
     async def _not_owner(request: Request, exc: NotOwner) -> JSONResponse:
@@ -121,27 +152,6 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
         logger.error("provisioning failed: %s", exc)
         return JSONResponse({"detail": "no sandbox could be started for this session; retry later"},
                             status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})
-
-    def tenant_of(request: Request) -> str:
-        tenant = authenticator.authenticate(request)
-        if tenant is None:
-            raise unauthorized()
-        return tenant
-
-    def require_admin(request: Request) -> None:
-        if settings.admin_token is None:
-            raise HTTPException(404, "the admin API is off (set GATEWAY_ADMIN_TOKEN)")
-        token = bearer_token(request)
-        if token is None or not tokens_equal(token, settings.admin_token):
-            raise unauthorized()
-
-    def tenant_or_admin(request: Request) -> None:
-        token = bearer_token(request)
-        if settings.admin_token is not None and token is not None and tokens_equal(token, settings.admin_token):
-            return
-        tenant_of(request)
-
-    Tenant = Annotated[str, Depends(tenant_of)]
 
     async def owned_route(session_id: str, tenant: str) -> Route:
         route = await provisioner.route(session_id, tenant)
@@ -174,20 +184,25 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", dependencies=[Depends(tenant_or_admin)])
+    @app.get("/ready", dependencies=[Depends(_tenant_or_admin)])
     async def ready() -> JSONResponse:
+        if not relay.accepting:
+            return JSONResponse({"ready": False, "reason": "shutting down"}, status_code=503,
+                                headers={"Retry-After": RETRY_AFTER_SECONDS})
         try:
             await store.ping()
         except RouteStoreUnavailable:
             return JSONResponse({"ready": False, "reason": "routing store unreachable"}, status_code=503,
                                 headers={"Retry-After": RETRY_AFTER_SECONDS})
-        return JSONResponse({"ready": True, "backend": backend.name,
+        return JSONResponse({"ready": True, "backend": backend.name, "running_streams": relay.running_streams,
                              "routing": "memory" if isinstance(store, MemoryRouteStore) else "redis",
                              "pool": await pool.status()})
 
     @app.post("/sessions/{session_id}/messages")
     async def post_message(session_id: SessionId, tenant: Tenant, request: Request) -> Response:
         _, raw = await message_body(request)
+        if not relay.accepting:
+            raise _unavailable("the gateway is shutting down; retry on another replica")
         route = await provisioner.ensure(session_id, tenant)
         path = f"/sessions/{session_id}/messages"
         try:
@@ -240,7 +255,7 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
         logger.info("session %s: deleted with sandbox %s", session_id, route.sandbox_id)
         return Response(status_code=204)
 
-    @app.get("/admin/sessions/{session_id}", dependencies=[Depends(require_admin)])
+    @app.get("/admin/sessions/{session_id}", dependencies=[Depends(_require_admin)])
     async def admin_session(session_id: SessionId) -> dict[str, Any]:
         route = await store.get(session_id)
         if route is None:
@@ -254,14 +269,14 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
             described["pid"] = route.pid
         return described
 
-    @app.get("/admin/sandboxes", dependencies=[Depends(require_admin)])
+    @app.get("/admin/sandboxes", dependencies=[Depends(_require_admin)])
     async def admin_sandboxes() -> dict[str, Any]:
         sandboxes = await backend.list()
         return {"backend": backend.name, "sandboxes": [
             {"sandbox_id": s.sandbox_id, "session_id": s.session_id, "tenant": s.tenant, "address": s.address,
              "volume": s.volume, "created_at": s.created_at, "pid": s.pid} for s in sandboxes]}
 
-    @app.get("/admin/pool", dependencies=[Depends(require_admin)])
+    @app.get("/admin/pool", dependencies=[Depends(_require_admin)])
     async def admin_pool() -> dict[str, Any]:
         return await pool.status()
 
@@ -289,4 +304,5 @@ def main() -> None:
         print(f"agent-gateway: {exc}", file=sys.stderr)
         sys.exit(2)
     app = create_app(settings, backend)
-    uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=30, log_level="info")
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=5)
+    DrainingServer(config, app.state.relay, settings.shutdown_grace_seconds).run()

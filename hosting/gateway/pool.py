@@ -53,7 +53,7 @@ class WarmPool:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), REFILL_CHECK_SECONDS)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def refill(self) -> int:

@@ -16,8 +16,8 @@ import secrets
 import time
 from collections.abc import Mapping
 
-from hosting.sandboxes.base import Health, Sandbox, SandboxBackend, SandboxError, SandboxSpec
 from hosting.gateway.routes import PoolEntry, Route, RouteStore
+from hosting.sandboxes.base import Health, Sandbox, SandboxBackend, SandboxError, SandboxSpec
 
 logger = logging.getLogger("hosting.gateway.provisioning")
 

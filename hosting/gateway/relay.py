@@ -77,11 +77,18 @@ class StreamWatcher:
 
 
 class Relay:
-    """One HTTP client to every sandbox; requests carry the sandbox's own token."""
+    """One HTTP client to every sandbox; requests carry the sandbox's own token.
+
+    It also counts the streams it relays, so a draining gateway (SIGTERM) can refuse
+    new turns and wait for the running ones (:class:`hosting.draining.Drainable`)."""
 
     def __init__(self, store: RouteStore, stamp_interval_seconds: float) -> None:
         self._store = store
         self._stamp_interval = stamp_interval_seconds
+        self.accepting = True
+        self._streams = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         # No read timeout: a turn may think for minutes; heartbeats keep proxies happy.
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
@@ -105,6 +112,8 @@ class Relay:
         ``sandbox_lost`` ending if the sandbox goes away before ``done``."""
         watcher = StreamWatcher()
         stamper = asyncio.create_task(self._stamp_while_streaming(route.session_id))
+        self._streams += 1
+        self._idle.clear()
         try:
             async for chunk in response.aiter_raw():
                 watcher.feed(chunk)
@@ -114,6 +123,9 @@ class Relay:
                            type(exc).__name__)
         finally:
             stamper.cancel()
+            self._streams -= 1
+            if self._streams == 0:
+                self._idle.set()
             await response.aclose()
         await self.touch(route.session_id)
         if not watcher.done:
@@ -129,6 +141,20 @@ class Relay:
         while True:
             await self.touch(session_id)
             await asyncio.sleep(self._stamp_interval)
+
+    @property
+    def running_streams(self) -> int:
+        return self._streams
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+
+    async def wait_for_running_turns(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -14,7 +14,6 @@ a unique token and an expiry, released only by their holder: compare-and-delete)
 from __future__ import annotations
 
 import abc
-import asyncio
 import json
 import secrets
 import time
@@ -234,7 +233,7 @@ class RedisRouteStore(RouteStore):
     async def _call(self, awaitable: Any) -> Any:
         try:
             return await awaitable
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisError, OSError) as exc:
             raise RouteStoreUnavailable(f"routing store unreachable: {type(exc).__name__}") from None
 
     async def ping(self) -> None:

@@ -87,6 +87,7 @@ class GatewaySettings:
     warm_pool: int = 2
     idle_timeout_seconds: float = 900.0
     provision_timeout_seconds: float = 120.0
+    shutdown_grace_seconds: float = 30.0
     admin_token: str | None = field(default=None, repr=False)
     max_body_bytes: int = MAX_BODY_BYTES
     sandbox_env: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -111,6 +112,7 @@ class GatewaySettings:
             idle_timeout_seconds=float_setting(env, "GATEWAY_IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds),
             provision_timeout_seconds=float_setting(env, "GATEWAY_PROVISION_TIMEOUT_SECONDS",
                                                     cls.provision_timeout_seconds),
+            shutdown_grace_seconds=float_setting(env, "GATEWAY_SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),
             admin_token=optional_setting(env, "GATEWAY_ADMIN_TOKEN"),
             sandbox_env=_sandbox_env(env),
             docker_image=optional_setting(env, "GATEWAY_DOCKER_IMAGE") or cls.docker_image,

@@ -72,7 +72,7 @@ class Health(enum.Enum):
     READY = "ready"
     """``GET /ready`` answered 200: a turn could start now."""
     STARTING = "starting"
-    """It exists but is not ready (yet), or is draining."""
+    """It exists but is not ready (yet), is draining, or does not answer (yet)."""
     GONE = "gone"
     """It does not exist any more (crashed, killed or deleted)."""
 

@@ -10,14 +10,11 @@ model and leaves nothing on disk.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -35,8 +32,9 @@ from hosting.contract import (
     tokens_equal,
     unauthorized,
 )
+from hosting.draining import DrainingServer
 from hosting.server.durable import StoreUnavailable
-from hosting.server.sessions import NotAccepting, SessionBusy, SessionManager
+from hosting.server.sessions import NoRoom, NotAccepting, SessionBusy, SessionManager
 from hosting.server.turns import Turn
 from hosting.server.workspaces import WorkspaceStore
 from hosting.stores import MissingStoreDriver, open_session_store
@@ -45,7 +43,8 @@ logger = logging.getLogger("hosting.server")
 
 
 def _busy(session_id: str) -> HTTPException:
-    return HTTPException(409, f"a turn is already running on session {session_id!r}", headers={"Retry-After": RETRY_AFTER_SECONDS})
+    return HTTPException(409, f"a turn is already running on session {session_id!r}",
+                         headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
 def _store_down() -> HTTPException:
@@ -63,6 +62,11 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         workspaces.ensure_writable()
+        logger.info("%s: up to %d CLIs at once (%d warm, %d pre-started, %d starting at once)",
+                    settings.box.describe(), settings.cli_budget, settings.warm_sessions, settings.prewarm,
+                    settings.max_starting_clis)
+        if (warning := settings.fit_warning()) is not None:
+            logger.warning("%s", warning)
         if store is not None:
             try:
                 await store.ping()
@@ -101,10 +105,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def post_message(session_id: SessionId, request: Request) -> EventSourceResponse:
         body, _ = await message_body(request)
         try:
-            turn = sessions.start_turn(session_id, body.prompt, include_raw=body.include_raw)
+            turn = await sessions.start_turn(session_id, body.prompt, include_raw=body.include_raw)
         except SessionBusy:
             raise _busy(session_id) from None
-        except NotAccepting as exc:
+        except (NotAccepting, NoRoom) as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
         return EventSourceResponse(_sse(turn), ping=settings.heartbeat_seconds)
 
@@ -145,43 +149,6 @@ async def _sse(turn: Turn) -> AsyncIterator[ServerSentEvent]:
     async for event in turn.events():
         event_id += 1
         yield ServerSentEvent(data=json.dumps(event.payload()), event=event.type, id=str(event_id))
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn, but SIGTERM drains first.
-
-    On the first SIGTERM/SIGINT the listener stays open and new turns get 503
-    with ``Retry-After`` while running turns finish (up to the grace period);
-    then uvicorn shuts down as usual and the lifespan closes every CLI. The
-    process exits 0. A second signal exits at once.
-    """
-
-    def __init__(self, config: uvicorn.Config, sessions: SessionManager, grace_seconds: float) -> None:
-        super().__init__(config)
-        self._sessions = sessions
-        self._grace_seconds = grace_seconds
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._draining = False
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().startup(sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining or self._loop is None:
-            self.force_exit = self._draining
-            self.should_exit = True
-            return
-        self._draining = True
-        logger.info("signal %d: draining (grace %.0f s)", sig, self._grace_seconds)
-        self._sessions.stop_accepting()
-        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))  # type: ignore[union-attr]
-
-    async def _drain(self) -> None:
-        finished = await self._sessions.wait_for_running_turns(self._grace_seconds)
-        if not finished:
-            logger.warning("grace period over: cancelling the turns still running")
-        self.should_exit = True
 
 
 def main() -> None:

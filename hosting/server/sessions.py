@@ -14,6 +14,12 @@ A *live session* is a connected ``ClaudeSDKClient`` bound to one workspace.
   time, with spare CPU only and never while a turn waits for its CLI, so
   refilling does not compete with turns in flight. A pre-started CLI is primed
   (asked for its context usage, no model call) before it joins the pool.
+- Every live CLI (warm, running, pre-started or starting) holds one of the
+  ``cli_budget`` slots sized to the box's memory. A turn that needs a new CLI
+  when none is free queues instead of pushing the box into reclaim: in arrival
+  order it takes the slot of an idle CLI (least recently used first, then a
+  pre-started one; see :data:`EVICTION_GRACE_SECONDS`), and past
+  ``queue_timeout_seconds`` it is refused (HTTP 503) before anything is created.
 """
 
 from __future__ import annotations
@@ -27,9 +33,9 @@ from typing import Any
 
 from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient, MirrorErrorMessage, SessionStore
 
-from hosting.server.cli import guarded_cli
 from hosting.config import Settings
-from hosting.server.cpu import SpareCpu
+from hosting.server.box import SpareCpu
+from hosting.server.cli import guarded_cli
 from hosting.server.durable import MirrorOnly, StoreUnavailable, catch_up, durable_session_id, restore, store_key
 from hosting.server.turns import Turn
 from hosting.server.wire import Redactor, TurnTranslator, error_event
@@ -44,12 +50,23 @@ half of it) was spare over the last window of this length, and never while a tur
 for its CLI (it must not take a turn's start slot)."""
 
 
+EVICTION_GRACE_SECONDS = 0.5
+"""A queued turn closes an idle CLI only once it has been idle this long (a pre-started one
+goes first): clients often send a session's next turn at once, and closing its CLI would
+cost that turn a fresh start. Under 1 GiB, a burst of 25 new sessions of two turns each
+took 31 s with 19 refusals (503) instead of 67 s with 47."""
+
+
 class SessionBusy(Exception):
     """A turn is already running on this session (HTTP 409)."""
 
 
 class NotAccepting(Exception):
     """The server is shutting down (HTTP 503)."""
+
+
+class NoRoom(Exception):
+    """No CLI could be started within the memory budget in time (HTTP 503)."""
 
 
 class LiveSession:
@@ -95,6 +112,8 @@ class _Running:
     turn: Turn
     task: asyncio.Task[None] | None = None
     live: LiveSession | None = None
+    slot: bool = False
+    """The turn holds a budget slot for a CLI it has yet to start."""
 
 
 class SessionManager:
@@ -112,8 +131,12 @@ class SessionManager:
         self._pool: deque[LiveSession] = deque()
         self._pool_wanted = asyncio.Event()
         self._starting = asyncio.Semaphore(settings.max_starting_clis)
-        self._spare_cpu = SpareCpu()
+        self._spare_cpu = SpareCpu(settings.box)
         self._turns_starting = 0
+        self._clis = 0  # budget slots held: live CLIs, CLIs starting, turns about to start one
+        self._queue: deque[object] = deque()  # turns waiting for a slot, oldest first
+        self._room_changed = asyncio.Event()  # replaced on each signal: a broadcast
+        self._closing: dict[str, asyncio.Event] = {}  # workspaces whose CLI is being closed
         self._background: list[asyncio.Task[None]] = []
         self.accepting = True
 
@@ -129,6 +152,7 @@ class SessionManager:
 
     def stop_accepting(self) -> None:
         self.accepting = False
+        self._signal_room()  # queued turns are refused at once
 
     async def wait_for_running_turns(self, timeout: float) -> bool:
         """Wait until no turn runs; ``False`` if some were still running at the timeout."""
@@ -150,15 +174,14 @@ class SessionManager:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         while self._idle:
-            await self._idle.popitem()[1].close()
+            await self._close(self._idle.popitem()[1])
         while self._pool:
-            live = self._pool.popleft()
-            await live.close()
-            self._workspaces.discard(live.workspace)
+            await self._close(self._pool.popleft(), pooled=True)
 
     # -- state -----------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        box = self._settings.box
         return {
             "accepting": self.accepting,
             "prewarmed": len(self._pool),
@@ -168,6 +191,12 @@ class SessionManager:
             "warm_sessions_cap": self._settings.warm_sessions,
             "session_store": self._store is not None,
             "store_failures": self.store_failures,
+            "memory_limit_bytes": box.memory_limit,
+            "memory_budget_bytes": box.memory_budget,
+            "cpu_cores": box.cores,
+            "cli_budget": self._settings.cli_budget,
+            "live_clis": self._clis,
+            "queued_turns": len(self._queue),
         }
 
     async def describe(self, session_id: str) -> dict[str, Any] | None:
@@ -189,11 +218,12 @@ class SessionManager:
 
     # -- turns -----------------------------------------------------------
 
-    def start_turn(self, session_id: str, prompt: str, *, include_raw: bool = False) -> Turn:
-        """Reserve the session and start its turn in the background.
+    async def start_turn(self, session_id: str, prompt: str, *, include_raw: bool = False) -> Turn:
+        """Reserve the session, wait for room for its CLI, and start its turn in the background.
 
-        Synchronous up to the reservation, so two requests for one session
-        cannot both pass the busy check. The turn runs in its own task: a
+        The session is reserved before the first await, so two requests for one
+        session cannot both pass the busy check. A turn refused for want of room
+        (:class:`NoRoom`) has created nothing. The turn runs in its own task: a
         client that goes away does not stop it.
         """
         if not self.accepting:
@@ -203,33 +233,121 @@ class SessionManager:
         turn = Turn(session_id)
         running = self._running[session_id] = _Running(turn)
         try:
-            record, running.live = self._bind(session_id)
+            running.slot = await self._admit(session_id)
+            record = self._bind(running)
         except BaseException:
             del self._running[session_id]
+            if running.slot:
+                self._free_slot()
             raise
         running.task = asyncio.create_task(self._run(running, record, prompt, include_raw), name=f"turn:{session_id}")
         return turn
 
-    def _bind(self, session_id: str) -> tuple[SessionRecord, LiveSession | None]:
-        """The session's record and, if one is ready, its connected CLI (warm or pre-started).
+    def _needs_cli(self, session_id: str) -> bool:
+        """Whether the session's next turn must start a CLI: it has no warm one, and it is not
+        a new session that a pre-started CLI can serve (never with a store: see :meth:`_bind`)."""
+        if session_id in self._idle:
+            return False
+        return not (self._pool and self._store is None and self._workspaces.get(session_id) is None)
+
+    async def _admit(self, session_id: str) -> bool:
+        """Wait for room for the session's CLI; ``True`` if a budget slot was taken for it.
+
+        Turns that need a slot queue in arrival order. The first in line takes a free
+        slot, or closes an idle CLI to free one (:meth:`_evict_one`); the others wait.
+        Past ``queue_timeout_seconds``: :class:`NoRoom`.
+        """
+        if not self._needs_cli(session_id):
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.queue_timeout_seconds
+        ticket = object()
+        self._queue.append(ticket)
+        try:
+            while True:
+                if not self.accepting:
+                    raise NotAccepting("the server is shutting down")
+                if not self._needs_cli(session_id):
+                    return False
+                retry_in = float("inf")
+                if self._queue[0] is ticket:
+                    if self._clis < self._settings.cli_budget:
+                        self._clis += 1
+                        return True
+                    retry_in = await self._evict_one()
+                    if not retry_in:
+                        continue
+                changed = self._room_changed
+                try:
+                    await asyncio.wait_for(changed.wait(), min(retry_in, deadline - loop.time()))
+                except TimeoutError:
+                    if loop.time() >= deadline:
+                        raise NoRoom(f"all {self._settings.cli_budget} CLIs that fit in this server's memory "
+                                     "are busy; retry shortly") from None
+        finally:
+            self._queue.remove(ticket)
+            self._signal_room()  # the next in line may act now
+
+    async def _evict_one(self) -> float:
+        """Close the least recently used idle CLI if it has been idle for
+        :data:`EVICTION_GRACE_SECONDS`, else a pre-started one. ``0`` when one was closed,
+        else how long until the idle one may be (infinite: none is idle)."""
+        oldest = next(iter(self._idle.values()), None)
+        age = time.monotonic() - oldest.last_used if oldest is not None else 0.0
+        if oldest is not None and age >= EVICTION_GRACE_SECONDS:
+            await self._close(self._idle.popitem(last=False)[1])
+        elif self._pool:
+            await self._close(self._pool.popleft(), pooled=True)
+            self._pool_wanted.set()
+        else:
+            return EVICTION_GRACE_SECONDS - age if oldest is not None else float("inf")
+        return 0.0
+
+    def _signal_room(self) -> None:
+        """Wake every waiter: a slot was freed, a CLI went idle, or the server is closing."""
+        self._room_changed.set()
+        self._room_changed = asyncio.Event()
+
+    def _free_slot(self) -> None:
+        self._clis -= 1
+        self._signal_room()
+
+    async def _close(self, live: LiveSession, *, pooled: bool = False) -> None:
+        """Close a CLI and free its slot. Until it has exited its workspace stays locked,
+        so a turn of the same session waits for it (see :meth:`_run`)."""
+        closed = self._closing[live.workspace.sdk_session_id] = asyncio.Event()
+        try:
+            await live.close()
+        finally:
+            del self._closing[live.workspace.sdk_session_id]
+            closed.set()
+            if pooled:
+                self._workspaces.discard(live.workspace)
+            self._free_slot()
+
+    def _bind(self, running: _Running) -> SessionRecord:
+        """The session's record; ``running.live`` becomes its connected CLI if one is ready
+        (warm or pre-started), else the turn starts one with the slot it holds.
 
         With a store the SDK session id must be derivable from the public id,
         so pre-started CLIs (whose ids are fixed at spawn) are not used.
         """
-        live = self._idle.pop(session_id, None)
+        session_id = running.turn.session_id
+        running.live = self._idle.pop(session_id, None)
         record = self._workspaces.get(session_id)
         if record is not None:
-            return record, live
+            return record
         if self._store is not None:
-            return self._workspaces.bind(session_id, self._workspaces.new_workspace(durable_session_id(session_id))), None
+            return self._workspaces.bind(session_id, self._workspaces.new_workspace(durable_session_id(session_id)))
         pooled = self._pool.popleft() if self._pool else None
         self._pool_wanted.set()
         record = self._workspaces.bind(session_id, pooled.workspace if pooled else self._workspaces.new_workspace())
         if pooled is not None and record.workspace != pooled.workspace:
-            # Another process bound this id first and our workspace is gone.
+            # Another process bound this id first and our workspace is gone: the turn takes over the slot.
             asyncio.create_task(pooled.close())
-            pooled = None
-        return record, pooled
+            running.slot, pooled = True, None
+        running.live = pooled
+        return record
 
     async def _run(self, running: _Running, record: SessionRecord, prompt: str, include_raw: bool) -> None:
         turn = running.turn
@@ -239,7 +357,11 @@ class SessionManager:
                 await self._prepare_durable(record.workspace)
             turn.announce(resumed=record.workspace.has_history())
             if running.live is None:
+                closing = self._closing.get(record.workspace.sdk_session_id)
+                if closing is not None:
+                    await closing.wait()
                 running.live = self._open(record.workspace)
+                running.slot = False  # the CLI holds it now
             live = running.live
             if not live.connected:
                 await self._connect(live, for_turn=True)
@@ -280,9 +402,12 @@ class SessionManager:
         finally:
             turn.announce(resumed=False)  # no-op if announced; a failure before it still starts with `session`
             del self._running[turn.session_id]
-            if running.live is not None:
-                await self._release(turn.session_id, running.live)
+            if running.slot:
+                self._free_slot()
+            evicted = await self._release(turn.session_id, running.live) if running.live is not None else []
             turn.finish()
+            for live in evicted:
+                await self._close(live)
 
     async def _prepare_durable(self, workspace: Workspace) -> None:
         """Before a CLI starts: restore the transcript from the store, or bring the store up to date."""
@@ -357,15 +482,20 @@ class SessionManager:
         finally:
             self._turns_starting -= for_turn
 
-    async def _release(self, session_id: str, live: LiveSession) -> None:
-        """Keep the CLI warm if allowed, evicting the least recently used past the cap."""
+    async def _release(self, session_id: str, live: LiveSession) -> list[LiveSession]:
+        """Keep the CLI warm if allowed (else close it now, before the session's next turn
+        can start); return the least recently used ones past the cap, for the caller to
+        close once its turn has ended."""
         if not (live.healthy and self.accepting and self._settings.warm_sessions > 0):
-            await live.close()
-            return
+            await self._close(live)
+            return []
         live.last_used = time.monotonic()
         self._idle[session_id] = live
+        self._signal_room()  # a queued turn may take its slot
+        evicted = []
         while len(self._idle) > self._settings.warm_sessions:
-            await self._idle.popitem(last=False)[1].close()
+            evicted.append(self._idle.popitem(last=False)[1])
+        return evicted
 
     # -- background ------------------------------------------------------
 
@@ -376,27 +506,28 @@ class SessionManager:
             while self.accepting and len(self._pool) < self._settings.prewarm:
                 if not await self._room_to_start():
                     continue
-                workspace = self._workspaces.new_workspace()
-                live = self._open(workspace)
+                self._clis += 1
+                live = self._open(self._workspaces.new_workspace())
                 try:
                     await self._connect(live, for_turn=False)
                     await live.prime()
                 except BaseException as exc:
-                    await live.close()
-                    self._workspaces.discard(workspace)
+                    await self._close(live, pooled=True)
                     if not isinstance(exc, Exception):  # cancelled: the server is closing
                         raise
                     logger.exception("could not pre-start a CLI")  # retry later; turns fall back to spawning
                     await asyncio.sleep(5)
                     continue
                 self._pool.append(live)
+                self._signal_room()  # a queued turn of a new session may take it
 
     async def _room_to_start(self) -> bool:
-        """Whether the pool may start a CLI now: see :data:`REFILL_WINDOW_SECONDS`."""
+        """Whether the pool may start a CLI now: a slot of the budget is free and no turn
+        queues for one, and see :data:`REFILL_WINDOW_SECONDS`."""
         self._spare_cpu.cores()  # start a fresh window
         await asyncio.sleep(REFILL_WINDOW_SECONDS)
         spare = self._spare_cpu.cores()
-        if self._turns_starting:
+        if self._turns_starting or self._queue or self._clis >= self._settings.cli_budget:
             return False
         return spare is None or spare >= min(1.0, self._spare_cpu.capacity / 2)
 
@@ -408,7 +539,7 @@ class SessionManager:
             for session_id in [sid for sid, live in self._idle.items() if live.last_used < cutoff]:
                 live = self._idle.pop(session_id, None)  # a turn may have taken it meanwhile
                 if live is not None:
-                    await live.close()
+                    await self._close(live)
 
     # -- control ---------------------------------------------------------
 
@@ -443,5 +574,5 @@ class SessionManager:
                     raise StoreUnavailable(str(exc)) from exc
         live = self._idle.pop(session_id, None)
         if live is not None:
-            await live.close()
+            await self._close(live)
         return self._workspaces.delete(session_id) or stored
