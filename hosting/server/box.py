@@ -26,8 +26,9 @@ from pathlib import Path, PurePosixPath
 MiB = 2**20
 
 SERVER_BYTES = 64 * MiB
-"""The server process, idle: 54 MiB resident, 62 MiB charged to its cgroup (measured on
-the bench machine, 2 cores, Python 3.11, claude-agent-sdk 0.2.187 / CLI 2.1.330)."""
+"""The server process: 55 MiB anonymous (75 MiB resident with its libraries, 77 after 20
+turns), 62 MiB charged to a fresh cgroup (measured on the bench machine, 2 cores, Python
+3.11, claude-agent-sdk 0.2.189 / CLI 2.1.332)."""
 
 CLI_SHARED_BYTES = 240 * MiB
 """The CLI executable's page cache, charged once to the cgroup whose first CLI reads it:
@@ -35,7 +36,9 @@ CLI_SHARED_BYTES = 240 * MiB
 
 CLI_BYTES = 160 * MiB
 """One connected CLI's own memory (anonymous, charged to the cgroup): 107 MiB pre-started
-and primed, 123-125 MiB after its first turns, 155-180 MiB after 10-200 turns."""
+and primed, 123-125 MiB after its first turns, 155-180 MiB after 10-200 turns. Its resident
+size adds the executable's mapped pages, shared by all CLIs: 176 MiB pre-started, 195 MiB
+after two turns."""
 
 MEMORY_SHARE = 0.8
 """An idle server (its warm and pre-started CLIs included) keeps within this share of the

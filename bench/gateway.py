@@ -1,0 +1,198 @@
+"""(g) What the gateway adds: relay overhead, warm-pool first turns, a burst of new sessions.
+
+Each part starts its own gateway (``python -m hosting.gateway``, own data dir and
+installation) on the local backend unless it says otherwise; sandboxes are the
+gateway's descendants, so its process tree is the whole deployment. Before each
+timed phase the warm pool is full and the tree is quiet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.drive import RECALL, TurnResult, http_turn, recalled, remember_prompt, summarize
+from bench.procs import (
+    API_KEY,
+    QUIET_CPU_FRACTION,
+    QUIET_WINDOW_SECONDS,
+    Managed,
+    Peak,
+    ScenarioError,
+    clean_env,
+    free_port,
+    spawn,
+    tree_cpu_seconds,
+    wait_http,
+)
+
+TENANT_TOKEN = "bench-tenant-token"
+ADMIN_TOKEN = "bench-admin-token"
+
+
+@dataclass(frozen=True)
+class GatewayCounts:
+    relay_follow_ups: int = 30   # (g) follow-ups through the gateway and straight to the sandbox, alternated
+    first_turns: int = 8         # (g) first turns of new sessions, with a warm pool and without
+    burst: int = 25              # (g) new sessions at once, two turns each
+    settle_timeout: float = 180.0
+
+
+GATEWAY_QUICK = GatewayCounts(relay_follow_ups=5, first_turns=2, burst=4, settle_timeout=120.0)
+
+
+@dataclass
+class Gateway:
+    base_url: str
+    managed: Managed
+    pool_target: int
+    backend: str
+
+    @property
+    def pid(self) -> int:
+        return self.managed.proc.pid
+
+
+def client(token: str = TENANT_TOKEN, connections: int = 200) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=10.0), limits=limits,
+                             headers={"authorization": f"Bearer {token}"})
+
+
+@asynccontextmanager
+async def gateway(model_url: str, tmp: Path, name: str, pool: int, backend: str = "local",
+                  image: str | None = None) -> AsyncIterator[Gateway]:
+    root = tmp / name
+    root.mkdir(parents=True)
+    port = free_port()
+    installation = f"b{secrets.token_hex(4)}"
+    env = clean_env() | {
+        "ANTHROPIC_BASE_URL": model_url, "ANTHROPIC_API_KEY": API_KEY, "HOST": "127.0.0.1", "PORT": str(port),
+        "GATEWAY_TENANTS": f"{TENANT_TOKEN}:bench", "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
+        "GATEWAY_WARM_POOL": str(pool), "GATEWAY_DATA_DIR": str(root / "data"), "GATEWAY_BACKEND": backend,
+        "GATEWAY_INSTALLATION": installation,
+    }
+    if backend == "docker":
+        assert image is not None
+        env |= {"GATEWAY_DOCKER_IMAGE": image, "GATEWAY_DOCKER_NETWORK": "host"}
+    managed = spawn(["-m", "hosting.gateway"], env, root / "gateway.log")
+    try:
+        gw = Gateway(f"http://127.0.0.1:{port}", managed, pool, backend)
+        await wait_http(managed, f"{gw.base_url}/health", 60, f"gateway {name}")
+        yield gw
+    except (ScenarioError, httpx.HTTPError) as exc:
+        raise ScenarioError(f"{exc}\n--- end of gateway {name} log ---\n{managed.log_tail()}") from exc
+    finally:
+        managed.proc.terminate()
+        try:
+            await asyncio.to_thread(managed.proc.wait, 60)
+        except Exception:  # noqa: BLE001 - killed below in any case
+            pass
+        managed.stop()
+        if backend == "docker":
+            await asyncio.to_thread(_remove_docker_leftovers, installation)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _remove_docker_leftovers(installation: str) -> None:
+    import docker
+
+    engine = docker.from_env()
+    label = f"research-agent.installation={installation}"
+    for container in engine.containers.list(all=True, filters={"label": label}):
+        container.remove(force=True)
+    for volume in engine.volumes.list(filters={"label": label}):
+        volume.remove(force=True)
+
+
+async def settle(admin: httpx.AsyncClient, gw: Gateway, timeout: float) -> None:
+    """Wait for a full pool, then for a quiet process tree."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pool = (await admin.get(f"{gw.base_url}/admin/pool")).json()
+        if len(pool["sandboxes"]) >= gw.pool_target:
+            break
+        if gw.managed.proc.poll() is not None or time.monotonic() > deadline:
+            raise ScenarioError(f"gateway pool not full ({pool}):\n{gw.managed.log_tail()}")
+        await asyncio.sleep(0.1)
+    while time.monotonic() < deadline:
+        before = tree_cpu_seconds(gw.pid)
+        await asyncio.sleep(QUIET_WINDOW_SECONDS)
+        if tree_cpu_seconds(gw.pid) - before <= QUIET_CPU_FRACTION * QUIET_WINDOW_SECONDS:
+            return
+
+
+def _sandbox_token(pid: int) -> str:
+    """The sandbox's own bearer token, from its environment (the bench runs as the same user)."""
+    for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+        if item.startswith(b"AGENT_AUTH_TOKEN="):
+            return item.split(b"=", 1)[1].decode()
+    raise ScenarioError(f"no AGENT_AUTH_TOKEN in the environment of pid {pid}")
+
+
+async def relay_overhead(model_url: str, tmp: Path, counts: GatewayCounts) -> dict[str, Any]:
+    """Follow-ups on one session, through the gateway and straight to its sandbox, alternated
+    (so a drift in the machine's speed reaches both alike)."""
+    async with gateway(model_url, tmp, "g-relay", pool=1) as gw, client() as via, client(ADMIN_TOKEN) as admin:
+        await settle(admin, gw, counts.settle_timeout)
+        value, prompt = remember_prompt()
+        first = await http_turn(via, gw.base_url, "relay", prompt)
+        if first.error:
+            raise ScenarioError(f"first turn failed: {first.error}")
+        route = (await admin.get(f"{gw.base_url}/admin/sessions/relay")).json()
+        token = _sandbox_token(route["pid"])
+        async with client(token) as direct:
+            gateway_turns: list[TurnResult] = []
+            direct_turns: list[TurnResult] = []
+            await http_turn(direct, route["address"], "relay", RECALL)  # both paths warm before timing
+            await settle(admin, gw, counts.settle_timeout)
+            for _ in range(counts.relay_follow_ups):
+                gateway_turns.append(await http_turn(via, gw.base_url, "relay", RECALL))
+                direct_turns.append(await http_turn(direct, route["address"], "relay", RECALL))
+        return {"gateway": summarize(gateway_turns, recall_expected=len(gateway_turns),
+                                     recall_ok=sum(recalled(t, value) for t in gateway_turns)),
+                "direct": summarize(direct_turns, recall_expected=len(direct_turns),
+                                    recall_ok=sum(recalled(t, value) for t in direct_turns))}
+
+
+async def first_turns(model_url: str, tmp: Path, counts: GatewayCounts, pool: int, backend: str = "local",
+                      image: str | None = None) -> dict[str, Any]:
+    """First turns of new sessions, one at a time, each from steady state (pool refilled)."""
+    name = f"g-first-{backend}-pool{pool}"
+    async with gateway(model_url, tmp, name, pool, backend, image) as gw, client() as via, client(ADMIN_TOKEN) as admin:
+        turns = []
+        for i in range(counts.first_turns):
+            await settle(admin, gw, counts.settle_timeout)
+            value, prompt = remember_prompt()
+            turn = await http_turn(via, gw.base_url, f"first-{i}", prompt)
+            turns.append(turn)
+        return {"backend": backend, "pool": pool, **summarize(turns)}
+
+
+async def burst(model_url: str, tmp: Path, counts: GatewayCounts) -> dict[str, Any]:
+    """``burst`` new sessions at once, each "Remember" then the recall, through one gateway."""
+    async with gateway(model_url, tmp, "g-burst", pool=2) as gw, client() as via, client(ADMIN_TOKEN) as admin:
+        await settle(admin, gw, counts.settle_timeout)
+
+        async def session(i: int) -> tuple[TurnResult, TurnResult, str]:
+            value, prompt = remember_prompt()
+            first = await http_turn(via, gw.base_url, f"burst-{i}", prompt)
+            return first, await http_turn(via, gw.base_url, f"burst-{i}", RECALL), value
+
+        with Peak(gw.pid) as peak:
+            started = time.perf_counter()
+            done = await asyncio.gather(*(session(i) for i in range(counts.burst)))
+            wall = time.perf_counter() - started
+        turns = [t for first, second, _ in done for t in (first, second)]
+        recalls = sum(recalled(second, value) for _, second, value in done)
+        return {**summarize(turns, wall, recall_expected=counts.burst, recall_ok=recalls),
+                "peak_rss_bytes": peak.rss_bytes, "peak_processes": peak.processes}

@@ -1,0 +1,154 @@
+"""The gateway's backend-agnostic logic on the in-memory backend: provisioning, the warm
+pool, the reaper and start-up reconciliation, with both routing stores (Redis for real).
+
+Creates are slowed a little so concurrent callers really interleave."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import pytest
+
+from hosting.gateway.pool import WarmPool
+from hosting.gateway.provisioning import NotOwner, Provisioner, ProvisioningFailed, new_spec
+from hosting.gateway.reaper import Reaper
+from hosting.gateway.reconcile import reconcile
+from hosting.gateway.routes import MemoryRouteStore, PoolEntry, RedisRouteStore, RouteStore
+from hosting.sandboxes.base import Health, Sandbox, SandboxSpec
+from hosting.sandboxes.memory import MemoryBackend
+from stores_fixtures import redis_url  # noqa: F401 - fixture
+
+ENV = {"ANTHROPIC_API_KEY": "sk-x"}
+
+
+class SlowBackend(MemoryBackend):
+    """Takes a moment to create, as every real engine does."""
+
+    async def create(self, spec: SandboxSpec) -> Sandbox:
+        await asyncio.sleep(0.05)
+        return await super().create(spec)
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.stores)])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[RouteStore]:
+    if request.param == "memory":
+        yield MemoryRouteStore()
+        return
+    redis_store = RedisRouteStore(request.getfixturevalue("redis_url"), installation=f"t{secrets.token_hex(4)}")
+    yield redis_store
+    await redis_store.aclose()
+
+
+def provisioner(backend: MemoryBackend, store: RouteStore, wake: asyncio.Event | None = None) -> Provisioner:
+    return Provisioner(backend, store, ENV, timeout_seconds=10, on_claim=wake)
+
+
+async def test_concurrent_first_requests_make_one_sandbox_for_its_first_tenant(store: RouteStore) -> None:
+    backend = SlowBackend()
+    routes = await asyncio.gather(*(provisioner(backend, store).ensure("s1", "alice") for _ in range(20)),
+                                  return_exceptions=True)
+    assert backend.creates == 1
+    assert len({r.sandbox_id for r in routes if not isinstance(r, BaseException)}) == 1
+    with pytest.raises(NotOwner):
+        await provisioner(backend, store).ensure("s1", "bob")
+    assert backend.creates == 1
+
+
+async def test_two_tenants_racing_for_a_new_id_one_owns_it(store: RouteStore) -> None:
+    backend = SlowBackend()
+    results = await asyncio.gather(provisioner(backend, store).ensure("s1", "alice"),
+                                   provisioner(backend, store).ensure("s1", "bob"), return_exceptions=True)
+    assert sorted(type(r).__name__ for r in results) == ["NotOwner", "Route"]
+    assert backend.creates == 1
+
+
+async def test_a_failed_start_leaves_nothing_and_says_so(store: RouteStore) -> None:
+    backend = MemoryBackend()
+    backend.fail_next_create("engine said no")
+    with pytest.raises(ProvisioningFailed, match="engine said no"):
+        await provisioner(backend, store).ensure("s1", "alice")
+    assert await store.get("s1") is None and await backend.list() == []
+    assert (await provisioner(backend, store).ensure("s1", "alice")).sandbox_id is not None
+
+
+async def test_claims_skip_pooled_sandboxes_that_are_not_ready(store: RouteStore) -> None:
+    backend = MemoryBackend()
+    wake = asyncio.Event()
+    pool = WarmPool(backend, store, provisioner(backend, store, wake), ENV, target=3, lock_seconds=30, wake=wake)
+    assert await pool.refill() == 3
+    entries = await store.pool_entries()
+    dead, draining = entries[0].sandbox.sandbox_id, entries[1].sandbox.sandbox_id
+    backend.kill(dead)
+    backend.set_health(draining, Health.STARTING)
+    first = await provisioner(backend, store, wake).ensure("s1", "alice")
+    assert first.sandbox_id == entries[2].sandbox.sandbox_id, "only the ready pooled sandbox may be handed out"
+    assert wake.is_set()
+    assert draining not in {s.sandbox_id for s in await backend.list()}, "a pooled sandbox that is not ready is removed"
+    second = await provisioner(backend, store, wake).ensure("s2", "alice")
+    assert second.sandbox_id not in (dead, draining, first.sandbox_id)
+    assert await pool.refill() == 3
+
+
+async def test_pools_of_two_replicas_never_exceed_the_target(store: RouteStore) -> None:
+    backend = SlowBackend()
+    pools = [WarmPool(backend, store, provisioner(backend, store), ENV, target=2, lock_seconds=30,
+                      wake=asyncio.Event()) for _ in range(2)]
+    await asyncio.gather(*(pool.refill() for pool in pools * 3))
+    assert len(await store.pool_entries()) == 2 and backend.creates == 2
+    claims = await asyncio.gather(*(provisioner(backend, store).ensure(f"s{i}", "alice") for i in range(5)))
+    assert len({c.sandbox_id for c in claims}) == 5
+    await asyncio.gather(*(pool.refill() for pool in pools))
+    assert len(await store.pool_entries()) == 2 and backend.creates == 7
+
+
+async def test_a_lost_sandbox_is_replaced_on_the_same_volume_once(store: RouteStore) -> None:
+    backend = MemoryBackend()
+    route = await provisioner(backend, store).ensure("s1", "alice")
+    assert route.sandbox_id is not None
+    backend.kill(route.sandbox_id)
+    replaced = await asyncio.gather(*(provisioner(backend, store).replace(route) for _ in range(5)))
+    assert len({r.sandbox_id for r in replaced}) == 1
+    assert replaced[0].sandbox_id != route.sandbox_id and replaced[0].volume == route.volume
+    assert backend.creates == 2
+
+
+async def test_the_reaper_removes_idle_sandboxes_once_and_keeps_volumes(store: RouteStore) -> None:
+    backend = MemoryBackend()
+    idle = await provisioner(backend, store).ensure("idle", "alice")
+    busy = await provisioner(backend, store).ensure("busy", "alice")
+    await store.put(replace(idle, last_activity=time.time() - 100))
+    await store.put(replace(busy, last_activity=time.time() - 100))
+    await store.touch("busy")
+    reapers = [Reaper(backend, store, idle_timeout_seconds=10) for _ in range(3)]
+    reaped = await asyncio.gather(*(reaper.sweep() for reaper in reapers))
+    assert sorted(sum(reaped, [])) == [idle.sandbox_id]
+    assert idle.volume in backend.volumes
+    after = await store.get("idle")
+    assert after is not None and after.sandbox_id is None and after.state == "released"
+    again = await provisioner(backend, store).ensure("idle", "alice")
+    assert again.volume == idle.volume and again.sandbox_id not in (None, idle.sandbox_id)
+
+
+async def test_reconcile_readopts_known_removes_orphans_and_releases_the_lost(store: RouteStore) -> None:
+    backend = MemoryBackend()
+    known = await provisioner(backend, store).ensure("known", "alice")
+    lost = await provisioner(backend, store).ensure("lost", "alice")
+    assert lost.sandbox_id is not None
+    backend.kill(lost.sandbox_id)
+    orphan = await backend.create(new_spec(ENV, "orphan", "bob"))
+    busy_orphan = await backend.create(new_spec(ENV, "being-provisioned", "bob"))
+    pooled = new_spec(ENV)
+    await store.pool_put(PoolEntry(await backend.create(pooled), pooled.token))
+    lock = await store.acquire("provision:being-provisioned", 30)
+    assert lock is not None
+    result = await reconcile(backend, store)
+    assert sorted(result.adopted) == sorted([known.sandbox_id, pooled.sandbox_id])
+    assert result.removed == [orphan.sandbox_id]
+    assert result.released == [lost.sandbox_id]
+    assert {s.sandbox_id for s in await backend.list()} == {known.sandbox_id, pooled.sandbox_id,
+                                                            busy_orphan.sandbox_id}
+    assert (await store.get("lost")) is not None and (await store.get("lost")).sandbox_id is None  # type: ignore[union-attr]
