@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only a,b,c,e,limits]``: run every scenario once, write the results.
+"""``python -m bench [--quick] [--only a,b,c,e,limits,g]``: run every scenario once, write the results.
 
 Exit status: 0 when every part was measured or skipped because the server lacks
 a feature (targets are reported, not asserted); 1 when the harness or a server
@@ -23,7 +23,7 @@ from bench import report
 from bench.procs import local_model
 from bench.scenarios import QUICK, Bench, Counts, run_all
 
-SCENARIOS = ("a", "b", "c", "e", "limits")
+SCENARIOS = ("a", "b", "c", "e", "limits", "g")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -43,6 +43,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--burst-rounds", type=int, metavar="N", help=f"(e) rounds of the three servers ({defaults.burst_rounds})")
     parser.add_argument("--limit-mib", type=int, metavar="N",
                         help=f"(limits) memory limit of the limited servers, MiB ({defaults.limit_mib})")
+    parser.add_argument("--gateway-follow-ups", type=int, metavar="N", dest="gw_follow_ups",
+                        help=f"(g) follow-ups per path, gateway and straight to the sandbox ({defaults.gw_follow_ups})")
+    parser.add_argument("--gateway-first-turns", type=int, metavar="N", dest="gw_first_turns",
+                        help=f"(g) first turns per gateway, warm pool and none ({defaults.gw_first_turns})")
+    parser.add_argument("--gateway-burst", type=int, metavar="N", dest="gw_burst",
+                        help=f"(g) new sessions at once through the gateway ({defaults.gw_burst})")
+    parser.add_argument("--gateway-docker-image", metavar="IMAGE",
+                        help="(g) also measure first turns on the docker backend with this image (hosting/Dockerfile)")
     parser.add_argument("--part-timeout", type=float, metavar="S", help="seconds each part may take (900; quick: 300)")
     args = parser.parse_args(argv)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
@@ -72,7 +80,8 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     started = time.monotonic()
     try:
         async with local_model(tmp) as model_url:
-            bench = Bench(model_url, tmp, counts, args.part_timeout or (300.0 if args.quick else 900.0), failures)
+            bench = Bench(model_url, tmp, counts, args.part_timeout or (300.0 if args.quick else 900.0), failures,
+                          args.gateway_docker_image)
             results = await run_all(bench, args.only)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

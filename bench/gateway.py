@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -35,19 +35,11 @@ from bench.procs import (
     wait_http,
 )
 
+if TYPE_CHECKING:
+    from bench.scenarios import Bench
+
 TENANT_TOKEN = "bench-tenant-token"
 ADMIN_TOKEN = "bench-admin-token"
-
-
-@dataclass(frozen=True)
-class GatewayCounts:
-    relay_follow_ups: int = 30   # (g) follow-ups through the gateway and straight to the sandbox, alternated
-    first_turns: int = 8         # (g) first turns of new sessions, with a warm pool and without
-    burst: int = 25              # (g) new sessions at once, two turns each
-    settle_timeout: float = 180.0
-
-
-GATEWAY_QUICK = GatewayCounts(relay_follow_ups=5, first_turns=2, burst=4, settle_timeout=120.0)
 
 
 @dataclass
@@ -115,7 +107,7 @@ def _remove_docker_leftovers(installation: str) -> None:
 
 
 async def settle(admin: httpx.AsyncClient, gw: Gateway, timeout: float) -> None:
-    """Wait for a full pool, then for a quiet process tree."""
+    """Wait for a full pool, then for a quiet process tree (the sandboxes are in it)."""
     deadline = time.monotonic() + timeout
     while True:
         pool = (await admin.get(f"{gw.base_url}/admin/pool")).json()
@@ -139,11 +131,12 @@ def _sandbox_token(pid: int) -> str:
     raise ScenarioError(f"no AGENT_AUTH_TOKEN in the environment of pid {pid}")
 
 
-async def relay_overhead(model_url: str, tmp: Path, counts: GatewayCounts) -> dict[str, Any]:
+async def relay_overhead(bench: Bench) -> dict[str, Any]:
     """Follow-ups on one session, through the gateway and straight to its sandbox, alternated
     (so a drift in the machine's speed reaches both alike)."""
-    async with gateway(model_url, tmp, "g-relay", pool=1) as gw, client() as via, client(ADMIN_TOKEN) as admin:
-        await settle(admin, gw, counts.settle_timeout)
+    counts = bench.counts
+    async with gateway(bench.model_url, bench.tmp, "g-relay", pool=1) as gw, client() as via, client(ADMIN_TOKEN) as admin:
+        await settle(admin, gw, counts.prewarm_timeout)
         value, prompt = remember_prompt()
         first = await http_turn(via, gw.base_url, "relay", prompt)
         if first.error:
@@ -154,8 +147,8 @@ async def relay_overhead(model_url: str, tmp: Path, counts: GatewayCounts) -> di
             gateway_turns: list[TurnResult] = []
             direct_turns: list[TurnResult] = []
             await http_turn(direct, route["address"], "relay", RECALL)  # both paths warm before timing
-            await settle(admin, gw, counts.settle_timeout)
-            for _ in range(counts.relay_follow_ups):
+            await settle(admin, gw, counts.prewarm_timeout)
+            for _ in range(counts.gw_follow_ups):
                 gateway_turns.append(await http_turn(via, gw.base_url, "relay", RECALL))
                 direct_turns.append(await http_turn(direct, route["address"], "relay", RECALL))
         return {"gateway": summarize(gateway_turns, recall_expected=len(gateway_turns),
@@ -164,24 +157,24 @@ async def relay_overhead(model_url: str, tmp: Path, counts: GatewayCounts) -> di
                                     recall_ok=sum(recalled(t, value) for t in direct_turns))}
 
 
-async def first_turns(model_url: str, tmp: Path, counts: GatewayCounts, pool: int, backend: str = "local",
-                      image: str | None = None) -> dict[str, Any]:
+async def first_turns(bench: Bench, pool: int, backend: str = "local", image: str | None = None) -> dict[str, Any]:
     """First turns of new sessions, one at a time, each from steady state (pool refilled)."""
-    name = f"g-first-{backend}-pool{pool}"
-    async with gateway(model_url, tmp, name, pool, backend, image) as gw, client() as via, client(ADMIN_TOKEN) as admin:
+    name, counts = f"g-first-{backend}-pool{pool}", bench.counts
+    async with gateway(bench.model_url, bench.tmp, name, pool, backend, image) as gw, client() as via, client(ADMIN_TOKEN) as admin:
         turns = []
-        for i in range(counts.first_turns):
-            await settle(admin, gw, counts.settle_timeout)
+        for i in range(counts.gw_first_turns):
+            await settle(admin, gw, counts.prewarm_timeout)
             value, prompt = remember_prompt()
             turn = await http_turn(via, gw.base_url, f"first-{i}", prompt)
             turns.append(turn)
         return {"backend": backend, "pool": pool, **summarize(turns)}
 
 
-async def burst(model_url: str, tmp: Path, counts: GatewayCounts) -> dict[str, Any]:
+async def burst(bench: Bench) -> dict[str, Any]:
     """``burst`` new sessions at once, each "Remember" then the recall, through one gateway."""
-    async with gateway(model_url, tmp, "g-burst", pool=2) as gw, client() as via, client(ADMIN_TOKEN) as admin:
-        await settle(admin, gw, counts.settle_timeout)
+    counts = bench.counts
+    async with gateway(bench.model_url, bench.tmp, "g-burst", pool=2) as gw, client() as via, client(ADMIN_TOKEN) as admin:
+        await settle(admin, gw, counts.prewarm_timeout)
 
         async def session(i: int) -> tuple[TurnResult, TurnResult, str]:
             value, prompt = remember_prompt()
@@ -190,9 +183,9 @@ async def burst(model_url: str, tmp: Path, counts: GatewayCounts) -> dict[str, A
 
         with Peak(gw.pid) as peak:
             started = time.perf_counter()
-            done = await asyncio.gather(*(session(i) for i in range(counts.burst)))
+            done = await asyncio.gather(*(session(i) for i in range(counts.gw_burst)))
             wall = time.perf_counter() - started
         turns = [t for first, second, _ in done for t in (first, second)]
         recalls = sum(recalled(second, value) for _, second, value in done)
-        return {**summarize(turns, wall, recall_expected=counts.burst, recall_ok=recalls),
+        return {**summarize(turns, wall, recall_expected=counts.gw_burst, recall_ok=recalls),
                 "peak_rss_bytes": peak.rss_bytes, "peak_processes": peak.processes}

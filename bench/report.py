@@ -100,7 +100,16 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
                                    metric(("limits", "first_unlimited"), "p50_s")),
         "limits_follow_p50": _ratio(metric(("limits", "follow_limited"), "p50_s"),
                                     metric(("limits", "follow_unlimited"), "p50_s")),
+        "g_relay_added_ms": _difference_ms(_get(results, "g", "relay", "gateway", "p50_s") if _ok(results, "g", "relay")
+                                           else None, _get(results, "g", "relay", "direct", "p50_s")),
+        "g_pool_over_no_pool_p50": _ratio(metric(("g", "first_pool"), "p50_s"), metric(("g", "first_no_pool"), "p50_s")),
+        "g_docker_pool_over_no_pool_p50": _ratio(metric(("g", "docker_first_pool"), "p50_s"),
+                                                 metric(("g", "docker_first_no_pool"), "p50_s")),
     }
+
+
+def _difference_ms(num: float | None, den: float | None) -> float | None:
+    return (num - den) * 1000 if num is not None and den is not None else None
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,7 @@ def targets(results: dict[str, Any], r: dict[str, float | None]) -> list[Target]
     burst = _ok(results, "limits", "burst")
     limit = f"{burst['limit_bytes'] / 2**20:.0f} MiB" if burst else "the"
     why_burst = _why(results, ("limits", "burst"))
+    gburst = _ok(results, "g", "burst")
     return [
         Target("(a) follow-up p50, server / direct query(resume)", r["a_server_over_direct_p50"], "<=", 0.15,
                _why(results, *a), _failed_turns(results, *a)),
@@ -175,6 +185,18 @@ def targets(results: dict[str, Any], r: dict[str, float | None]) -> list[Target]
                burst["errors"] if burst else None, "<=", 0, why_burst),
         Target(f"(limits) burst under {limit} limit: OOM kills", burst["oom_kills"] if burst else None, "<=", 0,
                why_burst),
+        Target("(g) relay: follow-up p50 through the gateway minus straight to the sandbox, ms", r["g_relay_added_ms"],
+               "<=", 3, _why(results, ("g", "relay"))),
+        Target("(g) first-turn p50, warm pool / no pool (local)", r["g_pool_over_no_pool_p50"], "<=", 0.25,
+               _why(results, ("g", "first_pool"), ("g", "first_no_pool")),
+               _failed_turns(results, ("g", "first_pool"), ("g", "first_no_pool"))),
+        Target("(g) first-turn p50, warm pool / no pool (docker)", r["g_docker_pool_over_no_pool_p50"], "<=", 0.25,
+               _why(results, ("g", "docker_first_pool"), ("g", "docker_first_no_pool")),
+               _failed_turns(results, ("g", "docker_first_pool"), ("g", "docker_first_no_pool"))),
+        Target("(g) burst through the gateway: errors", gburst["errors"] if gburst else None, "<=", 0,
+               _why(results, ("g", "burst"))),
+        Target("(g) burst through the gateway: recall", gburst["recall_ok"] / gburst["recall_expected"]
+               if gburst else None, ">=", 1, _why(results, ("g", "burst"))),
         Target(f"(limits) burst under {limit} limit: peak usage / limit",
                burst["peak_bytes"] / burst["limit_bytes"] if burst and burst["peak_bytes"] else None, "<=", 1,
                why_burst if not burst else "the kernel does not record a peak"),
@@ -234,6 +256,27 @@ ROWS: list[tuple[tuple[str, ...], str]] = [
     (("limits", "follow_limited"), "follow-up, under the limit"),
     (("limits", "burst"), "burst under the limit"),
 ]
+
+
+GATEWAY_ROWS: list[tuple[tuple[str, ...], str]] = [
+    (("g", "relay", "gateway"), "follow-up through the gateway"),
+    (("g", "relay", "direct"), "follow-up straight to the sandbox"),
+    (("g", "first_pool"), "first turn, warm pool"),
+    (("g", "first_no_pool"), "first turn, no pool"),
+    (("g", "docker_first_pool"), "first turn, warm pool, docker"),
+    (("g", "docker_first_no_pool"), "first turn, no pool, docker"),
+    (("g", "burst"), "new sessions at once, two turns each"),
+]
+
+
+def _gateway_rows(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    rows = []
+    for path, label in GATEWAY_ROWS:
+        node = _get(results, *path)
+        if isinstance(node, dict):
+            status = (_get(results, *path[:2]) or {}).get("status") if len(path) == 3 else node.get("status")
+            rows.append((path[0], label, {**node, "status": status}))
+    return rows
 
 
 def _rows(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -329,6 +372,22 @@ def markdown(run: dict[str, Any]) -> str:
                 "the wait. Usage, peak, limit hits (v1 failcnt: times usage reached the limit and the kernel had "
                 "to reclaim) and OOM kills are the cgroup's own counters.", ""]
 
+    gateway_rows = [
+        [f"({s}) {label}", _status(n), str(n.get("turns", "-")), str(n.get("errors", "-")), _recall(n),
+         _ms(n.get("p50_s")), _ms(n.get("p95_s")), _num(n.get("turns_per_s"), "{:.1f}"), _mib(n.get("peak_rss_bytes"))]
+        for s, label, n in _gateway_rows(results)
+    ]
+    if gateway_rows:
+        out += ["### The gateway (local backend unless said)", "",
+                _table(["path", "status", "turns", "errors", "recall", "p50", "p95", "turns/s", "peak RSS"],
+                       gateway_rows), "",
+                f"Relay: p50 through the gateway - straight to the same sandbox = "
+                f"{_num(r['g_relay_added_ms'], '{:+.1f} ms')} (follow-ups alternated between the two paths). "
+                f"First turn, warm pool / no pool: local {_num(r['g_pool_over_no_pool_p50'], '{:.3f}')}, docker "
+                f"{_num(r['g_docker_pool_over_no_pool_p50'], '{:.3f}')}; each first turn starts from steady state "
+                "(pool full, the gateway's process tree quiet). The burst's peak RSS is the whole tree: the gateway, "
+                "every sandbox's server and their CLIs.", ""]
+
     out += ["### Targets", ""] + [f"- {t}" for t in run["target_lines"]] + [""]
     problems = [f"- {'/'.join(p)}: {n['status']}: {n.get('error', '')}".replace("\n", " ")[:600]
                 for p, n in _parts(results) if n.get("status") != "ok"]
@@ -353,7 +412,7 @@ def console(run: dict[str, Any]) -> str:
     rows = [[f"({s}) {label}", n.get("status", "?"), _config(n), str(n.get("turns", "-")), str(n.get("errors", "-")),
              _recall(n), _ms(n.get("p50_s")), _ms(n.get("p95_s")), _num(n.get("turns_per_s"), "{:.1f}"),
              _num(n.get("cpu_s_per_turn"), "{:.3f}"), _mib(n.get("peak_rss_bytes"))]
-            for s, label, n in _rows(results)]
+            for s, label, n in _rows(results) + _gateway_rows(results)]
     headers = ["part", "status", "config", "turns", "err", "recall", "p50", "p95", "turns/s", "cpu/turn", "peak RSS"]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [headers, *rows]]

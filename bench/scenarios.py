@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from bench import gateway
 from bench.cgroups import CgroupUnavailable, MemoryCgroup, drop_file_cache
 from bench.drive import (
     RECALL,
@@ -49,12 +50,15 @@ class Counts:
     burst: int = 25             # (e) new sessions at once (and AGENT_PREWARM of the prewarmed server)
     burst_rounds: int = 3       # (e) rounds of the three servers, alternated; the median round is reported
     limit_mib: int = 1024       # (limits) the memory limit; first turns, follow-ups and the burst use the counts above
+    gw_follow_ups: int = 30     # (g) follow-ups through the gateway and straight to its sandbox, alternated
+    gw_first_turns: int = 8     # (g) first turns of new sessions per gateway (warm pool, no pool)
+    gw_burst: int = 25          # (g) new sessions at once through the gateway, two turns each
     settle_timeout: float = 60.0
     prewarm_timeout: float = 240.0
 
 
 QUICK = Counts(follow_ups=3, first_turns=3, prewarm_b=4, established=3, follow_ups_c=3, burst=3, burst_rounds=1,
-               settle_timeout=30.0, prewarm_timeout=90.0)
+               gw_follow_ups=5, gw_first_turns=2, gw_burst=4, settle_timeout=30.0, prewarm_timeout=90.0)
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Bench:
     counts: Counts
     part_timeout: float
     failures: list[str]
+    docker_image: str | None = None
 
 
 def new_id(prefix: str) -> str:
@@ -336,7 +341,7 @@ BURST_SERVERS: list[tuple[str, str, dict[str, str], bool]] = [
 
 
 async def run_all(bench: Bench, only: set[str]) -> dict[str, Any]:
-    """Every scenario in order; ``only`` picks a subset (a, b, c, e, limits)."""
+    """Every scenario in order; ``only`` picks a subset (a, b, c, e, limits, g)."""
     counts = bench.counts
     results: dict[str, Any] = {}
     if "a" in only:
@@ -369,6 +374,20 @@ async def run_all(bench: Bench, only: set[str]) -> dict[str, Any]:
         results["limits"] = {key: {**paired[key], "status": "ok"} if paired["status"] == "ok" else paired
                              for key in LIMITS_PAIRED}
         results["limits"]["burst"] = await part(bench, "limits/burst", lambda: limited_burst(bench))
+    if "g" in only:
+        print("(g) the gateway", flush=True)
+        results["g"] = {
+            "relay": await part(bench, "g/relay", lambda: gateway.relay_overhead(bench)),
+            "first_pool": await part(bench, "g/first_pool", lambda: gateway.first_turns(bench, pool=1)),
+            "first_no_pool": await part(bench, "g/first_no_pool", lambda: gateway.first_turns(bench, pool=0)),
+            "burst": await part(bench, "g/burst", lambda: gateway.burst(bench)),
+        }
+        if bench.docker_image is not None:
+            image = bench.docker_image
+            results["g"]["docker_first_pool"] = await part(
+                bench, "g/docker_first_pool", lambda: gateway.first_turns(bench, pool=1, backend="docker", image=image))
+            results["g"]["docker_first_no_pool"] = await part(
+                bench, "g/docker_first_no_pool", lambda: gateway.first_turns(bench, pool=0, backend="docker", image=image))
     return results
 
 

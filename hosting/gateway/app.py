@@ -160,8 +160,8 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
         return route
 
     async def send(route: Route, request: Request, path: str, body: bytes | None = None) -> tuple[Route, httpx.Response]:
-        """Send to the session's sandbox; if it cannot be reached, provision another once."""
-        await relay.touch(route.session_id)
+        """Send to the session's sandbox; if it cannot be reached, provision another once.
+        Activity is stamped by the relay (off the request's critical path)."""
         try:
             return route, await relay.send(route, request.method, path, request.headers, body)
         except SandboxUnreachable:
@@ -178,6 +178,7 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
                 await response.aclose()
         except (SandboxUnreachable, SandboxLost, httpx.TransportError):
             raise _unavailable("the session's sandbox stopped answering; retry") from None
+        await relay.touch(route.session_id)
         return route, response, body
 
     @app.get("/health")

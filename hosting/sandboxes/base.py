@@ -138,6 +138,7 @@ class SandboxBackend(abc.ABC):
     """One engine that runs sandboxes. Subclasses implement the abstract methods."""
 
     name: ClassVar[str]
+    _probe: httpx.AsyncClient | None = None
 
     @abc.abstractmethod
     async def create(self, spec: SandboxSpec) -> Sandbox:
@@ -180,9 +181,11 @@ class SandboxBackend(abc.ABC):
         Anything but a 200 asks the engine whether the sandbox still exists: an answer
         may come from another process that took a dead sandbox's port (a 401 from
         another sandbox's server), and that must read ``GONE``, not ``STARTING``."""
+        if self._probe is None:  # one client for every probe: each new one builds a TLS context
+            self._probe = httpx.AsyncClient()
         try:
-            async with httpx.AsyncClient(timeout=timeout) as client:
-                response = await client.get(f"{sandbox.address}/ready", headers={"authorization": f"Bearer {token}"})
+            response = await self._probe.get(f"{sandbox.address}/ready", headers={"authorization": f"Bearer {token}"},
+                                             timeout=timeout)
             if response.status_code == 200:
                 return Health.READY
         except httpx.HTTPError:
@@ -210,4 +213,8 @@ class SandboxBackend(abc.ABC):
             delay = min(delay * 2, 0.25)
 
     async def aclose(self) -> None:
-        """Release the backend's own resources (clients, connections). Sandboxes stay."""
+        """Release the backend's own resources (clients, connections). Sandboxes stay.
+        Subclasses that hold more call this too."""
+        if self._probe is not None:
+            await self._probe.aclose()
+            self._probe = None

@@ -286,6 +286,7 @@ class DockerBackend(SandboxBackend):
         return labels.get(INSTALLATION_LABEL) == self.installation and attrs["State"]["Status"] in ("created", "running")
 
     async def aclose(self) -> None:
+        await super().aclose()
         if self._owns_client:
             await asyncio.to_thread(self._client.close)
 
