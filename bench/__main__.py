@@ -34,13 +34,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(SCENARIOS),
                         help="comma-separated scenarios to run (default: all); a subset writes its own section")
     parser.add_argument("--follow-ups", type=int, metavar="N", help=f"(a) sequential follow-ups per path ({defaults.follow_ups})")
-    parser.add_argument("--first-turns", type=int, metavar="N", help=f"(b) sequential first turns per path ({defaults.first_turns})")
+    parser.add_argument("--first-turns", type=int, metavar="N",
+                        help=f"(b) sequential first turns per path ({defaults.first_turns})")
     parser.add_argument("--prewarm", type=int, metavar="N", dest="prewarm_b", help=f"(b) AGENT_PREWARM ({defaults.prewarm_b})")
     parser.add_argument("--sessions", type=int, metavar="N", dest="established", help=f"(c) sessions ({defaults.established})")
     parser.add_argument("--turns-per-session", type=int, metavar="N", dest="follow_ups_c",
                         help=f"(c) follow-ups per session ({defaults.follow_ups_c})")
     parser.add_argument("--burst", type=int, metavar="N", help=f"(e) new sessions at once, and AGENT_PREWARM ({defaults.burst})")
-    parser.add_argument("--burst-rounds", type=int, metavar="N", help=f"(e) rounds of the three servers ({defaults.burst_rounds})")
+    parser.add_argument("--burst-rounds", type=int, metavar="N",
+                        help=f"(e) rounds of the three servers ({defaults.burst_rounds})")
     parser.add_argument("--limit-mib", type=int, metavar="N",
                         help=f"(limits) memory limit of the limited servers, MiB ({defaults.limit_mib})")
     parser.add_argument("--gateway-follow-ups", type=int, metavar="N", dest="gw_follow_ups",

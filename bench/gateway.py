@@ -160,7 +160,8 @@ async def relay_overhead(bench: Bench) -> dict[str, Any]:
 async def first_turns(bench: Bench, pool: int, backend: str = "local", image: str | None = None) -> dict[str, Any]:
     """First turns of new sessions, one at a time, each from steady state (pool refilled)."""
     name, counts = f"g-first-{backend}-pool{pool}", bench.counts
-    async with gateway(bench.model_url, bench.tmp, name, pool, backend, image) as gw, client() as via, client(ADMIN_TOKEN) as admin:
+    async with (gateway(bench.model_url, bench.tmp, name, pool, backend, image) as gw, client() as via,
+                client(ADMIN_TOKEN) as admin):
         turns = []
         for i in range(counts.gw_first_turns):
             await settle(admin, gw, counts.prewarm_timeout)

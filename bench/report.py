@@ -415,7 +415,7 @@ def console(run: dict[str, Any]) -> str:
             for s, label, n in _rows(results) + _gateway_rows(results)]
     headers = ["part", "status", "config", "turns", "err", "recall", "p50", "p95", "turns/s", "cpu/turn", "peak RSS"]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [headers, *rows]]
     return "\n".join(lines + [""] + run["target_lines"])
 
 

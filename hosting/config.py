@@ -109,6 +109,9 @@ class Settings:
     shutdown_grace_seconds: float = 30.0
     session_store_url: str | None = field(default=None, repr=False)
     session_ttl_seconds: int | None = 30 * 24 * 3600
+    session_sweep_seconds: float = 3600.0
+    local_cache_seconds: int | None = 24 * 3600
+    disk_budget_bytes: int | None = None
     cli_runtime: Mapping[str, str] = field(default_factory=lambda: dict(CLI_RUNTIME_DEFAULTS))
     box: Box = field(default_factory=read_box)
 
@@ -138,6 +141,9 @@ class Settings:
             shutdown_grace_seconds=float_setting(env, "AGENT_SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),
             session_store_url=_store_url(env),
             session_ttl_seconds=int_setting(env, "AGENT_SESSION_TTL_SECONDS", cls.session_ttl_seconds or 0) or None,
+            session_sweep_seconds=_number(env, "AGENT_SESSION_SWEEP_SECONDS", cls.session_sweep_seconds, float, 0.1),
+            local_cache_seconds=int_setting(env, "AGENT_LOCAL_CACHE_SECONDS", cls.local_cache_seconds or 0) or None,
+            disk_budget_bytes=int_setting(env, "AGENT_DISK_BUDGET_BYTES", 0) or None,
             cli_runtime={name: env.get(name, value) for name, value in CLI_RUNTIME_DEFAULTS.items()},
             box=box,
         )

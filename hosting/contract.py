@@ -169,6 +169,7 @@ class BodySizeLimit:
         await send({
             "type": "http.response.start",
             "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")],
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                        (b"connection", b"close")],
         })
         await send({"type": "http.response.body", "body": body})

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
+from stores_fixtures import redis_url  # noqa: F401 - fixture
 
 from hosting.gateway.pool import WarmPool
 from hosting.gateway.provisioning import NotOwner, Provisioner, ProvisioningFailed, new_spec
@@ -20,7 +21,6 @@ from hosting.gateway.reconcile import reconcile
 from hosting.gateway.routes import MemoryRouteStore, PoolEntry, RedisRouteStore, RouteStore
 from hosting.sandboxes.base import Health, Sandbox, SandboxSpec
 from hosting.sandboxes.memory import MemoryBackend
-from stores_fixtures import redis_url  # noqa: F401 - fixture
 
 ENV = {"ANTHROPIC_API_KEY": "sk-x"}
 

@@ -15,7 +15,6 @@ import pytest
 from hosting.client import (
     AgentClient,
     AuthenticationError,
-    ErrorEvent,
     NotReadyError,
     PayloadTooLargeError,
     ResultEvent,
@@ -158,7 +157,8 @@ def test_sigterm_drains_running_turns_then_exits_0_without_orphans(start_server)
     assert len(clis) >= 2
     server.process.send_signal(signal.SIGTERM)
 
-    refused = wait_for(lambda: (r := httpx.post(f"{base}/sessions/late/messages", json={"prompt": "hi"})).status_code == 503 and r)
+    refused = wait_for(lambda: (r := httpx.post(f"{base}/sessions/late/messages", json={"prompt": "hi"})).status_code == 503
+                       and r)
     assert refused.headers["retry-after"] and refused.json()["detail"]
     not_ready = httpx.get(f"{base}/ready")
     assert not_ready.status_code == 503 and not_ready.json()["ready"] is False

@@ -16,14 +16,16 @@ def assistant(text: str) -> dict:
 
 
 def test_recall_needs_the_earlier_turn_in_the_request():
-    remembered = plan_reply({"messages": [user("Remember this value: 42"), assistant("ok"), user("What value did I ask you to remember?")]})
+    remembered = plan_reply({"messages": [user("Remember this value: 42"), assistant("ok"),
+                                          user("What value did I ask you to remember?")]})
     assert remembered.blocks[0]["text"] == "You asked me to remember 42."
     forgotten = plan_reply({"messages": [user("What value did I ask you to remember?")]})
     assert forgotten.blocks[0]["text"] == "You have not asked me to remember any value."
 
 
 def test_system_reminders_and_failed_turns_do_not_confuse_the_prompt():
-    reply = plan_reply({"messages": [user("<system-reminder>Remember this value: 9</system-reminder>", "boom [[error:529]]", "hello")]})
+    reply = plan_reply({"messages": [user("<system-reminder>Remember this value: 9</system-reminder>",
+                                          "boom [[error:529]]", "hello")]})
     assert reply.error_status is None
     assert reply.blocks[0]["text"].startswith("Local model answer to: hello")
 

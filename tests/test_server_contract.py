@@ -167,7 +167,8 @@ BAD_REQUESTS = [
     pytest.param("ok", {"json": {"prompt": "hi", "surprise": 1}}, 422, id="unknown-field"),
     pytest.param("ok", {"content": b'{"prompt": "hi"}', "headers": {"content-type": "text/plain"}}, 415, id="wrong-content-type"),
     pytest.param("ok", {"json": {"prompt": BIG}}, 413, id="too-large"),
-    pytest.param("ok", {"content": _chunked(json.dumps({"prompt": BIG}).encode()), "headers": {"content-type": "application/json"}}, 413, id="too-large-chunked"),
+    pytest.param("ok", {"content": _chunked(json.dumps({"prompt": BIG}).encode()),
+                        "headers": {"content-type": "application/json"}}, 413, id="too-large-chunked"),
 ]
 
 

@@ -79,7 +79,8 @@ def test_binding_is_first_writer_wins(tmp_path):
 def _stream(message_id: str, text: str) -> list[StreamEvent]:
     return [
         StreamEvent(uuid="u", session_id="s", event={"type": "message_start", "message": {"id": message_id}}),
-        StreamEvent(uuid="u", session_id="s", event={"type": "content_block_delta", "delta": {"type": "text_delta", "text": text}}),
+        StreamEvent(uuid="u", session_id="s",
+                    event={"type": "content_block_delta", "delta": {"type": "text_delta", "text": text}}),
     ]
 
 
@@ -100,7 +101,8 @@ def test_streamed_text_is_not_repeated_by_the_complete_message():
 
 def test_unstreamed_text_is_sent_and_api_errors_become_error_events():
     translator = TurnTranslator(Redactor([]))
-    assert translator.translate(AssistantMessage(content=[TextBlock("late")], model="x", message_id="m9"))[0].data == {"text": "late"}
+    late = AssistantMessage(content=[TextBlock("late")], model="x", message_id="m9")
+    assert translator.translate(late)[0].data == {"text": "late"}
     events = translator.translate(_result(is_error=True, result="API Error: 529", api_error_status=529))
     assert [e.type for e in events] == ["result", "error"]
     assert events[1].data == {"code": "overloaded", "message": "API Error: 529", "retryable": True}

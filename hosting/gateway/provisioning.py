@@ -135,8 +135,14 @@ class Provisioner:
         return None
 
     async def replace(self, route: Route) -> Route:
-        """The route's sandbox is unreachable: drop it and provision another on the same
+        """The route's sandbox could not be reached: unless it still answers ``/ready``
+        (a passing hiccup: the route is kept), drop it and provision another on the same
         volume. Another request may have replaced it already; then that one is used."""
+        if route.sandbox_id is not None and route.address is not None and route.token is not None:
+            sandbox = Sandbox(route.sandbox_id, self._backend.name, route.address, route.volume, route.session_id,
+                              route.tenant, pid=route.pid)
+            if await self._backend.health(sandbox, route.token) is Health.READY:
+                return route
         if route.sandbox_id is not None and await self._store.release(route.session_id, route.sandbox_id):
             logger.warning("session %s: sandbox %s lost, replacing it", route.session_id, route.sandbox_id)
             await self._backend.delete(route.sandbox_id)

@@ -42,27 +42,36 @@ def _message(reply: Reply, message_id: str, content: list[dict[str, Any]]) -> di
     }
 
 
+def _block_start(index: int, block: dict[str, Any]) -> bytes:
+    return _sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
+
+
+def _block_delta(index: int, delta: dict[str, Any]) -> bytes:
+    return _sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+
+
 async def _stream(reply: Reply, message_id: str) -> AsyncIterator[bytes]:
     yield _sse("message_start", {"type": "message_start", "message": _message(reply, message_id, [])})
     for index, block in enumerate(reply.blocks):
         kind = block["type"]
         if kind == "text":
-            yield _sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}})
+            yield _block_start(index, {"type": "text", "text": ""})
             for piece in _chunks(block["text"]):
                 if reply.chunk_pause:
                     await asyncio.sleep(reply.chunk_pause)
-                yield _sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}})
+                yield _block_delta(index, {"type": "text_delta", "text": piece})
         elif kind == "thinking":
-            yield _sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
-            yield _sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {"type": "thinking_delta", "thinking": block["thinking"]}})
-            yield _sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {"type": "signature_delta", "signature": block["signature"]}})
+            yield _block_start(index, {"type": "thinking", "thinking": "", "signature": ""})
+            yield _block_delta(index, {"type": "thinking_delta", "thinking": block["thinking"]})
+            yield _block_delta(index, {"type": "signature_delta", "signature": block["signature"]})
         elif kind in ("tool_use", "server_tool_use"):
-            yield _sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": {**block, "input": {}}})
-            yield _sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}})
+            yield _block_start(index, {**block, "input": {}})
+            yield _block_delta(index, {"type": "input_json_delta", "partial_json": json.dumps(block["input"])})
         else:
-            yield _sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
+            yield _block_start(index, block)
         yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
-    yield _sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": reply.stop_reason, "stop_sequence": None}, "usage": {"output_tokens": reply.output_tokens}})
+    yield _sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": reply.stop_reason, "stop_sequence": None},
+                                 "usage": {"output_tokens": reply.output_tokens}})
     yield _sse("message_stop", {"type": "message_stop"})
 
 
@@ -108,6 +117,7 @@ def create_app() -> FastAPI:
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "HEAD", "PUT", "DELETE"])
     async def not_found(path: str) -> JSONResponse:
-        return JSONResponse({"type": "error", "error": {"type": "not_found_error", "message": f"/{path} is not served by the local model"}}, status_code=404)
+        error = {"type": "not_found_error", "message": f"/{path} is not served by the local model"}
+        return JSONResponse({"type": "error", "error": error}, status_code=404)
 
     return app

@@ -1,0 +1,153 @@
+"""The data volume's room: how full it is, the disk budget, and what "full" means.
+
+A sandbox's disk is small (the hosting guide sizes it at 5 GiB) and every session
+leaves a transcript on it, so the server watches two numbers:
+
+- the volume's free space (``statvfs``: cheap, always current), which must stay
+  above a floor: by default ``max(10% of the volume, 256 MiB)``;
+- with ``AGENT_DISK_BUDGET_BYTES``, the bytes under the data dir, which must stay
+  within that budget; the floor is then only :data:`FULL_BELOW_BYTES`.
+
+Over budget, new sessions get room made for them (local copies of stored sessions
+evicted, see ``retention.py``) or are refused (HTTP 507); existing sessions keep
+working. Walking the data dir costs time, so it is measured now and then and, in
+between, estimated from the change in free space (see :meth:`Disk.state`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MiB = 2**20
+
+FREE_SHARE = 0.10
+MIN_FREE_BYTES = 256 * MiB
+"""The default floor: keep at least this share of the volume, and at least this many bytes, free."""
+
+FULL_BELOW_BYTES = 8 * MiB
+"""With an explicit budget, the volume still counts as full below this much free space:
+the turns of existing sessions, which are never refused, need room for their transcripts."""
+
+MEASURE_AGAIN_SECONDS = 5.0
+"""An estimate that says "over the budget" is checked by walking the data dir again, at most
+this often: on a volume shared with other writers the estimate only ever errs high."""
+
+OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class StorageFull(Exception):
+    """There is no room on the data volume for what a request must write (HTTP 507)."""
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is a full disk or quota."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in OUT_OF_SPACE:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def free_floor(total: int, budget: int | None) -> int:
+    """The free space the server keeps on a volume of ``total`` bytes."""
+    if budget is not None:
+        return FULL_BELOW_BYTES
+    return max(int(total * FREE_SHARE), MIN_FREE_BYTES)
+
+
+@dataclass(frozen=True)
+class DiskState:
+    """One reading of the data volume against the budget."""
+
+    total: int
+    free: int
+    floor: int
+    budget: int | None
+    """``AGENT_DISK_BUDGET_BYTES``, or ``None``: the floor alone is the budget."""
+    used: int | None
+    """Bytes under the data dir (measured or estimated); ``None`` when no budget needs them."""
+
+    @property
+    def over(self) -> bool:
+        if self.free < self.floor:
+            return True
+        return self.budget is not None and self.used is not None and self.used > self.budget
+
+    def describe(self) -> str:
+        """Why the volume is over its budget, for a 507's detail and the log."""
+        if self.free < self.floor:
+            return (f"the data volume has {self.free / MiB:.0f} MiB free of {self.total / MiB:.0f} MiB, "
+                    f"below the {self.floor / MiB:.0f} MiB this server keeps free")
+        return (f"sessions use {(self.used or 0) / MiB:.1f} MiB of the data volume, "
+                f"over the budget of {(self.budget or 0) / MiB:.1f} MiB (AGENT_DISK_BUDGET_BYTES)")
+
+    def report(self) -> dict[str, Any]:
+        """What ``GET /ready`` shows."""
+        return {"disk_total_bytes": self.total, "disk_free_bytes": self.free, "disk_free_floor_bytes": self.floor,
+                "disk_budget_bytes": self.budget, "disk_used_bytes": self.used, "disk_over_budget": self.over}
+
+
+def usage(root: Path) -> int:
+    """Bytes allocated under ``root`` (like ``du``); entries removed meanwhile are skipped."""
+    total = 0
+    stack = [root]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+            except OSError:
+                continue
+    return total
+
+
+class Disk:
+    """Reads the data volume and the data dir's size against the budget."""
+
+    def __init__(self, data_dir: Path, budget: int | None) -> None:
+        self._data_dir = data_dir
+        self._budget = budget
+        self._measured: tuple[int, int, float] | None = None  # (bytes used, free space then, monotonic time)
+
+    def _volume(self) -> tuple[int, int]:
+        st = os.statvfs(self._data_dir)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def state(self) -> DiskState:
+        """A reading without walking the data dir: its size is the last measure plus the
+        space the volume lost since (exact when the server is the volume's only writer)."""
+        total, free = self._volume()
+        used = None
+        if self._budget is not None and self._measured is not None:
+            measured, free_then, _ = self._measured
+            used = max(0, measured + free_then - free)
+        return DiskState(total, free, free_floor(total, self._budget), self._budget, used)
+
+    async def measure(self) -> None:
+        """Walk the data dir (off the event loop). Only a budget needs it."""
+        if self._budget is None:
+            return
+        measured = await asyncio.to_thread(usage, self._data_dir)
+        self._measured = (measured, self._volume()[1], time.monotonic())
+
+    async def check(self) -> DiskState:
+        """A reading to act on: a data dir never measured, or estimated over the budget
+        when the last measure is stale, is measured first."""
+        state = self.state()
+        if self._budget is not None and (self._measured is None or (
+                state.over and time.monotonic() - self._measured[2] >= MEASURE_AGAIN_SECONDS)):
+            await self.measure()
+            state = self.state()
+        return state
