@@ -91,19 +91,18 @@ async def gateway(model_url: str, tmp: Path, name: str, pool: int, backend: str 
             pass
         managed.stop()
         if backend == "docker":
-            await asyncio.to_thread(_remove_docker_leftovers, installation)
+            await _remove_docker_installation(image or "", installation)
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _remove_docker_leftovers(installation: str) -> None:
-    import docker
+async def _remove_docker_installation(image: str, installation: str) -> None:
+    from hosting.sandboxes.docker import DockerBackend
 
-    engine = docker.from_env()
-    label = f"research-agent.installation={installation}"
-    for container in engine.containers.list(all=True, filters={"label": label}):
-        container.remove(force=True)
-    for volume in engine.volumes.list(filters={"label": label}):
-        volume.remove(force=True)
+    backend = DockerBackend(image=image, installation=installation, network="host", memory_bytes=None, nano_cpus=None)
+    try:
+        await backend.remove_installation()
+    finally:
+        await backend.aclose()
 
 
 async def settle(admin: httpx.AsyncClient, gw: Gateway, timeout: float) -> None:

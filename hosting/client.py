@@ -66,10 +66,15 @@ class NotReadyError(AgentClientError):
     """503: the server is starting or draining; retry after ``retry_after``."""
 
 
+class StorageFullError(AgentClientError):
+    """507: the server's disk has no room for a new session; existing ones keep working.
+    Retry after ``retry_after``, or elsewhere."""
+
+
 _ERRORS: dict[int, type[AgentClientError]] = {
     400: BadRequestError, 401: AuthenticationError, 403: ForbiddenError, 404: SessionNotFoundError,
     409: SessionBusyError, 413: PayloadTooLargeError, 415: BadRequestError, 422: BadRequestError,
-    503: NotReadyError,
+    503: NotReadyError, 507: StorageFullError,
 }
 
 

@@ -27,7 +27,6 @@ from hosting.server.box import (
 )
 from research_agent.options import DEFAULT_MODEL
 
-
 _N = TypeVar("_N", int, float)
 
 

@@ -23,6 +23,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 MAX_BODY_BYTES = 256 * 1024
 RETRY_AFTER_SECONDS = "2"
+STORAGE_RETRY_AFTER_SECONDS = "30"
+"""For 507: room on a full disk comes back slower than a busy session or a CLI slot."""
 
 
 class InvalidSessionId(ValueError):

@@ -168,14 +168,17 @@ class Gateways:
         for gateway in self.started:
             gateway.stop()
         if self.backend == "docker":
-            import docker
+            import asyncio
 
-            client = docker.from_env()
-            label = f"research-agent.installation={self.installation}"
-            for container in client.containers.list(all=True, filters={"label": label}):
-                container.remove(force=True)
-            for volume in client.volumes.list(filters={"label": label}):
-                volume.remove(force=True)
+            from hosting.sandboxes.docker import DockerBackend
+
+            async def remove() -> None:
+                backend = DockerBackend(image=self.image or "", installation=self.installation, network="host",
+                                        memory_bytes=None, nano_cpus=None)
+                await backend.remove_installation()
+                await backend.aclose()
+
+            asyncio.run(remove())
         records = self.root / "gateway-data" / "sandboxes"
         for record in records.glob("*.json") if records.exists() else []:
             import json

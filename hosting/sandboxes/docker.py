@@ -285,6 +285,18 @@ class DockerBackend(SandboxBackend):
         labels = attrs["Config"]["Labels"] or {}
         return labels.get(INSTALLATION_LABEL) == self.installation and attrs["State"]["Status"] in ("created", "running")
 
+    async def remove_installation(self) -> None:
+        """Remove every container and volume of this installation, conversations included:
+        the teardown of a whole deployment (and of a test's)."""
+        await self._call(self._remove_installation)
+
+    def _remove_installation(self) -> None:
+        label = f"{INSTALLATION_LABEL}={self.installation}"
+        for container in self._client.containers.list(all=True, filters={"label": label}):
+            container.remove(force=True)
+        for volume in self._client.volumes.list(filters={"label": label}):
+            volume.remove(force=True)
+
     async def aclose(self) -> None:
         await super().aclose()
         if self._owns_client:

@@ -25,6 +25,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from hosting.config import ConfigError, Settings
 from hosting.contract import (
     RETRY_AFTER_SECONDS,
+    STORAGE_RETRY_AFTER_SECONDS,
     SessionId,
     bearer_token,
     install_json_errors,
@@ -33,6 +34,7 @@ from hosting.contract import (
     unauthorized,
 )
 from hosting.draining import DrainingServer
+from hosting.server.disk import StorageFull
 from hosting.server.durable import StoreUnavailable
 from hosting.server.sessions import NoRoom, NotAccepting, SessionBusy, SessionManager
 from hosting.server.turns import Turn
@@ -97,9 +99,9 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/ready", dependencies=authed)
     async def ready() -> JSONResponse:
         status = sessions.status()
-        headers = {} if sessions.accepting else {"Retry-After": RETRY_AFTER_SECONDS}
-        return JSONResponse({"ready": sessions.accepting, **status}, status_code=200 if sessions.accepting else 503,
-                            headers=headers)
+        ok = sessions.accepting and not status["disk_over_budget"]
+        headers = {} if ok else {"Retry-After": RETRY_AFTER_SECONDS}
+        return JSONResponse({"ready": ok, **status}, status_code=200 if ok else 503, headers=headers)
 
     @app.post("/sessions/{session_id}/messages", dependencies=authed)
     async def post_message(session_id: SessionId, request: Request) -> EventSourceResponse:
@@ -110,6 +112,9 @@ def create_app(settings: Settings) -> FastAPI:
             raise _busy(session_id) from None
         except (NotAccepting, NoRoom) as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
+        except StorageFull as exc:
+            logger.warning("session %s refused (507): %s", session_id, exc)
+            raise HTTPException(507, str(exc), headers={"Retry-After": STORAGE_RETRY_AFTER_SECONDS}) from None
         return EventSourceResponse(_sse(turn), ping=settings.heartbeat_seconds)
 
     @app.post("/sessions/{session_id}/interrupt", dependencies=authed)

@@ -31,8 +31,10 @@ MIN_FREE_BYTES = 256 * MiB
 """The default floor: keep at least this share of the volume, and at least this many bytes, free."""
 
 FULL_BELOW_BYTES = 8 * MiB
-"""With an explicit budget, the volume still counts as full below this much free space:
-the turns of existing sessions, which are never refused, need room for their transcripts."""
+FULL_BELOW_INODES = 64
+"""Below this much free space, or so few free inodes, the volume is full, whatever the budget:
+writes are failing or about to. With an explicit budget it is also the floor: the turns of
+existing sessions, which are never refused, need room for their transcripts."""
 
 MEASURE_AGAIN_SECONDS = 5.0
 """An estimate that says "over the budget" is checked by walking the data dir again, at most
@@ -73,15 +75,23 @@ class DiskState:
     """``AGENT_DISK_BUDGET_BYTES``, or ``None``: the floor alone is the budget."""
     used: int | None
     """Bytes under the data dir (measured or estimated); ``None`` when no budget needs them."""
+    inodes_free: int | None = None
+    """``None`` on file systems without an inode limit (btrfs, say)."""
+
+    @property
+    def full(self) -> bool:
+        return self.free < FULL_BELOW_BYTES or (self.inodes_free is not None and self.inodes_free < FULL_BELOW_INODES)
 
     @property
     def over(self) -> bool:
-        if self.free < self.floor:
+        if self.full or self.free < self.floor:
             return True
         return self.budget is not None and self.used is not None and self.used > self.budget
 
     def describe(self) -> str:
         """Why the volume is over its budget, for a 507's detail and the log."""
+        if self.inodes_free is not None and self.inodes_free < FULL_BELOW_INODES:
+            return f"the data volume has {self.inodes_free} free inodes left"
         if self.free < self.floor:
             return (f"the data volume has {self.free / MiB:.0f} MiB free of {self.total / MiB:.0f} MiB, "
                     f"below the {self.floor / MiB:.0f} MiB this server keeps free")
@@ -91,7 +101,8 @@ class DiskState:
     def report(self) -> dict[str, Any]:
         """What ``GET /ready`` shows."""
         return {"disk_total_bytes": self.total, "disk_free_bytes": self.free, "disk_free_floor_bytes": self.floor,
-                "disk_budget_bytes": self.budget, "disk_used_bytes": self.used, "disk_over_budget": self.over}
+                "disk_budget_bytes": self.budget, "disk_used_bytes": self.used, "disk_free_inodes": self.inodes_free,
+                "disk_over_budget": self.over}
 
 
 def usage(root: Path) -> int:
@@ -121,19 +132,19 @@ class Disk:
         self._budget = budget
         self._measured: tuple[int, int, float] | None = None  # (bytes used, free space then, monotonic time)
 
-    def _volume(self) -> tuple[int, int]:
+    def _volume(self) -> tuple[int, int, int | None]:
         st = os.statvfs(self._data_dir)
-        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize, st.f_favail if st.f_files else None
 
     def state(self) -> DiskState:
         """A reading without walking the data dir: its size is the last measure plus the
         space the volume lost since (exact when the server is the volume's only writer)."""
-        total, free = self._volume()
+        total, free, inodes_free = self._volume()
         used = None
         if self._budget is not None and self._measured is not None:
             measured, free_then, _ = self._measured
             used = max(0, measured + free_then - free)
-        return DiskState(total, free, free_floor(total, self._budget), self._budget, used)
+        return DiskState(total, free, free_floor(total, self._budget), self._budget, used, inodes_free)
 
     async def measure(self) -> None:
         """Walk the data dir (off the event loop). Only a budget needs it."""

@@ -19,6 +19,7 @@ sandbox finds it without any local state.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import tempfile
@@ -53,7 +54,9 @@ class MirrorOnly(SessionStore):
 
     Finding nothing keeps the SDK from materialising the session into a
     temporary directory: the CLI resumes from the workspace's own transcript,
-    which :func:`restore` has put in place.
+    which :func:`restore` has put in place. The optional methods stay the protocol's
+    ``NotImplementedError`` defaults on purpose: the SDK probes for them, and mypy
+    counts them as abstract (hence the ``type: ignore[abstract]`` where it is made).
     """
 
     def __init__(self, inner: SessionStore) -> None:
@@ -100,3 +103,19 @@ async def catch_up(store: SessionStore, transcript: Path, sdk_session_id: str) -
             await store.append(key, entries[start:start + CATCH_UP_BATCH])
     except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
         raise StoreUnavailable(str(exc)) from exc
+
+
+def _entry_ids(transcript: Path) -> set[str]:
+    return {entry["uuid"] for line in transcript.read_text().splitlines()
+            if (entry := _parse(line)) is not None and isinstance(entry.get("uuid"), str)}
+
+
+async def store_holds(store: SessionStore, transcript: Path, sdk_session_id: str) -> bool:
+    """Whether the store holds every entry of the local transcript (by ``uuid``), so that
+    the local copy can go: the mirror is asynchronous and may have dropped a batch."""
+    local = await asyncio.to_thread(_entry_ids, transcript)
+    try:
+        stored = await store.load(store_key(sdk_session_id)) or []
+    except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
+        raise StoreUnavailable(str(exc)) from exc
+    return local <= {entry.get("uuid") for entry in stored}

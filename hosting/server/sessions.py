@@ -20,6 +20,10 @@ A *live session* is a connected ``ClaudeSDKClient`` bound to one workspace.
   order it takes the slot of an idle CLI (least recently used first, then a
   pre-started one; see :data:`EVICTION_GRACE_SECONDS`), and past
   ``queue_timeout_seconds`` it is refused (HTTP 503) before anything is created.
+- The data volume has a budget (``disk.py``, ``retention.py``): a new session that
+  finds it over budget is refused (HTTP 507) before anything is created, after
+  evicting idle local copies of stored sessions if there is a store. A write that
+  fails for want of room ends the turn with ``storage_full``, never a silent success.
 """
 
 from __future__ import annotations
@@ -31,15 +35,17 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
-from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient, MirrorErrorMessage, SessionStore
+from claude_agent_sdk import AssistantMessage, ClaudeAgentOptions, ClaudeSDKClient, MirrorErrorMessage, SessionStore
 
 from hosting.config import Settings
 from hosting.server.box import SpareCpu
 from hosting.server.cli import guarded_cli
+from hosting.server.disk import Disk, StorageFull, out_of_space
 from hosting.server.durable import MirrorOnly, StoreUnavailable, catch_up, durable_session_id, restore, store_key
+from hosting.server.retention import Retention, Upkeep
 from hosting.server.turns import Turn
 from hosting.server.wire import Redactor, TurnTranslator, error_event
-from hosting.server.workspaces import SessionRecord, Workspace, WorkspaceStore
+from hosting.server.workspaces import SessionRecord, Workspace, WorkspaceStore, drop_torn_tail, turn_recorded
 from research_agent.options import build_options
 
 logger = logging.getLogger("hosting.server.sessions")
@@ -55,6 +61,17 @@ EVICTION_GRACE_SECONDS = 0.5
 goes first): clients often send a session's next turn at once, and closing its CLI would
 cost that turn a fresh start. Under 1 GiB, a burst of 25 new sessions of two turns each
 took 31 s with 19 refusals (503) instead of 67 s with 47."""
+
+
+TRANSCRIPT_SETTLE_SECONDS = 0.5
+"""The CLI does not report a failed transcript write, so on a full volume (only: a check
+that misfired would fail every turn) a turn's transcript is read back, and a turn it
+lacks is looked at once more after this long before it is reported as ``storage_full``.
+The CLI writes the transcript before it reports the result (measured), so the second look
+only guards against a slower flush."""
+
+STORAGE_FULL_MESSAGE = ("The data volume is full: this turn could not be saved to the session's history. "
+                        "Retry once there is room.")
 
 
 class SessionBusy(Exception):
@@ -114,6 +131,9 @@ class _Running:
     live: LiveSession | None = None
     slot: bool = False
     """The turn holds a budget slot for a CLI it has yet to start."""
+    record: SessionRecord | None = None
+    torn: bool = False
+    """The transcript may end in a line cut short by a full disk (cut it once the CLI is closed)."""
 
 
 class SessionManager:
@@ -139,14 +159,21 @@ class SessionManager:
         self._closing: dict[str, asyncio.Event] = {}  # workspaces whose CLI is being closed
         self._background: list[asyncio.Task[None]] = []
         self.accepting = True
+        self._disk = Disk(settings.data_dir, settings.disk_budget_bytes)
+        retention = Retention(settings.session_ttl_seconds,
+                              settings.local_cache_seconds if store is not None else None)
+        self._upkeep = Upkeep(workspaces, self._disk, store, retention, settings.session_sweep_seconds, self._in_use)
 
     # -- lifecycle -------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the pool filler and the idle reaper."""
+        """Start the pool filler, the idle reaper and the disk upkeep (retention, budget)."""
+        if (state := self._disk.state()).over:
+            logger.warning("%s: new sessions are refused until there is room", state.describe())
         self._background = [
             asyncio.create_task(self._fill_pool(), name="prewarm-pool"),
             asyncio.create_task(self._reap_idle(), name="idle-reaper"),
+            asyncio.create_task(self._upkeep.run(), name="disk-upkeep"),
         ]
         self._pool_wanted.set()
 
@@ -197,6 +224,7 @@ class SessionManager:
             "cli_budget": self._settings.cli_budget,
             "live_clis": self._clis,
             "queued_turns": len(self._queue),
+            **self._disk.state().report(),
         }
 
     async def describe(self, session_id: str) -> dict[str, Any] | None:
@@ -233,8 +261,10 @@ class SessionManager:
         turn = Turn(session_id)
         running = self._running[session_id] = _Running(turn)
         try:
+            if self._workspaces.get(session_id) is None:
+                await self._room_for_new_session()
             running.slot = await self._admit(session_id)
-            record = self._bind(running)
+            record = running.record = self._bind(running)
         except BaseException:
             del self._running[session_id]
             if running.slot:
@@ -242,6 +272,23 @@ class SessionManager:
             raise
         running.task = asyncio.create_task(self._run(running, record, prompt, include_raw), name=f"turn:{session_id}")
         return turn
+
+    async def _room_for_new_session(self) -> None:
+        """Refuse a session with no local copy (new, or to be restored from the store) while
+        the volume is over its budget, after making room if the store allows it."""
+        state = await self._upkeep.make_room()
+        if state.over:
+            raise StorageFull(f"{state.describe()}. Existing sessions keep working; new sessions are refused "
+                              "until there is room.")
+
+    def _in_use(self, session_id: str | None, sdk_session_id: str) -> bool:
+        """Whether retention must leave a session (``None``: an unbound workspace) alone: a turn
+        runs on it, or a CLI of this process holds its workspace or is closing."""
+        if session_id is not None and (session_id in self._running or session_id in self._idle):
+            return True
+        return sdk_session_id in self._closing or any(
+            r.record is not None and r.record.workspace.sdk_session_id == sdk_session_id
+            for r in self._running.values())
 
     def _needs_cli(self, session_id: str) -> bool:
         """Whether the session's next turn must start a CLI: it has no warm one, and it is not
@@ -337,11 +384,25 @@ class SessionManager:
         record = self._workspaces.get(session_id)
         if record is not None:
             return record
-        if self._store is not None:
-            return self._workspaces.bind(session_id, self._workspaces.new_workspace(durable_session_id(session_id)))
-        pooled = self._pool.popleft() if self._pool else None
+        pooled = self._pool.popleft() if self._pool and self._store is None else None
         self._pool_wanted.set()
-        record = self._workspaces.bind(session_id, pooled.workspace if pooled else self._workspaces.new_workspace())
+        workspace: Workspace | None = None
+        try:
+            if pooled is not None:
+                workspace = pooled.workspace
+            else:
+                workspace = self._workspaces.new_workspace(durable_session_id(session_id) if self._store else None)
+            record = self._workspaces.bind(session_id, workspace)
+        except OSError as exc:
+            # Nothing bound: give back the pre-started CLI, remove a workspace made here.
+            if pooled is not None:
+                self._pool.appendleft(pooled)
+            elif workspace is not None and not workspace.has_history():
+                self._workspaces.discard(workspace)
+            if out_of_space(exc):
+                raise StorageFull(f"no room on the data volume for a new session ({exc.strerror}); "
+                                  "existing sessions keep working") from None
+            raise
         if pooled is not None and record.workspace != pooled.workspace:
             # Another process bound this id first and our workspace is gone: the turn takes over the slot.
             asyncio.create_task(pooled.close())
@@ -370,6 +431,8 @@ class SessionManager:
             if turn.interrupt_requested:
                 turn.emit(error_event("interrupted", "The turn was interrupted before it started.", retryable=True))
                 return
+            recorded_from = record.workspace.transcript_size()
+            last_entry: str | None = None
             await live.client.query(prompt)
             if turn.interrupt_requested:
                 await live.client.interrupt()
@@ -378,11 +441,20 @@ class SessionManager:
                     self._count_store_failure(message.error)
                     live.mirror_gap = True
                     record.workspace.mirror_gap_marker.touch()
+                elif isinstance(message, AssistantMessage) and message.parent_tool_use_id is None:
+                    last_entry = message.uuid
                 for event in translator.translate(message):
                     turn.emit(event)
             if translator.result is None:
                 live.healthy = False
                 turn.emit(error_event("agent_error", "The agent ended without a result.", retryable=True))
+            elif (not translator.result.is_error and self._disk.state().full
+                  and not await self._recorded(record.workspace, recorded_from, last_entry)):
+                live.healthy = False  # its next turn resumes from what the transcript really holds
+                running.torn = True
+                logger.warning("session %s: the turn could not be saved to its transcript (%d MiB free on the data "
+                               "volume)", turn.session_id, self._disk.state().free // 2**20)
+                turn.emit(error_event("storage_full", STORAGE_FULL_MESSAGE, retryable=True))
         except SessionBusy:
             turn.emit(error_event("session_busy", "Another server process owns this session.", retryable=True))
         except StoreUnavailable:
@@ -395,19 +467,53 @@ class SessionManager:
                 running.live.healthy = False
             turn.emit(error_event("shutting_down", "The server shut down during the turn.", retryable=True))
         except Exception as exc:  # noqa: BLE001 - every failure must end the stream cleanly
-            logger.exception("turn on session %s failed", turn.session_id)
             if running.live is not None:
                 running.live.healthy = False
-            turn.emit(error_event("agent_error", self._redact(f"The agent failed: {exc}"), retryable=True))
+            if out_of_space(exc) or self._disk.state().full:
+                logger.warning("turn on session %s failed, no room on the data volume: %s", turn.session_id, exc)
+                await self._forget_if_empty(running, record)
+                turn.emit(error_event("storage_full", STORAGE_FULL_MESSAGE, retryable=True))
+            else:
+                logger.exception("turn on session %s failed", turn.session_id)
+                turn.emit(error_event("agent_error", self._redact(f"The agent failed: {exc}"), retryable=True))
         finally:
             turn.announce(resumed=False)  # no-op if announced; a failure before it still starts with `session`
+            self._workspaces.stamp(turn.session_id)  # the session's last turn, for retention
             del self._running[turn.session_id]
             if running.slot:
                 self._free_slot()
             evicted = await self._release(turn.session_id, running.live) if running.live is not None else []
+            if running.torn:
+                self._drop_torn_tail(record.workspace)  # its CLI is closed: nothing appends meanwhile
             turn.finish()
             for live in evicted:
                 await self._close(live)
+
+    async def _recorded(self, workspace: Workspace, offset: int, entry_uuid: str | None) -> bool:
+        """Whether the turn reached the transcript whole (see :data:`TRANSCRIPT_SETTLE_SECONDS`)."""
+        if turn_recorded(workspace.transcript(), offset, entry_uuid):
+            return True
+        await asyncio.sleep(TRANSCRIPT_SETTLE_SECONDS)
+        return turn_recorded(workspace.transcript(), offset, entry_uuid)
+
+    @staticmethod
+    def _drop_torn_tail(workspace: Workspace) -> None:
+        transcript = workspace.transcript()
+        try:
+            if transcript is not None:
+                drop_torn_tail(transcript)
+        except OSError as exc:
+            logger.warning("could not cut the torn end of %s: %s", transcript, exc)
+
+    async def _forget_if_empty(self, running: _Running, record: SessionRecord) -> None:
+        """A session whose turn recorded nothing leaves nothing behind: its CLI is closed,
+        then its binding and workspace are removed (a store, if any, keeps its history)."""
+        if record.workspace.has_history():
+            return
+        if running.live is not None:
+            live, running.live = running.live, None
+            await self._close(live)
+        self._workspaces.delete(running.turn.session_id)
 
     async def _prepare_durable(self, workspace: Workspace) -> None:
         """Before a CLI starts: restore the transcript from the store, or bring the store up to date."""
@@ -468,7 +574,7 @@ class SessionManager:
             env=env,
             cli_path=self._cli_path,
             include_partial_messages=True,
-            session_store=MirrorOnly(self._store) if self._store is not None else None,
+            session_store=MirrorOnly(self._store) if self._store is not None else None,  # type: ignore[abstract]
             stderr=lambda line: logger.debug("cli %s: %s", workspace.sdk_session_id, line),
             **session,
         )
@@ -507,7 +613,13 @@ class SessionManager:
                 if not await self._room_to_start():
                     continue
                 self._clis += 1
-                live = self._open(self._workspaces.new_workspace())
+                try:
+                    live = self._open(self._workspaces.new_workspace())
+                except OSError as exc:
+                    self._free_slot()
+                    logger.warning("could not pre-start a CLI: %s", exc)  # a full disk, say: retry later
+                    await asyncio.sleep(5)
+                    continue
                 try:
                     await self._connect(live, for_turn=False)
                     await live.prime()
@@ -528,6 +640,8 @@ class SessionManager:
         await asyncio.sleep(REFILL_WINDOW_SECONDS)
         spare = self._spare_cpu.cores()
         if self._turns_starting or self._queue or self._clis >= self._settings.cli_budget:
+            return False
+        if self._disk.state().over:  # its workspace would take room that sessions need
             return False
         return spare is None or spare >= min(1.0, self._spare_cpu.capacity / 2)
 
@@ -575,4 +689,7 @@ class SessionManager:
         live = self._idle.pop(session_id, None)
         if live is not None:
             await self._close(live)
-        return self._workspaces.delete(session_id) or stored
+        removed = self._workspaces.unbind(session_id)
+        if removed is not None:
+            await asyncio.to_thread(self._workspaces.purge, removed)
+        return removed is not None or stored
