@@ -8,6 +8,7 @@ installation, and for Docker its containers and volumes.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import ROOT, LocalModel, agent_env, free_port
+from httpx_sse import ServerSentEvent, connect_sse
 
 ALICE, BOB, ADMIN = "alice-token-1f9e", "bob-token-77c2", "admin-token-5d0a"
 TENANTS = f"{ALICE}:alice,{BOB}:bob"
@@ -29,6 +32,52 @@ TENANTS = f"{ALICE}:alice,{BOB}:bob"
 
 def auth(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
+
+
+class OpenTurn:
+    """A turn whose stream the test holds open: read up to its ``session`` event at once,
+    then read it to the end (:meth:`finish`) or leave mid-stream (:meth:`drop`)."""
+
+    def __init__(self, url: str, session_id: str, prompt: str, token: str = ALICE) -> None:
+        self._client = httpx.Client(timeout=120)
+        self._connection = connect_sse(self._client, "POST", f"{url}/sessions/{session_id}/messages",
+                                       json={"prompt": prompt}, headers=auth(token))
+        self._source = self._connection.__enter__()
+        assert self._source.response.status_code == 200, self._source.response.read()
+        self._events: Iterator[ServerSentEvent] = self._source.iter_sse()
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        first = next(e for e in self._events if e.data)
+        self.events.append((first.event, json.loads(first.data)))
+        assert self.kinds == ["session"]
+
+    @property
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self.events]
+
+    @property
+    def text(self) -> str:
+        return "".join(data.get("text", "") for kind, data in self.events if kind == "text")
+
+    def finish(self) -> list[str]:
+        """Read to the end of the stream; the kinds of every event."""
+        for event in self._events:
+            if event.data:
+                self.events.append((event.event, json.loads(event.data)))
+        self.drop()
+        return self.kinds
+
+    def drop(self) -> None:
+        self._connection.__exit__(None, None, None)
+        self._client.close()
+
+
+@contextmanager
+def open_turn(url: str, session_id: str, prompt: str, token: str = ALICE) -> Iterator[OpenTurn]:
+    held = OpenTurn(url, session_id, prompt, token)
+    try:
+        yield held
+    finally:
+        held.drop()
 
 
 @dataclass

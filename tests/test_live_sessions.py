@@ -183,7 +183,7 @@ def test_sigkill_leaves_no_cli_and_the_next_start_serves_every_session(start_ser
     wait_for(lambda: ready(first.base_url)["prewarmed"] == 2)
     for n in range(3):
         post_turn(first.base_url, f"kill-{n}", f"Remember this value: k{n}")
-    wait_for(lambda: ready(first.base_url)["prewarmed"] == 2)  # pooled CLIs must die too
+    wait_for(lambda: ready(first.base_url)["prewarmed"] == 2, timeout=90)  # pooled CLIs must die too
     thread, _ = background_turn(first.base_url, "kill-mid", "Remember this value: km [[delay:3]]")
     wait_for(lambda: ready(first.base_url)["running_turns"] == 1)
     clis = descendants(first.process.pid)

@@ -4,7 +4,8 @@ Same routes and errors as the server (:mod:`hosting.contract` enforces both).
 The gateway authenticates the tenant, checks the session is the tenant's,
 finds or provisions the session's sandbox and relays; it never runs a turn or
 interprets one. Requests the contract refuses are refused here, before any
-route or sandbox exists.
+route or sandbox exists; so are turns over a tenant quota (429, see
+:mod:`hosting.gateway.quotas`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Annotated, Any
 import httpx
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from hosting.config import ConfigError
@@ -35,9 +37,18 @@ from hosting.contract import (
 from hosting.draining import DrainingServer
 from hosting.gateway.pool import WarmPool
 from hosting.gateway.provisioning import NotOwner, Provisioner, ProvisioningFailed
+from hosting.gateway.quotas import QuotaExceeded, Quotas
 from hosting.gateway.reaper import Reaper
 from hosting.gateway.reconcile import reconcile
-from hosting.gateway.relay import RELAYED_RESPONSE_HEADERS, Relay, SandboxLost, SandboxUnreachable, lost_stream
+from hosting.gateway.relay import (
+    RELAYED_RESPONSE_HEADERS,
+    Relay,
+    RelayedStream,
+    SandboxLost,
+    SandboxUnreachable,
+    lost_stream,
+    shielded,
+)
 from hosting.gateway.routes import MemoryRouteStore, Route, RouteStore, RouteStoreUnavailable, open_route_store
 from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.tenants import Authenticator, TokenAuthenticator
@@ -46,6 +57,8 @@ from hosting.sandboxes.base import SandboxBackend, SandboxError
 logger = logging.getLogger("hosting.gateway")
 
 FORBIDDEN = "this session belongs to another tenant"
+
+TenantName = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
 
 
 def open_backend(settings: GatewaySettings) -> SandboxBackend:
@@ -105,7 +118,9 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
     store = store or open_route_store(settings.redis_url, settings.installation)
     authenticator = authenticator or TokenAuthenticator(settings.tenants)
     claimed = asyncio.Event()
-    provisioner = Provisioner(backend, store, settings.sandbox_env, settings.provision_timeout_seconds, claimed)
+    quotas = Quotas(store, settings.tenant_limits, settings.tenant_overrides,
+                    reservation_ttl_seconds=settings.provision_timeout_seconds + 10)
+    provisioner = Provisioner(backend, store, settings.sandbox_env, settings.provision_timeout_seconds, claimed, quotas)
     pool = WarmPool(backend, store, provisioner, settings.sandbox_env, settings.warm_pool,
                     settings.provision_timeout_seconds + 10, claimed)
     reaper = Reaper(backend, store, settings.idle_timeout_seconds)
@@ -136,6 +151,7 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
     install_json_errors(app, settings.max_body_bytes)
     app.state.settings, app.state.authenticator = settings, authenticator
     app.state.store, app.state.pool, app.state.reaper, app.state.relay = store, pool, reaper, relay
+    app.state.quotas = quotas
 
     @app.exception_handler(NotOwner)
     async def _not_owner(request: Request, exc: NotOwner) -> JSONResponse:
@@ -146,6 +162,11 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
         logger.warning("%s", exc)
         return JSONResponse({"detail": "the routing store is unavailable; nothing was changed"}, status_code=503,
                             headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+    @app.exception_handler(QuotaExceeded)
+    async def _over_quota(request: Request, exc: QuotaExceeded) -> JSONResponse:
+        logger.info("refused: %s", exc.detail)
+        return JSONResponse({"detail": exc.detail}, status_code=429, headers={"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(ProvisioningFailed)
     async def _no_sandbox(request: Request, exc: ProvisioningFailed) -> JSONResponse:
@@ -204,22 +225,42 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
         _, raw = await message_body(request)
         if not relay.accepting:
             raise _unavailable("the gateway is shutting down; retry on another replica")
-        route = await provisioner.ensure(session_id, tenant)
-        path = f"/sessions/{session_id}/messages"
+        known = await provisioner.route(session_id, tenant)  # 403 (or 503) before anything is counted
+        permit = await quotas.admit_turn(tenant)  # 429 before anything is provisioned
+        relay.begin_turn()
+        streaming = False
         try:
-            route, response = await send(route, request, path, raw)
-        except (SandboxUnreachable, SandboxLost) as exc:
-            logger.warning("session %s: sandbox lost before the turn started: %s", session_id, exc)
-            return StreamingResponse(iter([lost_stream(None, "the session's sandbox could not take the turn; send it again")]),
-                                     media_type="text/event-stream")
-        if response.status_code != 200:
+            route = await provisioner.ensure(session_id, tenant, known)
+            path = f"/sessions/{session_id}/messages"
             try:
-                return _relayed(response, await response.aread())
-            finally:
-                await response.aclose()
-        headers = {name: response.headers[name] for name in RELAYED_RESPONSE_HEADERS if name in response.headers}
-        headers.setdefault("x-accel-buffering", "no")
-        return StreamingResponse(relay.stream(route, response), status_code=200, headers=headers)
+                route, response = await send(route, request, path, raw)
+            except (SandboxUnreachable, SandboxLost) as exc:
+                logger.warning("session %s: sandbox lost before the turn started: %s", session_id, exc)
+                return StreamingResponse(iter([lost_stream(None, "the session's sandbox could not take the turn; "
+                                                                 "send it again")]), media_type="text/event-stream")
+            if response.status_code != 200:  # refused by the sandbox (409, 422, ...): not counted
+                try:
+                    return _relayed(response, await response.aread())
+                finally:
+                    await response.aclose()
+            headers = {name: response.headers[name] for name in RELAYED_RESPONSE_HEADERS if name in response.headers}
+            headers.setdefault("x-accel-buffering", "no")
+
+            async def finished() -> None:
+                try:
+                    await permit.release()
+                finally:
+                    relay.end_turn()
+
+            streaming = True
+            return RelayedStream(relay.stream(route, response, on_end=permit.release), headers, on_close=finished,
+                                 while_open=permit.keep_alive)
+        finally:
+            if not streaming:
+                try:
+                    await shielded(permit.refund())
+                finally:
+                    relay.end_turn()
 
     @app.post("/sessions/{session_id}/interrupt")
     async def interrupt(session_id: SessionId, tenant: Tenant, request: Request) -> Response:
@@ -276,6 +317,10 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
         return {"backend": backend.name, "sandboxes": [
             {"sandbox_id": s.sandbox_id, "session_id": s.session_id, "tenant": s.tenant, "address": s.address,
              "volume": s.volume, "created_at": s.created_at, "pid": s.pid} for s in sandboxes]}
+
+    @app.get("/admin/tenants/{tenant}", dependencies=[Depends(_require_admin)])
+    async def admin_tenant(tenant: TenantName) -> dict[str, Any]:
+        return await quotas.usage(tenant)
 
     @app.get("/admin/pool", dependencies=[Depends(_require_admin)])
     async def admin_pool() -> dict[str, Any]:

@@ -10,13 +10,14 @@ handed out at most once and never while being torn down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 from hosting.gateway.provisioning import Provisioner, ProvisioningFailed, new_spec
 from hosting.gateway.routes import PoolEntry, RouteStore, RouteStoreUnavailable
-from hosting.sandboxes.base import SandboxBackend
+from hosting.sandboxes.base import SandboxBackend, SandboxError
 
 logger = logging.getLogger("hosting.gateway.pool")
 
@@ -48,7 +49,8 @@ class WarmPool:
             except (ProvisioningFailed, RouteStoreUnavailable) as exc:
                 logger.warning("warm pool: could not refill (%s); retrying in %.0f s", exc, backoff)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 60.0)
+                # A store outage is retried often (cheap, and the pool should be back soon after).
+                backoff = min(backoff * 2, 5.0 if isinstance(exc, RouteStoreUnavailable) else 60.0)
                 continue
             self._wake.clear()
             try:
@@ -72,7 +74,14 @@ class WarmPool:
                     sandbox = await self._provisioner.start(spec)
                 finally:
                     self.starting -= 1
-                await self._store.pool_put(PoolEntry(sandbox, spec.token))
+                try:
+                    await self._store.pool_put(PoolEntry(sandbox, spec.token))
+                except BaseException:
+                    # Not pooled, so nobody could claim or find it: remove it now.
+                    with contextlib.suppress(SandboxError):
+                        await self._backend.delete(sandbox.sandbox_id)
+                        await self._backend.delete_volume(sandbox.volume)
+                    raise
                 added += 1
         finally:
             await self._store.release_lock("pool-refill", lock)

@@ -6,6 +6,12 @@ writes the route; every other request for that session meanwhile waits for the
 route to appear instead of starting a second sandbox. The lock has an expiry
 so a replica that dies holding it cannot block the session for ever, and only
 its holder releases it.
+
+Tenant quotas are checked here too, under that lock and before anything is
+claimed or started: a tenant at its ``max_sandboxes`` gets
+:class:`~hosting.gateway.quotas.QuotaExceeded` and nothing is provisioned. If the
+routing store fails after a sandbox was claimed or started, that sandbox is removed
+again, so a session never ends up with two when the store comes back.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import secrets
 import time
 from collections.abc import Mapping
 
+from hosting.gateway.quotas import Quotas
 from hosting.gateway.routes import PoolEntry, Route, RouteStore
 from hosting.sandboxes.base import Health, Sandbox, SandboxBackend, SandboxError, SandboxSpec
 
@@ -46,12 +53,13 @@ class Provisioner:
     """Finds or makes the sandbox of a session; the only writer of new routes."""
 
     def __init__(self, backend: SandboxBackend, store: RouteStore, sandbox_env: Mapping[str, str],
-                 timeout_seconds: float, on_claim: asyncio.Event | None = None) -> None:
+                 timeout_seconds: float, on_claim: asyncio.Event | None = None, quotas: Quotas | None = None) -> None:
         self._backend = backend
         self._store = store
         self._env = sandbox_env
         self._timeout = timeout_seconds
         self._on_claim = on_claim
+        self._quotas = quotas
 
     async def route(self, session_id: str, tenant: str) -> Route | None:
         """The session's route if ``tenant`` owns it; ``None`` if it has none."""
@@ -60,12 +68,16 @@ class Provisioner:
             raise NotOwner
         return route
 
-    async def ensure(self, session_id: str, tenant: str) -> Route:
-        """The session's route with a sandbox assigned, provisioning one if needed.
+    async def ensure(self, session_id: str, tenant: str, known: Route | None = None) -> Route:
+        """The session's route with a sandbox assigned, provisioning one if needed
+        (``known``: the route just read, if the caller read it).
 
-        Raises :class:`NotOwner`, :class:`ProvisioningFailed`, or
+        Raises :class:`NotOwner`, :class:`ProvisioningFailed`,
+        :class:`~hosting.gateway.quotas.QuotaExceeded` or
         :class:`~hosting.gateway.routes.RouteStoreUnavailable`.
         """
+        if known is not None and known.tenant == tenant and known.sandbox_id is not None:
+            return known
         deadline = time.monotonic() + self._timeout
         delay = 0.01
         while True:
@@ -88,11 +100,25 @@ class Provisioner:
         route = await self.route(session_id, tenant)
         if route is not None and route.sandbox_id is not None:
             return route
+        reserved = self._quotas is not None and await self._quotas.reserve_sandbox(tenant, session_id)
+        try:
+            return await self._provision_reserved(session_id, tenant, route)
+        except BaseException:
+            if reserved and self._quotas is not None:
+                await self._quotas.cancel_sandbox(tenant, session_id)
+            raise
+
+    async def _provision_reserved(self, session_id: str, tenant: str, route: Route | None) -> Route:
         if route is None:
             claimed = await self._claim_from_pool(session_id, tenant)
             if claimed is not None:
                 route = Route(session_id, tenant, claimed.sandbox.volume).with_sandbox(claimed.sandbox, claimed.token)
-                await self._store.put(route)
+                try:
+                    await self._store.put(route)
+                except BaseException:
+                    # Nobody will ever find it: neither pooled nor routed any more.
+                    await self._remove(claimed.sandbox, with_volume=True)
+                    raise
                 logger.info("session %s: claimed pooled sandbox %s", session_id, claimed.sandbox.sandbox_id)
                 return route
         spec = new_spec(self._env, session_id, tenant, route.volume if route is not None else None)
@@ -148,8 +174,10 @@ class Provisioner:
             await self._backend.delete(route.sandbox_id)
         return await self.ensure(route.session_id, route.tenant)
 
-    async def _remove(self, sandbox: Sandbox) -> None:
+    async def _remove(self, sandbox: Sandbox, with_volume: bool = False) -> None:
         try:
             await self._backend.delete(sandbox.sandbox_id)
+            if with_volume:
+                await self._backend.delete_volume(sandbox.volume)
         except SandboxError as exc:
             logger.warning("could not remove sandbox %s: %s", sandbox.sandbox_id, exc)

@@ -3,7 +3,8 @@
 Sandboxes the store no longer knows (a replica died between starting one and
 writing its route, or routes were lost with an in-memory store) are removed;
 known ones are re-adopted as they are. Routes and pool entries whose sandbox is
-gone are released, so the next turn provisions a new one on the same volume.
+gone are released, so the next turn provisions a new one on the same volume;
+the others are counted for their tenant's sandbox quota.
 A sandbox another replica is provisioning right now is not an orphan: its lock
 is held, and then it is left alone.
 """
@@ -56,6 +57,8 @@ async def reconcile(backend: SandboxBackend, store: RouteStore) -> Reconciled:
         if route.sandbox_id and route.sandbox_id not in existing and await store.release(route.session_id,
                                                                                           route.sandbox_id):
             result.released.append(route.sandbox_id)
+        elif route.sandbox_id:
+            await store.reindex(route)  # counted for its tenant's quota (routes written before quotas)
     for entry in pool:
         if entry.sandbox.sandbox_id not in existing and await store.pool_remove(entry.sandbox.sandbox_id):
             result.released.append(entry.sandbox.sandbox_id)

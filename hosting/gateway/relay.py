@@ -11,12 +11,17 @@ continue the sandbox's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from typing import Any
 
+import anyio
 import httpx
 from sse_starlette import ServerSentEvent
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from hosting.gateway.routes import Route, RouteStore, RouteStoreUnavailable
 from hosting.server.wire import WireEvent, error_event
@@ -57,6 +62,56 @@ def lost_stream(last_id: str | None, message: str) -> bytes:
             + encode(WireEvent("done"), next_event_id(error_id)))
 
 
+_cleanups: set[asyncio.Task[Any]] = set()
+
+
+async def shielded(awaitable: Awaitable[Any]) -> None:
+    """Run a clean-up step to its end even while the caller is being cancelled (a client
+    that left: Starlette cancels the response's task, and would cancel every await in a
+    ``finally`` too). If the caller is cancelled anyway, the step still completes."""
+    task = asyncio.ensure_future(awaitable)
+    _cleanups.add(task)
+    task.add_done_callback(_cleanups.discard)
+    with anyio.CancelScope(shield=True):
+        await asyncio.shield(task)
+
+
+class RelayedStream(StreamingResponse):
+    """A relayed SSE response that knows when it is over: ``on_close`` runs once, however
+    the response ends (every byte sent, the client gone, the sandbox lost, cancelled),
+    after the stream it relays is closed; ``while_open`` runs beside it until then."""
+
+    def __init__(self, content: AsyncIterator[bytes], headers: Mapping[str, str],
+                 on_close: Callable[[], Awaitable[None]],
+                 while_open: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
+        super().__init__(content, status_code=200, headers=headers)
+        self._content = content
+        self._on_close = on_close
+        self._while_open = while_open
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        beside: asyncio.Task[None] | None = None
+        if self._while_open is not None:
+            beside = asyncio.create_task(self._while_open())
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await shielded(self._close(beside))
+
+    async def _close(self, beside: asyncio.Task[None] | None) -> None:
+        try:
+            if beside is not None:
+                beside.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await beside
+            aclose = getattr(self._content, "aclose", None)
+            if aclose is not None:  # runs the relay's own clean-up if the stream stopped mid-way
+                with contextlib.suppress(httpx.HTTPError, RuntimeError):
+                    await aclose()
+        finally:
+            await self._on_close()
+
+
 class StreamWatcher:
     """Follows SSE lines across chunk boundaries: the last ``id:`` and whether ``done`` came."""
 
@@ -79,8 +134,9 @@ class StreamWatcher:
 class Relay:
     """One HTTP client to every sandbox; requests carry the sandbox's own token.
 
-    It also counts the streams it relays, so a draining gateway (SIGTERM) can refuse
-    new turns and wait for the running ones (:class:`hosting.draining.Drainable`)."""
+    It also counts the turns in flight (admitted, provisioning or streaming: see
+    :meth:`begin_turn`), so a draining gateway (SIGTERM) can refuse new turns and
+    wait for the running ones (:class:`hosting.draining.Drainable`)."""
 
     def __init__(self, store: RouteStore, stamp_interval_seconds: float) -> None:
         self._store = store
@@ -107,28 +163,33 @@ class Relay:
         except httpx.TransportError as exc:
             raise SandboxLost(str(exc)) from None
 
-    async def stream(self, route: Route, response: httpx.Response) -> AsyncIterator[bytes]:
+    async def stream(self, route: Route, response: httpx.Response,
+                     on_end: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:
         """The response's bytes as they arrive, activity stamped meanwhile, and a
-        ``sandbox_lost`` ending if the sandbox goes away before ``done``."""
+        ``sandbox_lost`` ending if the sandbox goes away before ``done``.
+
+        ``on_end`` runs once the turn is over, *before* its last event goes out, so a
+        client that sends its next turn as soon as it reads ``done`` finds what the
+        turn held (its concurrent-turn slot) released already."""
         watcher = StreamWatcher()
         stamper = asyncio.create_task(self._stamp_while_streaming(route.session_id))
-        self._streams += 1
-        self._idle.clear()
         try:
             async for chunk in response.aiter_raw():
                 watcher.feed(chunk)
+                if watcher.done and on_end is not None:
+                    end, on_end = on_end, None
+                    await end()
                 yield chunk
         except httpx.TransportError as exc:
             logger.warning("session %s: sandbox %s lost mid-stream: %s", route.session_id, route.sandbox_id,
                            type(exc).__name__)
         finally:
             stamper.cancel()
-            self._streams -= 1
-            if self._streams == 0:
-                self._idle.set()
-            await response.aclose()
+            await shielded(response.aclose())
         await self.touch(route.session_id)
         if not watcher.done:
+            if on_end is not None:
+                await on_end()
             yield lost_stream(watcher.last_id, "the sandbox serving this session stopped mid-turn; send the turn again")
 
     async def touch(self, session_id: str) -> None:
@@ -142,8 +203,20 @@ class Relay:
             await self.touch(session_id)
             await asyncio.sleep(self._stamp_interval)
 
+    def begin_turn(self) -> None:
+        """A turn was admitted: the drain waits for it from now on (it may still be
+        provisioning) until :meth:`end_turn`."""
+        self._streams += 1
+        self._idle.clear()
+
+    def end_turn(self) -> None:
+        self._streams -= 1
+        if self._streams == 0:
+            self._idle.set()
+
     @property
     def running_streams(self) -> int:
+        """Turns in flight through this replica."""
         return self._streams
 
     def stop_accepting(self) -> None:

@@ -9,21 +9,40 @@ Everything that must happen once across replicas is atomic in the store:
 claiming a pooled sandbox (an ``HDEL`` that only one caller wins), releasing a
 route's sandbox (compare-and-set on the sandbox id), and locks (``SET NX`` with
 a unique token and an expiry, released only by their holder: compare-and-delete).
+
+The store also keeps the tenant quota counters (:mod:`hosting.gateway.quotas`), so
+that replicas sharing Redis share them: the sandboxes each tenant has (kept in
+step with the routes, in the same atomic steps), its running turns (slots with an
+expiry, so a crashed replica's slots lapse) and its recent turns (a sliding window).
+
+When Redis cannot be reached, :class:`RedisRouteStore` answers :meth:`~RouteStore.get`
+from a small cache of the routes this replica read or wrote last, so turns on
+sessions it knows keep working through an outage; everything else raises
+:class:`RouteStoreUnavailable` (HTTP 503) and changes nothing.
 """
 
 from __future__ import annotations
 
 import abc
 import json
+import logging
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from hosting.sandboxes.base import Sandbox
+
+logger = logging.getLogger("hosting.gateway.routes")
+
+ROUTE_CACHE_SIZE = 4096
+"""Routes a replica remembers for an outage of Redis (the ones it read or wrote last)."""
 
 
 class RouteStoreUnavailable(ConnectionError):
@@ -73,8 +92,10 @@ class PoolEntry:
 
 
 class RouteStore(abc.ABC):
-    """Routes, the pool and locks. Every method raises :class:`RouteStoreUnavailable`
-    when the store cannot be reached, and changes nothing then."""
+    """Routes, the pool, locks and quota counters. Every method raises
+    :class:`RouteStoreUnavailable` when the store cannot be reached, and changes
+    nothing then (except that :meth:`get` may answer from a cache: see
+    :class:`RedisRouteStore`)."""
 
     @abc.abstractmethod
     async def get(self, session_id: str) -> Route | None: ...
@@ -119,6 +140,52 @@ class RouteStore(abc.ABC):
     @abc.abstractmethod
     async def pool_entries(self) -> list[PoolEntry]: ...
 
+    # Quota counters. A *slot* is held while something runs and lapses after its ttl unless
+    # refreshed; a *rate* entry counts once in a sliding window. Both are named by the caller.
+
+    @abc.abstractmethod
+    async def take_slot(self, name: str, limit: int, ttl_seconds: float) -> str | None:
+        """Take one of ``limit`` slots for ``ttl_seconds``: its token, or ``None`` if all are held."""
+
+    @abc.abstractmethod
+    async def refresh_slot(self, name: str, token: str, ttl_seconds: float) -> None:
+        """Hold the slot ``ttl_seconds`` longer (taking it again if it lapsed)."""
+
+    @abc.abstractmethod
+    async def release_slot(self, name: str, token: str) -> None: ...
+
+    @abc.abstractmethod
+    async def count_slots(self, name: str) -> int: ...
+
+    @abc.abstractmethod
+    async def take_rate(self, name: str, limit: int, window_seconds: float) -> tuple[str | None, float]:
+        """Count one event if fewer than ``limit`` happened in the last ``window_seconds``:
+        ``(token, 0)``; otherwise ``(None, seconds until one leaves the window)``."""
+
+    @abc.abstractmethod
+    async def refund_rate(self, name: str, token: str) -> None:
+        """Uncount an event (it was refused after all)."""
+
+    @abc.abstractmethod
+    async def count_rate(self, name: str, window_seconds: float) -> int: ...
+
+    @abc.abstractmethod
+    async def reserve_sandbox(self, tenant: str, session_id: str, limit: int, ttl_seconds: float) -> bool:
+        """Count a sandbox about to be provisioned for the tenant's session, unless the
+        tenant has ``limit`` already (assigned routes plus reservations). ``True`` if the
+        session is counted now. A reservation lapses after ``ttl_seconds`` unless a route
+        with a sandbox is written for the session meanwhile; then it counts until released."""
+
+    @abc.abstractmethod
+    async def cancel_sandbox_reservation(self, tenant: str, session_id: str) -> None:
+        """Drop a reservation whose provisioning failed (an assigned route stays counted)."""
+
+    @abc.abstractmethod
+    async def count_sandboxes(self, tenant: str) -> int: ...
+
+    async def reindex(self, route: Route) -> None:
+        """Count the route's sandbox for its tenant if it has one (start-up, after an upgrade)."""
+
     async def ping(self) -> None:
         """Raise :class:`RouteStoreUnavailable` if the store is down."""
 
@@ -133,12 +200,20 @@ class MemoryRouteStore(RouteStore):
         self._routes: dict[str, Route] = {}
         self._pool: dict[str, PoolEntry] = {}
         self._locks: dict[str, tuple[str, float]] = {}
+        self._slots: dict[str, dict[str, float]] = {}
+        """name → token → when it lapses (monotonic)."""
+        self._rates: dict[str, dict[str, float]] = {}
+        """name → token → when it was counted (monotonic)."""
+        self._reserved: dict[str, dict[str, float]] = {}
+        """tenant → session → when its reservation lapses (monotonic)."""
 
     async def get(self, session_id: str) -> Route | None:
         return self._routes.get(session_id)
 
     async def put(self, route: Route) -> None:
         self._routes[route.session_id] = route
+        if route.sandbox_id is not None:
+            self._reserved.get(route.tenant, {}).pop(route.session_id, None)
 
     async def delete(self, session_id: str) -> None:
         self._routes.pop(session_id, None)
@@ -187,13 +262,127 @@ class MemoryRouteStore(RouteStore):
     async def pool_entries(self) -> list[PoolEntry]:
         return list(self._pool.values())
 
+    def _live_slots(self, name: str) -> dict[str, float]:
+        now = time.monotonic()
+        slots = {token: until for token, until in self._slots.get(name, {}).items() if until > now}
+        self._slots[name] = slots
+        return slots
+
+    async def take_slot(self, name: str, limit: int, ttl_seconds: float) -> str | None:
+        slots = self._live_slots(name)
+        if len(slots) >= limit:
+            return None
+        token = secrets.token_hex(8)
+        slots[token] = time.monotonic() + ttl_seconds
+        return token
+
+    async def refresh_slot(self, name: str, token: str, ttl_seconds: float) -> None:
+        self._live_slots(name)[token] = time.monotonic() + ttl_seconds
+
+    async def release_slot(self, name: str, token: str) -> None:
+        self._slots.get(name, {}).pop(token, None)
+
+    async def count_slots(self, name: str) -> int:
+        return len(self._live_slots(name))
+
+    def _recent(self, name: str, window_seconds: float) -> dict[str, float]:
+        since = time.monotonic() - window_seconds
+        recent = {token: at for token, at in self._rates.get(name, {}).items() if at > since}
+        self._rates[name] = recent
+        return recent
+
+    async def take_rate(self, name: str, limit: int, window_seconds: float) -> tuple[str | None, float]:
+        recent = self._recent(name, window_seconds)
+        if len(recent) >= limit:
+            return None, max(0.0, min(recent.values()) + window_seconds - time.monotonic())
+        token = secrets.token_hex(8)
+        recent[token] = time.monotonic()
+        return token, 0.0
+
+    async def refund_rate(self, name: str, token: str) -> None:
+        self._rates.get(name, {}).pop(token, None)
+
+    async def count_rate(self, name: str, window_seconds: float) -> int:
+        return len(self._recent(name, window_seconds))
+
+    def _sandboxes_of(self, tenant: str) -> set[str]:
+        now = time.monotonic()
+        reserved = {s: until for s, until in self._reserved.get(tenant, {}).items() if until > now}
+        self._reserved[tenant] = reserved
+        assigned = {r.session_id for r in self._routes.values() if r.tenant == tenant and r.sandbox_id is not None}
+        return assigned | set(reserved)
+
+    async def reserve_sandbox(self, tenant: str, session_id: str, limit: int, ttl_seconds: float) -> bool:
+        counted = self._sandboxes_of(tenant)
+        route = self._routes.get(session_id)
+        if route is not None and route.sandbox_id is not None:
+            return True
+        if session_id not in counted and len(counted) >= limit:
+            return False
+        self._reserved[tenant][session_id] = time.monotonic() + ttl_seconds
+        return True
+
+    async def cancel_sandbox_reservation(self, tenant: str, session_id: str) -> None:
+        self._reserved.get(tenant, {}).pop(session_id, None)
+
+    async def count_sandboxes(self, tenant: str) -> int:
+        return len(self._sandboxes_of(tenant))
+
 
 _COMPARE_AND_DELETE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _TOUCH_IF_EXISTS = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'last_activity', ARGV[1]) end return 0"
+# Scripts that find a tenant's sandbox count from the route build its key from ARGV (a
+# prefix) and the route's tenant: fine on one Redis server, not on Redis Cluster.
 _RELEASE_IF_ASSIGNED = (
     "if redis.call('HGET', KEYS[1], 'sandbox_id') ~= ARGV[1] then return 0 end "
-    "redis.call('HDEL', KEYS[1], 'sandbox_id', 'address', 'token', 'pid') return 1"
+    "redis.call('HDEL', KEYS[1], 'sandbox_id', 'address', 'token', 'pid') "
+    "local tenant = redis.call('HGET', KEYS[1], 'tenant') "
+    "if tenant then redis.call('ZREM', ARGV[2] .. tenant, ARGV[3]) end return 1"
 )
+_DELETE_ROUTE = (
+    "local tenant = redis.call('HGET', KEYS[1], 'tenant') "
+    "if tenant then redis.call('ZREM', ARGV[1] .. tenant, ARGV[2]) end "
+    "redis.call('DEL', KEYS[1]) redis.call('SREM', KEYS[2], ARGV[2]) return 1"
+)
+_REINDEX = (
+    "local found = redis.call('HMGET', KEYS[1], 'tenant', 'sandbox_id') "
+    "if found[1] and found[2] then redis.call('ZADD', ARGV[1] .. found[1], 'inf', ARGV[2]) return 1 end return 0"
+)
+_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1000000 "
+"""Every replica reads the time from Redis, so their clocks need not agree."""
+_TAKE_SLOT = _NOW + (
+    "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) "
+    "if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end "
+    "redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2]) "
+    "redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000)) return 1"
+)
+_REFRESH_SLOT = _NOW + (
+    "redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1]) "
+    "redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000)) return 1"
+)
+_COUNT_SLOTS = _NOW + "return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')"
+_TAKE_RATE = _NOW + (
+    "local window = tonumber(ARGV[2]) "
+    "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window) "
+    "if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then "
+    "  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES') "
+    "  return tostring(tonumber(oldest[2]) + window - now) end "
+    "redis.call('ZADD', KEYS[1], now, ARGV[3]) "
+    "redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000) + 1000) return 'ok'"
+)
+_COUNT_RATE = _NOW + "return redis.call('ZCOUNT', KEYS[1], '(' .. (now - tonumber(ARGV[1])), '+inf')"
+_RESERVE_SANDBOX = _NOW + (
+    "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) "
+    "local score = redis.call('ZSCORE', KEYS[1], ARGV[1]) "
+    "if score == 'inf' then return 1 end "
+    "if (not score) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end "
+    "redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1]) return 1"
+)
+_CANCEL_RESERVATION = (
+    "local score = redis.call('ZSCORE', KEYS[1], ARGV[1]) "
+    "if score and score ~= 'inf' then redis.call('ZREM', KEYS[1], ARGV[1]) end return 0"
+)
+_COUNT_SANDBOXES = _NOW + "return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')"
 _POOL_TAKE = (
     "local ids = redis.call('HKEYS', KEYS[1]) if #ids == 0 then return false end "
     "local entry = redis.call('HGET', KEYS[1], ids[1]) redis.call('HDEL', KEYS[1], ids[1]) return entry"
@@ -213,22 +402,74 @@ def _route_from(fields: dict[str, str]) -> Route:
     )
 
 
+class RouteCache:
+    """The routes a replica read or wrote last, at most ``size`` of them (least recently
+    used go first). Only :class:`RedisRouteStore` reads it, and only when Redis is down."""
+
+    def __init__(self, size: int = ROUTE_CACHE_SIZE) -> None:
+        self.size = size
+        self._routes: OrderedDict[str, Route] = OrderedDict()
+
+    def get(self, session_id: str) -> Route | None:
+        route = self._routes.get(session_id)
+        if route is not None:
+            self._routes.move_to_end(session_id)
+        return route
+
+    def put(self, route: Route) -> None:
+        self._routes[route.session_id] = route
+        self._routes.move_to_end(route.session_id)
+        while len(self._routes) > self.size:
+            self._routes.popitem(last=False)
+
+    def forget(self, session_id: str) -> None:
+        self._routes.pop(session_id, None)
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+
 class RedisRouteStore(RouteStore):
     """Routes in Redis, shared by every replica: a hash per session
-    (``gw:<installation>:route:<id>``), a set indexing them, a hash for the pool
-    and plain keys for locks. Scripts make each compound step atomic."""
+    (``gw:<installation>:route:<id>``), a set indexing them, a hash for the pool,
+    plain keys for locks and sorted sets for the quota counters
+    (``gw:<installation>:quota:<kind>:<tenant>``). Scripts make each compound step atomic.
 
-    def __init__(self, url: str, installation: str) -> None:
+    Through an outage, :meth:`get` answers from the :class:`RouteCache` of the routes
+    this replica last read or wrote (refreshed on every successful read), and a lock
+    whose release failed is released as soon as Redis answers again (it would expire
+    anyway), so a provisioning cut short by the outage does not block its session."""
+
+    def __init__(self, url: str, installation: str, cache_size: int = ROUTE_CACHE_SIZE) -> None:
+        # One quick retry on a fresh connection (a pooled one may be dead after Redis
+        # restarted), no backoff: during an outage every call fails at once.
         self._redis = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2,
-                                              socket_timeout=5, health_check_interval=10)
+                                              socket_timeout=5, health_check_interval=10,
+                                              retry=Retry(NoBackoff(), 1))
         self._prefix = f"gw:{installation}:"
-        self._compare_and_delete = self._redis.register_script(_COMPARE_AND_DELETE)
-        self._touch = self._redis.register_script(_TOUCH_IF_EXISTS)
-        self._release = self._redis.register_script(_RELEASE_IF_ASSIGNED)
-        self._pool_take = self._redis.register_script(_POOL_TAKE)
+        self.cache = RouteCache(cache_size)
+        self._unreleased: dict[tuple[str, str], None] = {}
+        register = self._redis.register_script
+        self._compare_and_delete = register(_COMPARE_AND_DELETE)
+        self._touch = register(_TOUCH_IF_EXISTS)
+        self._release = register(_RELEASE_IF_ASSIGNED)
+        self._delete = register(_DELETE_ROUTE)
+        self._reindex = register(_REINDEX)
+        self._pool_take = register(_POOL_TAKE)
+        self._take_slot = register(_TAKE_SLOT)
+        self._refresh_slot = register(_REFRESH_SLOT)
+        self._count_slots = register(_COUNT_SLOTS)
+        self._take_rate = register(_TAKE_RATE)
+        self._count_rate = register(_COUNT_RATE)
+        self._reserve = register(_RESERVE_SANDBOX)
+        self._cancel_reservation = register(_CANCEL_RESERVATION)
+        self._count_sandboxes = register(_COUNT_SANDBOXES)
 
     def _key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
+
+    def _sandboxes_key(self, tenant: str = "") -> str:
+        return self._key("quota", "sandboxes", tenant)
 
     async def _call(self, awaitable: Any) -> Any:
         try:
@@ -239,9 +480,24 @@ class RedisRouteStore(RouteStore):
     async def ping(self) -> None:
         await self._call(self._redis.ping())
 
-    async def get(self, session_id: str) -> Route | None:
+    async def _fetch(self, session_id: str) -> Route | None:
         fields = await self._call(self._redis.hgetall(self._key("route", session_id)))
         return _route_from(fields) if fields else None
+
+    async def get(self, session_id: str) -> Route | None:
+        try:
+            route = await self._fetch(session_id)
+        except RouteStoreUnavailable:
+            cached = self.cache.get(session_id)
+            if cached is None:
+                raise
+            logger.info("session %s: routing store down, using the route this replica knows", session_id)
+            return cached
+        if route is None:
+            self.cache.forget(session_id)
+        else:
+            self.cache.put(route)
+        return route
 
     async def put(self, route: Route) -> None:
         key = self._key("route", route.session_id)
@@ -250,36 +506,60 @@ class RedisRouteStore(RouteStore):
                 pipe.delete(key)
                 pipe.hset(key, mapping=_route_fields(route))
                 pipe.sadd(self._key("routes"), route.session_id)
+                if route.sandbox_id is not None:
+                    pipe.zadd(self._sandboxes_key(route.tenant), {route.session_id: "+inf"})
+                else:
+                    pipe.zrem(self._sandboxes_key(route.tenant), route.session_id)
                 await pipe.execute()
         await self._call(write())
+        self.cache.put(route)
 
     async def delete(self, session_id: str) -> None:
-        async def write() -> None:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.delete(self._key("route", session_id))
-                pipe.srem(self._key("routes"), session_id)
-                await pipe.execute()
-        await self._call(write())
+        await self._call(self._delete(keys=[self._key("route", session_id), self._key("routes")],
+                                      args=[self._sandboxes_key(), session_id]))
+        self.cache.forget(session_id)
 
     async def touch(self, session_id: str) -> None:
         await self._call(self._touch(keys=[self._key("route", session_id)], args=[str(time.time())]))
 
     async def release(self, session_id: str, sandbox_id: str) -> bool:
-        return bool(await self._call(self._release(keys=[self._key("route", session_id)], args=[sandbox_id])))
+        released = bool(await self._call(self._release(keys=[self._key("route", session_id)],
+                                                       args=[sandbox_id, self._sandboxes_key(), session_id])))
+        cached = self.cache.get(session_id)
+        if cached is not None and cached.sandbox_id == sandbox_id:
+            self.cache.put(cached.released())
+        return released
 
     async def routes(self) -> list[Route]:
         ids = await self._call(self._redis.smembers(self._key("routes")))
-        found = [await self.get(session_id) for session_id in sorted(ids)]
+        found = [await self._fetch(session_id) for session_id in sorted(ids)]
         return [route for route in found if route is not None]
 
+    async def reindex(self, route: Route) -> None:
+        await self._call(self._reindex(keys=[self._key("route", route.session_id)],
+                                       args=[self._sandboxes_key(), route.session_id]))
+
     async def acquire(self, name: str, ttl_seconds: float) -> str | None:
+        await self._release_left_locks()
         token = secrets.token_hex(16)
         taken = await self._call(self._redis.set(self._key("lock", name), token, nx=True,
                                                  px=max(1, int(ttl_seconds * 1000))))
         return token if taken else None
 
     async def release_lock(self, name: str, token: str) -> bool:
-        return bool(await self._call(self._compare_and_delete(keys=[self._key("lock", name)], args=[token])))
+        try:
+            return bool(await self._call(self._compare_and_delete(keys=[self._key("lock", name)], args=[token])))
+        except RouteStoreUnavailable:
+            if len(self._unreleased) < 1024:
+                self._unreleased[(name, token)] = None
+            raise
+
+    async def _release_left_locks(self) -> None:
+        """Release the locks whose release failed in an outage (compare-and-delete: a lock
+        that expired and was taken by someone else meanwhile is left alone)."""
+        for name, token in list(self._unreleased):
+            await self._call(self._compare_and_delete(keys=[self._key("lock", name)], args=[token]))
+            self._unreleased.pop((name, token), None)
 
     async def pool_put(self, entry: PoolEntry) -> None:
         await self._call(self._redis.hset(self._key("pool"), entry.sandbox.sandbox_id, entry.to_json()))
@@ -294,6 +574,41 @@ class RedisRouteStore(RouteStore):
     async def pool_entries(self) -> list[PoolEntry]:
         raw = await self._call(self._redis.hvals(self._key("pool")))
         return [PoolEntry.from_json(item) for item in raw]
+
+    async def take_slot(self, name: str, limit: int, ttl_seconds: float) -> str | None:
+        token = secrets.token_hex(8)
+        taken = await self._call(self._take_slot(keys=[self._key("quota", name)], args=[limit, token, ttl_seconds]))
+        return token if taken else None
+
+    async def refresh_slot(self, name: str, token: str, ttl_seconds: float) -> None:
+        await self._call(self._refresh_slot(keys=[self._key("quota", name)], args=[token, ttl_seconds]))
+
+    async def release_slot(self, name: str, token: str) -> None:
+        await self._call(self._redis.zrem(self._key("quota", name), token))
+
+    async def count_slots(self, name: str) -> int:
+        return int(await self._call(self._count_slots(keys=[self._key("quota", name)])))
+
+    async def take_rate(self, name: str, limit: int, window_seconds: float) -> tuple[str | None, float]:
+        token = secrets.token_hex(8)
+        answer = await self._call(self._take_rate(keys=[self._key("quota", name)], args=[limit, window_seconds, token]))
+        return (token, 0.0) if answer == "ok" else (None, max(0.0, float(answer)))
+
+    async def refund_rate(self, name: str, token: str) -> None:
+        await self._call(self._redis.zrem(self._key("quota", name), token))
+
+    async def count_rate(self, name: str, window_seconds: float) -> int:
+        return int(await self._call(self._count_rate(keys=[self._key("quota", name)], args=[window_seconds])))
+
+    async def reserve_sandbox(self, tenant: str, session_id: str, limit: int, ttl_seconds: float) -> bool:
+        return bool(await self._call(self._reserve(keys=[self._sandboxes_key(tenant)],
+                                                   args=[session_id, limit, ttl_seconds])))
+
+    async def cancel_sandbox_reservation(self, tenant: str, session_id: str) -> None:
+        await self._call(self._cancel_reservation(keys=[self._sandboxes_key(tenant)], args=[session_id]))
+
+    async def count_sandboxes(self, tenant: str) -> int:
+        return int(await self._call(self._count_sandboxes(keys=[self._sandboxes_key(tenant)])))
 
     async def aclose(self) -> None:
         await self._redis.aclose()

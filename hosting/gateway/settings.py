@@ -16,7 +16,8 @@ from typing import Literal
 
 from hosting.config import ConfigError, float_setting, int_setting, optional_setting
 from hosting.contract import MAX_BODY_BYTES
-from hosting.gateway.tenants import TenantTokens, load_tenant_tokens
+from hosting.gateway.quotas import TenantLimits
+from hosting.gateway.tenants import TenantOverrides, TenantTokens, load_tenant_overrides, load_tenant_tokens
 
 Backend = Literal["local", "docker"]
 BACKENDS: tuple[Backend, ...] = ("local", "docker")
@@ -95,13 +96,34 @@ class GatewaySettings:
     docker_network: Literal["bridge", "host"] = "bridge"
     sandbox_memory_bytes: int = 1024**3
     sandbox_cpus: float = 1.0
+    tenant_max_sandboxes: int = TenantLimits.max_sandboxes
+    """Live sandboxes per tenant (``GATEWAY_TENANT_MAX_SANDBOXES``; 0 = unlimited)."""
+    tenant_max_turns: int = TenantLimits.max_turns
+    """Turns running at once per tenant (``GATEWAY_TENANT_MAX_TURNS``; 0 = unlimited)."""
+    tenant_turns_per_minute: int = TenantLimits.turns_per_minute
+    """Turns started per tenant in any 60 s (``GATEWAY_TENANT_TURNS_PER_MINUTE``; 0 = unlimited)."""
+    tenant_overrides: TenantOverrides = field(default_factory=dict)
+    """Per-tenant limits from ``GATEWAY_TENANTS_FILE`` (``max_sandboxes=N`` ... after a digest)."""
+
+    @property
+    def tenant_limits(self) -> TenantLimits:
+        """The limits of every tenant the tenants file does not override."""
+        return TenantLimits(self.tenant_max_sandboxes, self.tenant_max_turns, self.tenant_turns_per_minute)
+
+    def limits_for(self, tenant: str) -> TenantLimits:
+        return self.tenant_limits.with_overrides(self.tenant_overrides.get(tenant, {}))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
         """Read the environment; fail closed when no tenant is configured."""
         env = os.environ if env is None else env
+        tenants_file = optional_setting(env, "GATEWAY_TENANTS_FILE")
         settings = cls(
-            tenants=load_tenant_tokens(env.get("GATEWAY_TENANTS", ""), optional_setting(env, "GATEWAY_TENANTS_FILE")),
+            tenants=load_tenant_tokens(env.get("GATEWAY_TENANTS", ""), tenants_file),
+            tenant_overrides=load_tenant_overrides(tenants_file),
+            tenant_max_sandboxes=int_setting(env, "GATEWAY_TENANT_MAX_SANDBOXES", cls.tenant_max_sandboxes),
+            tenant_max_turns=int_setting(env, "GATEWAY_TENANT_MAX_TURNS", cls.tenant_max_turns),
+            tenant_turns_per_minute=int_setting(env, "GATEWAY_TENANT_TURNS_PER_MINUTE", cls.tenant_turns_per_minute),
             host=env.get("HOST", "").strip() or cls.host,
             port=int_setting(env, "PORT", cls.port, minimum=1),
             backend=_backend(env),

@@ -62,9 +62,59 @@ def _tenant_name(name: str, where: str) -> str:
     return name
 
 
+LIMIT_NAMES = ("max_sandboxes", "max_turns", "turns_per_minute")
+"""Per-tenant quota overrides a ``GATEWAY_TENANTS_FILE`` line may carry (``name=N``, 0 = unlimited)."""
+
+TenantOverrides = Mapping[str, Mapping[str, int]]
+"""Tenant name → the quota limits its lines of ``GATEWAY_TENANTS_FILE`` override."""
+
+
+def _override(item: str, where: str) -> tuple[str, int]:
+    name, sep, raw = item.partition("=")
+    if not sep or name not in LIMIT_NAMES:
+        raise ConfigError(f"{where}: unknown setting {name!r}; expected name=N with name one of {', '.join(LIMIT_NAMES)}")
+    if not raw.isdigit() or not raw.isascii():
+        raise ConfigError(f"{where}: {name} must be a whole number >= 0 (0 = unlimited), got {raw!r}")
+    return name, int(raw)
+
+
+def _read_tenants_file(path: str) -> tuple[dict[bytes, str], dict[str, dict[str, int]]]:
+    """Lines ``tenant sha256:<hex of token> [max_sandboxes=N] [max_turns=N] [turns_per_minute=N]``."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"GATEWAY_TENANTS_FILE {path}: {exc.strerror}") from None
+    tokens: dict[bytes, str] = {}
+    overrides: dict[str, dict[str, int]] = {}
+    for number, line in enumerate(lines, start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"GATEWAY_TENANTS_FILE line {number}"
+        fields = line.split()
+        if len(fields) < 2 or not fields[1].startswith("sha256:"):
+            raise ConfigError(f"{where}: expected 'tenant sha256:<64 hex digits> [name=N ...]'")
+        try:
+            digest = bytes.fromhex(fields[1].removeprefix("sha256:"))
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise ConfigError(f"{where}: expected 'tenant sha256:<64 hex digits> [name=N ...]'")
+        tenant = _tenant_name(fields[0], where)
+        tokens[digest] = tenant
+        limits = overrides.setdefault(tenant, {})
+        for item in fields[2:]:
+            name, value = _override(item, where)
+            if limits.get(name, value) != value:
+                raise ConfigError(f"{where}: {name} for tenant {tenant!r} differs from an earlier line")
+            limits[name] = value
+    return tokens, {tenant: limits for tenant, limits in overrides.items() if limits}
+
+
 def load_tenant_tokens(inline: str, path: str | None) -> dict[bytes, str]:
     """Tenants from ``GATEWAY_TENANTS`` (``token:tenant,token:tenant``) and from the
-    file ``GATEWAY_TENANTS_FILE`` (lines ``tenant sha256:<hex of token>``, ``#`` comments).
+    file ``GATEWAY_TENANTS_FILE`` (lines ``tenant sha256:<hex of token>``, ``#`` comments,
+    optionally followed by quota overrides: see :func:`load_tenant_overrides`).
 
     Error messages name the variable and line, never a token.
     """
@@ -77,23 +127,12 @@ def load_tenant_tokens(inline: str, path: str | None) -> dict[bytes, str]:
             raise ConfigError(f"GATEWAY_TENANTS entry {number} is not token:tenant")
         tokens[_digest(token.strip())] = _tenant_name(tenant.strip(), f"GATEWAY_TENANTS entry {number}")
     if path is not None:
-        try:
-            lines = Path(path).read_text().splitlines()
-        except OSError as exc:
-            raise ConfigError(f"GATEWAY_TENANTS_FILE {path}: {exc.strerror}") from None
-        for number, line in enumerate(lines, start=1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            where = f"GATEWAY_TENANTS_FILE line {number}"
-            fields = line.split()
-            if len(fields) != 2 or not fields[1].startswith("sha256:"):
-                raise ConfigError(f"{where}: expected 'tenant sha256:<64 hex digits>'")
-            try:
-                digest = bytes.fromhex(fields[1].removeprefix("sha256:"))
-            except ValueError:
-                digest = b""
-            if len(digest) != 32:
-                raise ConfigError(f"{where}: expected 'tenant sha256:<64 hex digits>'")
-            tokens[digest] = _tenant_name(fields[0], where)
+        tokens.update(_read_tenants_file(path)[0])
     return tokens
+
+
+def load_tenant_overrides(path: str | None) -> dict[str, dict[str, int]]:
+    """Per-tenant quota limits from ``GATEWAY_TENANTS_FILE``: the ``name=N`` fields after a
+    line's digest (``alice sha256:<hex> max_sandboxes=5 max_turns=2 turns_per_minute=30``).
+    A tenant with several tokens may repeat them on each line, but not contradict itself."""
+    return {} if path is None else _read_tenants_file(path)[1]

@@ -169,7 +169,8 @@ class SessionManager:
     async def start(self) -> None:
         """Start the pool filler, the idle reaper and the disk upkeep (retention, budget)."""
         if (state := self._disk.state()).over:
-            logger.warning("%s: new sessions are refused until there is room", state.describe())
+            hint = "" if state.budget is not None else " (on a small volume, set AGENT_DISK_BUDGET_BYTES)"
+            logger.warning("%s: new sessions are refused until there is room%s", state.describe(), hint)
         self._background = [
             asyncio.create_task(self._fill_pool(), name="prewarm-pool"),
             asyncio.create_task(self._reap_idle(), name="idle-reaper"),
@@ -613,11 +614,15 @@ class SessionManager:
                 if not await self._room_to_start():
                     continue
                 self._clis += 1
+                workspace: Workspace | None = None
                 try:
-                    live = self._open(self._workspaces.new_workspace())
-                except OSError as exc:
+                    workspace = self._workspaces.new_workspace()
+                    live = self._open(workspace)
+                except OSError as exc:  # a full disk, say: retry later
+                    if workspace is not None:
+                        self._workspaces.discard(workspace)
                     self._free_slot()
-                    logger.warning("could not pre-start a CLI: %s", exc)  # a full disk, say: retry later
+                    logger.warning("could not pre-start a CLI: %s", exc)
                     await asyncio.sleep(5)
                     continue
                 try:

@@ -149,7 +149,7 @@ class WorkspaceStore:
 
     def ensure_writable(self) -> None:
         """Create the layout, failing early if the data root is not writable."""
-        for directory in (self._index, self._workspaces, self._trash):
+        for directory in (self._index, self._workspaces):
             directory.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=self._index, prefix=".probe-")
         probe.close()
@@ -286,13 +286,14 @@ class WorkspaceStore:
 
     def trash(self) -> list[Path]:
         """What removals left in the trash (a crash, or a removal still deleting)."""
-        return list(self._trash.iterdir())
+        return list(self._trash.iterdir()) if self._trash.exists() else []
 
     def _to_trash(self, root: Path) -> Path:
         """Move a workspace into the trash in one step; where it cannot move (say, no room
         for the trash's directory entry), it is left to be deleted in place."""
         moved = self._trash / f"{root.name}.{uuid.uuid4().hex[:8]}"
         try:
+            self._trash.mkdir(exist_ok=True)  # made on first use: a full disk may not start with room for it
             os.rename(root, moved)
         except OSError:
             return root
