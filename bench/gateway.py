@@ -72,6 +72,8 @@ async def gateway(model_url: str, tmp: Path, name: str, pool: int, backend: str 
         "GATEWAY_TENANTS": f"{TENANT_TOKEN}:bench", "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
         "GATEWAY_WARM_POOL": str(pool), "GATEWAY_DATA_DIR": str(root / "data"), "GATEWAY_BACKEND": backend,
         "GATEWAY_INSTALLATION": installation,
+        # The bench measures hosting, not the tenant quotas: lift them.
+        "GATEWAY_TENANT_MAX_SANDBOXES": "0", "GATEWAY_TENANT_MAX_TURNS": "0", "GATEWAY_TENANT_TURNS_PER_MINUTE": "0",
     }
     if backend == "docker":
         assert image is not None

@@ -12,6 +12,7 @@ session has exactly one sandbox and every route is still there.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import secrets
 import signal
 import time
@@ -255,16 +256,22 @@ def test_sigterm_refuses_new_turns_lets_the_running_stream_finish_and_exits_zero
     turn(url, "d1", "Remember this value: 4242")
     route = gateway.route("d1")
     assert route is not None
-    with open_turn(url, "d1", f"[[delay:3]] {RECALL}") as running:
+    ready = lambda: httpx.get(f"{url}/ready", headers=auth(ALICE), timeout=10)  # noqa: E731
+    with open_turn(url, "d1", f"[[delay:3]] {RECALL}") as running, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        provisioning = pool.submit(post_turn, url, "d3", "Remember this value: 3131", headers=auth(ALICE))
+        wait_for(lambda: ready().json()["running_streams"] == 2, timeout=10)  # d3 admitted, its sandbox starting
         signalled = time.monotonic()
         gateway.process.send_signal(signal.SIGTERM)
         for session_id in ("d1", "d2"):
             refused = post(url, session_id)
             assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1, refused.text
             assert "shutting down" in refused.json()["detail"]
-        assert httpx.get(f"{url}/ready", headers=auth(ALICE)).status_code == 503
+        assert ready().status_code == 503
         assert running.finish()[-1] == "done" and "error" not in running.kinds
         assert "4242" in running.text
+        admitted = provisioning.result(timeout=grace)
+        assert admitted.types[-1] == "done" and "error" not in admitted.types, "a turn admitted before SIGTERM ran"
     assert gateway.process.wait(timeout=grace + 10) == 0
     assert time.monotonic() - signalled < grace, "the gateway exits once the stream is over, within the grace period"
     wait_for(lambda: not local_gateways.sandbox_alive(route["sandbox_id"], route["pid"]), timeout=10)

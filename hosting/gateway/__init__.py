@@ -2,7 +2,8 @@
 
 ``app`` (routes, ``agent-gateway``), ``settings`` (the typed configuration),
 ``tenants`` (authentication), ``routes`` (the routing store: memory or Redis),
-``provisioning`` (one sandbox per session, under a lock), ``pool`` (warm
+``provisioning`` (one sandbox per session, under a lock), ``quotas`` (per
+tenant: sandboxes, concurrent turns, turns per minute), ``pool`` (warm
 sandboxes), ``reaper`` (idle sandboxes), ``reconcile`` (start-up),
 ``relay`` (SSE passed through).
 """

@@ -88,12 +88,13 @@ class TurnPermit:
 
     async def keep_alive(self) -> None:
         """Refresh the slot until cancelled (while the turn's stream is relayed)."""
-        if self._slot is None:
-            return
-        while True:
+        while self._slot is not None:
             await asyncio.sleep(self._ttl / 3)
+            slot = self._slot
+            if slot is None:  # released meanwhile
+                return
             try:
-                await self._store.refresh_slot(_turns(self.tenant), self._slot, self._ttl)
+                await self._store.refresh_slot(_turns(self.tenant), slot, self._ttl)
             except RouteStoreUnavailable:
                 logger.warning("tenant %s: could not refresh a turn slot (routing store down)", self.tenant)
 

@@ -149,7 +149,8 @@ class RouteStore(abc.ABC):
 
     @abc.abstractmethod
     async def refresh_slot(self, name: str, token: str, ttl_seconds: float) -> None:
-        """Hold the slot ``ttl_seconds`` longer (taking it again if it lapsed)."""
+        """Hold the slot ``ttl_seconds`` longer if it is still held (a released or lapsed
+        slot is not taken again: a refresh racing the release must not resurrect it)."""
 
     @abc.abstractmethod
     async def release_slot(self, name: str, token: str) -> None: ...
@@ -277,7 +278,9 @@ class MemoryRouteStore(RouteStore):
         return token
 
     async def refresh_slot(self, name: str, token: str, ttl_seconds: float) -> None:
-        self._live_slots(name)[token] = time.monotonic() + ttl_seconds
+        slots = self._live_slots(name)
+        if token in slots:
+            slots[token] = time.monotonic() + ttl_seconds
 
     async def release_slot(self, name: str, token: str) -> None:
         self._slots.get(name, {}).pop(token, None)
@@ -357,7 +360,7 @@ _TAKE_SLOT = _NOW + (
     "redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000)) return 1"
 )
 _REFRESH_SLOT = _NOW + (
-    "redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1]) "
+    "if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1]) == 0 then return 0 end "
     "redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000)) return 1"
 )
 _COUNT_SLOTS = _NOW + "return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')"

@@ -98,6 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/ready", dependencies=authed)
     async def ready() -> JSONResponse:
+        await sessions.check_disk()
         status = sessions.status()
         ok = sessions.accepting and not status["disk_over_budget"]
         headers = {} if ok else {"Retry-After": RETRY_AFTER_SECONDS}

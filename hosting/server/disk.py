@@ -11,7 +11,7 @@ leaves a transcript on it, so the server watches two numbers:
 Over budget, new sessions get room made for them (local copies of stored sessions
 evicted, see ``retention.py``) or are refused (HTTP 507); existing sessions keep
 working. Walking the data dir costs time, so it is measured now and then and, in
-between, estimated from the change in free space (see :meth:`Disk.state`).
+between, estimated from the free space lost since (see :meth:`Disk.state`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ existing sessions, which are never refused, need room for their transcripts."""
 
 MEASURE_AGAIN_SECONDS = 5.0
 """An estimate that says "over the budget" is checked by walking the data dir again, at most
-this often: on a volume shared with other writers the estimate only ever errs high."""
+this often: the estimate errs only high (space freed by others shows once measured)."""
 
 OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -137,13 +137,14 @@ class Disk:
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize, st.f_favail if st.f_files else None
 
     def state(self) -> DiskState:
-        """A reading without walking the data dir: its size is the last measure plus the
-        space the volume lost since (exact when the server is the volume's only writer)."""
+        """A reading without walking the data dir: its size is the last measure plus the free
+        space the volume lost since. What the server writes shows at once; on a volume shared
+        with other writers the estimate errs high, never low."""
         total, free, inodes_free = self._volume()
         used = None
         if self._budget is not None and self._measured is not None:
             measured, free_then, _ = self._measured
-            used = max(0, measured + free_then - free)
+            used = measured + max(0, free_then - free)
         return DiskState(total, free, free_floor(total, self._budget), self._budget, used, inodes_free)
 
     async def measure(self) -> None:
@@ -152,6 +153,12 @@ class Disk:
             return
         measured = await asyncio.to_thread(usage, self._data_dir)
         self._measured = (measured, self._volume()[1], time.monotonic())
+
+    def forget(self, size: int) -> None:
+        """Take ``size`` bytes the server deleted off the estimate (as if gone at the last measure)."""
+        if self._measured is not None:
+            measured, free_then, when = self._measured
+            self._measured = (max(0, measured - size), free_then + size, when)
 
     async def check(self) -> DiskState:
         """A reading to act on: a data dir never measured, or estimated over the budget

@@ -24,10 +24,11 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from claude_agent_sdk import SessionStore
 
-from hosting.server.disk import Disk, DiskState
+from hosting.server.disk import Disk, DiskState, usage
 from hosting.server.durable import StoreUnavailable, store_holds
 from hosting.server.workspaces import Workspace, WorkspaceStore
 
@@ -172,10 +173,10 @@ class Upkeep:
         cleared = 0
         for root in orphans[:SWEEP_BATCH]:
             if not self._in_use(None, root.name) and (moved := self._workspaces.take_orphan(root)) is not None:
-                await asyncio.to_thread(self._workspaces.purge, moved)
+                await self.discard(moved)
                 cleared += 1
         for leftover in await asyncio.to_thread(self._workspaces.trash):
-            await asyncio.to_thread(self._workspaces.purge, leftover)
+            await self.discard(leftover)
         if any(removed.values()) or cleared:
             logger.info("retention: removed %d sessions idle past AGENT_SESSION_TTL_SECONDS, %d local copies "
                         "idle past AGENT_LOCAL_CACHE_SECONDS (the store keeps them), %d unbound workspaces",
@@ -202,8 +203,17 @@ class Upkeep:
         removed = self._workspaces.unbind(session_id, unless_held=True)
         if removed is None:
             return False
-        await asyncio.to_thread(self._workspaces.purge, removed)
+        await self.discard(removed)
         return True
+
+    async def discard(self, removed: Path) -> None:
+        """Delete what a removal moved aside, off the event loop, and take it off the disk's estimate."""
+        self._disk.forget(await asyncio.to_thread(self._purge, removed))
+
+    def _purge(self, removed: Path) -> int:
+        size = usage(removed)
+        self._workspaces.purge(removed)
+        return size
 
     async def _stored(self, workspace: Workspace) -> bool:
         """Whether the store holds every entry of the session's local transcript."""

@@ -228,6 +228,11 @@ class SessionManager:
             **self._disk.state().report(),
         }
 
+    async def check_disk(self) -> None:
+        """Measure the data dir again if its estimate says "over budget" and may be stale, so
+        that :meth:`status` (``GET /ready``) sees room that someone else freed."""
+        await self._disk.check()
+
     async def describe(self, session_id: str) -> dict[str, Any] | None:
         record = self._workspaces.get(session_id)
         if record is None:
@@ -696,5 +701,5 @@ class SessionManager:
             await self._close(live)
         removed = self._workspaces.unbind(session_id)
         if removed is not None:
-            await asyncio.to_thread(self._workspaces.purge, removed)
+            await self._upkeep.discard(removed)
         return removed is not None or stored
