@@ -82,17 +82,29 @@ def test_an_explicit_budget_caps_the_data_dir_and_a_nearly_empty_volume_is_still
     assert no_inodes.full and no_inodes.over and "3 free inodes" in no_inodes.describe()
 
 
-async def test_between_measures_the_data_dir_size_follows_the_free_space(tmp_path, monkeypatch):
+async def test_between_measures_the_data_dir_size_is_estimated_from_the_free_space(tmp_path, monkeypatch):
     volume = {"free": 30 * MiB}
+    data_dir = {"size": MiB}
     disk = Disk(tmp_path, budget=8 * MiB)
     monkeypatch.setattr(disk, "_volume", lambda: (40 * MiB, volume["free"], None))
     walks = []
-    monkeypatch.setattr("hosting.server.disk.usage", lambda root: walks.append(root) or MiB)
+    monkeypatch.setattr("hosting.server.disk.usage", lambda root: walks.append(root) or data_dir["size"])
     assert (await disk.check()).used == MiB and len(walks) == 1  # measured once to begin with
-    volume["free"] -= 2 * MiB
-    assert disk.state().used == 3 * MiB and not disk.state().over  # estimated, no walk
-    volume["free"] -= 6 * MiB
+    volume["free"] -= 2 * MiB  # the server wrote 2 MiB: it shows at once, without a walk
+    assert disk.state().used == 3 * MiB and not disk.state().over
+    volume["free"] -= 6 * MiB  # someone else wrote 6 MiB
     assert (await disk.check()).over and len(walks) == 1  # measured moments ago: the estimate stands
+    monkeypatch.setattr("hosting.server.disk.MEASURE_AGAIN_SECONDS", 0.0)
+    data_dir["size"] = 3 * MiB
+    assert not (await disk.check()).over and len(walks) == 2  # over, so measured again before acting
+    volume["free"] += 6 * MiB  # the other writer deleted its 6 MiB: never below the last measure
+    assert disk.state().used == 3 * MiB
+    disk.forget(2 * MiB)  # the server deleted 2 MiB...
+    volume["free"] += 2 * MiB  # ...which the volume now has free
+    assert disk.state().used == MiB
+    monkeypatch.setattr("hosting.server.disk.MEASURE_EVERY_SECONDS", 0.0)
+    await disk.check()
+    assert len(walks) == 3  # and now and then, over or not
     assert Disk(tmp_path, budget=None).state().used is None  # no budget, nothing to measure
 
 
@@ -240,6 +252,9 @@ class FakeDisk:
         return self.state()
 
     async def measure(self) -> None:
+        return None
+
+    def forget(self, size: int) -> None:
         return None
 
 

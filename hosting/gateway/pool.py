@@ -21,6 +21,8 @@ from hosting.sandboxes.base import SandboxBackend, SandboxError
 
 logger = logging.getLogger("hosting.gateway.pool")
 
+WARM_TIMEOUT_SECONDS = 60.0
+"""How long a new pooled sandbox may take to pre-start its CLI before it is pooled anyway."""
 REFILL_CHECK_SECONDS = 5.0
 """How often the pool looks at its size when nothing woke it (another replica's claims)."""
 
@@ -72,6 +74,9 @@ class WarmPool:
                 self.starting += 1
                 try:
                     sandbox = await self._provisioner.start(spec)
+                    if not await self._backend.wait_warm(sandbox, spec.token, WARM_TIMEOUT_SECONDS):
+                        logger.warning("pooled sandbox %s has no pre-started CLI yet: pooling it anyway",
+                                       sandbox.sandbox_id)
                 finally:
                     self.starting -= 1
                 try:

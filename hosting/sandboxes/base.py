@@ -212,6 +212,27 @@ class SandboxBackend(abc.ABC):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
 
+    async def wait_warm(self, sandbox: Sandbox, token: str, timeout: float) -> bool:
+        """Wait until the sandbox's server has started its pre-started CLI (``/ready``
+        reports ``prewarmed`` at ``prewarm_target``), so that a warm-pool sandbox answers
+        its first turn without spawning anything. ``False`` if that did not happen within
+        ``timeout`` seconds: the sandbox still works, its first turn just starts a CLI."""
+        if self._probe is None:
+            self._probe = httpx.AsyncClient()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                response = await self._probe.get(f"{sandbox.address}/ready", timeout=2.0,
+                                                 headers={"authorization": f"Bearer {token}"})
+                status = response.json() if response.status_code == 200 else {}
+                if status.get("prewarmed", 0) >= status.get("prewarm_target", 1):
+                    return True
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+
     async def aclose(self) -> None:
         """Release the backend's own resources (clients, connections). Sandboxes stay.
         Subclasses that hold more call this too."""

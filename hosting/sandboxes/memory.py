@@ -122,6 +122,9 @@ class MemoryBackend(SandboxBackend):
             except TimeoutError:
                 pass
 
+    async def wait_warm(self, sandbox: Sandbox, token: str, timeout: float) -> bool:
+        return await self.health(sandbox, token) is Health.READY
+
     def kill(self, sandbox_id: str) -> None:
         """The sandbox vanishes as if it crashed: ``GONE``, unlisted; its volume stays."""
         if sandbox_id not in self._sandboxes:

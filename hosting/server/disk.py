@@ -38,7 +38,10 @@ existing sessions, which are never refused, need room for their transcripts."""
 
 MEASURE_AGAIN_SECONDS = 5.0
 """An estimate that says "over the budget" is checked by walking the data dir again, at most
-this often: the estimate errs only high (space freed by others shows once measured)."""
+this often, before anyone acts on it (see :meth:`Disk.state` for how it errs)."""
+
+MEASURE_EVERY_SECONDS = 60.0
+"""With a budget, the data dir is walked again at least this often when checked."""
 
 OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -138,8 +141,10 @@ class Disk:
 
     def state(self) -> DiskState:
         """A reading without walking the data dir: its size is the last measure plus the free
-        space the volume lost since. What the server writes shows at once; on a volume shared
-        with other writers the estimate errs high, never low."""
+        space the volume lost since, exact while the server is the volume's only writer. On a
+        shared volume it errs high when others write (measured again before it is acted on)
+        and low when others free space while the server writes (measured again within
+        :data:`MEASURE_EVERY_SECONDS`); it never falls below the last measure."""
         total, free, inodes_free = self._volume()
         used = None
         if self._budget is not None and self._measured is not None:
@@ -161,11 +166,14 @@ class Disk:
             self._measured = (max(0, measured - size), free_then + size, when)
 
     async def check(self) -> DiskState:
-        """A reading to act on: a data dir never measured, or estimated over the budget
-        when the last measure is stale, is measured first."""
+        """A reading to act on: the data dir is measured first if it never was, if the last
+        measure is :data:`MEASURE_EVERY_SECONDS` old, or if the estimate says "over the
+        budget" and the last measure is :data:`MEASURE_AGAIN_SECONDS` old."""
         state = self.state()
-        if self._budget is not None and (self._measured is None or (
-                state.over and time.monotonic() - self._measured[2] >= MEASURE_AGAIN_SECONDS)):
+        if self._budget is None:
+            return state
+        age = time.monotonic() - self._measured[2] if self._measured is not None else float("inf")
+        if age >= MEASURE_EVERY_SECONDS or (state.over and age >= MEASURE_AGAIN_SECONDS):
             await self.measure()
             state = self.state()
         return state

@@ -8,8 +8,8 @@
   evicting local copies of idle sessions, least recently used first. Without one,
   nothing is deleted to make room: new sessions are refused (HTTP 507) until there is.
 
-A local copy is only ever evicted while the store provably holds every entry of its
-transcript. Nothing is removed while a turn runs on the session or a CLI holds it
+Short of the TTL, a local copy goes only while the store provably holds every entry of
+its transcript. Nothing is removed while a turn runs on the session or a CLI holds it
 (the server's own bookkeeping, ``in_use``, and the cross-process workspace lock), and a
 removal is one synchronous step on the event loop (binding unlinked, workspace renamed
 into the trash) with the files deleted in a thread afterwards: a turn arriving at any
