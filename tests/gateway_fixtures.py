@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,8 @@ import httpx
 import pytest
 from conftest import ROOT, LocalModel, agent_env, free_port
 from httpx_sse import ServerSentEvent, connect_sse
+
+from hosting.gateway.routes import MemoryRouteStore, RedisRouteStore, RouteStore
 
 ALICE, BOB, ADMIN = "alice-token-1f9e", "bob-token-77c2", "admin-token-5d0a"
 TENANTS = f"{ALICE}:alice,{BOB}:bob"
@@ -255,3 +257,14 @@ def local_gateways(local_model: LocalModel, tmp_path: Path) -> Iterator[Gateways
     factory = Gateways(local_model, tmp_path, "local", None)
     yield factory
     factory.cleanup()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.stores)])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[RouteStore]:
+    """Each routing store: in memory, and Redis for real (own key prefix per test)."""
+    if request.param == "memory":
+        yield MemoryRouteStore()
+        return
+    redis_store = RedisRouteStore(request.getfixturevalue("redis_url"), installation=f"t{secrets.token_hex(4)}")
+    yield redis_store
+    await redis_store.aclose()

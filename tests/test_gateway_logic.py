@@ -6,19 +6,18 @@ Creates are slowed a little so concurrent callers really interleave."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
+from gateway_fixtures import store  # noqa: F401 - fixture
 from stores_fixtures import redis_url  # noqa: F401 - fixture
 
 from hosting.gateway.pool import WarmPool
 from hosting.gateway.provisioning import NotOwner, Provisioner, ProvisioningFailed, new_spec
 from hosting.gateway.reaper import Reaper
 from hosting.gateway.reconcile import reconcile
-from hosting.gateway.routes import MemoryRouteStore, PoolEntry, RedisRouteStore, RouteStore
+from hosting.gateway.routes import PoolEntry, RouteStore
 from hosting.sandboxes.base import Health, Sandbox, SandboxSpec
 from hosting.sandboxes.memory import MemoryBackend
 
@@ -31,16 +30,6 @@ class SlowBackend(MemoryBackend):
     async def create(self, spec: SandboxSpec) -> Sandbox:
         await asyncio.sleep(0.05)
         return await super().create(spec)
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.stores)])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[RouteStore]:
-    if request.param == "memory":
-        yield MemoryRouteStore()
-        return
-    redis_store = RedisRouteStore(request.getfixturevalue("redis_url"), installation=f"t{secrets.token_hex(4)}")
-    yield redis_store
-    await redis_store.aclose()
 
 
 def provisioner(backend: MemoryBackend, store: RouteStore, wake: asyncio.Event | None = None) -> Provisioner:

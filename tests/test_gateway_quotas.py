@@ -13,21 +13,30 @@ import asyncio
 import hashlib
 import secrets
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import Turn, post_turn, wait_for
-from gateway_fixtures import ALICE, BOB, GatewayProcess, Gateways, OpenTurn, auth, local_gateways, open_turn  # noqa: F401
+from gateway_fixtures import (  # noqa: F401
+    ALICE,
+    BOB,
+    GatewayProcess,
+    Gateways,
+    OpenTurn,
+    auth,
+    local_gateways,
+    open_turn,
+    store,  # noqa: F401 - fixture
+)
 from stores_fixtures import redis_url  # noqa: F401 - fixture
 
 from hosting.config import ConfigError
 from hosting.gateway.provisioning import Provisioner, ProvisioningFailed
 from hosting.gateway.quotas import QuotaExceeded, Quotas, TenantLimits
 from hosting.gateway.reaper import Reaper
-from hosting.gateway.routes import MemoryRouteStore, RedisRouteStore, Route, RouteStore
+from hosting.gateway.routes import RedisRouteStore, Route, RouteStore
 from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.tenants import load_tenant_overrides, load_tenant_tokens
 from hosting.sandboxes.base import Sandbox, SandboxSpec
@@ -84,16 +93,6 @@ def test_bad_quota_settings_name_the_variable(name: str) -> None:
 
 
 # --- the counters, on both stores ----------------------------------------------------------
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.stores)])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[RouteStore]:
-    if request.param == "memory":
-        yield MemoryRouteStore()
-        return
-    redis_store = RedisRouteStore(request.getfixturevalue("redis_url"), installation=f"t{secrets.token_hex(4)}")
-    yield redis_store
-    await redis_store.aclose()
 
 
 def routed(session_id: str, tenant: str = "alice") -> Route:

@@ -6,17 +6,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from gateway_fixtures import store  # noqa: F401 - fixture
 from starlette.requests import Request
 from stores_fixtures import redis_url  # noqa: F401 - fixture
 
 from hosting.config import ConfigError
 from hosting.gateway.relay import StreamWatcher, lost_stream, next_event_id
-from hosting.gateway.routes import MemoryRouteStore, PoolEntry, RedisRouteStore, Route, RouteStore
+from hosting.gateway.routes import PoolEntry, Route, RouteStore
 from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.tenants import TokenAuthenticator, load_tenant_tokens
 from hosting.sandboxes.base import Sandbox
@@ -84,17 +83,6 @@ def test_sandboxes_inherit_only_the_allowlist() -> None:
     assert "admin-secret" not in repr(settings) and "sk-x" not in repr(settings)
     assert settings.port == 8080 and settings.backend == "local" and settings.warm_pool == 2
     assert settings.idle_timeout_seconds == 900
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[RouteStore]:
-    if request.param == "memory":
-        yield MemoryRouteStore()
-        return
-    url = request.getfixturevalue("redis_url")
-    redis_store = RedisRouteStore(url, installation=f"t{secrets.token_hex(4)}")
-    yield redis_store
-    await redis_store.aclose()
 
 
 def pooled(n: int) -> PoolEntry:
