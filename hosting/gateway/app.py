@@ -277,15 +277,13 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
 
     @app.get("/sessions/{session_id}")
     async def get_session(session_id: SessionId, tenant: Tenant, request: Request) -> Response:
-        route = await owned_route(session_id, tenant)
-        route = await provisioner.ensure(session_id, tenant)
+        route = await provisioner.ensure(session_id, tenant, await owned_route(session_id, tenant))
         _, response, body = await plain(route, request, f"/sessions/{session_id}")
         return _relayed(response, body)
 
     @app.delete("/sessions/{session_id}")
     async def delete_session(session_id: SessionId, tenant: Tenant, request: Request) -> Response:
-        route = await owned_route(session_id, tenant)
-        route = await provisioner.ensure(session_id, tenant)
+        route = await provisioner.ensure(session_id, tenant, await owned_route(session_id, tenant))
         route, response, body = await plain(route, request, f"/sessions/{session_id}")
         if response.status_code not in (204, 404):
             return _relayed(response, body)
