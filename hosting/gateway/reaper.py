@@ -14,8 +14,6 @@ import asyncio
 import logging
 import time
 
-import httpx
-
 from hosting.gateway.routes import Route, RouteStore, RouteStoreUnavailable
 from hosting.sandboxes.base import SandboxBackend, SandboxError
 
@@ -47,6 +45,16 @@ class Reaper:
                 reaped.append(route.sandbox_id)
         return reaped
 
+    async def _turn_running(self, route: Route) -> bool:
+        """Whether the sandbox says a turn is running (a client may have left it)."""
+        if route.address is None or route.token is None:
+            return False
+        response = await self._backend.ask_ready(route.address, route.token)
+        try:
+            return response is not None and bool(response.json().get("running_turns", 0))
+        except (ValueError, AttributeError):
+            return False
+
     def _idle(self, route: Route) -> bool:
         return time.time() - route.last_activity > self.idle_timeout
 
@@ -59,7 +67,7 @@ class Reaper:
             current = await self._store.get(route.session_id)
             if current is None or current.sandbox_id != route.sandbox_id or not self._idle(current):
                 return False
-            if await _turn_running(current):
+            if await self._turn_running(current):
                 await self._store.touch(current.session_id)
                 return False
             assert current.sandbox_id is not None
@@ -75,11 +83,3 @@ class Reaper:
             await self._store.release_lock(lock_name, lock)
 
 
-async def _turn_running(route: Route) -> bool:
-    """Whether the sandbox says a turn is running (a client may have left it)."""
-    try:
-        async with httpx.AsyncClient(timeout=2.0) as client:
-            response = await client.get(f"{route.address}/ready", headers={"authorization": f"Bearer {route.token}"})
-        return bool(response.json().get("running_turns", 0))
-    except (httpx.HTTPError, ValueError, AttributeError):
-        return False

@@ -181,16 +181,22 @@ class SandboxBackend(abc.ABC):
         Anything but a 200 asks the engine whether the sandbox still exists: an answer
         may come from another process that took a dead sandbox's port (a 401 from
         another sandbox's server), and that must read ``GONE``, not ``STARTING``."""
-        if self._probe is None:  # one client for every probe: each new one builds a TLS context
+        response = await self.ask_ready(sandbox.address, token, timeout)
+        if response is not None and response.status_code == 200:
+            return Health.READY
+        return Health.STARTING if await self.exists(sandbox.sandbox_id) else Health.GONE
+
+    async def ask_ready(self, address: str, token: str, timeout: float = 2.0) -> httpx.Response | None:
+        """``GET /ready`` of the server at ``address`` (read whole); ``None`` if it could
+        not be reached. Every probe of a sandbox goes through here, on one client: each
+        new client builds a TLS context."""
+        if self._probe is None:
             self._probe = httpx.AsyncClient()
         try:
-            response = await self._probe.get(f"{sandbox.address}/ready", headers={"authorization": f"Bearer {token}"},
-                                             timeout=timeout)
-            if response.status_code == 200:
-                return Health.READY
+            return await self._probe.get(f"{address}/ready", headers={"authorization": f"Bearer {token}"},
+                                         timeout=timeout)
         except httpx.HTTPError:
-            pass
-        return Health.STARTING if await self.exists(sandbox.sandbox_id) else Health.GONE
+            return None
 
     async def exists(self, sandbox_id: str) -> bool:
         """Whether the sandbox still exists on the engine (running or starting)."""
@@ -217,18 +223,15 @@ class SandboxBackend(abc.ABC):
         reports ``prewarmed`` at ``prewarm_target``), so that a warm-pool sandbox answers
         its first turn without spawning anything. ``False`` if that did not happen within
         ``timeout`` seconds: the sandbox still works, its first turn just starts a CLI."""
-        if self._probe is None:
-            self._probe = httpx.AsyncClient()
         deadline = time.monotonic() + timeout
         while True:
+            response = await self.ask_ready(sandbox.address, token)
             try:
-                response = await self._probe.get(f"{sandbox.address}/ready", timeout=2.0,
-                                                 headers={"authorization": f"Bearer {token}"})
-                status = response.json() if response.status_code == 200 else {}
-                if status.get("prewarmed", 0) >= status.get("prewarm_target", 1):
-                    return True
-            except (httpx.HTTPError, ValueError):
-                pass
+                status = response.json() if response is not None and response.status_code == 200 else {}
+            except ValueError:
+                status = {}
+            if status.get("prewarmed", 0) >= status.get("prewarm_target", 1):
+                return True
             if time.monotonic() > deadline:
                 return False
             await asyncio.sleep(0.05)
