@@ -45,8 +45,8 @@ def test_idle_sessions_are_removed_and_live_or_running_ones_kept(start_server):
                                                                       "[[delay:6]]")))
     thread.start()
     try:
-        wait_for(lambda: "idle" not in bound_sessions(data_dir), timeout=20)
-        assert not idle_workspace.exists()
+        # The binding goes a moment before the workspace is moved aside: wait for both.
+        wait_for(lambda: "idle" not in bound_sessions(data_dir) and not idle_workspace.exists(), timeout=20)
         assert idle_workspace.name not in workspace_dirs(data_dir)
         time.sleep(2)  # past the TTL and several sweeps for the other two as well
         # One has a live CLI, the other a turn running: both are kept.
@@ -72,8 +72,7 @@ def test_with_a_store_an_evicted_local_copy_is_restored_with_recall(start_server
     session, value = f"cache-{uuid.uuid4().hex[:8]}", f"C{uuid.uuid4().hex[:6]}"
     completed(post_turn(server.base_url, session, f"Remember this value: {value}"))
     workspace = workspace_of(server.data_dir, session)
-    wait_for(lambda: session not in bound_sessions(server.data_dir), timeout=20)
-    assert not workspace.exists()
+    wait_for(lambda: session not in bound_sessions(server.data_dir) and not workspace.exists(), timeout=20)
     assert httpx.get(f"{server.base_url}/sessions/{session}").json()["has_history"] is True  # in the store
 
     recall = completed(post_turn(server.base_url, session, RECALL))
