@@ -10,7 +10,7 @@ VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 
 if [ "$(id -u)" = 0 ]; then
-    for setup in scripts/install-store-servers.sh scripts/start-dockerd.sh; do
+    for setup in scripts/install-store-servers.sh scripts/install-test-tools.sh scripts/start-dockerd.sh; do
         [ -x "$setup" ] && "$setup"
     done
 fi
