@@ -12,6 +12,7 @@ Modal and the Kubernetes gateway.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import uuid
@@ -20,9 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from httpx_sse import aconnect_sse
+from httpx_sse import EventSource, aconnect_sse
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+
+REATTACH_ATTEMPTS = 3
+"""Re-attaches tried after a dropped connection before :class:`StreamLost`; waits 0.5, 1, 2 s."""
 
 
 # -- errors ------------------------------------------------------------------
@@ -78,6 +82,11 @@ _ERRORS: dict[int, type[AgentClientError]] = {
 }
 
 
+class StreamLost(Exception):
+    """The connection dropped mid-turn and re-attaching failed :data:`REATTACH_ATTEMPTS`
+    times; the turn may still have finished on the server (see ``GET /sessions/{id}``)."""
+
+
 class TurnError(Exception):
     """The turn ran but ended with an ``error`` event."""
 
@@ -91,9 +100,10 @@ class TurnError(Exception):
 
 @dataclass(frozen=True)
 class Event:
-    """Any wire event. ``data`` is the JSON payload as sent, ``id`` the SSE id."""
+    """Any wire event. ``data`` is the JSON payload as sent, ``id`` the SSE id
+    (``<turn>-<seq>``, unique within the session)."""
 
-    id: int | None
+    id: str | None
     data: dict[str, Any] = field(repr=False)
 
 
@@ -188,11 +198,10 @@ EVENT_TYPES: dict[str, type[Event]] = {
 
 def parse_event(event_type: str, event_id: str | None, data: str) -> Event:
     payload = json.loads(data) if data else {}
-    parsed_id = int(event_id) if event_id and event_id.isdigit() else None
     cls = EVENT_TYPES.get(event_type)
     if cls is None:
-        return UnknownEvent(parsed_id, payload, type=event_type)
-    return cls(parsed_id, payload)
+        return UnknownEvent(event_id or None, payload, type=event_type)
+    return cls(event_id or None, payload)
 
 
 # -- client --------------------------------------------------------------------
@@ -215,6 +224,12 @@ async def _raise_for_status(response: httpx.Response) -> None:
         detail = response.text
     cls = _ERRORS.get(response.status_code, AgentClientError)
     raise cls(response.status_code, detail, _retry_after(response))
+
+
+async def _events(source: EventSource) -> AsyncIterator[Event]:
+    async for sse in source.aiter_sse():
+        if sse.data:  # empty: a heartbeat comment
+            yield parse_event(sse.event, sse.id, sse.data)
 
 
 class AgentClient:
@@ -246,13 +261,45 @@ class AgentClient:
         await self._http.aclose()
 
     async def astream(self, prompt: str, *, session_id: str | None = None) -> AsyncIterator[Event]:
-        """Send one turn and yield its events as they arrive, ``done`` last."""
+        """Send one turn and yield its events as they arrive, ``done`` last.
+
+        If the connection drops before ``done``, the client re-attaches by itself
+        (``GET /sessions/{id}/events`` with the last event id it yielded) and goes on:
+        every event is yielded exactly once. :class:`StreamLost` if that fails."""
         sid = session_id or self.session_id
+        last_id: str | None = None
         async with aconnect_sse(self._http, "POST", f"/sessions/{sid}/messages", json={"prompt": prompt}) as source:
             await _raise_for_status(source.response)
-            async for sse in source.aiter_sse():
-                if sse.data:  # empty: a heartbeat comment
-                    yield parse_event(sse.event, sse.id, sse.data)
+            try:
+                async for event in _events(source):
+                    last_id = event.id
+                    yield event
+                    if isinstance(event, DoneEvent):
+                        return
+            except httpx.TransportError:
+                pass  # dropped: re-attach below
+        async for event in self._reattach(sid, last_id):
+            yield event
+
+    async def _reattach(self, session_id: str, last_id: str | None) -> AsyncIterator[Event]:
+        failure: BaseException | None = None
+        for attempt in range(REATTACH_ATTEMPTS):
+            await asyncio.sleep(0.5 * 2**attempt)
+            headers = {"Last-Event-ID": last_id} if last_id is not None else {}
+            try:
+                async with aconnect_sse(self._http, "GET", f"/sessions/{session_id}/events",
+                                        headers=headers) as source:
+                    await _raise_for_status(source.response)
+                    async for event in _events(source):
+                        last_id = event.id
+                        yield event
+                        if isinstance(event, DoneEvent):
+                            return
+            except (httpx.TransportError, NotReadyError) as exc:
+                failure = exc
+            except AgentClientError as exc:  # 404, 410: the server no longer has the turn
+                raise StreamLost(f"the connection dropped mid-turn and the turn cannot be re-attached: {exc}") from exc
+        raise StreamLost(f"the connection dropped mid-turn; {REATTACH_ATTEMPTS} re-attaches failed") from failure
 
     async def arun(self, prompt: str, *, session_id: str | None = None) -> str:
         """Send one turn and return the final answer; :class:`TurnError` if it failed."""

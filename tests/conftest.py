@@ -254,6 +254,12 @@ class Turn:
         return result
 
 
+def event_order(event_id: str) -> tuple[int, int]:
+    """``"<turn>-<seq>"`` as numbers, for checking ids grow."""
+    turn, _, seq = event_id.partition("-")
+    return int(turn), int(seq)
+
+
 def post_turn(base_url: str, session_id: str, prompt: str, *, headers: dict[str, str] | None = None,
               timeout: float = 120) -> Turn:
     """One turn over real HTTP, parsed with httpx-sse."""

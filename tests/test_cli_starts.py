@@ -134,7 +134,7 @@ def sdk_id(store: WorkspaceStore, session_id: str) -> str:
 async def run_turn(sessions: SessionManager, session_id: str, prompt: str = "hi") -> list[str]:
     """One whole turn; the event types it streamed."""
     turn = await sessions.start_turn(session_id, prompt)
-    return [event.type async for event in turn.events()]
+    return [numbered.event.type async for numbered in turn.events()]
 
 
 @pytest.mark.parametrize("limit", [1, 2])

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ROOT, Turn, post_turn, wait_for
+from conftest import ROOT, Turn, event_order, post_turn, wait_for
 from gateway_fixtures import ADMIN, ALICE, BOB, Gateways, auth, gateways, local_gateways  # noqa: F401
 from httpx_sse import connect_sse
 from stores_fixtures import redis_url  # noqa: F401 - fixture
@@ -204,7 +204,7 @@ def test_a_sandbox_killed_mid_turn_ends_the_stream_with_sandbox_lost(gateways: G
     assert kinds[-2:] == ["error", "done"], kinds
     error = events[-2][2]
     assert error["code"] == "sandbox_lost" and error["retryable"] is True and error["v"] == 1
-    ids = [int(event_id) for _, event_id, _ in events]
+    ids = [event_order(event_id) for _, event_id, _ in events]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert "5530" in turn(url, "m-1", RECALL).text
 

@@ -136,8 +136,7 @@ async def test_each_pooled_sandbox_goes_to_one_taker(store: RouteStore) -> None:
 
 
 def test_event_ids_continue_either_numbering() -> None:
-    assert [next_event_id(None), next_event_id("7"), next_event_id("t3-9"), next_event_id("abc")] == \
-        ["1", "8", "t3-10", "abc-1"]
+    assert [next_event_id(None), next_event_id("1764-9"), next_event_id("abc")] == ["0-1", "1764-10", "abc-1"]
 
 
 def test_the_watcher_follows_lines_split_across_chunks() -> None:
@@ -151,7 +150,7 @@ def test_the_watcher_follows_lines_split_across_chunks() -> None:
 
 
 def test_a_lost_stream_ends_with_error_then_done() -> None:
-    events = [block for block in lost_stream("12", "gone").decode().split("\r\n\r\n") if block]
+    events = [block for block in lost_stream("5-12", "gone").decode().split("\r\n\r\n") if block]
     parsed = [dict(line.split(": ", 1) for line in block.split("\r\n")) for block in events]
-    assert [(e["event"], e["id"]) for e in parsed] == [("error", "13"), ("done", "14")]
+    assert [(e["event"], e["id"]) for e in parsed] == [("error", "5-13"), ("done", "5-14")]
     assert json.loads(parsed[0]["data"]) == {"v": 1, "code": "sandbox_lost", "message": "gone", "retryable": True}

@@ -11,7 +11,7 @@ import signal
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, bound_sessions, post_turn, workspace_dirs, workspace_of
+from tests.conftest import API_KEY, bound_sessions, event_order, post_turn, workspace_dirs, workspace_of
 
 pytestmark = pytest.mark.e2e
 
@@ -23,8 +23,9 @@ def assert_wire_shape(turn) -> None:
     assert turn.types[0] == "session"
     assert turn.types[-1] == "done"
     assert turn.types.count("done") == 1
-    ids = [int(e["id"]) for e in turn.events]
+    ids = [event_order(e["id"]) for e in turn.events]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert len({number for number, _ in ids}) == 1 and [seq for _, seq in ids] == list(range(1, len(ids) + 1))
     assert all(e["data"]["v"] == 1 for e in turn.events)
 
 

@@ -42,9 +42,10 @@ class SandboxLost(Exception):
 
 
 def next_event_id(last: str | None) -> str:
-    """The id after ``last``: ``7`` → ``8``, ``t3-7`` → ``t3-8``, none → ``1``."""
+    """The id after ``last``: ``1764-7`` → ``1764-8``; none → ``0-1`` (turn 0: before
+    any of the sandbox's, so a re-attach after it replays the sandbox's latest turn)."""
     if last is None:
-        return "1"
+        return "0-1"
     head, sep, tail = last.rpartition("-")
     if tail.isdigit():
         return f"{head}{sep}{int(tail) + 1}"
@@ -82,7 +83,7 @@ class RelayedStream(StreamingResponse):
     after the stream it relays is closed; ``while_open`` runs beside it until then."""
 
     def __init__(self, content: AsyncIterator[bytes], headers: Mapping[str, str],
-                 on_close: Callable[[], Awaitable[None]],
+                 on_close: Callable[[], Awaitable[None]] | None = None,
                  while_open: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
         super().__init__(content, status_code=200, headers=headers)
         self._content = content
@@ -109,7 +110,8 @@ class RelayedStream(StreamingResponse):
                 with contextlib.suppress(httpx.HTTPError, RuntimeError):
                     await aclose()
         finally:
-            await self._on_close()
+            if self._on_close is not None:
+                await self._on_close()
 
 
 class StreamWatcher:

@@ -32,6 +32,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,7 @@ from hosting.server.cli import guarded_cli
 from hosting.server.disk import Disk, StorageFull, out_of_space
 from hosting.server.durable import MirrorOnly, StoreUnavailable, catch_up, durable_session_id, restore, store_key
 from hosting.server.retention import Retention, Upkeep
-from hosting.server.turns import Turn
+from hosting.server.turns import Numbered, Turn, TurnLog
 from hosting.server.wire import Redactor, TurnTranslator, error_event
 from hosting.server.workspaces import SessionRecord, Workspace, WorkspaceStore, drop_torn_tail, turn_recorded
 from research_agent.options import build_options
@@ -148,6 +149,7 @@ class SessionManager:
         self._cli_path, self._cli_env = guarded_cli()
         self._idle: OrderedDict[str, LiveSession] = OrderedDict()
         self._running: dict[str, _Running] = {}
+        self._turns = TurnLog()
         self._pool: deque[LiveSession] = deque()
         self._pool_wanted = asyncio.Event()
         self._starting = asyncio.Semaphore(settings.max_starting_clis)
@@ -264,7 +266,7 @@ class SessionManager:
             raise NotAccepting("the server is shutting down")
         if session_id in self._running:
             raise SessionBusy(session_id)
-        turn = Turn(session_id)
+        turn = self._turns.new_turn(session_id)
         running = self._running[session_id] = _Running(turn)
         try:
             if self._workspaces.get(session_id) is None:
@@ -277,7 +279,13 @@ class SessionManager:
                 self._free_slot()
             raise
         running.task = asyncio.create_task(self._run(running, record, prompt, include_raw), name=f"turn:{session_id}")
+        self._turns.started(turn)
         return turn
+
+    def reattach(self, session_id: str, after: str | None) -> AsyncIterator[Numbered] | None:
+        """The session's running or last turn, read on after event ``after`` (see
+        :meth:`TurnLog.reattach`); ``None`` if this process has no turn of it."""
+        return self._turns.reattach(session_id, after)
 
     async def _room_for_new_session(self) -> None:
         """Refuse a session with no local copy (new, or to be restored from the store) while
@@ -696,6 +704,7 @@ class SessionManager:
                     await self._store.delete(store_key(durable_session_id(session_id)))
                 except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
                     raise StoreUnavailable(str(exc)) from exc
+        self._turns.forget(session_id)
         live = self._idle.pop(session_id, None)
         if live is not None:
             await self._close(live)
