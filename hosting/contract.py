@@ -24,6 +24,10 @@ SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 MAX_BODY_BYTES = 256 * 1024
 RETRY_AFTER_SECONDS = "2"
 STORAGE_RETRY_AFTER_SECONDS = "30"
+
+EPOCH_HEADER = "x-agent-epoch"
+"""Sent by the gateway with every request to a sandbox: the epoch of the session's
+assignment to it (see ``hosting.stores.DurableSessionStore`` on fencing)."""
 """For 507: room on a full disk comes back slower than a busy session or a CLI slot."""
 
 
@@ -90,6 +94,17 @@ async def message_body(request: Request) -> tuple[MessageRequest, bytes]:
         return MessageRequest.model_validate(payload), raw
     except ValidationError as exc:
         raise HTTPException(422, jsonable_errors(exc.errors())) from None
+
+
+def request_epoch(request: Request) -> int | None:
+    """The request's :data:`EPOCH_HEADER` (``None`` without one: a client, not a gateway);
+    HTTP 400 unless it is a positive integer that fits a 64-bit column."""
+    raw = request.headers.get(EPOCH_HEADER)
+    if raw is None:
+        return None
+    if not raw.isdigit() or not 0 < int(raw) < 2**63:
+        raise HTTPException(400, f"{EPOCH_HEADER} must be a positive integer")
+    return int(raw)
 
 
 def bearer_token(request: Request) -> str | None:

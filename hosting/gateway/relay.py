@@ -23,18 +23,32 @@ from sse_starlette import ServerSentEvent
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from hosting.contract import EPOCH_HEADER
 from hosting.gateway.routes import Route, RouteStore, RouteStoreUnavailable
 from hosting.server.wire import WireEvent, error_event
+from hosting.telemetry.tracing import inject_trace_context
 
 logger = logging.getLogger("hosting.gateway.relay")
 
 FORWARDED_REQUEST_HEADERS = ("content-type", "accept", "last-event-id")
 RELAYED_RESPONSE_HEADERS = ("content-type", "cache-control", "retry-after", "x-accel-buffering")
 
+PROBE_AFTER_SECONDS = 5.0
+"""A request a sandbox has not answered for this long (its response headers; a turn's
+come at once, or after a short wait for room) makes the relay ask the sandbox's ``/health``."""
+PROBE_TIMEOUT_SECONDS = 2.0
+
 
 class SandboxUnreachable(Exception):
     """No connection could be made: the request never reached the sandbox, so it is
     safe to provision another and send it again."""
+
+
+class SandboxUnresponsive(SandboxUnreachable):
+    """Connected, but neither the request nor ``/health`` got an answer (a stopped or
+    partitioned sandbox). Replaced like an unreachable one; if it wakes up it may still
+    run the request, but its writes to the session store are fenced off (see
+    :data:`hosting.contract.EPOCH_HEADER`) once the new sandbox took over."""
 
 
 class SandboxLost(Exception):
@@ -157,13 +171,29 @@ class Relay:
         assert route.address is not None and route.token is not None
         forwarded = {name: headers[name] for name in FORWARDED_REQUEST_HEADERS if name in headers}
         forwarded["authorization"] = f"Bearer {route.token}"
+        inject_trace_context(forwarded)
+        if route.epoch:
+            forwarded[EPOCH_HEADER] = str(route.epoch)
         request = self._client.build_request(method, f"{route.address}{path}", headers=forwarded, content=body)
+        sending = asyncio.ensure_future(self._client.send(request, stream=True))
         try:
-            return await self._client.send(request, stream=True)
+            while not (await asyncio.wait({sending}, timeout=PROBE_AFTER_SECONDS))[0]:
+                if not await self._answers(route.address):
+                    raise SandboxUnresponsive(f"sandbox {route.sandbox_id} answers neither the request nor /health")
+            return sending.result()
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise SandboxUnreachable(str(exc)) from None
         except httpx.TransportError as exc:
             raise SandboxLost(str(exc)) from None
+        finally:
+            sending.cancel()
+
+    async def _answers(self, address: str) -> bool:
+        try:
+            await self._client.get(f"{address}/health", timeout=PROBE_TIMEOUT_SECONDS)
+        except httpx.TransportError:
+            return False
+        return True
 
     async def stream(self, route: Route, response: httpx.Response,
                      on_end: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:
@@ -174,24 +204,31 @@ class Relay:
         client that sends its next turn as soon as it reads ``done`` finds what the
         turn held (its concurrent-turn slot) released already."""
         watcher = StreamWatcher()
-        stamper = asyncio.create_task(self._stamp_while_streaming(route.session_id))
+        moved = asyncio.Event()
+        stamper = asyncio.create_task(self._stamp_while_streaming(route, response, moved))
         try:
             async for chunk in response.aiter_raw():
+                if moved.is_set():  # not one more byte from a sandbox the session left
+                    break
                 watcher.feed(chunk)
                 if watcher.done and on_end is not None:
                     end, on_end = on_end, None
                     await end()
                 yield chunk
         except httpx.TransportError as exc:
-            logger.warning("session %s: sandbox %s lost mid-stream: %s", route.session_id, route.sandbox_id,
-                           type(exc).__name__)
+            if not moved.is_set():
+                logger.warning("session %s: sandbox %s lost mid-stream: %s", route.session_id, route.sandbox_id,
+                               type(exc).__name__)
         finally:
             stamper.cancel()
             await shielded(response.aclose())
         await self.touch(route.session_id)
-        if not watcher.done:
+        if not watcher.done or moved.is_set():
             if on_end is not None:
                 await on_end()
+            if moved.is_set():
+                logger.warning("session %s: moved off sandbox %s mid-stream; its stream is cut", route.session_id,
+                               route.sandbox_id)
             yield lost_stream(watcher.last_id, "the sandbox serving this session stopped mid-turn; send the turn again")
 
     async def touch(self, session_id: str) -> None:
@@ -200,9 +237,19 @@ class Relay:
         except RouteStoreUnavailable:
             logger.warning("session %s: could not stamp activity (routing store down)", session_id)
 
-    async def _stamp_while_streaming(self, session_id: str) -> None:
+    async def _stamp_while_streaming(self, route: Route, response: httpx.Response, moved: asyncio.Event) -> None:
+        """Stamp activity every interval, and cut the stream if the route no longer names
+        its sandbox (another request, maybe on another replica, replaced it)."""
         while True:
-            await self.touch(session_id)
+            try:
+                current = await self._store.touch(route.session_id)
+            except RouteStoreUnavailable:
+                logger.warning("session %s: could not stamp activity (routing store down)", route.session_id)
+            else:
+                if current != route.sandbox_id:
+                    moved.set()
+                    await response.aclose()
+                    return
             await asyncio.sleep(self._stamp_interval)
 
     def begin_turn(self) -> None:

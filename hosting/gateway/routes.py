@@ -62,14 +62,24 @@ class Route:
     token: str | None = field(default=None, repr=False)
     pid: int | None = None
     last_activity: float = field(default_factory=time.time)
+    epoch: int = 0
+    """Which assignment of the session to a sandbox this is; grows with each one (see
+    :meth:`with_sandbox`). Sent to the sandbox with every request (:data:`EPOCH_HEADER`):
+    its session store refuses writes carrying an older one, so a replaced sandbox that
+    wakes up cannot write over the conversation."""
 
     @property
     def state(self) -> str:
         return "assigned" if self.sandbox_id else "released"
 
     def with_sandbox(self, sandbox: Sandbox, token: str) -> Route:
+        """Assigned to ``sandbox``, under a new epoch: milliseconds since the Unix epoch, past
+        the last one. A clock, not a counter, so that a route lost with the routing store
+        and made again still gets an epoch above every one used before (within the clock
+        skew between gateway replicas, far below the time a replacement takes)."""
         return replace(self, sandbox_id=sandbox.sandbox_id, address=sandbox.address, token=token,
-                       pid=sandbox.pid, last_activity=time.time())
+                       pid=sandbox.pid, last_activity=time.time(),
+                       epoch=max(self.epoch + 1, int(time.time() * 1000)))
 
     def released(self) -> Route:
         return replace(self, sandbox_id=None, address=None, token=None, pid=None)
@@ -107,8 +117,9 @@ class RouteStore(abc.ABC):
     async def delete(self, session_id: str) -> None: ...
 
     @abc.abstractmethod
-    async def touch(self, session_id: str) -> None:
-        """Stamp activity now; does nothing if the route is gone."""
+    async def touch(self, session_id: str) -> str | None:
+        """Stamp activity now (nothing if the route is gone); the sandbox the route has
+        now (``None``: none, or no route), so a relay learns when its session moved."""
 
     @abc.abstractmethod
     async def release(self, session_id: str, sandbox_id: str) -> bool:
@@ -219,10 +230,12 @@ class MemoryRouteStore(RouteStore):
     async def delete(self, session_id: str) -> None:
         self._routes.pop(session_id, None)
 
-    async def touch(self, session_id: str) -> None:
+    async def touch(self, session_id: str) -> str | None:
         route = self._routes.get(session_id)
-        if route is not None:
-            self._routes[session_id] = replace(route, last_activity=time.time())
+        if route is None:
+            return None
+        self._routes[session_id] = replace(route, last_activity=time.time())
+        return route.sandbox_id
 
     async def release(self, session_id: str, sandbox_id: str) -> bool:
         route = self._routes.get(session_id)
@@ -333,7 +346,10 @@ class MemoryRouteStore(RouteStore):
 
 
 _COMPARE_AND_DELETE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-_TOUCH_IF_EXISTS = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'last_activity', ARGV[1]) end return 0"
+_TOUCH_IF_EXISTS = (
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return false end "
+    "redis.call('HSET', KEYS[1], 'last_activity', ARGV[1]) return redis.call('HGET', KEYS[1], 'sandbox_id')"
+)
 # Scripts that find a tenant's sandbox count from the route build its key from ARGV (a
 # prefix) and the route's tenant: fine on one Redis server, not on Redis Cluster.
 _RELEASE_IF_ASSIGNED = (
@@ -401,7 +417,7 @@ def _route_from(fields: dict[str, str]) -> Route:
         session_id=fields["session_id"], tenant=fields["tenant"], volume=fields["volume"],
         sandbox_id=fields.get("sandbox_id"), address=fields.get("address"), token=fields.get("token"),
         pid=int(fields["pid"]) if "pid" in fields else None,
-        last_activity=float(fields.get("last_activity", 0)),
+        last_activity=float(fields.get("last_activity", 0)), epoch=int(fields.get("epoch", 0)),
     )
 
 
@@ -522,8 +538,9 @@ class RedisRouteStore(RouteStore):
                                       args=[self._sandboxes_key(), session_id]))
         self.cache.forget(session_id)
 
-    async def touch(self, session_id: str) -> None:
-        await self._call(self._touch(keys=[self._key("route", session_id)], args=[str(time.time())]))
+    async def touch(self, session_id: str) -> str | None:
+        sandbox_id = await self._call(self._touch(keys=[self._key("route", session_id)], args=[str(time.time())]))
+        return cast("str | None", sandbox_id)
 
     async def release(self, session_id: str, sandbox_id: str) -> bool:
         released = bool(await self._call(self._release(keys=[self._key("route", session_id)],

@@ -30,6 +30,7 @@ from claude_agent_sdk import SessionStore, project_key_for_directory
 from claude_agent_sdk.types import SessionKey, SessionStoreEntry
 
 from hosting.server.workspaces import Workspace
+from hosting.stores import DurableSessionStore
 
 STORE_PROJECT_KEY = "research-agent"
 SESSION_NAMESPACE = uuid.UUID("6f6b1f9e-3c55-4a49-9d3e-7d2f3c1b9a10")
@@ -59,11 +60,13 @@ class MirrorOnly(SessionStore):
     counts them as abstract (hence the ``type: ignore[abstract]`` where it is made).
     """
 
-    def __init__(self, inner: SessionStore) -> None:
+    def __init__(self, inner: DurableSessionStore) -> None:
         self._inner = inner
+        self.epoch: int | None = None
+        """The epoch of the turn running now (fencing: a replaced sandbox's appends are refused)."""
 
     async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
-        await self._inner.append({**key, "project_key": STORE_PROJECT_KEY}, entries)
+        await self._inner.append({**key, "project_key": STORE_PROJECT_KEY}, entries, epoch=self.epoch)
 
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
         return None
@@ -94,13 +97,13 @@ def _parse(line: str) -> SessionStoreEntry | None:
         return None
 
 
-async def catch_up(store: SessionStore, transcript: Path, sdk_session_id: str) -> None:
+async def catch_up(store: DurableSessionStore, transcript: Path, sdk_session_id: str, epoch: int | None) -> None:
     """Re-send the local transcript to the store; entries it holds are skipped by uuid."""
     entries = [entry for line in transcript.read_text().splitlines() if (entry := _parse(line)) is not None]
     key = store_key(sdk_session_id)
     try:
         for start in range(0, len(entries), CATCH_UP_BATCH):
-            await store.append(key, entries[start:start + CATCH_UP_BATCH])
+            await store.append(key, entries[start:start + CATCH_UP_BATCH], epoch=epoch)
     except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
         raise StoreUnavailable(str(exc)) from exc
 

@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from claude_agent_sdk import AssistantMessage, ClaudeAgentOptions, ClaudeSDKClient, MirrorErrorMessage, SessionStore
+from claude_agent_sdk import AssistantMessage, ClaudeAgentOptions, ClaudeSDKClient, MirrorErrorMessage
 
 from hosting.config import Settings
 from hosting.server.box import SpareCpu
@@ -47,6 +47,7 @@ from hosting.server.retention import Retention, Upkeep
 from hosting.server.turns import Numbered, Turn, TurnLog
 from hosting.server.wire import Redactor, TurnTranslator, error_event
 from hosting.server.workspaces import SessionRecord, Workspace, WorkspaceStore, drop_torn_tail, turn_recorded
+from hosting.stores import DurableSessionStore
 from research_agent.options import build_options
 
 logger = logging.getLogger("hosting.server.sessions")
@@ -90,9 +91,12 @@ class NoRoom(Exception):
 class LiveSession:
     """A CLI process connected for one workspace, owning the workspace's lock."""
 
-    def __init__(self, workspace: Workspace, options: ClaudeAgentOptions, lock_fd: int) -> None:
+    def __init__(self, workspace: Workspace, options: ClaudeAgentOptions, lock_fd: int,
+                 mirror: MirrorOnly | None) -> None:
         self.workspace = workspace
         self.client = ClaudeSDKClient(options)
+        self.mirror = mirror
+        """What the SDK writes the store through (``None`` without a store); carries the turn's epoch."""
         self._lock_fd: int | None = lock_fd
         self.connected = False
         self.healthy = True
@@ -135,12 +139,18 @@ class _Running:
     record: SessionRecord | None = None
     torn: bool = False
     """The transcript may end in a line cut short by a full disk (cut it once the CLI is closed)."""
+    epoch: int | None = None
+    """The gateway's epoch for this sandbox's assignment to the session (fencing), if any."""
+
+
+class Superseded(Exception):
+    """The session store has seen a newer epoch: another sandbox serves this session now."""
 
 
 class SessionManager:
     """Runs turns for every session of one server process."""
 
-    def __init__(self, settings: Settings, workspaces: WorkspaceStore, store: SessionStore | None = None) -> None:
+    def __init__(self, settings: Settings, workspaces: WorkspaceStore, store: DurableSessionStore | None = None) -> None:
         self._settings = settings
         self._workspaces = workspaces
         self._store = store
@@ -150,6 +160,7 @@ class SessionManager:
         self._idle: OrderedDict[str, LiveSession] = OrderedDict()
         self._running: dict[str, _Running] = {}
         self._turns = TurnLog()
+        self._fenced: dict[str, int] = {}  # session -> the epoch this process fenced it with
         self._pool: deque[LiveSession] = deque()
         self._pool_wanted = asyncio.Event()
         self._starting = asyncio.Semaphore(settings.max_starting_clis)
@@ -254,7 +265,8 @@ class SessionManager:
 
     # -- turns -----------------------------------------------------------
 
-    async def start_turn(self, session_id: str, prompt: str, *, include_raw: bool = False) -> Turn:
+    async def start_turn(self, session_id: str, prompt: str, *, include_raw: bool = False,
+                         epoch: int | None = None) -> Turn:
         """Reserve the session, wait for room for its CLI, and start its turn in the background.
 
         The session is reserved before the first await, so two requests for one
@@ -267,7 +279,7 @@ class SessionManager:
         if session_id in self._running:
             raise SessionBusy(session_id)
         turn = self._turns.new_turn(session_id)
-        running = self._running[session_id] = _Running(turn)
+        running = self._running[session_id] = _Running(turn, epoch=epoch)
         try:
             if self._workspaces.get(session_id) is None:
                 await self._room_for_new_session()
@@ -428,8 +440,9 @@ class SessionManager:
         turn = running.turn
         translator = TurnTranslator(self._redact, include_raw=include_raw)
         try:
+            await self._fence(turn.session_id, running.epoch)
             if running.live is None:
-                await self._prepare_durable(record.workspace)
+                await self._prepare_durable(record.workspace, running.epoch)
             turn.announce(resumed=record.workspace.has_history())
             if running.live is None:
                 closing = self._closing.get(record.workspace.sdk_session_id)
@@ -438,10 +451,12 @@ class SessionManager:
                 running.live = self._open(record.workspace)
                 running.slot = False  # the CLI holds it now
             live = running.live
+            if live.mirror is not None:
+                live.mirror.epoch = running.epoch
             if not live.connected:
                 await self._connect(live, for_turn=True)
             elif live.mirror_gap:
-                live.mirror_gap = not await self._catch_up(record.workspace)
+                live.mirror_gap = not await self._catch_up(record.workspace, running.epoch)
             if turn.interrupt_requested:
                 turn.emit(error_event("interrupted", "The turn was interrupted before it started.", retryable=True))
                 return
@@ -471,6 +486,11 @@ class SessionManager:
                 turn.emit(error_event("storage_full", STORAGE_FULL_MESSAGE, retryable=True))
         except SessionBusy:
             turn.emit(error_event("session_busy", "Another server process owns this session.", retryable=True))
+        except Superseded:
+            logger.warning("session %s: this sandbox was replaced (epoch %s is stale); the turn was not run",
+                           turn.session_id, running.epoch)
+            turn.emit(error_event("superseded", "This session moved to another sandbox; send the turn again.",
+                                  retryable=True))
         except StoreUnavailable:
             if not record.workspace.has_history():
                 self._workspaces.delete(turn.session_id)  # nothing was restored: leave no binding behind
@@ -529,21 +549,35 @@ class SessionManager:
             await self._close(live)
         self._workspaces.delete(running.turn.session_id)
 
-    async def _prepare_durable(self, workspace: Workspace) -> None:
+    async def _fence(self, session_id: str, epoch: int | None) -> None:
+        """Before a turn the gateway sent under ``epoch``: raise the session's epoch in the
+        store, so that no sandbox it replaced can write to the session any more.
+        :class:`Superseded` if a newer one is there (this sandbox was replaced)."""
+        if epoch is None or self._store is None or self._fenced.get(session_id) == epoch:
+            return
+        try:
+            current = await self._store.fence(store_key(durable_session_id(session_id)), epoch)
+        except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
+            raise StoreUnavailable(str(exc)) from exc
+        if not current:
+            raise Superseded(session_id)
+        self._fenced[session_id] = epoch
+
+    async def _prepare_durable(self, workspace: Workspace, epoch: int | None) -> None:
         """Before a CLI starts: restore the transcript from the store, or bring the store up to date."""
         if self._store is None:
             return
         if not workspace.has_history():
             await restore(self._store, workspace)
         elif workspace.mirror_gap_marker.exists():
-            await self._catch_up(workspace)
+            await self._catch_up(workspace, epoch)
 
-    async def _catch_up(self, workspace: Workspace) -> bool:
+    async def _catch_up(self, workspace: Workspace, epoch: int | None) -> bool:
         transcript = workspace.transcript()
         if self._store is None or transcript is None:
             return True
         try:
-            await catch_up(self._store, transcript, workspace.sdk_session_id)
+            await catch_up(self._store, transcript, workspace.sdk_session_id, epoch)
         except StoreUnavailable as exc:
             self._count_store_failure(str(exc))
             workspace.mirror_gap_marker.touch()
@@ -568,9 +602,10 @@ class SessionManager:
         lock_fd = workspace.try_lock()
         if lock_fd is None:
             raise SessionBusy(workspace.sdk_session_id)
-        return LiveSession(workspace, self._options(workspace), lock_fd)
+        mirror = MirrorOnly(self._store) if self._store is not None else None  # type: ignore[abstract]
+        return LiveSession(workspace, self._options(workspace, mirror), lock_fd, mirror)
 
-    def _options(self, workspace: Workspace) -> ClaudeAgentOptions:
+    def _options(self, workspace: Workspace, mirror: MirrorOnly | None) -> ClaudeAgentOptions:
         env = {
             **self._settings.cli_env(),
             **self._cli_env,
@@ -588,7 +623,7 @@ class SessionManager:
             env=env,
             cli_path=self._cli_path,
             include_partial_messages=True,
-            session_store=MirrorOnly(self._store) if self._store is not None else None,  # type: ignore[abstract]
+            session_store=mirror,
             stderr=lambda line: logger.debug("cli %s: %s", workspace.sdk_session_id, line),
             **session,
         )

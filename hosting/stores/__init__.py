@@ -21,8 +21,9 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from claude_agent_sdk import SessionStore
+from claude_agent_sdk.types import SessionKey, SessionStoreEntry
 
-__all__ = ["DurableSessionStore", "MissingStoreDriver", "StoreUnavailableError", "open_session_store"]
+__all__ = ["DurableSessionStore", "Fenced", "MissingStoreDriver", "StoreUnavailableError", "open_session_store"]
 
 _REDIS_SCHEMES = frozenset({"redis", "rediss"})
 _POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
@@ -36,8 +37,27 @@ class StoreUnavailableError(ConnectionError):
     """The store's server cannot be reached (raised by ``ping()``)."""
 
 
+class Fenced(Exception):
+    """A write carried an epoch older than the session's: the writer was replaced."""
+
+
 class DurableSessionStore(SessionStore, Protocol):
-    """A ``SessionStore`` with the lifecycle hooks a server needs."""
+    """A ``SessionStore`` with the lifecycle hooks a server needs, and fencing.
+
+    Fencing: each assignment of a session to a sandbox has an *epoch* (a number that
+    only grows, handed out by the gateway). :meth:`fence` raises the session's epoch
+    in the store; an append carrying ``epoch=`` lands only if no newer epoch was seen,
+    checked and written in one atomic step, and raises :class:`Fenced` otherwise. So
+    once a new sandbox has fenced the session, the replaced one cannot write to it.
+    """
+
+    async def append(self, key: SessionKey, entries: list[SessionStoreEntry], *, epoch: int | None = None) -> None:
+        """The protocol's append; with ``epoch``, refused (:class:`Fenced`) if a newer one was seen."""
+        ...
+
+    async def fence(self, key: SessionKey, epoch: int) -> bool:
+        """Raise the session's epoch to ``epoch``; ``False`` (nothing changed) if it is newer already."""
+        ...
 
     async def ping(self) -> None:
         """Round-trip to the server; raise :class:`StoreUnavailableError` if down."""

@@ -8,6 +8,8 @@ Two tables (``T`` = ``table``, default ``agent_session_entries``)::
                    the folded summary.
     T              one row per entry, ordered by an identity column, deleted
                    by cascade with its transcript row.
+    T_epochs       one row per (project_key, session_id): the newest writer
+                   epoch seen (fencing, see ``DurableSessionStore``).
 
 Entries are stored as ``json``, not ``jsonb``: ``jsonb`` rejects ``\\u0000``
 and unpaired surrogates, both of which tool output can contain, while
@@ -43,7 +45,7 @@ from psycopg import sql
 from psycopg.types.json import Json
 from psycopg_pool import AsyncConnectionPool
 
-from . import StoreUnavailableError, validate_ttl
+from . import Fenced, StoreUnavailableError, validate_ttl
 
 __all__ = ["PostgresSessionStore"]
 
@@ -77,7 +79,24 @@ CREATE TABLE IF NOT EXISTS {entries} (
 CREATE INDEX IF NOT EXISTS {order_idx} ON {entries} (project_key, session_id, subpath, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS {uuid_idx} ON {entries} (project_key, session_id, subpath, uuid)
     WHERE uuid IS NOT NULL;
+CREATE TABLE IF NOT EXISTS {epochs} (
+    project_key text NOT NULL,
+    session_id  text NOT NULL,
+    epoch       bigint NOT NULL,
+    mtime       bigint NOT NULL,
+    PRIMARY KEY (project_key, session_id)
+);
 """
+
+# Raise a session's epoch unless a newer one is stored; the row is returned only if raised
+# (or equal), and stays locked until the transaction ends. One conditional write: fencing.
+_RAISE_EPOCH = (
+    "INSERT INTO {p} (project_key, session_id, epoch, mtime) "
+    f"VALUES (%s, %s, %s, {_NOW_MS}) "
+    "ON CONFLICT (project_key, session_id) "
+    f"DO UPDATE SET epoch = EXCLUDED.epoch, mtime = {_NOW_MS} WHERE {{p}}.epoch <= EXCLUDED.epoch "
+    "RETURNING epoch"
+)
 
 
 class PostgresSessionStore(SessionStore):
@@ -108,6 +127,7 @@ class PostgresSessionStore(SessionStore):
         self._table = table
         self._entries = sql.Identifier(table)
         self._transcripts = sql.Identifier(f"{table}_transcripts")
+        self._epochs = sql.Identifier(f"{table}_epochs")
         self._purge_interval = purge_interval_seconds
         self._next_purge = 0.0  # monotonic; 0 = purge on the first append
         self._pool = AsyncConnectionPool(
@@ -133,6 +153,7 @@ class PostgresSessionStore(SessionStore):
             schema = sql.SQL(_SCHEMA).format(
                 entries=self._entries,
                 transcripts=self._transcripts,
+                epochs=self._epochs,
                 mtime_idx=sql.Identifier(f"{self._table}_mtime_idx"),
                 order_idx=sql.Identifier(f"{self._table}_order_idx"),
                 uuid_idx=sql.Identifier(f"{self._table}_uuid_idx"),
@@ -144,7 +165,12 @@ class PostgresSessionStore(SessionStore):
 
     # -- protocol ---------------------------------------------------------
 
-    async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
+    async def fence(self, key: SessionKey, epoch: int) -> bool:
+        return bool(await self._rows(_RAISE_EPOCH, (key["project_key"], key["session_id"], epoch)))
+
+    async def append(self, key: SessionKey, entries: list[SessionStoreEntry], *, epoch: int | None = None) -> None:
+        """Append (see the class); with ``epoch``, the transaction first raises the session's
+        epoch by a conditional write, and rolls back (:class:`Fenced`) if a newer one is there."""
         if not entries:
             return
         await self.open()
@@ -152,6 +178,10 @@ class PostgresSessionStore(SessionStore):
         uuids = [_uuid_of(e) for e in entries]
         q = self._sql
         async with self._pool.connection() as conn, conn.transaction():
+            if epoch is not None:
+                cur = await conn.execute(q(_RAISE_EPOCH), (pk, sid, epoch))
+                if await cur.fetchone() is None:
+                    raise Fenced(f"epoch {epoch} of session {sid} was replaced by a newer one")
             # Upsert-and-lock the transcript row: concurrent appends to this
             # transcript queue here until we commit. The UPDATE's clock is
             # read after the lock is granted, so mtimes follow commit order.
@@ -222,8 +252,10 @@ class PostgresSessionStore(SessionStore):
         if subpath:  # a targeted delete; otherwise cascade to every subpath
             where += " AND subpath = %s"
             params += (subpath,)
-        async with self._pool.connection() as conn:
+        async with self._pool.connection() as conn, conn.transaction():
             await conn.execute(self._sql(f"DELETE FROM {{t}} WHERE {where}"), params)
+            if not subpath:
+                await conn.execute(self._sql(f"DELETE FROM {{p}} WHERE {where}"), params)
 
     async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
         rows = await self._rows(
@@ -255,6 +287,11 @@ class PostgresSessionStore(SessionStore):
             "RETURNING project_key, session_id",
             (self._ttl * 1000,),
         )
+        await self._rows(  # epochs of sessions gone (or never written) for as long
+            f"DELETE FROM {{p}} WHERE mtime < {_NOW_MS} - %s AND NOT EXISTS (SELECT 1 FROM {{t}} "
+            "WHERE {t}.project_key = {p}.project_key AND {t}.session_id = {p}.session_id) RETURNING 1",
+            (self._ttl * 1000,),
+        )
         return len(set(rows))
 
     # -- lifecycle --------------------------------------------------------
@@ -279,7 +316,7 @@ class PostgresSessionStore(SessionStore):
     # -- helpers ----------------------------------------------------------
 
     def _sql(self, template: str) -> sql.Composed:
-        return sql.SQL(template).format(e=self._entries, t=self._transcripts)
+        return sql.SQL(template).format(e=self._entries, t=self._transcripts, p=self._epochs)
 
     async def _rows(self, template: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """Run one statement on a pooled connection and return every row it yields."""

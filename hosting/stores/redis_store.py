@@ -11,6 +11,7 @@ never make two different sessions share a key)::
     P<project>:<session>:sub:<subpath>:uuids
     P<project>:<session>:subpaths        SET   subpaths of this session
     P<project>:<session>:summary         STRING  {"mtime": ms, "data": {...}}
+    P<project>:<session>:epoch           STRING  the newest writer epoch seen (fencing)
 
 Redis has no modification times of its own, so ``mtime`` is the server's
 ``TIME`` at the last main-transcript append, kept in the summary; both
@@ -44,9 +45,19 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, WatchError
 
-from . import StoreUnavailableError, validate_ttl
+from . import Fenced, StoreUnavailableError, validate_ttl
 
 __all__ = ["RedisSessionStore"]
+
+# KEYS[1] epoch key; ARGV[1] epoch, ARGV[2] ttl seconds or "". Returns the epoch now stored.
+_FENCE = (
+    "local stored = tonumber(redis.call('GET', KEYS[1]) or '0') "
+    "local mine = tonumber(ARGV[1]) "
+    "if mine < stored then return tostring(stored) end "
+    "redis.call('SET', KEYS[1], ARGV[1]) "
+    "if ARGV[2] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end "
+    "return ARGV[1]"
+)
 
 
 def _q(part: str) -> str:
@@ -78,6 +89,7 @@ class RedisSessionStore(SessionStore):
             # being re-dialed.
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
         )
+        self._fence = self._client.register_script(_FENCE)
 
     # -- key layout -------------------------------------------------------
 
@@ -92,7 +104,15 @@ class RedisSessionStore(SessionStore):
 
     # -- protocol ---------------------------------------------------------
 
-    async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
+    async def fence(self, key: SessionKey, epoch: int) -> bool:
+        """Raise the session's epoch (one Lua script: compare and set are one step)."""
+        epoch_key = f"{self._session(key['project_key'], key['session_id'])}:epoch"
+        stored = await self._fence(keys=[epoch_key], args=[epoch, self._ttl or ""])
+        return int(stored) == epoch
+
+    async def append(self, key: SessionKey, entries: list[SessionStoreEntry], *, epoch: int | None = None) -> None:
+        """Append (see the class); with ``epoch``, the session's epoch is read under the
+        same ``WATCH`` as the rest, so the check and the write land together."""
         if not entries:
             return
         project_key, session_id = key["project_key"], key["session_id"]
@@ -101,12 +121,18 @@ class RedisSessionStore(SessionStore):
         transcript = self._transcript(session, subpath)
         uuids_key = f"{transcript}:uuids"
         subpaths_key, summary_key = f"{session}:subpaths", f"{session}:summary"
+        epoch_key = f"{session}:epoch"
         index = self._index(project_key)
 
         async with self._client.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    await pipe.watch(uuids_key, summary_key, subpaths_key)
+                    await pipe.watch(uuids_key, summary_key, subpaths_key, epoch_key)
+                    stored_epoch = 0
+                    if epoch is not None:
+                        stored_epoch = int(cast("str | None", await pipe.get(epoch_key)) or 0)
+                        if epoch < stored_epoch:
+                            raise Fenced(f"epoch {epoch} was replaced by {stored_epoch}")
                     fresh = await _unseen(pipe, uuids_key, entries)
                     if not fresh:
                         return  # a retried batch that had already landed
@@ -121,6 +147,8 @@ class RedisSessionStore(SessionStore):
                         summary["mtime"] = seconds * 1000 + micros // 1000
 
                     pipe.multi()
+                    if epoch is not None and epoch > stored_epoch:
+                        pipe.set(epoch_key, epoch)
                     pipe.rpush(transcript, *(json.dumps(e) for e in fresh))
                     new_uuids = [u for u in map(_uuid_of, fresh) if u is not None]
                     if new_uuids:
@@ -206,6 +234,7 @@ class RedisSessionStore(SessionStore):
             f"{session}:main:uuids",
             f"{session}:subpaths",
             f"{session}:summary",
+            f"{session}:epoch",
         ]
         for sub in subpaths:
             transcript = self._transcript(session, sub)
