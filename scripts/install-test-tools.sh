@@ -10,6 +10,8 @@ TOOLS=(
     "shellcheck shellcheck"     # kind-quickstart.sh / teardown.sh lint
     "chromium chromium"         # chat page tests (Playwright with executable_path)
     "ip iproute2"               # network namespaces in the egress tests
+    "envsubst gettext-base"     # the egress proxy's entrypoint.sh renders nginx.conf (tests/test_egress_proxy.py)
+    "curl curl"                 # the curl line quickstart.sh --serve prints (tests/test_quickstart.py)
 )
 
 pkgs=()

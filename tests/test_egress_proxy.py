@@ -1,0 +1,537 @@
+"""The egress proxy, for real, between network namespaces this test makes (no cluster here).
+
+    sandbox netns             proxy netns                          upstream netns
+    10.231.1.2 ── veth ── 10.231.1.1 | 10.231.2.1 ── veth ── 10.231.2.2
+    the agent, the CLI,       Debian's nginx started by the        TLS stand-in: the local model
+    a placeholder key         project's entrypoint.sh and          and a recorder of every
+    (the pod template's env)  template; the key from a file        request's headers
+
+No netns has a default route, so the sandbox can address only the proxy's subnet, and the
+proxy netns does not forward. The upstream's certificate comes from a CA made here, which
+the proxy trusts through ``EGRESS_CA_FILE``; names resolve through ``/etc/netns/<ns>/hosts``
+(``ip netns exec`` mounts them over ``/etc/hosts``). The proxy runs as its own uid, the
+sandbox as another, as in the cluster. Needs root (namespaces); everything is removed at
+the end, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import errno
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+ROOT = Path(__file__).resolve().parent.parent
+PROXY_DIR = ROOT / "hosting/kubernetes/egress-proxy"
+POD_TEMPLATE = ROOT / "hosting/kubernetes/base/agent-pod-template.yaml"
+UPSTREAM_HOST = "api.anthropic.test"
+SANDBOX_IP, PROXY_IP, PROXY_UPSTREAM_SIDE_IP, UPSTREAM_IP = "10.231.1.2", "10.231.1.1", "10.231.2.1", "10.231.2.2"
+PROXY_PORT, HEALTH_PORT = 8080, 8081
+UNTRUSTING_PORT, UNTRUSTING_HEALTH_PORT = 8090, 8091
+PROXY_UID, SANDBOX_UID = 10002, 10001  # the egress proxy image's user, the agent image's user
+CLONE_NEWNET = 0x40000000
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nginx", path="/usr/sbin"),
+                                reason="needs root (network namespaces), iproute2 and nginx: scripts/install-test-tools.sh")
+
+T = TypeVar("T")
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def in_netns(netns: str, action: Callable[[], T], timeout: float = 60) -> T:
+    """Run ``action`` on a thread that joined ``netns``: its sockets live there. Only that
+    thread moves (``setns`` is per thread), so the test process stays where it was."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+        try:
+            if LIBC.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {netns} failed")
+        finally:
+            os.close(fd)
+        try:
+            outcome["value"] = action()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the calling thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise AssertionError(f"action in {netns} did not finish within {timeout} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+
+
+# --- a CA, and the upstream's certificate -------------------------------------------------
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _certificate(subject: str, issuer: str, key: ec.EllipticCurvePrivateKey, signer: ec.EllipticCurvePrivateKey,
+                 ca: bool) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def _pem(obj: x509.Certificate | ec.EllipticCurvePrivateKey) -> bytes:
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+@dataclass
+class Pki:
+    ca: Path
+    other_ca: Path
+    cert: Path
+    key: Path
+
+
+def make_pki(directory: Path) -> Pki:
+    """A root CA, two intermediates (as behind a cross-signed root; nginx's default verify
+    depth would refuse them) and the upstream's certificate, served with its chain; and an
+    unrelated CA."""
+    root_key, first_key, second_key, other_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(5))
+    first = _certificate("egress test intermediate 1", "egress test CA", first_key, root_key, ca=True)
+    second = _certificate("egress test intermediate 2", "egress test intermediate 1", second_key, first_key, ca=True)
+    leaf = _certificate(UPSTREAM_HOST, "egress test intermediate 2", leaf_key, second_key, ca=False)
+    files = {
+        "ca.pem": _pem(_certificate("egress test CA", "egress test CA", root_key, root_key, ca=True)),
+        "other-ca.pem": _pem(_certificate("some other CA", "some other CA", other_key, other_key, ca=True)),
+        "upstream.pem": _pem(leaf) + _pem(second) + _pem(first),
+        "upstream-key.pem": _pem(leaf_key),
+    }
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    return Pki(directory / "ca.pem", directory / "other-ca.pem", directory / "upstream.pem", directory / "upstream-key.pem")
+
+
+# --- the upstream stand-in (runs in the upstream netns under uvicorn with TLS) ------------
+
+def upstream_app() -> Callable[..., Any]:
+    """The local model behind a recorder: every request's path and headers are appended to
+    ``$EGRESS_TEST_RECORD``. ``/v1/test/stream`` sends one SSE event, then waits for the
+    file ``$EGRESS_TEST_RELEASE`` before the last, so a test can tell streaming from buffering."""
+    from hosting.local_model import create_app
+
+    record = Path(os.environ["EGRESS_TEST_RECORD"])
+    release = Path(os.environ["EGRESS_TEST_RELEASE"])
+    model = create_app()
+
+    async def stream(send: Callable[..., Any]) -> None:
+        import asyncio
+
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b"event: first\ndata: {}\n\n", "more_body": True})
+        deadline = time.monotonic() + 30
+        while not release.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await send({"type": "http.response.body", "body": b"event: last\ndata: {}\n\n", "more_body": False})
+
+    async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] == "http":
+            headers = [[k.decode("latin-1").lower(), v.decode("latin-1")] for k, v in scope["headers"]]
+            with record.open("a") as out:
+                out.write(json.dumps({"path": scope["path"], "headers": headers}) + "\n")
+            if scope["path"] == "/v1/test/stream":
+                await stream(send)
+                return
+        await model(scope, receive, send)
+
+    return app
+
+
+@dataclass
+class Upstream:
+    record: Path
+    release: Path
+
+    def requests(self) -> list[dict[str, Any]]:
+        if not self.record.exists():
+            return []
+        return [json.loads(line) for line in self.record.read_text().splitlines()]
+
+    def requests_tagged(self, tag: str) -> list[dict[str, Any]]:
+        return [r for r in self.requests() if ["x-test-id", tag] in r["headers"]]
+
+
+# --- the topology --------------------------------------------------------------------------
+
+@dataclass
+class Topology:
+    sandbox: str
+    proxy: str
+    upstream: str
+    workdir: Path
+    real_key: str
+    pki: Pki
+
+
+def _write_netns_files(netns: str, hosts: str) -> None:
+    folder = Path("/etc/netns") / netns
+    folder.mkdir(parents=True)
+    (folder / "hosts").write_text(f"127.0.0.1 localhost\n{hosts}\n")
+    (folder / "resolv.conf").write_text("nameserver 127.0.0.1\n")  # no DNS: names come from hosts
+
+
+@pytest.fixture(scope="module")
+def topology() -> Iterator[Topology]:
+    run = uuid.uuid4().hex[:8]
+    names = {role: f"egress-{role}-{run}" for role in ("sb", "px", "up")}
+    workdir = Path(tempfile.mkdtemp(prefix="egress-test-"))
+    workdir.chmod(0o755)
+    made_etc_netns = not Path("/etc/netns").exists()
+    try:
+        for netns in names.values():
+            ip("netns", "add", netns)
+            ip("-n", netns, "link", "set", "lo", "up")
+        sb, px, up = names["sb"], names["px"], names["up"]
+        ip("-n", px, "link", "add", "to-sandbox", "type", "veth", "peer", "name", "eth0", "netns", sb)
+        ip("-n", px, "link", "add", "to-upstream", "type", "veth", "peer", "name", "eth0", "netns", up)
+        for netns, device, address in ((sb, "eth0", f"{SANDBOX_IP}/24"), (px, "to-sandbox", f"{PROXY_IP}/24"),
+                                       (px, "to-upstream", f"{PROXY_UPSTREAM_SIDE_IP}/24"), (up, "eth0", f"{UPSTREAM_IP}/24")):
+            ip("-n", netns, "addr", "add", address, "dev", device)
+            ip("-n", netns, "link", "set", device, "up")
+        subprocess.run(["ip", "netns", "exec", px, "sysctl", "-qw", "net.ipv4.ip_forward=0"], check=True, timeout=30)
+        _write_netns_files(sb, f"{PROXY_IP} egress-proxy")
+        _write_netns_files(px, f"{UPSTREAM_IP} {UPSTREAM_HOST}")
+        _write_netns_files(up, f"{UPSTREAM_IP} {UPSTREAM_HOST}")
+        yield Topology(sb, px, up, workdir, f"sk-ant-egress-{secrets.token_urlsafe(24)}", make_pki(workdir))
+    finally:
+        for netns in names.values():
+            subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=30)
+            shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
+        if made_etc_netns:
+            with contextlib.suppress(OSError):  # another run may be using it: then it stays
+                Path("/etc/netns").rmdir()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class Processes:
+    """Processes a fixture started (each in its own session); all ended at teardown."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, args: list[str], log: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+        self.started.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.started:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+
+
+def wait_for_port(netns: str, address: str, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    def connects() -> bool:
+        with contextlib.suppress(OSError), socket.create_connection((address, port), timeout=0.5):
+            return True
+        return False
+
+    deadline = time.monotonic() + 30
+    while not in_netns(netns, connects):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{address}:{port} in {netns} did not open:\n{log.read_text(errors='replace')}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def upstream(topology: Topology) -> Iterator[Upstream]:
+    processes = Processes()
+    stand_in = Upstream(topology.workdir / "upstream-requests.jsonl", topology.workdir / "release")
+    log = topology.workdir / "upstream.log"
+    env = {**os.environ, "EGRESS_TEST_RECORD": str(stand_in.record), "EGRESS_TEST_RELEASE": str(stand_in.release)}
+    try:
+        process = processes.start(
+            ["ip", "netns", "exec", topology.upstream, sys.executable, "-m", "uvicorn", "--factory",
+             "tests.test_egress_proxy:upstream_app", "--host", UPSTREAM_IP, "--port", "443", "--log-level", "warning",
+             "--ssl-certfile", str(topology.pki.cert), "--ssl-keyfile", str(topology.pki.key)],
+            log, cwd=ROOT, env=env)
+        wait_for_port(topology.upstream, UPSTREAM_IP, 443, process, log)
+        yield stand_in
+    finally:
+        processes.stop()
+
+
+def start_proxy(topology: Topology, processes: Processes, name: str, ca_file: Path, port: int, health_port: int) -> None:
+    """The project's entrypoint.sh, as the proxy's own uid, in the proxy netns."""
+    private = topology.workdir / name
+    private.mkdir(mode=0o700)
+    key_file = private / "api-key"
+    key_file.write_text(topology.real_key + "\n")  # a Secret's file may end in a newline
+    key_file.chmod(0o400)
+    for path in (private, key_file):
+        os.chown(path, PROXY_UID, PROXY_UID)
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "EGRESS_UPSTREAM_HOST": UPSTREAM_HOST, "EGRESS_UPSTREAM_PORT": "443",
+           "EGRESS_CA_FILE": str(ca_file), "EGRESS_KEY_FILE": str(key_file), "EGRESS_RUN_DIR": str(private / "run"),
+           "EGRESS_PORT": str(port), "EGRESS_HEALTH_PORT": str(health_port)}
+    log = topology.workdir / f"{name}.log"
+    log.touch()
+    # nginx reopens /dev/stdout (its access log): in a pod that is a pipe runc gave the
+    # container's user; here it is this file, so it is the proxy user's too.
+    os.chown(log, PROXY_UID, PROXY_UID)
+    process = processes.start(
+        ["ip", "netns", "exec", topology.proxy, "setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}",
+         "--clear-groups", "--", "/bin/sh", str(PROXY_DIR / "entrypoint.sh")], log, env=env)
+    wait_for_port(topology.proxy, PROXY_IP, health_port, process, log)
+
+
+@pytest.fixture(scope="module")
+def proxy(topology: Topology, upstream: Upstream) -> Iterator[None]:
+    processes = Processes()
+    try:
+        start_proxy(topology, processes, "proxy", topology.pki.ca, PROXY_PORT, HEALTH_PORT)
+        start_proxy(topology, processes, "untrusting-proxy", topology.pki.other_ca, UNTRUSTING_PORT,
+                    UNTRUSTING_HEALTH_PORT)
+        yield
+    finally:
+        processes.stop()
+
+
+def raw_request(request: bytes, port: int = PROXY_PORT) -> int:
+    """Send bytes as they are (no client normalises the path or the Host); the status."""
+    with socket.create_connection((PROXY_IP, port), timeout=10) as conn:
+        conn.sendall(request)
+        status_line = conn.makefile("rb").readline().decode()
+    return int(status_line.split()[1])
+
+
+def sandbox_client() -> httpx.Client:
+    """What the agent does: the placeholder in both credential headers, the proxy by name."""
+    return httpx.Client(base_url=f"http://{PROXY_IP}:{PROXY_PORT}", timeout=10,
+                        headers={"host": "egress-proxy:8080", "x-api-key": PLACEHOLDER,
+                                 "authorization": f"Bearer {PLACEHOLDER}"})
+
+
+def template_env() -> dict[str, str]:
+    """The agent container's environment in the pod template the gateway uses."""
+    template = yaml.safe_load(POD_TEMPLATE.read_text())
+    (server,) = [c for c in template["spec"]["containers"] if c["name"] == "server"]
+    return {e["name"]: e["value"] for e in server["env"]}
+
+
+PLACEHOLDER = template_env()["ANTHROPIC_API_KEY"] if POD_TEMPLATE.exists() else "placeholder"
+
+
+# --- the tests -------------------------------------------------------------------------------
+
+def test_the_sandbox_reaches_the_proxy_and_nothing_else(topology, proxy):
+    def probe() -> dict[str, Any]:
+        found: dict[str, Any] = {"proxy": httpx.get(f"http://{PROXY_IP}:{HEALTH_PORT}/healthz", timeout=5).status_code}
+        for address in (UPSTREAM_IP, PROXY_UPSTREAM_SIDE_IP):
+            try:
+                socket.create_connection((address, 443), timeout=3).close()
+                found[address] = "connected"
+            except OSError as exc:
+                found[address] = exc.errno
+        return found
+
+    assert in_netns(topology.sandbox, probe) == {"proxy": 200, UPSTREAM_IP: errno.ENETUNREACH,
+                                                 PROXY_UPSTREAM_SIDE_IP: errno.ENETUNREACH}
+
+
+def test_the_upstream_sees_the_real_key_and_never_the_placeholder(topology, upstream, proxy):
+    def call() -> int:
+        with sandbox_client() as client:
+            return client.post("/v1/messages/count_tokens", json={"messages": []},
+                               headers={"x-test-id": "key"}).status_code
+
+    assert in_netns(topology.sandbox, call) == 200
+    (seen,) = upstream.requests_tagged("key")
+    headers = seen["headers"]
+    assert [v for k, v in headers if k == "x-api-key"] == [topology.real_key]
+    assert [v for k, v in headers if k == "authorization"] == []
+    assert [v for k, v in headers if k == "host"] == [UPSTREAM_HOST]
+    assert PLACEHOLDER not in json.dumps(upstream.requests())
+
+
+def test_other_hosts_and_paths_outside_v1_are_refused(topology, upstream, proxy):
+    requests = {
+        "other host": b"GET /v1/models HTTP/1.1\r\nHost: api.anthropic.com\r\nx-test-id: refused\r\n\r\n",
+        "absolute URL": b"GET https://example.org/v1/models HTTP/1.1\r\nHost: egress-proxy\r\nx-test-id: refused\r\n\r\n",
+        "no host": b"GET /v1/models HTTP/1.0\r\nx-test-id: refused\r\n\r\n",
+        "outside /v1/": b"GET /local/requests HTTP/1.1\r\nHost: egress-proxy\r\nx-test-id: refused\r\n\r\n",
+        "dot segments": b"GET /v1/../local/requests HTTP/1.1\r\nHost: egress-proxy\r\nx-test-id: refused\r\n\r\n",
+        "encoded dots": b"GET /v1/%2e%2e/local/requests HTTP/1.1\r\nHost: egress-proxy\r\nx-test-id: refused\r\n\r\n",
+        "root": b"GET / HTTP/1.1\r\nHost: egress-proxy\r\nx-test-id: refused\r\n\r\n",
+    }
+    statuses = in_netns(topology.sandbox, lambda: {name: raw_request(data) for name, data in requests.items()})
+    assert statuses == {"other host": 421, "absolute URL": 421, "no host": 421, "outside /v1/": 404,
+                        "dot segments": 404, "encoded dots": 404, "root": 404}
+    assert upstream.requests_tagged("refused") == []
+    # The same request, addressed properly, does go through: the refusals above are the rules.
+    allowed = b"GET /v1/models HTTP/1.1\r\nHost: egress-proxy\r\nx-test-id: allowed\r\nConnection: close\r\n\r\n"
+    assert in_netns(topology.sandbox, lambda: raw_request(allowed)) == 404  # the local model has no /v1/models
+    assert len(upstream.requests_tagged("allowed")) == 1
+
+
+def test_server_sent_events_are_not_buffered(topology, upstream, proxy):
+    """The upstream holds its last event until the client has read the first, so the first
+    must cross the proxy while the response is still open; a proxy that held responses
+    back would leave the client waiting until the read timed out."""
+
+    def stream() -> list[str]:
+        events = []
+        with sandbox_client() as client, client.stream("GET", "/v1/test/stream", headers={"x-test-id": "sse"}) as response:
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    events.append(line.split(":", 1)[1].strip())
+                    if events == ["first"]:
+                        upstream.release.touch()
+        return events
+
+    assert in_netns(topology.sandbox, stream) == ["first", "last"]
+
+
+def test_the_proxy_verifies_the_upstreams_certificate(topology, upstream, proxy):
+    """A proxy that trusts another CA refuses the stand-in's certificate: nothing is sent."""
+
+    def call() -> int:
+        with httpx.Client(base_url=f"http://{PROXY_IP}:{UNTRUSTING_PORT}", timeout=10,
+                          headers={"host": "egress-proxy", "x-test-id": "untrusted"}) as client:
+            return client.post("/v1/messages/count_tokens", json={"messages": []}).status_code
+
+    assert in_netns(topology.sandbox, call) == 502
+    assert upstream.requests_tagged("untrusted") == []
+
+
+def test_a_bad_key_stops_the_proxy_with_a_clear_message_and_writes_nothing(tmp_path):
+    for bad in ('sk-ant-"; proxy_pass http://evil', "", "sk ant"):
+        key_file = tmp_path / "api-key"
+        key_file.write_text(bad)
+        run_dir = tmp_path / "run"
+        proc = subprocess.run(["/bin/sh", str(PROXY_DIR / "entrypoint.sh")], capture_output=True, text=True, timeout=30,
+                              env={"PATH": "/usr/sbin:/usr/bin:/bin", "EGRESS_KEY_FILE": str(key_file),
+                                   "EGRESS_RUN_DIR": str(run_dir)})
+        assert proc.returncode == 2
+        assert "the key in" in proc.stderr and "[A-Za-z0-9_-]" in proc.stderr
+        assert not bad or bad not in proc.stderr
+        assert not run_dir.exists()
+    bad_host = subprocess.run(["/bin/sh", str(PROXY_DIR / "entrypoint.sh")], capture_output=True, text=True, timeout=30,
+                              env={"PATH": "/usr/bin:/bin", "EGRESS_UPSTREAM_HOST": "evil;}", "EGRESS_RUN_DIR": str(run_dir)})
+    assert bad_host.returncode == 2 and "EGRESS_UPSTREAM_HOST" in bad_host.stderr and not run_dir.exists()
+
+
+@pytest.mark.e2e
+def test_the_real_cli_makes_a_turn_through_the_proxy_and_the_sandbox_holds_no_key(topology, upstream, proxy):
+    """The agent (real SDK, real bundled CLI) in the sandbox netns, with the pod template's
+    environment and the agent's uid: its turn reaches the local model through the proxy."""
+    home = topology.workdir / "sandbox-home"
+    home.mkdir()
+    os.chown(home, SANDBOX_UID, SANDBOX_UID)
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "LANG": "C.UTF-8", **template_env(),
+           "HOME": str(home), "TMPDIR": str(home), "AGENT_DATA_DIR": str(home / "data"), "CLAUDE_CODE_MAX_RETRIES": "0"}
+    assert env["ANTHROPIC_BASE_URL"] == "http://egress-proxy:8080"
+    sandbox = ["ip", "netns", "exec", topology.sandbox, "setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}",
+               "--clear-groups", "--"]
+    key_file = topology.workdir / "proxy" / "api-key"
+    probe = ("import json, os, sys; key = sys.argv[1]\n"
+             "try:\n    open(sys.argv[2]).read(); readable = True\nexcept OSError:\n    readable = False\n"
+             "print(json.dumps({'in_env': any(key in v for v in os.environ.values()), 'key_file_readable': readable}))")
+    seen = subprocess.run([*sandbox, sys.executable, "-c", probe, topology.real_key, str(key_file)], env=env, cwd=home,
+                          capture_output=True, text=True, timeout=60)
+    assert json.loads(seen.stdout) == {"in_env": False, "key_file_readable": False}, seen.stderr
+
+    before = len(upstream.requests())
+    turn = subprocess.run([*sandbox, sys.executable, "-m", "hosting.run_once"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=180, env={**env, "PROMPT": "What do otters eat?"})
+    assert turn.returncode == 0, turn.stderr
+    assert turn.stdout.startswith("Local model answer to: What do otters eat?")
+    messages = [r for r in upstream.requests()[before:] if r["path"] == "/v1/messages"]
+    assert messages, "the turn did not reach the upstream"
+    for request in messages:
+        assert [v for k, v in request["headers"] if k == "x-api-key"] == [topology.real_key]
+        assert not [v for k, v in request["headers"] if k == "authorization"]
+    assert PLACEHOLDER not in json.dumps(upstream.requests())
+
+
+@pytest.mark.docker
+def test_the_proxy_image_runs_as_the_pod_runs_it(tmp_path):
+    """The image (hosting/kubernetes/egress-proxy/Dockerfile) with the pod's restrictions:
+    its uid, a read-only root with /tmp the only writable place, no capability, no new
+    privileges; the ConfigMap's files and the key mounted read-only. No network: the API's
+    name points at the container's own loopback, where nothing answers (so 502)."""
+    from tests.conftest import BASE_IMAGE, docker
+
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        pytest.fail("no Docker engine: run scripts/start-dockerd.sh as root")
+    subprocess.run([str(ROOT / "hosting/docker/build-base-image.sh"), BASE_IMAGE], check=True, timeout=900)
+    image = "research-agent-egress-proxy:test"
+    docker("build", "-q", "--network", "host", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-t", image, str(PROXY_DIR),
+           timeout=900)
+    key_dir = tmp_path / "key"
+    key_dir.mkdir()
+    (key_dir / "api-key").write_text("sk-ant-image-test\n")
+    (key_dir / "api-key").chmod(0o400)
+    os.chown(key_dir / "api-key", PROXY_UID, PROXY_UID)
+    name = f"egress-proxy-test-{uuid.uuid4().hex[:8]}"
+    try:
+        docker("run", "-d", "--name", name, "--network", "none", "--add-host", "api.anthropic.com:127.0.0.1",
+               "--read-only", "--tmpfs", "/tmp:size=16m", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+               "--user", f"{PROXY_UID}:{PROXY_UID}", "-v", f"{PROXY_DIR}:/etc/egress-proxy:ro",
+               "-v", f"{key_dir}:/etc/egress-proxy-key:ro", image)
+
+        def ask(port: int, request: str) -> str:
+            script = f'exec 3<>/dev/tcp/127.0.0.1/{port}; printf "{request}" >&3; head -n1 <&3'
+            return docker("exec", name, "bash", "-c", script, check=False).stdout.strip()
+
+        deadline = time.monotonic() + 30
+        while not ask(HEALTH_PORT, "GET /healthz HTTP/1.0\\r\\n\\r\\n").endswith("200 OK"):
+            state = json.loads(docker("inspect", name).stdout)[0]["State"]
+            if not state["Running"] or time.monotonic() > deadline:
+                raise AssertionError(f"the proxy did not start:\n{docker('logs', name, check=False).stderr}")
+            time.sleep(0.2)
+        assert ask(PROXY_PORT, "GET /v1/models HTTP/1.1\\r\\nHost: egress-proxy\\r\\n\\r\\n").split()[1] == "502"
+        assert ask(PROXY_PORT, "GET /v1/models HTTP/1.1\\r\\nHost: example.org\\r\\n\\r\\n").split()[1] == "421"
+        assert docker("exec", name, "id", "-u").stdout.strip() == str(PROXY_UID)
+        assert "sk-ant-image-test" not in docker("logs", name).stdout + docker("logs", name).stderr
+    finally:
+        docker("rm", "-f", name, check=False)
