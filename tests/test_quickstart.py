@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import signal
 import subprocess
+import sys
+from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.conftest import ROOT
+from hosting.web import CONTENT_SECURITY_POLICY
+from tests.conftest import ROOT, alive, descendants, free_port
 
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(?:sh|bash|console)?\n(.*?)```", README, flags=re.DOTALL)
@@ -20,12 +26,73 @@ def test_readme_opens_with_the_main_job_then_the_tests():
     assert "./scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.e2e
-def test_main_job_command_holds_a_two_turn_conversation_with_recall(tmp_path):
+@pytest.fixture(scope="module")
+def quickstart_venv(tmp_path_factory):
+    """One fresh venv for the module: the first quickstart run creates it, the next reuses it."""
+    return tmp_path_factory.mktemp("quickstart") / "venv"
+
+
+def quickstart_env(tmp_path: Path, venv: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "ANTHROPIC_", "CLAUDE_", "VIRTUAL_ENV"))}
-    env.update(VENV=str(tmp_path / "venv"), AGENT_DATA_DIR=str(tmp_path / "data"))
+    env.update(VENV=str(venv), AGENT_DATA_DIR=str(tmp_path / "data"), **extra)
+    return env
+
+
+@pytest.mark.e2e
+def test_main_job_command_holds_a_two_turn_conversation_with_recall(tmp_path, quickstart_venv):
+    env = quickstart_env(tmp_path, quickstart_venv)
     proc = subprocess.run(["sh", "-c", BLOCKS[0]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     value = re.search(r"Remember this value: (\w+)", proc.stdout).group(1)
     assert f"You asked me to remember {value}." in proc.stdout
     assert f"OK: the second turn recalled '{value}'." in proc.stdout
+
+
+def test_quickstart_script_passes_shellcheck():
+    proc = subprocess.run(["shellcheck", "scripts/quickstart.sh"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_serve_keeps_the_chat_page_up_until_ctrl_c_stops_everything(tmp_path, quickstart_venv):
+    port = free_port()
+    env = quickstart_env(tmp_path, quickstart_venv, PORT=str(port), AGENT_PREWARM="1")
+    # Started as from a terminal: own process group, SIGINT at its default (a shell cannot trap a
+    # signal ignored when it started, as it is when pytest itself runs in the background).
+    as_from_a_terminal = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                          "os.execvp('sh', ['sh', *sys.argv[1:]])")
+    proc = subprocess.Popen([sys.executable, "-c", as_from_a_terminal, "scripts/quickstart.sh", "--serve"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert proc.stdout is not None
+    children: set[int] = set()
+    output: list[str] = []
+    try:
+        for line in proc.stdout:
+            output.append(line)
+            if line.startswith("Ctrl-C stops both."):
+                break
+        printed = "".join(output)
+        assert f"Chat page: http://127.0.0.1:{port}/" in printed, printed
+        assert "OK: the second turn recalled" in printed, "the main job ran first"
+        children = descendants(proc.pid)
+        assert len(children) >= 2, "the local model and the server keep running"
+
+        page = httpx.get(f"http://127.0.0.1:{port}/")
+        assert page.status_code == 200 and "Research agent" in page.text
+        assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        curl_line = next(line.strip() for line in output if line.strip().startswith("curl "))
+        curl = subprocess.run(shlex.split(curl_line), capture_output=True, text=True, timeout=120)
+        assert "event: done" in curl.stdout and "This reply comes from the offline local model" in curl.stdout, curl
+        children |= descendants(proc.pid)  # and the CLIs started since
+
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+        rest, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0, printed + rest
+        assert alive(children) == set(), f"left behind: {alive(children)}\n{printed}{rest}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        for pid in alive(children):
+            os.kill(pid, signal.SIGKILL)
