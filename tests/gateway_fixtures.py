@@ -268,3 +268,11 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[RouteStore]:
     redis_store = RedisRouteStore(request.getfixturevalue("redis_url"), installation=f"t{secrets.token_hex(4)}")
     yield redis_store
     await redis_store.aclose()
+
+
+@pytest.fixture
+def docker_gateways(agent_image: str, local_model: LocalModel, tmp_path: Path) -> Iterator[Gateways]:
+    """Gateways on the Docker backend only (for what only containers do, like outliving their gateway)."""
+    factory = Gateways(local_model, tmp_path, "docker", agent_image)
+    yield factory
+    factory.cleanup()
