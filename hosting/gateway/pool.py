@@ -16,8 +16,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from hosting.gateway.provisioning import Provisioner, ProvisioningFailed, new_spec
+from hosting.gateway.relay import shielded
 from hosting.gateway.routes import PoolEntry, RouteStore, RouteStoreUnavailable
-from hosting.sandboxes.base import SandboxBackend, SandboxError
+from hosting.sandboxes.base import Sandbox, SandboxBackend, SandboxError
 
 logger = logging.getLogger("hosting.gateway.pool")
 
@@ -74,23 +75,27 @@ class WarmPool:
                 self.starting += 1
                 try:
                     sandbox = await self._provisioner.start(spec)
-                    if not await self._backend.wait_warm(sandbox, spec.token, WARM_TIMEOUT_SECONDS):
-                        logger.warning("pooled sandbox %s has no pre-started CLI yet: pooling it anyway",
-                                       sandbox.sandbox_id)
+                    try:
+                        if not await self._backend.wait_warm(sandbox, spec.token, WARM_TIMEOUT_SECONDS):
+                            logger.warning("pooled sandbox %s has no pre-started CLI yet: pooling it anyway",
+                                           sandbox.sandbox_id)
+                        await self._store.pool_put(PoolEntry(sandbox, spec.token))
+                    except BaseException:
+                        # Not pooled (a store error, or the gateway stopping meanwhile), so nobody
+                        # could claim or find it: remove it now, even while being cancelled.
+                        await shielded(self._discard(sandbox))
+                        raise
                 finally:
                     self.starting -= 1
-                try:
-                    await self._store.pool_put(PoolEntry(sandbox, spec.token))
-                except BaseException:
-                    # Not pooled, so nobody could claim or find it: remove it now.
-                    with contextlib.suppress(SandboxError):
-                        await self._backend.delete(sandbox.sandbox_id)
-                        await self._backend.delete_volume(sandbox.volume)
-                    raise
                 added += 1
         finally:
             await self._store.release_lock("pool-refill", lock)
         return added
+
+    async def _discard(self, sandbox: Sandbox) -> None:
+        with contextlib.suppress(SandboxError):
+            await self._backend.delete(sandbox.sandbox_id)
+            await self._backend.delete_volume(sandbox.volume)
 
     async def drain(self) -> None:
         """Remove every pooled sandbox and its volume (at shutdown, when nothing else
