@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only a,b,c,e,limits,g]``: run every scenario once, write the results.
+"""``python -m bench [--quick] [--only a,b,c,e,limits,g,o]``: run every scenario once, write the results.
 
 Exit status: 0 when every part was measured or skipped because the server lacks
 a feature (targets are reported, not asserted); 1 when the harness or a server
@@ -23,7 +23,7 @@ from bench import report
 from bench.procs import local_model
 from bench.scenarios import QUICK, Bench, Counts, run_all
 
-SCENARIOS = ("a", "b", "c", "e", "limits", "g")
+SCENARIOS = ("a", "b", "c", "e", "limits", "g", "o")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -53,6 +53,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help=f"(g) new sessions at once through the gateway ({defaults.gw_burst})")
     parser.add_argument("--gateway-docker-image", metavar="IMAGE",
                         help="(g) also measure first turns on the docker backend with this image (hosting/Dockerfile)")
+    parser.add_argument("--telemetry-turns", type=int, metavar="N", dest="obs_turns",
+                        help=f"(o) follow-ups per server, telemetry on and off ({defaults.obs_turns})")
     parser.add_argument("--part-timeout", type=float, metavar="S", help="seconds each part may take (900; quick: 300)")
     args = parser.parse_args(argv)
     only = {s.strip() for s in args.only.split(",") if s.strip()}

@@ -105,6 +105,10 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
         "g_pool_over_no_pool_p50": _ratio(metric(("g", "first_pool"), "p50_s"), metric(("g", "first_no_pool"), "p50_s")),
         "g_docker_pool_over_no_pool_p50": _ratio(metric(("g", "docker_first_pool"), "p50_s"),
                                                  metric(("g", "docker_first_no_pool"), "p50_s")),
+        "o_on_over_off_p50": _ratio(_get(results, "o", "on", "p50_s") if _ok(results, "o") else None,
+                                    _get(results, "o", "off", "p50_s")),
+        "o_on_over_off_cpu": _ratio(_get(results, "o", "on", "cpu_s_per_turn") if _ok(results, "o") else None,
+                                    _get(results, "o", "off", "cpu_s_per_turn")),
     }
 
 
@@ -197,6 +201,8 @@ def targets(results: dict[str, Any], r: dict[str, float | None]) -> list[Target]
                _why(results, ("g", "burst"))),
         Target("(g) burst through the gateway: recall", gburst["recall_ok"] / gburst["recall_expected"]
                if gburst else None, ">=", 1, _why(results, ("g", "burst"))),
+        Target("(o) follow-up p50, telemetry on / off", r["o_on_over_off_p50"], "<=", 1.03, _why(results, ("o",))),
+        Target("(o) CPU per follow-up, telemetry on / off", r["o_on_over_off_cpu"], "<=", 1.03, _why(results, ("o",))),
         Target(f"(limits) burst under {limit} limit: peak usage / limit",
                burst["peak_bytes"] / burst["limit_bytes"] if burst and burst["peak_bytes"] else None, "<=", 1,
                why_burst if not burst else "the kernel does not record a peak"),
@@ -387,6 +393,21 @@ def markdown(run: dict[str, Any]) -> str:
                 f"{_num(r['g_docker_pool_over_no_pool_p50'], '{:.3f}')}; each first turn starts from steady state "
                 "(pool full, the gateway's process tree quiet). The burst's peak RSS is the whole tree: the gateway, "
                 "every sandbox's server and their CLIs.", ""]
+
+    telemetry_rows = [
+        [label, _status(results["o"]), str(n.get("turns", "-")), str(n.get("errors", "-")), _recall(n),
+         _ms(n.get("p50_s")), _ms(n.get("p95_s")), _num(n.get("cpu_s_per_turn"), "{:.3f} s"),
+         _ms(n.get("server_cpu_s_per_turn"))]
+        for key, label in (("off", "(o) telemetry off (as shipped)"), ("on", "(o) traces + metrics over OTLP, JSON logs"))
+        if isinstance(n := _get(results, "o", key), dict)
+    ]
+    if telemetry_rows:
+        out += ["### Telemetry: (o) on vs off", "",
+                _table(["server", "status", "turns", "errors", "recall", "p50", "p95", "CPU/turn",
+                        "server process CPU/turn"], telemetry_rows), "",
+                f"On / off: p50 {_num(r['o_on_over_off_p50'], '{:.3f}')}, CPU per turn "
+                f"{_num(r['o_on_over_off_cpu'], '{:.3f}')}. Follow-ups on one session of each server, alternated; "
+                "CPU is the server's whole process tree (server, CLIs) over the measured turns.", ""]
 
     out += ["### Targets", ""] + [f"- {t}" for t in run["target_lines"]] + [""]
     problems = [f"- {'/'.join(p)}: {n['status']}: {n.get('error', '')}".replace("\n", " ")[:600]

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from bench import gateway
+from bench import gateway, observability
 from bench.cgroups import CgroupUnavailable, MemoryCgroup, drop_file_cache
 from bench.drive import (
     RECALL,
@@ -53,12 +53,13 @@ class Counts:
     gw_follow_ups: int = 30     # (g) follow-ups through the gateway and straight to its sandbox, alternated
     gw_first_turns: int = 8     # (g) first turns of new sessions per gateway (warm pool, no pool)
     gw_burst: int = 25          # (g) new sessions at once through the gateway, two turns each
+    obs_turns: int = 150        # (o) follow-ups per server, telemetry on and off, alternated (fewer: noise > 3%)
     settle_timeout: float = 60.0
     prewarm_timeout: float = 240.0
 
 
 QUICK = Counts(follow_ups=3, first_turns=3, prewarm_b=4, established=3, follow_ups_c=3, burst=3, burst_rounds=1,
-               gw_follow_ups=5, gw_first_turns=2, gw_burst=4, settle_timeout=30.0, prewarm_timeout=90.0)
+               gw_follow_ups=5, gw_first_turns=2, gw_burst=4, obs_turns=6, settle_timeout=30.0, prewarm_timeout=90.0)
 
 
 @dataclass
@@ -341,7 +342,7 @@ BURST_SERVERS: list[tuple[str, str, dict[str, str], bool]] = [
 
 
 async def run_all(bench: Bench, only: set[str]) -> dict[str, Any]:
-    """Every scenario in order; ``only`` picks a subset (a, b, c, e, limits, g)."""
+    """Every scenario in order; ``only`` picks a subset (a, b, c, e, limits, g, o)."""
     counts = bench.counts
     results: dict[str, Any] = {}
     if "a" in only:
@@ -388,6 +389,9 @@ async def run_all(bench: Bench, only: set[str]) -> dict[str, Any]:
                 bench, "g/docker_first_pool", lambda: gateway.first_turns(bench, pool=1, backend="docker", image=image))
             results["g"]["docker_first_no_pool"] = await part(
                 bench, "g/docker_first_no_pool", lambda: gateway.first_turns(bench, pool=0, backend="docker", image=image))
+    if "o" in only:
+        print("(o) telemetry on vs off", flush=True)
+        results["o"] = await part(bench, "o/overhead", lambda: observability.overhead(bench))
     return results
 
 

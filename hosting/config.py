@@ -25,6 +25,7 @@ from hosting.server.box import (
     read_box,
     usable_cpus,
 )
+from hosting.telemetry.settings import TelemetrySettings, cli_telemetry_env
 from research_agent.options import DEFAULT_MODEL
 
 _N = TypeVar("_N", int, float)
@@ -113,6 +114,7 @@ class Settings:
     disk_budget_bytes: int | None = None
     cli_runtime: Mapping[str, str] = field(default_factory=lambda: dict(CLI_RUNTIME_DEFAULTS))
     box: Box = field(default_factory=read_box)
+    telemetry: TelemetrySettings = field(default_factory=lambda: TelemetrySettings(service_name="agent-server"))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, box: Box | None = None) -> Settings:
@@ -145,6 +147,8 @@ class Settings:
             disk_budget_bytes=int_setting(env, "AGENT_DISK_BUDGET_BYTES", 0) or None,
             cli_runtime={name: env.get(name, value) for name, value in CLI_RUNTIME_DEFAULTS.items()},
             box=box,
+            telemetry=TelemetrySettings.from_env(env, default_service="agent-server",
+                                                 metrics_token_variable="AGENT_METRICS_TOKEN"),
         )
 
     @property
@@ -184,7 +188,7 @@ class Settings:
         Credentials go through explicitly; the server's own secrets are blanked
         so no tool the model runs can read them back.
         """
-        env = {**self.cli_runtime, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        env = {**self.cli_runtime, **cli_telemetry_env(self.telemetry), "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
                "AGENT_AUTH_TOKEN": "", "AGENT_SESSION_STORE": ""}
         for name, value in (
             ("ANTHROPIC_BASE_URL", self.anthropic_base_url),

@@ -36,7 +36,7 @@ from hosting.contract import (
 )
 from hosting.draining import DrainingServer
 from hosting.gateway.pool import WarmPool
-from hosting.gateway.provisioning import NotOwner, Provisioner, ProvisioningFailed
+from hosting.gateway.provisioning import NotOwner, ProvisioningFailed
 from hosting.gateway.quotas import QuotaExceeded, Quotas
 from hosting.gateway.reaper import Reaper
 from hosting.gateway.reconcile import reconcile
@@ -50,9 +50,13 @@ from hosting.gateway.relay import (
     shielded,
 )
 from hosting.gateway.routes import MemoryRouteStore, Route, RouteStore, RouteStoreUnavailable, open_route_store
+from hosting.gateway.runtime import install_runtime
 from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.tenants import Authenticator, TokenAuthenticator
 from hosting.sandboxes.base import SandboxBackend, SandboxError
+from hosting.telemetry.gateway import GatewayTelemetry, GatewayTurn, ObservedProvisioner
+from hosting.telemetry.logs import configure_logging
+from hosting.web import mount_chat_page
 
 logger = logging.getLogger("hosting.gateway")
 
@@ -69,9 +73,19 @@ def open_backend(settings: GatewaySettings) -> SandboxBackend:
         return DockerBackend(image=settings.docker_image, installation=settings.installation,
                              network=settings.docker_network, memory_bytes=settings.sandbox_memory_bytes,
                              nano_cpus=int(settings.sandbox_cpus * 1e9))
+    if settings.backend == "kubernetes":
+        from hosting.sandboxes.kubernetes import KubernetesBackend
+
+        return KubernetesBackend(settings.kubernetes_pod_template, settings.kubernetes_namespace, settings.installation,
+                                 kubeconfig=settings.kubeconfig, image=settings.kubernetes_image)
+    if settings.backend == "modal":
+        from hosting.sandboxes.modal import ModalBackend
+
+        return ModalBackend(settings.modal_app, settings.installation, secrets=settings.modal_secrets)
     from hosting.sandboxes.local import LocalBackend
 
-    return LocalBackend(settings.data_dir, installation=settings.installation)
+    return LocalBackend(settings.data_dir, installation=settings.installation,
+                        start_timeout=settings.provision_timeout_seconds)
 
 
 def _unavailable(detail: str) -> HTTPException:
@@ -116,11 +130,13 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
                authenticator: Authenticator | None = None) -> FastAPI:
     """Build the gateway. ``store`` and ``authenticator`` default to the settings'."""
     store = store or open_route_store(settings.redis_url, settings.installation)
-    authenticator = authenticator or TokenAuthenticator(settings.tenants)
+    telemetry = GatewayTelemetry(settings.telemetry)
+    authenticator = telemetry.authenticator(authenticator or TokenAuthenticator(settings.tenants))
     claimed = asyncio.Event()
     quotas = Quotas(store, settings.tenant_limits, settings.tenant_overrides,
                     reservation_ttl_seconds=settings.provision_timeout_seconds + 10)
-    provisioner = Provisioner(backend, store, settings.sandbox_env, settings.provision_timeout_seconds, claimed, quotas)
+    provisioner = ObservedProvisioner(telemetry, backend, store, settings.sandbox_env, settings.provision_timeout_seconds,
+                                      claimed, quotas)
     pool = WarmPool(backend, store, provisioner, settings.sandbox_env, settings.warm_pool,
                     settings.provision_timeout_seconds + 10, claimed)
     reaper = Reaper(backend, store, settings.idle_timeout_seconds)
@@ -146,12 +162,16 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
             await relay.aclose()
             await store.aclose()
             await backend.aclose()
+            telemetry.shutdown()
 
     app = FastAPI(title="Research agent gateway", version="1", lifespan=lifespan)
     install_json_errors(app, settings.max_body_bytes)
+    mount_chat_page(app)
     app.state.settings, app.state.authenticator = settings, authenticator
     app.state.store, app.state.pool, app.state.reaper, app.state.relay = store, pool, reaper, relay
     app.state.quotas = quotas
+    telemetry.install(app, [settings.admin_token, settings.telemetry.metrics_token], pool)
+    telemetry.observe_running(lambda: relay.running_streams)
 
     @app.exception_handler(NotOwner)
     async def _not_owner(request: Request, exc: NotOwner) -> JSONResponse:
@@ -160,6 +180,7 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
     @app.exception_handler(RouteStoreUnavailable)
     async def _store_down(request: Request, exc: RouteStoreUnavailable) -> JSONResponse:
         logger.warning("%s", exc)
+        telemetry.store_failures.add(1)
         return JSONResponse({"detail": "the routing store is unavailable; nothing was changed"}, status_code=503,
                             headers={"Retry-After": RETRY_AFTER_SECONDS})
 
@@ -202,6 +223,9 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
         await relay.touch(route.session_id)
         return route, response, body
 
+    install_runtime(app, tenant_of=_tenant_of, provisioner=provisioner, quotas=quotas, relay=relay, send=send,
+                    telemetry=telemetry)
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -223,6 +247,10 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
     @app.post("/sessions/{session_id}/messages")
     async def post_message(session_id: SessionId, tenant: Tenant, request: Request) -> Response:
         _, raw = await message_body(request)
+        with telemetry.turn(tenant) as observed:
+            return await relay_turn(session_id, tenant, request, raw, observed)
+
+    async def relay_turn(session_id: str, tenant: str, request: Request, raw: bytes, observed: GatewayTurn) -> Response:
         if not relay.accepting:
             raise _unavailable("the gateway is shutting down; retry on another replica")
         known = await provisioner.route(session_id, tenant)  # 403 (or 503) before anything is counted
@@ -233,12 +261,15 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
             route = await provisioner.ensure(session_id, tenant, known)
             path = f"/sessions/{session_id}/messages"
             try:
-                route, response = await send(route, request, path, raw)
+                with observed.relaying():
+                    route, response = await send(route, request, path, raw)
             except (SandboxUnreachable, SandboxLost) as exc:
                 logger.warning("session %s: sandbox lost before the turn started: %s", session_id, exc)
+                observed.lost()
                 return StreamingResponse(iter([lost_stream(None, "the session's sandbox could not take the turn; "
                                                                  "send it again")]), media_type="text/event-stream")
             if response.status_code != 200:  # refused by the sandbox (409, 422, ...): not counted
+                observed.refused_by_sandbox(response.status_code)
                 try:
                     return _relayed(response, await response.aread())
                 finally:
@@ -253,14 +284,38 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
                     relay.end_turn()
 
             streaming = True
-            return RelayedStream(relay.stream(route, response, on_end=permit.release), headers, on_close=finished,
-                                 while_open=permit.keep_alive)
+            return RelayedStream(observed.watch(relay.stream(route, response, on_end=permit.release)), headers,
+                                 on_close=finished, while_open=permit.keep_alive)
         finally:
             if not streaming:
                 try:
                     await shielded(permit.refund())
                 finally:
                     relay.end_turn()
+
+    @app.get("/sessions/{session_id}/events")
+    async def reattach(session_id: SessionId, tenant: Tenant, request: Request) -> Response:
+        """Relay a re-attach to the session's sandbox. Never provisions: a new sandbox
+        has no turn to re-attach to."""
+        route = await owned_route(session_id, tenant)
+        gone = HTTPException(404, f"no turn of session {session_id!r} to re-attach to (its sandbox is gone)")
+        if route.sandbox_id is None:
+            raise gone
+        path = f"/sessions/{session_id}/events"
+        if request.url.query:
+            path = f"{path}?{request.url.query}"
+        try:
+            response = await relay.send(route, "GET", path, request.headers)
+        except (SandboxUnreachable, SandboxLost):
+            raise gone from None
+        if response.status_code != 200:
+            try:
+                return _relayed(response, await response.aread())
+            finally:
+                await response.aclose()
+        headers = {name: response.headers[name] for name in RELAYED_RESPONSE_HEADERS if name in response.headers}
+        headers.setdefault("x-accel-buffering", "no")
+        return RelayedStream(relay.stream(route, response), headers)
 
     @app.post("/sessions/{session_id}/interrupt")
     async def interrupt(session_id: SessionId, tenant: Tenant, request: Request) -> Response:
@@ -339,14 +394,14 @@ async def _remove_everything(backend: SandboxBackend, store: RouteStore, pool: W
 
 def main() -> None:
     """``agent-gateway`` / ``python -m hosting.gateway``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         settings = GatewaySettings.from_env()
+        configure_logging(settings.telemetry.log_format)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         backend = open_backend(settings)
     except (ConfigError, SandboxError, OSError) as exc:
         print(f"agent-gateway: {exc}", file=sys.stderr)
         sys.exit(2)
     app = create_app(settings, backend)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=5, log_config=None)
     DrainingServer(config, app.state.relay, settings.shutdown_grace_seconds).run()

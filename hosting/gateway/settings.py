@@ -18,9 +18,10 @@ from hosting.config import ConfigError, float_setting, int_setting, optional_set
 from hosting.contract import MAX_BODY_BYTES
 from hosting.gateway.quotas import TenantLimits
 from hosting.gateway.tenants import TenantOverrides, TenantTokens, load_tenant_overrides, load_tenant_tokens
+from hosting.telemetry.settings import TelemetrySettings, telemetry_sandbox_env
 
-Backend = Literal["local", "docker"]
-BACKENDS: tuple[Backend, ...] = ("local", "docker")
+Backend = Literal["local", "docker", "kubernetes", "modal"]
+BACKENDS: tuple[Backend, ...] = ("local", "docker", "kubernetes", "modal")
 
 SANDBOX_ENV_ALLOWLIST = (
     "ANTHROPIC_BASE_URL",
@@ -38,8 +39,9 @@ SANDBOX_ENV_ALLOWLIST = (
     "CLAUDE_CODE_MAX_RETRIES",
 )
 """What a sandbox's server inherits from the gateway's environment, and nothing
-else: the model endpoint and credentials, the model, the session store. Extra
-names can be added with ``GATEWAY_SANDBOX_ENV`` (comma-separated)."""
+else: the model endpoint and credentials, the model, the session store (and the
+telemetry settings, see :func:`~hosting.telemetry.settings.telemetry_sandbox_env`).
+Extra names can be added with ``GATEWAY_SANDBOX_ENV`` (comma-separated)."""
 
 
 def _default_data_dir(env: Mapping[str, str]) -> Path:
@@ -50,6 +52,7 @@ def _default_data_dir(env: Mapping[str, str]) -> Path:
 def _sandbox_env(env: Mapping[str, str]) -> dict[str, str]:
     extra = [name.strip() for name in env.get("GATEWAY_SANDBOX_ENV", "").split(",") if name.strip()]
     passed = {name: env[name] for name in (*SANDBOX_ENV_ALLOWLIST, *extra) if env.get(name, "").strip()}
+    passed.update(telemetry_sandbox_env(env))
     passed["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
     return passed
 
@@ -69,6 +72,11 @@ def _docker_network(env: Mapping[str, str]) -> Literal["bridge", "host"]:
     if raw == "host":
         return "host"
     raise ConfigError(f"GATEWAY_DOCKER_NETWORK must be bridge or host, got {raw!r}")
+
+
+def _optional_path(env: Mapping[str, str], name: str) -> Path | None:
+    value = optional_setting(env, name)
+    return Path(value) if value is not None else None
 
 
 def _redis_url(env: Mapping[str, str]) -> str | None:
@@ -98,6 +106,18 @@ class GatewaySettings:
     sandbox_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     docker_image: str = "research-agent"
     docker_network: Literal["bridge", "host"] = "bridge"
+    kubernetes_namespace: str = "default"
+    """Where sandbox pods are made (``GATEWAY_KUBERNETES_NAMESPACE``)."""
+    kubernetes_pod_template: Path = Path("/etc/agent-gateway/agent-pod-template.yaml")
+    """The sandbox pod manifest (``GATEWAY_KUBERNETES_POD_TEMPLATE``), mounted from its ConfigMap."""
+    kubeconfig: Path | None = None
+    """``GATEWAY_KUBECONFIG``: a kubeconfig file; unset, the pod's service account (in-cluster)."""
+    kubernetes_image: str | None = None
+    """``GATEWAY_KUBERNETES_IMAGE``: replaces the pod template's image when set."""
+    modal_app: str = "research-agent-gateway"
+    """``GATEWAY_MODAL_APP``: the Modal app the sandboxes run in (Modal's credentials: ``modal setup`` or ``MODAL_TOKEN_*``)."""
+    modal_secrets: tuple[str, ...] = ()
+    """``GATEWAY_MODAL_SECRETS``: Modal secrets every sandbox gets (comma-separated names, e.g. ``anthropic``)."""
     sandbox_memory_bytes: int = 1024**3
     sandbox_cpus: float = 1.0
     tenant_max_sandboxes: int = TenantLimits.max_sandboxes
@@ -107,6 +127,8 @@ class GatewaySettings:
     tenant_turns_per_minute: int = TenantLimits.turns_per_minute
     """Turns started per tenant in any 60 s (``GATEWAY_TENANT_TURNS_PER_MINUTE``; 0 = unlimited)."""
     tenant_overrides: TenantOverrides = field(default_factory=dict)
+    telemetry: TelemetrySettings = field(default_factory=lambda: TelemetrySettings(service_name="agent-gateway"))
+    """Traces, metrics and logs (``OTEL_*``, ``AGENT_LOG_FORMAT``, ``GATEWAY_METRICS_TOKEN``)."""
     """Per-tenant limits from ``GATEWAY_TENANTS_FILE`` (``max_sandboxes=N`` ... after a digest)."""
 
     @property
@@ -143,10 +165,21 @@ class GatewaySettings:
             sandbox_env=_sandbox_env(env),
             docker_image=optional_setting(env, "GATEWAY_DOCKER_IMAGE") or cls.docker_image,
             docker_network=_docker_network(env),
+            kubernetes_namespace=optional_setting(env, "GATEWAY_KUBERNETES_NAMESPACE") or cls.kubernetes_namespace,
+            kubernetes_pod_template=Path(optional_setting(env, "GATEWAY_KUBERNETES_POD_TEMPLATE")
+                                         or cls.kubernetes_pod_template),
+            kubeconfig=_optional_path(env, "GATEWAY_KUBECONFIG"),
+            kubernetes_image=optional_setting(env, "GATEWAY_KUBERNETES_IMAGE"),
+            modal_app=optional_setting(env, "GATEWAY_MODAL_APP") or cls.modal_app,
+            modal_secrets=tuple(name.strip() for name in env.get("GATEWAY_MODAL_SECRETS", "").split(",") if name.strip()),
             sandbox_memory_bytes=int_setting(env, "GATEWAY_SANDBOX_MEMORY_BYTES", cls.sandbox_memory_bytes,
                                              minimum=64 * 1024**2),
             sandbox_cpus=float_setting(env, "GATEWAY_SANDBOX_CPUS", cls.sandbox_cpus),
+            telemetry=TelemetrySettings.from_env(env, default_service="agent-gateway",
+                                                 metrics_token_variable="GATEWAY_METRICS_TOKEN"),
         )
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", settings.kubernetes_namespace):
+            raise ConfigError("GATEWAY_KUBERNETES_NAMESPACE must be a DNS label (1-63 of a-z, 0-9 and '-')")
         if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,19}", settings.installation):
             raise ConfigError("GATEWAY_INSTALLATION must be 1-20 characters of a-z, 0-9 and '-'")
         if not settings.tenants:
@@ -154,7 +187,8 @@ class GatewaySettings:
                 "no tenant configured: set GATEWAY_TENANTS=token:tenant[,token:tenant...] or "
                 "GATEWAY_TENANTS_FILE (lines of 'tenant sha256:<hex of token>'); the gateway never runs open"
             )
-        if not (settings.sandbox_env.get("ANTHROPIC_API_KEY") or settings.sandbox_env.get("CLAUDE_CODE_OAUTH_TOKEN")):
+        if not (settings.sandbox_env.get("ANTHROPIC_API_KEY") or settings.sandbox_env.get("CLAUDE_CODE_OAUTH_TOKEN")
+                or (settings.backend == "modal" and settings.modal_secrets)):  # the key may be in a Modal secret
             raise ConfigError(
                 "No model credentials for the sandboxes: set ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN "
                 "(for the offline local model any non-empty value works, with ANTHROPIC_BASE_URL pointing at it)."

@@ -2,7 +2,8 @@
 
 Routes (identical at every tier, see README):
 ``GET /health`` · ``GET /ready`` · ``POST /sessions/{id}/messages`` (SSE) ·
-``POST /sessions/{id}/interrupt`` · ``GET /sessions/{id}`` · ``DELETE /sessions/{id}``.
+``GET /sessions/{id}/events`` (SSE, re-attach) · ``POST /sessions/{id}/interrupt`` ·
+``GET /sessions/{id}`` · ``DELETE /sessions/{id}``.
 
 Validation happens before anything is created: a bad request never reaches the
 model and leaves nothing on disk.
@@ -18,7 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -30,16 +31,21 @@ from hosting.contract import (
     bearer_token,
     install_json_errors,
     message_body,
+    request_epoch,
     tokens_equal,
     unauthorized,
 )
 from hosting.draining import DrainingServer
+from hosting.server.dari import install_runtime
 from hosting.server.disk import StorageFull
 from hosting.server.durable import StoreUnavailable
 from hosting.server.sessions import NoRoom, NotAccepting, SessionBusy, SessionManager
-from hosting.server.turns import Turn
+from hosting.server.turns import Numbered, ReplayGone, Turn
 from hosting.server.workspaces import WorkspaceStore
 from hosting.stores import MissingStoreDriver, open_session_store
+from hosting.telemetry.logs import configure_logging
+from hosting.telemetry.server import ServerTelemetry
+from hosting.web import mount_chat_page
 
 logger = logging.getLogger("hosting.server")
 
@@ -60,6 +66,8 @@ def create_app(settings: Settings) -> FastAPI:
     store = (open_session_store(settings.session_store_url, ttl_seconds=settings.session_ttl_seconds)
              if settings.session_store_url else None)
     sessions = SessionManager(settings, workspaces, store)
+    telemetry = ServerTelemetry(settings.telemetry, settings.model)
+    telemetry.observe_sessions(sessions.status)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -79,6 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
         await sessions.close(settings.shutdown_grace_seconds)
         if store is not None:
             await store.aclose()
+        telemetry.shutdown()
 
     def require_token(request: Request) -> None:
         if settings.auth_token is None:
@@ -89,8 +98,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="Research agent server", version="1", lifespan=lifespan)
     install_json_errors(app, settings.max_body_bytes)
+    mount_chat_page(app)
     app.state.sessions = sessions
     authed = [Depends(require_token)]
+    telemetry.install(app, [settings.auth_token, settings.telemetry.metrics_token])
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -107,16 +118,41 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/sessions/{session_id}/messages", dependencies=authed)
     async def post_message(session_id: SessionId, request: Request) -> EventSourceResponse:
         body, _ = await message_body(request)
+        turn = await start_turn(session_id, body.prompt, include_raw=body.include_raw, epoch=request_epoch(request))
+        return EventSourceResponse(_sse(turn.events()), ping=settings.heartbeat_seconds)
+
+    async def start_turn(session_id: str, prompt: str, *, include_raw: bool = False, epoch: int | None = None) -> Turn:
+        """Start a turn, observed (span, metrics); refusals as HTTP errors."""
+        with telemetry.turns.starting(session_id) as starting:
+            try:
+                turn = await sessions.start_turn(session_id, prompt, include_raw=include_raw, epoch=epoch)
+            except SessionBusy:
+                raise _busy(session_id) from None
+            except (NotAccepting, NoRoom) as exc:
+                raise HTTPException(503, str(exc), headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
+            except StorageFull as exc:
+                logger.warning("session %s refused (507): %s", session_id, exc)
+                raise HTTPException(507, str(exc), headers={"Retry-After": STORAGE_RETRY_AFTER_SECONDS}) from None
+            starting.follow(turn)
+        return turn
+
+    install_runtime(app, sessions, start_turn, authed)
+
+    @app.get("/sessions/{session_id}/events", dependencies=authed)
+    async def reattach(session_id: SessionId, request: Request,
+                       after: str | None = Query(None, max_length=64)) -> EventSourceResponse:
+        """Re-attach to the session's running or last turn after a dropped connection:
+        the events after ``Last-Event-ID`` (or ``?after=``), then the live turn to ``done``."""
+        last_seen = after if after is not None else request.headers.get("last-event-id")
         try:
-            turn = await sessions.start_turn(session_id, body.prompt, include_raw=body.include_raw)
-        except SessionBusy:
-            raise _busy(session_id) from None
-        except (NotAccepting, NoRoom) as exc:
-            raise HTTPException(503, str(exc), headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
-        except StorageFull as exc:
-            logger.warning("session %s refused (507): %s", session_id, exc)
-            raise HTTPException(507, str(exc), headers={"Retry-After": STORAGE_RETRY_AFTER_SECONDS}) from None
-        return EventSourceResponse(_sse(turn), ping=settings.heartbeat_seconds)
+            events = sessions.reattach(session_id, last_seen)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        except ReplayGone as exc:
+            raise HTTPException(410, f"{exc}; read the session's history instead") from None
+        if events is None:
+            raise HTTPException(404, f"no turn of session {session_id!r} to re-attach to")
+        return EventSourceResponse(_sse(events), ping=settings.heartbeat_seconds)
 
     @app.post("/sessions/{session_id}/interrupt", dependencies=authed)
     async def interrupt(session_id: SessionId) -> dict[str, Any]:
@@ -150,24 +186,23 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-async def _sse(turn: Turn) -> AsyncIterator[ServerSentEvent]:
-    event_id = 0
-    async for event in turn.events():
-        event_id += 1
-        yield ServerSentEvent(data=json.dumps(event.payload()), event=event.type, id=str(event_id))
+async def _sse(events: AsyncIterator[Numbered]) -> AsyncIterator[ServerSentEvent]:
+    async for numbered in events:
+        event = numbered.event
+        yield ServerSentEvent(data=json.dumps(event.payload()), event=event.type, id=numbered.id)
 
 
 def main() -> None:
     """``agent-server`` / ``entrypoint.sh serve``: serve on ``$HOST:$PORT`` with settings from the environment."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         settings = Settings.from_env()
+        configure_logging(settings.telemetry.log_format)
         settings.require_credentials()
         WorkspaceStore(settings.data_dir).ensure_writable()
         app = create_app(settings)
     except (ConfigError, MissingStoreDriver, OSError) as exc:
         print(f"agent-server: {exc}", file=sys.stderr)
         sys.exit(2)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=5, log_config=None)
     DrainingServer(config, app.state.sessions, settings.shutdown_grace_seconds).run()
 

@@ -1,0 +1,81 @@
+"""Dari's ``POST /runtime/advance`` through the gateway: authenticated, tenant-scoped, relayed.
+
+The gateway does not run the advance: it validates the body with the server's own
+model (so a bad request is refused before any sandbox exists), routes by the session
+in the state, and relays the sandbox's answer unchanged. For a new conversation it
+names the session itself (the route must exist before the sandbox does) and hands the
+server a state of zero turns for it. A state naming another tenant's session is 403;
+one with turns whose session this gateway has no route for is 410 (its conversation
+was deleted, or the routing store lost it), never a fresh start.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+
+import httpx
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+
+from hosting.contract import RETRY_AFTER_SECONDS
+from hosting.gateway.provisioning import Provisioner
+from hosting.gateway.quotas import Quotas
+from hosting.gateway.relay import RELAYED_RESPONSE_HEADERS, Relay, SandboxLost, SandboxUnreachable, shielded
+from hosting.gateway.routes import Route
+from hosting.runtime_api import ADVANCE_PATH, State, advance_body, new_session_id
+from hosting.telemetry.gateway import GatewayTelemetry
+from hosting.telemetry.tracing import tag_session
+
+Send = Callable[[Route, Request, str, bytes], Awaitable[tuple[Route, httpx.Response]]]
+
+
+def _unavailable(detail: str) -> HTTPException:
+    return HTTPException(503, detail, headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+
+def install_runtime(app: FastAPI, *, tenant_of: Callable[[Request], str], provisioner: Provisioner, quotas: Quotas,
+                    relay: Relay, send: Send, telemetry: GatewayTelemetry) -> None:
+    """Add the gateway's ``POST /runtime/advance``."""
+
+    @app.post(ADVANCE_PATH)
+    async def advance(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+        body, _ = await advance_body(request)
+        state = body.state
+        raw = await request.body()
+        if state is None:
+            state = State(session_id=new_session_id(), turns=0)
+            payload = json.loads(raw)
+            payload["state_ref"] = {"json": state.model_dump()}
+            raw = json.dumps(payload).encode()
+        tag_session(state.session_id)
+        with telemetry.turn(tenant) as observed:
+            if not relay.accepting:
+                raise _unavailable("the gateway is shutting down; retry on another replica")
+            known = await provisioner.route(state.session_id, tenant)  # 403 before anything is counted
+            if known is None and state.turns > 0:
+                raise HTTPException(410, f"the conversation of session {state.session_id!r} cannot be resumed: "
+                                         "this gateway has no record of it")
+            permit = await quotas.admit_turn(tenant)
+            relay.begin_turn()
+            ran = False
+            try:
+                route = await provisioner.ensure(state.session_id, tenant, known)
+                try:
+                    with observed.relaying():
+                        route, response = await send(route, request, ADVANCE_PATH, raw)
+                    ran = True
+                    try:
+                        content = await response.aread()
+                    finally:
+                        await response.aclose()
+                except (SandboxUnreachable, SandboxLost, httpx.TransportError):
+                    raise _unavailable("the session's sandbox stopped answering; retry with the same state") from None
+                await relay.touch(route.session_id)
+                observed.answered(response.status_code, content)
+            finally:
+                try:
+                    await shielded(permit.release() if ran else permit.refund())
+                finally:
+                    relay.end_turn()
+        headers = {name: response.headers[name] for name in RELAYED_RESPONSE_HEADERS if name in response.headers}
+        return Response(content, status_code=response.status_code, headers=headers)

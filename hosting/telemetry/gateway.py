@@ -1,0 +1,267 @@
+"""The gateway's telemetry: request spans with their steps, turn metrics by tenant, pool numbers.
+
+The gateway relays a turn's bytes without interpreting them; to count a tenant's turns,
+tokens and cost it reads the relayed SSE lines on the side (:class:`SseEvents`), as a
+client would, and changes nothing. Its steps (auth, route lookup, provisioning or pool
+claim, relay) are child spans of the request's, and the relay's span is current when
+the request to the sandbox is made, so the sandbox's spans continue the same trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, HTTPException, Request
+from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import Span, Status, StatusCode, Tracer
+
+from hosting.gateway.pool import WarmPool
+from hosting.gateway.provisioning import NotOwner, Provisioner, ProvisioningFailed
+from hosting.gateway.quotas import QuotaExceeded, Quotas
+from hosting.gateway.routes import PoolEntry, Route, RouteStore, RouteStoreUnavailable
+from hosting.gateway.tenants import Authenticator
+from hosting.sandboxes.base import Sandbox, SandboxBackend, SandboxSpec
+from hosting.server.wire import WireEvent
+from hosting.telemetry.http import install_telemetry
+from hosting.telemetry.metrics import LATENCY_BUCKETS_SECONDS, MetricsExport
+from hosting.telemetry.settings import TelemetrySettings
+from hosting.telemetry.tracing import open_tracer, request_context, session_label
+from hosting.telemetry.turns import REFUSAL_CODES, TurnMetrics, TurnRecord
+
+GATEWAY_REFUSALS: dict[type[Exception], str] = {NotOwner: "forbidden", QuotaExceeded: "over_quota",
+                                                 ProvisioningFailed: "no_sandbox",
+                                                 RouteStoreUnavailable: "route_store_unavailable"}
+
+
+def refusal_code(exc: BaseException) -> str | None:
+    """The error code of a turn the gateway refused with ``exc``; ``None`` if it is no refusal."""
+    for kind, code in GATEWAY_REFUSALS.items():
+        if isinstance(exc, kind):
+            return code
+    if isinstance(exc, HTTPException):
+        return REFUSAL_CODES.get(exc.status_code, f"http_{exc.status_code}")
+    return None
+
+
+class SseEvents:
+    """Wire events read back from SSE bytes, across chunk boundaries."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._kind = ""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[WireEvent]:
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()
+        events = []
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if not line:
+                if self._kind and self._data:
+                    try:
+                        events.append(WireEvent(self._kind, json.loads(b"\n".join(self._data))))
+                    except (UnicodeDecodeError, json.JSONDecodeError):
+                        pass  # not ours to judge: the client sees the bytes as they were
+                self._kind, self._data = "", []
+            elif line.startswith(b"event:"):
+                self._kind = line[6:].strip().decode(errors="replace")
+            elif line.startswith(b"data:"):
+                self._data.append(line[5:].strip())
+        return events
+
+
+@dataclass
+class GatewayTurn:
+    """One turn through the gateway: its record and the span of its relay."""
+
+    telemetry: GatewayTelemetry
+    record: TurnRecord
+    relay_span: Span | None = None
+    streaming: bool = field(default=False)
+
+    @contextmanager
+    def relaying(self) -> Iterator[None]:
+        """Make the relay's span current around the request to the sandbox (its
+        ``traceparent`` then names it); it ends with the stream (:meth:`watch`)."""
+        self.relay_span = self.telemetry.tracer.start_span("gateway.relay")
+        with trace.use_span(self.relay_span, end_on_exit=False):
+            yield
+
+    def refused_by_sandbox(self, status: int) -> None:
+        self.telemetry.refused(self.record, REFUSAL_CODES.get(status, f"http_{status}"))
+
+    def answered(self, status: int, content: bytes) -> None:
+        """Count a turn answered in one piece (``POST /runtime/advance``): completed on 200;
+        failed with the error's code if the turn ran into one; else refused."""
+        if status == 200:
+            self.record.result = {}
+        else:
+            try:
+                detail = json.loads(content).get("detail")
+            except (ValueError, AttributeError):
+                detail = None
+            if not (isinstance(detail, dict) and isinstance(detail.get("code"), str)):
+                self.refused_by_sandbox(status)
+                return
+            self.record.error_code = detail["code"]
+        self.record.record(self.telemetry.turn_metrics, self.relay_span or trace.INVALID_SPAN)
+
+    def lost(self) -> None:
+        """The sandbox went away before the turn started."""
+        self.record.error_code = "sandbox_lost"
+        self.record.record(self.telemetry.turn_metrics, self.relay_span or trace.INVALID_SPAN)
+
+    async def watch(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Pass the relayed stream through unchanged, counting the turn when it ends."""
+        self.streaming = True
+        events = SseEvents()
+        try:
+            async for chunk in chunks:
+                for event in events.feed(chunk):
+                    self.record.see(event)
+                yield chunk
+        finally:
+            span = self.relay_span or trace.INVALID_SPAN
+            self.record.record(self.telemetry.turn_metrics, span)
+            span.end()
+
+
+class GatewayTelemetry:
+    """Tracer, instruments and wrappers of one gateway process."""
+
+    def __init__(self, settings: TelemetrySettings) -> None:
+        self.settings = settings
+        self.tracer, self._flush_traces = open_tracer(settings)
+        self.metrics = MetricsExport(settings)
+        meter = self.metrics.meter("hosting.gateway")
+        self.turn_metrics = TurnMetrics(meter, "agent.gateway")
+        self.pool_ready = meter.create_gauge("agent.gateway.warm_pool.ready",
+                                             description="Ready sandboxes in the warm pool (all replicas)")
+        self.pool_claims = meter.create_counter("agent.gateway.warm_pool.claims",
+                                                description="New sessions by where their sandbox came from "
+                                                            "(result: claimed from the pool, or empty: started cold)")
+        self.provisioning = meter.create_histogram("agent.gateway.provision.duration", unit="s",
+                                                   description="Starting a sandbox until it is ready (kind: session, "
+                                                               "or pool for a warm-pool refill)",
+                                                   explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_SECONDS)
+        self.store_failures = meter.create_counter("agent.gateway.route_store.failures",
+                                                   description="Requests that found the routing store unavailable")
+        self._meter = meter
+
+    def observe_running(self, running_streams: Callable[[], int]) -> None:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(running_streams())]
+
+        self._meter.create_observable_gauge("agent.gateway.running_turns", callbacks=[observe],
+                                            description="Turns in flight through this replica")
+
+    def install(self, app: FastAPI, metrics_tokens: list[str | None], pool: WarmPool) -> None:
+        """``GET /metrics`` and request spans; the pool's size is read before each scrape."""
+
+        async def refresh() -> None:
+            self.pool_ready.set((await pool.status())["ready"])
+
+        install_telemetry(app, self.settings, self.tracer, self.metrics, metrics_tokens, before_scrape=refresh,
+                          off_without_tokens="metrics are off: set GATEWAY_METRICS_TOKEN (or GATEWAY_ADMIN_TOKEN); "
+                                             "they show every tenant's usage")
+
+    @contextmanager
+    def turn(self, tenant: str) -> Iterator[GatewayTurn]:
+        """Follow a turn request: a refusal (any of :data:`GATEWAY_REFUSALS`, an HTTP error)
+        is counted as such; a relayed stream is counted by :meth:`GatewayTurn.watch`."""
+        observed = GatewayTurn(self, TurnRecord(time.monotonic(), {"tenant": tenant}))
+        try:
+            yield observed
+        except BaseException as exc:
+            code = refusal_code(exc)
+            if code is not None:
+                self.refused(observed.record, code)
+            if observed.relay_span is not None:
+                observed.relay_span.end()
+            raise
+        if not observed.streaming and observed.relay_span is not None:
+            observed.relay_span.end()
+
+    def refused(self, record: TurnRecord, code: str) -> None:
+        self.turn_metrics.turns.add(1, {**record.labels, "outcome": "refused", "error_code": code})
+        span = trace.get_current_span()
+        span.set_attribute("agent.outcome", "refused")
+        span.set_attribute("agent.error_code", code)
+        span.set_status(Status(StatusCode.ERROR, code))
+
+    def authenticator(self, inner: Authenticator) -> Authenticator:
+        return ObservedAuthenticator(inner, self.tracer)
+
+    def shutdown(self) -> None:
+        self._flush_traces()
+        self.metrics.shutdown()
+
+
+class ObservedAuthenticator:
+    """An authenticator whose verdict is a span (``gateway.auth``) and, for the logs, the tenant."""
+
+    def __init__(self, inner: Authenticator, tracer: Tracer) -> None:
+        self._inner = inner
+        self._tracer = tracer
+
+    def authenticate(self, request: Request) -> str | None:
+        with self._tracer.start_as_current_span("gateway.auth") as span:
+            tenant = self._inner.authenticate(request)
+            span.set_attribute("agent.authenticated", tenant is not None)
+            if tenant is not None:
+                span.set_attribute("agent.tenant", tenant)
+                context = request_context.get()
+                if context is not None:
+                    context.tenant = tenant
+            return tenant
+
+
+class ObservedProvisioner(Provisioner):
+    """The provisioner, its steps as spans (route lookup, provisioning, pool claim, sandbox
+    start) and its numbers as metrics (claims, provisioning time)."""
+
+    def __init__(self, telemetry: GatewayTelemetry, backend: SandboxBackend, store: RouteStore,
+                 sandbox_env: Mapping[str, str], timeout_seconds: float, on_claim: asyncio.Event | None,
+                 quotas: Quotas | None) -> None:
+        super().__init__(backend, store, sandbox_env, timeout_seconds, on_claim, quotas)
+        self._telemetry = telemetry
+        self._tracer = telemetry.tracer
+        self._raw = telemetry.settings.raw_session_ids
+
+    async def route(self, session_id: str, tenant: str) -> Route | None:
+        with self._tracer.start_as_current_span("gateway.route_lookup") as span:
+            route = await super().route(session_id, tenant)
+            span.set_attribute("agent.route_found", route is not None)
+            return route
+
+    async def ensure(self, session_id: str, tenant: str, known: Route | None = None) -> Route:
+        if known is not None and known.tenant == tenant and known.sandbox_id is not None:
+            return known
+        with self._tracer.start_as_current_span("gateway.provision") as span:
+            span.set_attribute("agent.session", session_label(session_id, self._raw))
+            return await super().ensure(session_id, tenant, known)
+
+    async def start(self, spec: SandboxSpec) -> Sandbox:
+        kind = "session" if spec.session_id is not None else "pool"
+        started = time.monotonic()
+        with self._tracer.start_as_current_span("gateway.sandbox_start") as span:
+            span.set_attribute("agent.sandbox_kind", kind)
+            sandbox = await super().start(spec)
+        self._telemetry.provisioning.record(time.monotonic() - started, {"kind": kind})
+        return sandbox
+
+    async def _claim_from_pool(self, session_id: str, tenant: str) -> PoolEntry | None:
+        # The claim is the step the pool exists for: worth a span and a count of its own.
+        with self._tracer.start_as_current_span("gateway.pool_claim") as span:
+            claimed = await super()._claim_from_pool(session_id, tenant)
+            result = "claimed" if claimed is not None else "empty"
+            span.set_attribute("agent.pool_claim", result)
+        self._telemetry.pool_claims.add(1, {"result": result})
+        return claimed

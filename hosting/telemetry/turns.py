@@ -1,0 +1,176 @@
+"""What one server turn tells the operator: a span and the turn metrics, from its wire events.
+
+The observer reads the turn's events like any client (a turn's events can be read by
+several readers at once, see :mod:`hosting.server.turns`) but in a task of its own, so
+the span and the counts are complete even when the client went away mid-turn. It sees
+only what the wire format says: counts, usage, cost, error codes; never text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import HTTPException
+from opentelemetry import trace
+from opentelemetry.metrics import Meter
+from opentelemetry.trace import Span, Status, StatusCode, Tracer
+
+from hosting.server.turns import Turn
+from hosting.server.wire import WireEvent
+from hosting.telemetry.metrics import LATENCY_BUCKETS_SECONDS
+from hosting.telemetry.tracing import session_label
+
+REFUSAL_CODES = {409: "session_busy", 410: "session_gone", 503: "unavailable", 507: "storage_full"}
+"""Error codes of turns refused before they started, by HTTP status."""
+
+USAGE_TOKENS = {"input_tokens": "input", "output_tokens": "output", "cache_read_input_tokens": "cache_read",
+                "cache_creation_input_tokens": "cache_creation"}
+
+
+class TurnMetrics:
+    """The turn instruments of one process; ``prefix`` tells the server's from the gateway's."""
+
+    def __init__(self, meter: Meter, prefix: str) -> None:
+        self.turns = meter.create_counter(f"{prefix}.turns", description="Turns by outcome (completed, failed, refused) "
+                                          "and error code (empty when completed)")
+        self.duration = meter.create_histogram(f"{prefix}.turn.duration", unit="s",
+                                               description="From the request to the turn's done event",
+                                               explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_SECONDS)
+        self.first_event = meter.create_histogram(f"{prefix}.turn.first_event", unit="s",
+                                                  description="From the request to the first event after session "
+                                                              "(the model's first output, or an error)",
+                                                  explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_SECONDS)
+        self.tokens = meter.create_counter(f"{prefix}.tokens", description="Model tokens of finished turns, by kind "
+                                           "(input, output, cache_read, cache_creation)")
+        self.cost = meter.create_counter(f"{prefix}.cost_usd", description="Model cost of finished turns, USD")
+        self.tool_calls = meter.create_counter(f"{prefix}.tool_calls", description="Tool calls made by turns")
+
+
+@dataclass
+class TurnRecord:
+    """What the wire events of one turn added up to."""
+
+    started: float
+    labels: dict[str, str] = field(default_factory=dict)
+    first_event_at: float | None = None
+    tool_calls: int = 0
+    error_code: str | None = None
+    result: dict[str, Any] | None = None
+
+    def see(self, event: WireEvent) -> None:
+        if event.type == "session":
+            return
+        if self.first_event_at is None:
+            self.first_event_at = time.monotonic()
+        if event.type == "tool_use":
+            self.tool_calls += 1
+        elif event.type == "result":
+            self.result = event.data
+        elif event.type == "error" and self.error_code is None:
+            self.error_code = str(event.data.get("code", "unknown"))
+
+    @property
+    def outcome(self) -> str:
+        return "failed" if self.error_code is not None or self.result is None else "completed"
+
+    def record(self, metrics: TurnMetrics, span: Span) -> None:
+        """Count the finished turn and describe it on its span."""
+        now = time.monotonic()
+        labels = {**self.labels, "outcome": self.outcome, "error_code": self.error_code or ""}
+        metrics.turns.add(1, labels)
+        metrics.duration.record(now - self.started, {**self.labels, "outcome": self.outcome})
+        if self.first_event_at is not None:
+            metrics.first_event.record(self.first_event_at - self.started, self.labels)
+        if self.tool_calls:
+            metrics.tool_calls.add(self.tool_calls, self.labels)
+        span.set_attribute("agent.outcome", self.outcome)
+        span.set_attribute("agent.tool_calls", self.tool_calls)
+        if self.error_code is not None:
+            span.set_attribute("agent.error_code", self.error_code)
+            span.set_status(Status(StatusCode.ERROR, self.error_code))
+        if self.result is None:
+            return
+        usage = self.result.get("usage") or {}
+        for key, kind in USAGE_TOKENS.items():
+            count = usage.get(key)
+            if isinstance(count, int) and count > 0:
+                metrics.tokens.add(count, {**self.labels, "kind": kind})
+        span.set_attribute("gen_ai.usage.input_tokens", int(usage.get("input_tokens") or 0))
+        span.set_attribute("gen_ai.usage.output_tokens", int(usage.get("output_tokens") or 0))
+        cost = self.result.get("total_cost_usd")
+        if isinstance(cost, (int, float)) and cost > 0:
+            metrics.cost.add(float(cost), self.labels)
+            span.set_attribute("agent.cost_usd", float(cost))
+        if isinstance(self.result.get("duration_ms"), int):
+            span.set_attribute("agent.duration_ms", self.result["duration_ms"])
+        if isinstance(self.result.get("num_turns"), int):
+            span.set_attribute("agent.model_calls", self.result["num_turns"])
+
+
+class TurnObserver:
+    """Starts a turn's span before the turn is admitted and follows the turn to ``done``."""
+
+    def __init__(self, tracer: Tracer, metrics: TurnMetrics, model: str, raw_session_ids: bool) -> None:
+        self._tracer = tracer
+        self._metrics = metrics
+        self._model = model
+        self._raw = raw_session_ids
+        self._following: set[asyncio.Task[None]] = set()
+
+    @contextmanager
+    def starting(self, session_id: str) -> Iterator[TurnStart]:
+        """Wrap the admission of a turn: the span is current meanwhile (the turn's task,
+        created inside, inherits it, and so do its log lines); a refusal (an
+        :class:`HTTPException`) is counted and ends the span; else :meth:`TurnStart.follow`
+        hands the started turn over."""
+        span = self._tracer.start_span("agent.turn", attributes={
+            "agent.session": session_label(session_id, self._raw), "gen_ai.request.model": self._model})
+        start = TurnStart(self, span, TurnRecord(time.monotonic()))
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                yield start
+        except HTTPException as exc:
+            code = REFUSAL_CODES.get(exc.status_code, f"http_{exc.status_code}")
+            self._metrics.turns.add(1, {"outcome": "refused", "error_code": code})
+            span.set_attribute("agent.outcome", "refused")
+            span.set_attribute("agent.error_code", code)
+            span.set_status(Status(StatusCode.ERROR, code))
+            span.end()
+            raise
+        except BaseException:
+            span.end()
+            raise
+        if not start.followed:
+            span.end()
+
+    def follow(self, turn: Turn, span: Span, record: TurnRecord) -> None:
+        task = asyncio.create_task(self._watch(turn, span, record), name=f"observe:{turn.session_id}")
+        self._following.add(task)
+        task.add_done_callback(self._following.discard)
+
+    async def _watch(self, turn: Turn, span: Span, record: TurnRecord) -> None:
+        try:
+            async for numbered in turn.events():
+                record.see(numbered.event)
+            record.record(self._metrics, span)
+        finally:
+            span.end()
+
+
+@dataclass
+class TurnStart:
+    """A turn being admitted: its span, and how to follow it once it started."""
+
+    observer: TurnObserver
+    span: Span
+    record: TurnRecord
+    followed: bool = False
+
+    def follow(self, turn: Turn) -> None:
+        self.followed = True
+        self.observer.follow(turn, self.span, self.record)

@@ -1,0 +1,318 @@
+"""Traces, metrics and logs of real server and gateway processes, read the way an operator would.
+
+Spans arrive at a real OTLP/HTTP receiver (:mod:`otlp_receiver`, protobuf decoded with
+``opentelemetry-proto``); ``/metrics`` is parsed with ``prometheus_client``'s own text
+parser; log lines are parsed as JSON. Turns go through the real SDK and CLI to the
+local model, which scripts the tool calls and the API errors.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from conftest import API_KEY, LocalModel, post_turn, wait_for
+from gateway_fixtures import ADMIN, ALICE, BOB, GatewayProcess, Gateways, auth
+from otlp_receiver import OtlpReceiver, ReceivedSpan
+from prometheus_client.parser import text_string_to_metric_families
+
+from hosting.config import ConfigError, Settings
+from hosting.server.box import Box
+from hosting.telemetry.settings import TelemetrySettings, telemetry_sandbox_env
+from hosting.telemetry.tracing import open_tracer, session_label
+
+pytestmark = pytest.mark.e2e
+
+SECRET_PROMPT = "zebra-marker-7731"
+"""A word only the prompt carries: it must appear in no span attribute and no metric."""
+
+METRICS_TOKEN = "metrics-token-0c4e"
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    started = OtlpReceiver().start()
+    yield started
+    started.stop()
+
+
+@dataclass
+class ObservedGateway:
+    """One gateway for the gateway tests (starting one is the slow part): spans and metrics
+    to its receiver, JSON logs, a metrics token."""
+
+    gateway: GatewayProcess
+    receiver: OtlpReceiver
+    gateways: Gateways
+
+
+@pytest.fixture(scope="module")
+def observed(local_model: LocalModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObservedGateway]:
+    receiver = OtlpReceiver().start()
+    gateways = Gateways(local_model, tmp_path_factory.mktemp("observed"), "local", None)
+    try:
+        gateway = gateways.start(**otlp_env(receiver), AGENT_LOG_FORMAT="json", GATEWAY_METRICS_TOKEN=METRICS_TOKEN)
+        yield ObservedGateway(gateway, receiver, gateways)
+    finally:
+        gateways.cleanup()
+        receiver.stop()
+
+
+def otlp_env(receiver: OtlpReceiver, **extra: str) -> dict[str, str]:
+    """Export to ``receiver`` quickly: spans every 100 ms, metrics every 500 ms."""
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_METRIC_EXPORT_INTERVAL": "500", **extra}
+
+
+def scrape(base_url: str, token: str | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``/metrics`` as {(sample name, sorted labels without otel_scope_*): value}."""
+    response = httpx.get(f"{base_url}/metrics", headers=auth(token) if token else {}, timeout=10)
+    assert response.status_code == 200, response.text
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if not k.startswith("otel_scope")))
+            samples[(sample.name, labels)] = sample.value
+    return samples
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (sample, have), v in samples.items() if sample == name and wanted <= set(have))
+
+
+def all_attribute_values(spans: list[ReceivedSpan]) -> str:
+    return json.dumps([[s.name, s.attributes] for s in spans])
+
+
+def test_one_turn_through_the_gateway_is_one_trace_across_both_processes(observed: ObservedGateway) -> None:
+    gateway, receiver = observed.gateway, observed.receiver
+    gateway.wait_pool_full()
+    session_id = "obs-trace-1"
+    turn = post_turn(gateway.base_url, session_id,
+                     f'{SECRET_PROMPT} [[tool:WebSearch {{"query": "otters"}}]]', headers=auth(ALICE))
+    assert turn.types[-2:] == ["result", "done"]
+
+    label = session_label(session_id)
+
+    def complete(spans: list[ReceivedSpan]) -> bool:
+        ours = {(s.service, s.name) for s in spans if s.attributes.get("agent.session") == label}
+        return {("agent-server", "agent.turn"), ("agent-server", "POST /sessions/{session_id}/messages"),
+                ("agent-gateway", "POST /sessions/{session_id}/messages")} <= ours
+
+    spans = receiver.wait_for_spans(complete)
+    root = next(s for s in spans if s.service == "agent-gateway" and s.name == "POST /sessions/{session_id}/messages"
+                and s.attributes.get("agent.session") == label)
+    trace = [s for s in spans if s.trace_id == root.trace_id]
+    by_id = {s.span_id: s for s in trace}
+    names = {(s.service, s.name) for s in trace}
+    assert {("agent-gateway", name) for name in ("gateway.auth", "gateway.route_lookup", "gateway.provision",
+                                                  "gateway.pool_claim", "gateway.relay")} <= names
+    assert ("agent-server", "POST /sessions/{session_id}/messages") in names
+
+    # The server's request span is the child of the gateway's relay span: traceparent carried it.
+    served = next(s for s in trace if s.service == "agent-server" and s.name.startswith("POST"))
+    assert by_id[served.parent_span_id].name == "gateway.relay"
+    turn_span = next(s for s in trace if s.name == "agent.turn")
+    assert turn_span.parent_span_id == served.span_id
+    attributes = turn_span.attributes
+    assert attributes["agent.session"] == session_label(session_id)
+    assert attributes["agent.outcome"] == "completed" and attributes["agent.tool_calls"] == 1
+    assert attributes["gen_ai.usage.input_tokens"] > 0 and attributes["gen_ai.usage.output_tokens"] > 0
+    assert attributes["gen_ai.request.model"] and attributes["agent.model_calls"] == 2
+    assert "agent.error_code" not in attributes
+    assert by_id[root.span_id].attributes["agent.tenant"] == "alice"
+    assert next(s for s in trace if s.name == "gateway.pool_claim").attributes["agent.pool_claim"] == "claimed"
+
+    # Nothing the user said or any secret, and the session id only hashed.
+    everything = all_attribute_values(spans)
+    for leaked in (SECRET_PROMPT, "otters", session_id, API_KEY, ALICE, BOB, ADMIN, METRICS_TOKEN):
+        assert leaked not in everything
+    assert receiver.unexpected == []
+
+    # The same instruments reach OTLP and /metrics.
+    wait_for(lambda: any(m.service == "agent-gateway" and m.name == "agent.gateway.turns" for m in receiver.metrics))
+    wait_for(lambda: any(m.service == "agent-server" and m.name == "agent.turns" for m in receiver.metrics))
+
+
+def test_gateway_metrics_count_turns_tokens_and_claims_by_tenant(observed: ObservedGateway) -> None:
+    gateway = observed.gateway
+    assert httpx.get(f"{gateway.base_url}/metrics", headers=auth(ALICE)).status_code == 401
+    assert httpx.get(f"{gateway.base_url}/metrics").status_code == 401
+    gateway.wait_pool_full()
+    before = scrape(gateway.base_url, METRICS_TOKEN)
+    assert value(before, "agent_gateway_warm_pool_ready") == 1
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    first = post_turn(gateway.base_url, "obs-gw-1", "Hello", headers=auth(ALICE))
+    post_turn(gateway.base_url, "obs-gw-1", "Again", headers=auth(ALICE))
+    failed = post_turn(gateway.base_url, "obs-gw-2", "Fail [[error:500]]", headers=auth(BOB))
+    assert failed.of("error")[0]["code"] == "model_unavailable"
+    assert httpx.post(f"{gateway.base_url}/sessions/obs-gw-1/messages", json={"prompt": "mine?"},
+                      headers=auth(BOB)).status_code == 403
+
+    after = scrape(gateway.base_url, ADMIN)
+    assert moved("agent_gateway_turns_total", tenant="alice", outcome="completed") == 2
+    assert moved("agent_gateway_turns_total", tenant="alice") == 2
+    assert moved("agent_gateway_turns_total", tenant="bob", outcome="failed", error_code="model_unavailable") == 1
+    assert moved("agent_gateway_turns_total", tenant="bob", outcome="refused", error_code="forbidden") == 1
+    assert moved("agent_gateway_turn_duration_seconds_count", tenant="alice") == 2
+    assert moved("agent_gateway_turn_first_event_seconds_count", tenant="alice") == 2
+    input_tokens = first.result["usage"]["input_tokens"]
+    assert moved("agent_gateway_tokens_total", tenant="alice", kind="input") >= 2 * input_tokens > 0
+    assert value(after, "agent_gateway_tokens_total", tenant="bob") == 0
+    # Two new sessions: each claimed the pooled sandbox (the pool refills between them) or started cold.
+    assert moved("agent_gateway_warm_pool_claims_total") == 2
+    assert moved("agent_gateway_warm_pool_claims_total", result="claimed") >= 1
+    # For the second session, the pool's refill or a cold start.
+    assert moved("agent_gateway_provision_duration_seconds_count") >= 1
+    assert value(after, "agent_gateway_running_turns") == 0
+    assert "prompt" not in json.dumps(list(after)) and "Hello" not in json.dumps(list(after))
+
+
+def test_server_metrics_move_by_exactly_what_happened(start_server) -> None:
+    server = start_server(AGENT_AUTH_TOKEN="server-token-91", AGENT_METRICS_TOKEN=METRICS_TOKEN)
+    assert httpx.get(f"{server.base_url}/metrics").status_code == 401
+    assert httpx.get(f"{server.base_url}/metrics", headers=auth("wrong")).status_code == 401
+    before = scrape(server.base_url, "server-token-91")
+    assert value(before, "agent_turns_total") == 0
+    token = auth("server-token-91")
+
+    post_turn(server.base_url, "obs-m-1", 'Search [[tool:WebSearch {"query": "otters"}]]', headers=token)
+    post_turn(server.base_url, "obs-m-1", "Thanks", headers=token)
+    failed = post_turn(server.base_url, "obs-m-2", "Fail [[error:500]]", headers=token)
+    assert failed.of("error")[0]["code"] == "model_unavailable"
+
+    # A 409: a second turn on a session whose turn is still running.
+    slow: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: slow.update(turn=post_turn(server.base_url, "obs-m-3",
+                                                                        "Wait [[delay:3]]", headers=token)))
+    thread.start()
+    wait_for(lambda: httpx.get(f"{server.base_url}/ready", headers=token).json()["running_turns"] == 1)
+    busy = httpx.post(f"{server.base_url}/sessions/obs-m-3/messages", json={"prompt": "me too"}, headers=token)
+    assert busy.status_code == 409
+    assert value(scrape(server.base_url, METRICS_TOKEN), "agent_running_turns") == 1
+    thread.join(60)
+    assert slow["turn"].types[-1] == "done"
+
+    after = scrape(server.base_url, METRICS_TOKEN)
+    assert value(after, "agent_turns_total", outcome="completed", error_code="") == 3
+    assert value(after, "agent_turns_total", outcome="failed", error_code="model_unavailable") == 1
+    assert value(after, "agent_turns_total", outcome="refused", error_code="session_busy") == 1
+    assert value(after, "agent_turns_total") == 5
+    assert value(after, "agent_turn_duration_seconds_count") == 4
+    assert value(after, "agent_turn_duration_seconds_count", outcome="failed") == 1
+    # The delayed turn waited 3 s for the model: it is counted above the 2.5 s bucket.
+    assert value(after, "agent_turn_duration_seconds_bucket", le="+Inf") - value(after, "agent_turn_duration_seconds_bucket",
+                                                                                  le="2.5") >= 1
+    assert value(after, "agent_turn_duration_seconds_sum") >= 3
+    assert value(after, "agent_turn_first_event_seconds_count") == 4
+    assert value(after, "agent_tool_calls_total") == 1
+    assert value(after, "agent_tokens_total", kind="input") > 0 and value(after, "agent_tokens_total", kind="output") > 0
+    assert value(after, "agent_running_turns") == 0
+    assert value(after, "agent_live_sessions") >= 2
+    assert value(after, "agent_store_failures_total") == 0
+    # The pool refills with spare CPU only: compare with what the server itself reports.
+    wait_for(lambda: value(scrape(server.base_url, METRICS_TOKEN), "agent_prestarted_clis")
+             == httpx.get(f"{server.base_url}/ready", headers=token).json()["prewarmed"])
+
+
+def test_no_exporter_configured_sends_nothing(start_server, receiver: OtlpReceiver) -> None:
+    # The endpoint is known but both signals are off: nothing may arrive.
+    server = start_server(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_TRACES_EXPORTER="none",
+                          OTEL_METRICS_EXPORTER="none", OTEL_BSP_SCHEDULE_DELAY="100", OTEL_METRIC_EXPORT_INTERVAL="200")
+    post_turn(server.base_url, "obs-off-1", "Hello")
+    time.sleep(1.5)
+    assert receiver.spans == [] and receiver.metrics == [] and receiver.unexpected == []
+    assert value(scrape(server.base_url), "agent_turns_total", outcome="completed") == 1
+
+
+def test_without_otel_settings_the_tracer_is_the_no_op_one() -> None:
+    settings = TelemetrySettings.from_env({"OTEL_SERVICE_NAME": "x", "OTEL_TRACES_SAMPLER": "always_on"},
+                                          default_service="agent-server", metrics_token_variable="AGENT_METRICS_TOKEN")
+    assert not settings.export_traces and not settings.export_metrics
+    tracer, flush = open_tracer(settings)
+    with tracer.start_as_current_span("x") as span:
+        assert not span.is_recording() and not span.get_span_context().is_valid
+    flush()
+
+
+def test_json_logs_parse_and_carry_the_turn_trace(observed: ObservedGateway) -> None:
+    gateway, receiver = observed.gateway, observed.receiver
+    gateway.wait_pool_full()
+    session_id = "obs-log-1"
+    label = session_label(session_id)
+    post_turn(gateway.base_url, session_id, "Hello", headers=auth(ALICE))
+
+    def turn_span(spans: list[ReceivedSpan]) -> ReceivedSpan | None:
+        return next((s for s in spans if s.name == "agent.turn" and s.attributes["agent.session"] == label), None)
+
+    trace_id = turn_span(receiver.wait_for_spans(turn_span)).trace_id  # type: ignore[union-attr]
+
+    gateway_lines = [json.loads(line) for line in gateway.log().splitlines() if line.strip()]
+    sandbox_log = next(observed.gateways.root.glob(f"gateway-data/**/*{gateway.route(session_id)['sandbox_id']}*.log"))
+    sandbox_lines = [json.loads(line) for line in sandbox_log.read_text().splitlines() if line.strip()]
+    for line in gateway_lines + sandbox_lines:
+        assert {"time", "level", "logger", "message"} <= line.keys()
+    claimed = [line for line in gateway_lines if "claimed pooled sandbox" in line["message"]
+               and line.get("trace_id") == trace_id]
+    assert len(claimed) == 1, gateway_lines[-20:]
+    assert claimed[0]["tenant"] == "alice"
+    assert claimed[0]["session"] == label and len(claimed[0]["span_id"]) == 16
+    served = [line for line in sandbox_lines if line.get("trace_id") == trace_id]
+    assert served and all(line["session"] == label for line in served)
+
+
+def test_telemetry_settings_refuse_what_cannot_be_honoured() -> None:
+    def read(**env: str) -> TelemetrySettings:
+        return TelemetrySettings.from_env(env, default_service="agent-server", metrics_token_variable="AGENT_METRICS_TOKEN")
+
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
+    assert read(**endpoint).export_traces and read(**endpoint).export_metrics
+    assert read(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT="http://127.0.0.1:4318/v1/traces").export_traces
+    assert not read(**endpoint, OTEL_SDK_DISABLED="true").export_traces
+    assert read(**endpoint, OTEL_SERVICE_NAME="svc").service_name == "svc"
+    for bad, named in ((dict(OTEL_TRACES_EXPORTER="zipkin"), "OTEL_TRACES_EXPORTER"),
+                       (dict(OTEL_EXPORTER_OTLP_PROTOCOL="grpc"), "OTEL_EXPORTER_OTLP_PROTOCOL"),
+                       (dict(AGENT_LOG_FORMAT="xml"), "AGENT_LOG_FORMAT"),
+                       (dict(AGENT_TELEMETRY_RAW_SESSION_IDS="maybe"), "AGENT_TELEMETRY_RAW_SESSION_IDS")):
+        with pytest.raises(ConfigError, match=named):
+            read(**endpoint, **bad)
+    assert read(AGENT_TELEMETRY_RAW_SESSION_IDS="1").raw_session_ids
+    assert session_label("abc", raw=True) == "abc" and session_label("abc").startswith("sha256:")
+
+
+def test_the_cli_and_the_sandboxes_get_the_telemetry_settings() -> None:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_SERVICE_NAME": "agent-gateway",
+           "AGENT_LOG_FORMAT": "json", "CLAUDE_CODE_ENABLE_TELEMETRY": "1", "GATEWAY_ADMIN_TOKEN": "secret"}
+    assert telemetry_sandbox_env(env) == {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+                                          "AGENT_LOG_FORMAT": "json", "CLAUDE_CODE_ENABLE_TELEMETRY": "1"}
+    on = Settings.from_env({**env, "ANTHROPIC_API_KEY": "k"}, box=Box(machine_memory=8 * 2**30, cpus=2))
+    assert on.cli_env()["CLAUDE_CODE_ENABLE_TELEMETRY"] == "1" and on.cli_env()["OTEL_SERVICE_NAME"] == "claude-code"
+    off = Settings.from_env({"ANTHROPIC_API_KEY": "k"}, box=Box(machine_memory=8 * 2**30, cpus=2))
+    assert off.cli_env()["CLAUDE_CODE_ENABLE_TELEMETRY"] == "0" and "OTEL_SERVICE_NAME" not in off.cli_env()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_cli_exports_its_own_telemetry_only_when_the_operator_turns_it_on(start_server, receiver: OtlpReceiver,
+                                                                             enabled: bool) -> None:
+    cli = {"CLAUDE_CODE_ENABLE_TELEMETRY": "1"} if enabled else {}
+    server = start_server(**otlp_env(receiver), OTEL_METRICS_EXPORTER="otlp", OTEL_TRACES_EXPORTER="none",
+                          OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf", AGENT_PREWARM="0", **cli)
+    post_turn(server.base_url, f"obs-cli-{enabled}", "Hello")
+    wait_for(lambda: any(m.service == "agent-server" and m.name == "agent.turns" for m in receiver.metrics))
+    if enabled:
+        wait_for(lambda: any(m.service == "claude-code" and m.name == "claude_code.token.usage" for m in receiver.metrics))
+    else:
+        time.sleep(2)  # several of the CLI's export intervals
+        assert not any(m.service == "claude-code" for m in receiver.metrics)
+    assert receiver.unexpected == []
