@@ -51,7 +51,7 @@ def test_ten_new_sessions_on_each_replica_never_grow_the_pool_past_its_target(lo
     try:
         with ThreadPoolExecutor(len(sessions)) as workers:
             turns = list(workers.map(lambda s: post_turn(s[0], s[1], f"Remember this value: {s[1]}",
-                                                         headers=auth(ALICE)), sessions))
+                                                         headers=auth(ALICE), timeout=300), sessions))
         replicas[0].wait_pool_full()
     finally:
         done.set()
