@@ -27,7 +27,7 @@ import asyncio
 import enum
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -97,6 +97,9 @@ class SandboxSpec:
     session_id: str | None = None
     """The session it is created for; ``None`` for a warm-pool sandbox."""
     tenant: str | None = None
+    prewarm: bool = True
+    """Start a CLI ahead of the first turn; ``False`` for a sandbox whose server takes no
+    turns (a self-hosted environment's, where the runner does the work)."""
 
     def __post_init__(self) -> None:
         check_sandbox_id(self.sandbox_id)
@@ -111,8 +114,8 @@ class SandboxSpec:
             **self.env,
             "AGENT_AUTH_TOKEN": self.token,
             "AGENT_DATA_DIR": data_dir,
-            "AGENT_PREWARM": "1",
-            "AGENT_WARM_SESSIONS": "1",
+            "AGENT_PREWARM": "1" if self.prewarm else "0",
+            "AGENT_WARM_SESSIONS": "1" if self.prewarm else "0",
             "HOST": host,
             "PORT": str(port),
         }
@@ -132,6 +135,15 @@ class Sandbox:
     created_at: float = field(default_factory=time.time)
     pid: int | None = None
     """The server's process id (``local`` only)."""
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What :meth:`SandboxBackend.run_command` saw: the exit status and the output
+    (stdout and stderr together, decoded leniently)."""
+
+    exit_code: int
+    output: str
 
 
 class SandboxBackend(abc.ABC):
@@ -235,6 +247,22 @@ class SandboxBackend(abc.ABC):
             if time.monotonic() > deadline:
                 return False
             await asyncio.sleep(0.05)
+
+    async def run_command(self, sandbox_id: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+                          timeout: float = 30.0) -> CommandResult:
+        """Run ``argv`` inside a running sandbox and wait for it: as the sandbox's user, in its
+        data dir, with ``env`` added to what the sandbox's own processes get (``python3`` is the
+        sandbox's interpreter, ``hosting`` importable). :class:`SandboxError` if the sandbox is
+        not running, the command cannot start, or it has not ended after ``timeout`` seconds.
+        Optional: a backend that cannot (the in-memory one) raises :class:`SandboxError`."""
+        raise SandboxError(f"the {self.name} backend cannot run commands in a sandbox")
+
+    async def start_command(self, sandbox_id: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        """Start ``argv`` as :meth:`run_command` does and return once it has started. It runs
+        until it exits or the sandbox is deleted (deleting a sandbox ends its commands), not
+        bound to the caller. The backend keeps no record of it: a command that must be found
+        again records itself in the data dir (as :mod:`hosting.environments.runner` does)."""
+        raise SandboxError(f"the {self.name} backend cannot run commands in a sandbox")
 
     async def aclose(self) -> None:
         """Release the backend's own resources (clients, connections). Sandboxes stay.

@@ -23,6 +23,9 @@ Networks:
   127.0.0.1 and a free port, chosen as the local backend does (a lost race is
   retried on another port), and ``create`` returns once it answers.
 
+Commands in a sandbox (:meth:`DockerBackend.run_command`, ``start_command``) are
+``docker exec`` in its container, as its user, in ``/data``; they end with it.
+
 The Docker SDK is synchronous: every call runs in a worker thread.
 """
 
@@ -32,12 +35,13 @@ import asyncio
 import builtins
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 from hosting.sandboxes._shared import BIND_ATTEMPTS, await_serving, finish_or_delete, free_loopback_port, tail
 from hosting.sandboxes.base import (
     SERVER_PORT,
+    CommandResult,
     Sandbox,
     SandboxBackend,
     SandboxError,
@@ -246,6 +250,35 @@ class DockerBackend(SandboxBackend):
         except APIError as exc:
             if exc.status_code != 409:  # 409: another replica is removing it
                 raise
+
+    async def run_command(self, sandbox_id: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+                          timeout: float = 30.0) -> CommandResult:
+        try:
+            return await asyncio.wait_for(
+                self._call(self._exec, container_name(sandbox_id), list(argv), dict(env or {}), False), timeout)
+        except TimeoutError:
+            raise SandboxError(f"sandbox {sandbox_id}: {argv[0]} did not end within {timeout:.0f} s") from None
+
+    async def start_command(self, sandbox_id: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        await self._call(self._exec, container_name(sandbox_id), list(argv), dict(env or {}), True)
+
+    def _exec(self, name: str, argv: list[str], env: dict[str, str], detach: bool) -> CommandResult:
+        try:
+            labels = self._client.api.inspect_container(name)["Config"]["Labels"] or {}
+            if labels.get(INSTALLATION_LABEL) != self.installation:
+                raise SandboxError(f"container {name} belongs to another installation")
+            exec_id = self._client.api.exec_create(name, argv, environment=env, workdir=DATA_DIR)["Id"]
+            output: bytes = self._client.api.exec_start(exec_id, detach=detach) or b""
+        except NotFound:
+            raise SandboxError(f"sandbox container {name} does not exist") from None
+        except APIError as exc:
+            if exc.status_code == 409:  # not running
+                raise SandboxError(f"sandbox container {name} is not running") from None
+            raise
+        if detach:
+            return CommandResult(0, "")
+        exit_code = self._client.api.exec_inspect(exec_id)["ExitCode"]
+        return CommandResult(exit_code if exit_code is not None else -1, output.decode(errors="replace"))
 
     async def delete_volume(self, volume: str) -> None:
         await self._call(self._delete_volume, volume)

@@ -21,6 +21,11 @@ Its environment is an allowlist: the spec's server environment, ``PATH``,
 ``AGENT_SANDBOX_ID``. Nothing else of the gateway's environment (its admin
 token, its cloud credentials) reaches a process that runs the model's tools.
 
+Commands run in a sandbox (:meth:`LocalBackend.run_command`, ``start_command``) are
+processes in its volume, with the allowlisted environment, the sandbox's tag, this
+interpreter first on ``PATH`` and this source tree on ``PYTHONPATH``; deleting the
+sandbox kills every process that carries its tag.
+
 The records are the only state, so any replica can list, claim and delete any
 sandbox. A record counts only while ``/proc/<pid>`` shows that sandbox's server
 (its tag in ``environ``, ``hosting.server`` in ``cmdline``): a pid the kernel has
@@ -39,11 +44,20 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from hosting.sandboxes._shared import BIND_ATTEMPTS, await_serving, finish_or_delete, free_loopback_port, tail
-from hosting.sandboxes.base import Sandbox, SandboxBackend, SandboxError, SandboxSpec, check_sandbox_id, check_volume
+from hosting.sandboxes.base import (
+    CommandResult,
+    Sandbox,
+    SandboxBackend,
+    SandboxError,
+    SandboxSpec,
+    check_sandbox_id,
+    check_volume,
+)
 
 logger = logging.getLogger("hosting.sandboxes.local")
 
@@ -83,6 +97,21 @@ def _is_server_of(pid: int, sandbox_id: str) -> bool:
     return f"{SANDBOX_TAG}={sandbox_id}".encode() in environ and b"hosting.server" in cmdline
 
 
+def _tagged_pids(sandbox_id: str) -> list[int]:
+    """Every process that carries the sandbox's tag: its server, the server's CLIs, its commands."""
+    tag = f"{SANDBOX_TAG}={sandbox_id}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if tag in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:  # gone, or another user's
+            continue
+    return pids
+
+
 class LocalBackend(SandboxBackend):
     """Server processes on this machine, recorded under ``data_dir`` (see the module doc)."""
 
@@ -97,6 +126,7 @@ class LocalBackend(SandboxBackend):
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
         self._children: dict[str, asyncio.subprocess.Process] = {}
+        self._reapers: set[asyncio.Future[int]] = set()
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             logger.warning("setpriv (util-linux) not found: sandboxes will outlive a gateway that is killed")
@@ -178,6 +208,11 @@ class LocalBackend(SandboxBackend):
                 self._signal(record, signal.SIGKILL)
                 if not await self._ended(record, 10.0):
                     raise SandboxError(f"sandbox {sandbox_id} (pid {record.pid}) survived SIGKILL")
+        for pid in _tagged_pids(sandbox_id):  # its commands, and CLIs its server left behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self._forget(record)
 
     def _signal(self, record: _Record, sig: signal.Signals) -> None:
@@ -202,6 +237,54 @@ class LocalBackend(SandboxBackend):
                 return False
             await asyncio.sleep(0.05)
         return True
+
+    async def run_command(self, sandbox_id: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+                          timeout: float = 30.0) -> CommandResult:
+        volume_dir, command_env = self._command_env(sandbox_id, env)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._guard, *argv, cwd=volume_dir, env=command_env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        except OSError as exc:
+            raise SandboxError(f"sandbox {sandbox_id}: {argv[0]} could not start: {exc}") from exc
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), timeout)
+        except TimeoutError:
+            raise SandboxError(f"sandbox {sandbox_id}: {argv[0]} did not end within {timeout:.0f} s") from None
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        return CommandResult(process.returncode if process.returncode is not None else -1,
+                             output.decode(errors="replace"))
+
+    async def start_command(self, sandbox_id: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        """Started through ``setpriv --pdeathsig KILL`` like the servers, in a session of its
+        own; the child is reaped by a task of this backend so that it leaves no zombie."""
+        volume_dir, command_env = self._command_env(sandbox_id, env)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._guard, *argv, cwd=volume_dir, env=command_env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            raise SandboxError(f"sandbox {sandbox_id}: {argv[0]} could not start: {exc}") from exc
+        reaper = asyncio.ensure_future(process.wait())
+        self._reapers.add(reaper)
+        reaper.add_done_callback(self._reapers.discard)
+
+    def _command_env(self, sandbox_id: str, extra: Mapping[str, str] | None) -> tuple[Path, dict[str, str]]:
+        """The data dir of a running sandbox and the environment of a command in it."""
+        check_sandbox_id(sandbox_id)
+        record = self._read(sandbox_id)
+        if record is None or record.installation != self.installation or not _is_server_of(record.pid, sandbox_id):
+            raise SandboxError(f"sandbox {sandbox_id} is not running")
+        volume_dir = self._volumes / record.volume
+        env = {name: os.environ[name] for name in INHERITED if name in os.environ}
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), *filter(None, [env.get("PATH")])])
+        env.update(extra or {})
+        env.update({"HOME": str(volume_dir), "AGENT_DATA_DIR": str(volume_dir), "PYTHONPATH": str(SOURCE_ROOT),
+                    SANDBOX_TAG: sandbox_id})
+        return volume_dir, env
 
     async def delete_volume(self, volume: str) -> None:
         check_volume(volume)

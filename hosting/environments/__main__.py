@@ -1,0 +1,3 @@
+from hosting.environments.app import main
+
+main()
