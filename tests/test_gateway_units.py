@@ -149,6 +149,18 @@ def test_the_watcher_follows_lines_split_across_chunks() -> None:
     assert watcher.last_id == "5" and watcher.done
 
 
+def test_the_watcher_hands_each_whole_event_to_its_observer() -> None:
+    seen: list[tuple[str, bytes]] = []
+    watcher = StreamWatcher(lambda kind, data: seen.append((kind, data)))
+    stream = (b'event: session\r\nid: 7-1\r\ndata: {"v": 1}\r\n\r\n: ping\r\n\r\n'
+              b'event: result\r\nid: 7-2\r\ndata: {"v": 1, "total_cost_usd": 0.5}\r\n\r\nevent: done\r\nid: 7-3\r\n'
+              b'data: {"v": 1}\r\n\r\n')
+    for i in range(0, len(stream), 7):
+        watcher.feed(stream[i:i + 7])
+    assert seen == [("session", b'{"v": 1}'), ("result", b'{"v": 1, "total_cost_usd": 0.5}'), ("done", b'{"v": 1}')]
+    assert watcher.last_id == "7-3" and watcher.done
+
+
 def test_a_lost_stream_ends_with_error_then_done() -> None:
     events = [block for block in lost_stream("5-12", "gone").decode().split("\r\n\r\n") if block]
     parsed = [dict(line.split(": ", 1) for line in block.split("\r\n")) for block in events]

@@ -282,9 +282,10 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
                     await permit.release()
                 finally:
                     relay.end_turn()
+                    observed.finish()
 
-            streaming = True
-            return RelayedStream(observed.watch(relay.stream(route, response, on_end=permit.release)), headers,
+            streaming = observed.streaming = True
+            return RelayedStream(relay.stream(route, response, on_end=permit.release, observer=observed.saw), headers,
                                  on_close=finished, while_open=permit.keep_alive)
         finally:
             if not streaming:

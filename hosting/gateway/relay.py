@@ -128,11 +128,19 @@ class RelayedStream(StreamingResponse):
                 await self._on_close()
 
 
-class StreamWatcher:
-    """Follows SSE lines across chunk boundaries: the last ``id:`` and whether ``done`` came."""
+EventObserver = Callable[[str, bytes], None]
+"""Told of each whole event relayed: its type and its ``data`` (raw JSON bytes)."""
 
-    def __init__(self) -> None:
+
+class StreamWatcher:
+    """Follows SSE lines across chunk boundaries: the last ``id:``, whether ``done`` came,
+    and (for an ``observer``) each event as it completes. The one SSE reader of the gateway."""
+
+    def __init__(self, observer: EventObserver | None = None) -> None:
         self._partial = b""
+        self._observer = observer
+        self._kind = b""
+        self._data: list[bytes] = []
         self.last_id: str | None = None
         self.done = False
 
@@ -143,8 +151,17 @@ class StreamWatcher:
             line = line.rstrip(b"\r")
             if line.startswith(b"id:"):
                 self.last_id = line[3:].strip().decode(errors="replace")
-            elif line.startswith(b"event:") and line[6:].strip() == b"done":
-                self.done = True
+            elif line.startswith(b"event:"):
+                self._kind = line[6:].strip()
+                self.done = self.done or self._kind == b"done"
+            elif self._observer is None:
+                continue
+            elif line.startswith(b"data:"):
+                self._data.append(line[5:].strip())
+            elif not line:
+                if self._kind and self._data:
+                    self._observer(self._kind.decode(errors="replace"), b"\n".join(self._data))
+                self._kind, self._data = b"", []
 
 
 class Relay:
@@ -196,14 +213,16 @@ class Relay:
         return True
 
     async def stream(self, route: Route, response: httpx.Response,
-                     on_end: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:
+                     on_end: Callable[[], Awaitable[None]] | None = None,
+                     observer: EventObserver | None = None) -> AsyncIterator[bytes]:
         """The response's bytes as they arrive, activity stamped meanwhile, and a
         ``sandbox_lost`` ending if the sandbox goes away before ``done``.
 
         ``on_end`` runs once the turn is over, *before* its last event goes out, so a
         client that sends its next turn as soon as it reads ``done`` finds what the
-        turn held (its concurrent-turn slot) released already."""
-        watcher = StreamWatcher()
+        turn held (its concurrent-turn slot) released already. ``observer`` is told of
+        each event (the gateway's turn metrics), read by the same pass over the bytes."""
+        watcher = StreamWatcher(observer)
         moved = asyncio.Event()
         stamper = asyncio.create_task(self._stamp_while_streaming(route, response, moved))
         try:
@@ -229,7 +248,9 @@ class Relay:
             if moved.is_set():
                 logger.warning("session %s: moved off sandbox %s mid-stream; its stream is cut", route.session_id,
                                route.sandbox_id)
-            yield lost_stream(watcher.last_id, "the sandbox serving this session stopped mid-turn; send the turn again")
+            ending = lost_stream(watcher.last_id, "the sandbox serving this session stopped mid-turn; send the turn again")
+            watcher.feed(ending)  # the observer sees the ending too
+            yield ending
 
     async def touch(self, session_id: str) -> None:
         try:

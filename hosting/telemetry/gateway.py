@@ -1,8 +1,8 @@
 """The gateway's telemetry: request spans with their steps, turn metrics by tenant, pool numbers.
 
 The gateway relays a turn's bytes without interpreting them; to count a tenant's turns,
-tokens and cost it reads the relayed SSE lines on the side (:class:`SseEvents`), as a
-client would, and changes nothing. Its steps (auth, route lookup, provisioning or pool
+tokens and cost it is told of each relayed event by the relay's own reader of the SSE
+lines (:class:`hosting.gateway.relay.StreamWatcher`), and changes nothing. Its steps (auth, route lookup, provisioning or pool
 claim, relay) are child spans of the request's, and the relay's span is current when
 the request to the sandbox is made, so the sandbox's spans continue the same trace.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -47,34 +47,6 @@ def refusal_code(exc: BaseException) -> str | None:
     if isinstance(exc, HTTPException):
         return REFUSAL_CODES.get(exc.status_code, f"http_{exc.status_code}")
     return None
-
-
-class SseEvents:
-    """Wire events read back from SSE bytes, across chunk boundaries."""
-
-    def __init__(self) -> None:
-        self._partial = b""
-        self._kind = ""
-        self._data: list[bytes] = []
-
-    def feed(self, chunk: bytes) -> list[WireEvent]:
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()
-        events = []
-        for line in lines:
-            line = line.rstrip(b"\r")
-            if not line:
-                if self._kind and self._data:
-                    try:
-                        events.append(WireEvent(self._kind, json.loads(b"\n".join(self._data))))
-                    except (UnicodeDecodeError, json.JSONDecodeError):
-                        pass  # not ours to judge: the client sees the bytes as they were
-                self._kind, self._data = "", []
-            elif line.startswith(b"event:"):
-                self._kind = line[6:].strip().decode(errors="replace")
-            elif line.startswith(b"data:"):
-                self._data.append(line[5:].strip())
-        return events
 
 
 @dataclass
@@ -118,19 +90,17 @@ class GatewayTurn:
         self.record.error_code = "sandbox_lost"
         self.record.record(self.telemetry.turn_metrics, self.relay_span or trace.INVALID_SPAN)
 
-    async def watch(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Pass the relayed stream through unchanged, counting the turn when it ends."""
-        self.streaming = True
-        events = SseEvents()
-        try:
-            async for chunk in chunks:
-                for event in events.feed(chunk):
-                    self.record.see(event)
-                yield chunk
-        finally:
-            span = self.relay_span or trace.INVALID_SPAN
-            self.record.record(self.telemetry.turn_metrics, span)
-            span.end()
+    def saw(self, kind: str, data: bytes) -> None:
+        """One relayed event (see :class:`hosting.gateway.relay.StreamWatcher`); only the
+        final ones are decoded, the rest are counted."""
+        payload = json.loads(data) if kind in ("result", "error") else {}
+        self.record.see(WireEvent(kind, payload))
+
+    def finish(self) -> None:
+        """The relayed stream ended, however it ended: count the turn and end its span."""
+        span = self.relay_span or trace.INVALID_SPAN
+        self.record.record(self.telemetry.turn_metrics, span)
+        span.end()
 
 
 class GatewayTelemetry:
@@ -175,7 +145,7 @@ class GatewayTelemetry:
     @contextmanager
     def turn(self, tenant: str) -> Iterator[GatewayTurn]:
         """Follow a turn request: a refusal (any of :data:`GATEWAY_REFUSALS`, an HTTP error)
-        is counted as such; a relayed stream is counted by :meth:`GatewayTurn.watch`."""
+        is counted as such; a relayed stream (``streaming`` set) by :meth:`GatewayTurn.finish`."""
         observed = GatewayTurn(self, TurnRecord(time.monotonic(), {"tenant": tenant}))
         try:
             yield observed
