@@ -1,10 +1,12 @@
-"""One conformance suite for every sandbox backend: memory, local and docker.
+"""One conformance suite for every sandbox backend: memory, local, docker and kubernetes.
 
 Each test drives a backend through the :class:`SandboxBackend` interface only, and
 the same assertions hold for all of them. What the interface cannot do (crash a
 sandbox behind the backend's back, see what an engine still holds of a sandbox)
 each harness does the engine's own way: the memory backend's helpers, SIGKILL and
-``/proc`` for local, the Docker SDK for docker. The local and docker sandboxes run
+``/proc`` for local, the Docker SDK for docker, the stand-in of the pods API
+(tests/k8s_standin.py) for kubernetes, whose pods keep their conversations in a real
+Redis (the SessionStore) instead of a volume. The local and docker sandboxes run
 the real server, and their turns go through the real SDK and CLI to the local
 model; docker sandboxes use the host network, so every request goes to 127.0.0.1.
 
@@ -39,6 +41,10 @@ from hosting.sandboxes._shared import free_loopback_port
 from hosting.sandboxes.local import SANDBOX_TAG, LocalBackend
 from hosting.sandboxes.memory import MemoryBackend
 from tests.conftest import API_KEY, ROOT, LocalModel, Turn, descendants, post_turn
+from tests.k8s_standin import POD_TEMPLATE, PodsApiStandIn
+from tests.modal_fixtures import MODAL_APP, modal_env, modal_standin  # noqa: F401 - fixtures of the modal harness
+from tests.modal_standin import ModalStandIn
+from tests.stores_fixtures import redis_url  # noqa: F401 - a fixture of the kubernetes harness
 
 SESSION = "conformance-1"
 RECALL = "What value did I ask you to remember?"
@@ -48,6 +54,8 @@ BACKENDS = [
     "memory",
     pytest.param("local", marks=pytest.mark.e2e),
     pytest.param("docker", marks=[pytest.mark.docker, pytest.mark.e2e]),
+    pytest.param("kubernetes", marks=[pytest.mark.kubernetes, pytest.mark.e2e]),
+    pytest.param("modal", marks=[pytest.mark.modal, pytest.mark.docker, pytest.mark.e2e]),
 ]
 
 
@@ -74,6 +82,9 @@ class Harness:
     """A backend and a spec whose create must fail, and a phrase of the error."""
     claims_recorded: bool = True
     """Whether the engine records a claim, so a second claim of one sandbox fails."""
+    volumes_on_engine: bool = True
+    """Whether the engine holds volumes (kubernetes: ``/data`` goes with its pod and the
+    conversation lives in the SessionStore, so only "in use" applies)."""
     close: Callable[[], None] = lambda: None
     """Release the harness's own engine client."""
     specs: list[SandboxSpec] = field(default_factory=list)
@@ -244,6 +255,59 @@ def remove_docker_installation(installation: str) -> None:
     client.close()
 
 
+# --- kubernetes --------------------------------------------------------------------------------
+
+def kubernetes_harness(standin: PodsApiStandIn, kubeconfig: Path, env: dict[str, str],
+                       installation: str) -> tuple[Harness, list[SandboxBackend]]:
+    """Pods through the stand-in of the pods API (each backend object with its own client,
+    like a replica); the harness, and every backend it opened, to close."""
+    from hosting.sandboxes.kubernetes import KubernetesBackend, pod_name
+
+    opened: list[SandboxBackend] = []
+
+    def backend(of: str = installation, image: str | None = None) -> KubernetesBackend:
+        made = KubernetesBackend(POD_TEMPLATE, standin.namespace, of, kubeconfig=kubeconfig, image=image)
+        opened.append(made)
+        return made
+
+    def failing(harness: Harness) -> tuple[SandboxBackend, SandboxSpec, str]:
+        return backend(image="research-agent:no-such-image"), harness.spec(), "ErrImagePull"
+
+    return Harness(
+        backend=backend(), env=env, real=True,
+        kill=lambda sandbox: standin.kill(pod_name(sandbox.sandbox_id)),
+        traces=lambda sandbox_id, pid: standin.traces(pod_name(sandbox_id)),
+        volume_exists=lambda volume: False, replica=backend, stranger=lambda: backend(f"{installation}-other"),
+        failing=failing, volumes_on_engine=False,
+    ), opened
+
+
+# --- modal -------------------------------------------------------------------------------------
+
+def modal_harness(standin: ModalStandIn, env: dict[str, str], installation: str) -> Harness:
+    """Modal Sandboxes through the stand-in of Modal's control plane: the real ``modal`` client
+    over gRPC, sandboxes as containers, tunnels as HTTPS on loopback. Re-tagging a claim is not
+    atomic on Modal, so a second claim is not refused there (the routing store refuses it)."""
+    from hosting.sandboxes.modal import ModalBackend, volume_name
+
+    def backend(of: str = installation, secrets: tuple[str, ...] = ()) -> ModalBackend:
+        return ModalBackend(MODAL_APP, of, secrets=secrets)
+
+    def failing(harness: Harness) -> tuple[SandboxBackend, SandboxSpec, str]:
+        return backend(secrets=("no-such-secret",)), harness.spec(), "Secret 'no-such-secret' not found"
+
+    def kill(sandbox: Sandbox) -> None:
+        for sandbox_id in standin.named(sandbox.sandbox_id):
+            standin.kill(sandbox_id)
+
+    return Harness(
+        backend=backend(), env=env, real=True, kill=kill,
+        traces=lambda sandbox_id, pid: standin.traces(sandbox_id),
+        volume_exists=lambda volume: volume_name(installation, volume) in standin.volume_names(),
+        replica=backend, stranger=lambda: backend(f"{installation}-other"), failing=failing, claims_recorded=False,
+    )
+
+
 @pytest.fixture(params=BACKENDS)
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
     installation = f"t{secrets.token_hex(4)}"
@@ -252,6 +316,15 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     elif request.param == "local":
         made = local_harness(tmp_path / "gateway-data", model_env(request.getfixturevalue("local_model")),
                              installation)
+    elif request.param == "modal":
+        request.getfixturevalue("modal_env")
+        made = modal_harness(request.getfixturevalue("modal_standin"),
+                             model_env(request.getfixturevalue("local_model")), installation)
+    elif request.param == "kubernetes":
+        standin = PodsApiStandIn(tmp_path / "standin").start()
+        made, opened = kubernetes_harness(standin, standin.kubeconfig(tmp_path / "kubeconfig"), {
+            **model_env(request.getfixturevalue("local_model")),
+            "AGENT_SESSION_STORE": request.getfixturevalue("redis_url")}, installation)
     else:
         made = docker_harness(request.getfixturevalue("agent_image"),
                               model_env(request.getfixturevalue("local_model")), installation)
@@ -265,6 +338,14 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
                     os.kill(pid, signal.SIGKILL)
         elif request.param == "docker":
             remove_docker_installation(installation)
+        elif request.param == "modal":
+            request.getfixturevalue("modal_standin").terminate_tagged("research-agent.installation",
+                                                                      {installation, f"{installation}-other"})
+        elif request.param == "kubernetes":
+            for backend in opened:
+                await backend.aclose()
+            standin.stop()
+            assert standin.unexpected == []
 
 
 # --- the conformance suite ---------------------------------------------------------------------
@@ -301,7 +382,7 @@ async def test_lifecycle_and_a_conversation_that_outlives_its_sandbox(harness: H
     assert spec.sandbox_id not in {s.sandbox_id for s in await backend.list()}
     assert not await backend.exists(spec.sandbox_id)
     await eventually(lambda: harness.traces(spec.sandbox_id, sandbox.pid) == [])
-    assert harness.volume_exists(spec.volume)
+    assert harness.volume_exists(spec.volume) or not harness.volumes_on_engine
 
     again = harness.spec(volume=spec.volume)
     second = await backend.create(again)
@@ -312,10 +393,10 @@ async def test_lifecycle_and_a_conversation_that_outlives_its_sandbox(harness: H
         assert "You asked me to remember 42." in recalled.text
     with pytest.raises(SandboxError, match="in use"):
         await backend.delete_volume(spec.volume)
-    assert harness.volume_exists(spec.volume)
+    assert harness.volume_exists(spec.volume) or not harness.volumes_on_engine
     await backend.delete(again.sandbox_id)
     await backend.delete_volume(spec.volume)
-    assert not harness.volume_exists(spec.volume)
+    assert not (harness.volumes_on_engine and harness.volume_exists(spec.volume))
 
     for sandbox_id in (spec.sandbox_id, again.sandbox_id):
         await backend.delete(sandbox_id)
@@ -349,7 +430,7 @@ async def test_a_failed_create_leaves_nothing_behind(harness: Harness) -> None:
     assert not await backend.exists(spec.sandbox_id)
     assert spec.sandbox_id not in {s.sandbox_id for s in await backend.list()}
     assert harness.traces(spec.sandbox_id, None) == []
-    assert not harness.volume_exists(spec.volume)
+    assert not (harness.volumes_on_engine and harness.volume_exists(spec.volume))
     await backend.aclose()
 
 

@@ -7,9 +7,11 @@ Modules:
 - ``memory``: in-memory, no processes, for unit tests of the logic above it
 - ``local``: server processes on this machine (the default; Python only, no root)
 - ``docker``: containers of the product image (needs the ``docker`` extra)
+- ``kubernetes``: pods from one pod template (needs the ``kubernetes`` extra)
+- ``modal``: Modal Sandboxes, and the one definition of the agent's sandbox (needs the ``modal`` extra)
 
-The backend modules are imported where chosen, so the Docker SDK is needed only
-by a gateway that uses Docker.
+The backend modules are imported where chosen, so the Docker SDK (or the Kubernetes
+client) is needed only by a gateway that uses it.
 """
 
 from hosting.sandboxes.base import Health, Sandbox, SandboxBackend, SandboxError, SandboxSpec
