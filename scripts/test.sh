@@ -2,8 +2,8 @@
 # The whole test suite. As root it first installs the system services the tests
 # drive for real (Redis, PostgreSQL, Docker); then it installs the package with
 # its test extra into ./.venv (or $VENV), lints (ruff), type-checks (mypy; the
-# gateway and the sandbox backends with --strict) and runs pytest on two workers
-# (PYTEST_WORKERS). Extra args go to pytest.
+# gateway and the sandbox backends with --strict) and runs pytest. Extra args go
+# to pytest.
 set -eu
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
@@ -21,10 +21,8 @@ fi
 "$VENV/bin/python" -m mypy
 "$VENV/bin/python" -m mypy --strict hosting/gateway hosting/sandboxes
 
-# Two workers, one test file each at a time (module fixtures stay in one process): the
-# suite waits on CLIs and sandboxes starting far more than it computes.
 status=0
-"$VENV/bin/python" -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@" || status=$?
+"$VENV/bin/python" -m pytest "$@" || status=$?
 if [ "$status" = 5 ]; then
     echo "test.sh: pytest collected no tests; that is a failure" >&2
     exit 1

@@ -7,14 +7,12 @@ through the real claude-agent-sdk and its bundled Claude Code CLI.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -79,12 +77,9 @@ def agent_image() -> str:
     """The product image, built once per run on the offline base image (needs a Docker engine)."""
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
         pytest.fail("no Docker engine: run scripts/start-dockerd.sh as root")
-    # One build at a time across pytest-xdist workers: the second finds every layer cached.
-    with open(Path(tempfile.gettempdir()) / "research-agent-image.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        subprocess.run([str(ROOT / "hosting/docker/build-base-image.sh"), BASE_IMAGE], check=True, timeout=900)
-        docker("build", "-q", "-f", "hosting/Dockerfile", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
-               "--network", "host", "-t", IMAGE, str(ROOT), timeout=900)
+    subprocess.run([str(ROOT / "hosting/docker/build-base-image.sh"), BASE_IMAGE], check=True, timeout=900)
+    docker("build", "-q", "-f", "hosting/Dockerfile", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
+           "--network", "host", "-t", IMAGE, str(ROOT), timeout=900)
     return IMAGE
 
 
