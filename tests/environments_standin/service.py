@@ -365,18 +365,18 @@ class EnvironmentStandIn:
                     return Response("null", media_type="application/json")
                 await asyncio.sleep(0.02)
 
-        def work_item(environment_id: str, work_id: str) -> WorkItem | JSONResponse:
-            missing = environment(environment_id)
-            if missing:
-                return missing
+        def work_item(request: Request, route: str, environment_id: str, work_id: str) -> WorkItem | Response:
+            """The work item a call on ``route`` names, once the call is admitted; else the refusal."""
+            refused = admit(request, route, work_id, work_id=work_id) or environment(environment_id)
+            if refused:
+                return refused
             item = standin.items.get(work_id)
             return item if item is not None else _error(404, "not_found_error", f"work {work_id} not found")
 
         @app.get("/v1/environments/{environment_id}/work/{work_id}")
         async def retrieve_work(environment_id: str, work_id: str, request: Request) -> Response:
             with standin._lock:
-                refused = admit(request, "work.retrieve", work_id, work_id=work_id)
-                item = refused or work_item(environment_id, work_id)
+                item = work_item(request, "work.retrieve", environment_id, work_id)
                 if not isinstance(item, WorkItem):
                     return item
                 standin._expire_leases()
@@ -385,8 +385,7 @@ class EnvironmentStandIn:
         @app.post("/v1/environments/{environment_id}/work/{work_id}/ack")
         async def ack(environment_id: str, work_id: str, request: Request) -> Response:
             with standin._lock:
-                refused = admit(request, "ack", work_id, work_id=work_id)
-                item = refused or work_item(environment_id, work_id)
+                item = work_item(request, "ack", environment_id, work_id)
                 if not isinstance(item, WorkItem):
                     return item
                 standin._expire_leases()
@@ -399,8 +398,7 @@ class EnvironmentStandIn:
         @app.post("/v1/environments/{environment_id}/work/{work_id}/heartbeat")
         async def heartbeat(environment_id: str, work_id: str, request: Request) -> Response:
             with standin._lock:
-                refused = admit(request, "heartbeat", work_id, work_id=work_id)
-                item = refused or work_item(environment_id, work_id)
+                item = work_item(request, "heartbeat", environment_id, work_id)
                 if not isinstance(item, WorkItem):
                     return item
                 standin._expire_leases()
@@ -424,8 +422,7 @@ class EnvironmentStandIn:
         async def stop(environment_id: str, work_id: str, request: Request) -> Response:
             body = json.loads(await request.body() or b"{}")
             with standin._lock:
-                refused = admit(request, "stop", work_id, work_id=work_id)
-                item = refused or work_item(environment_id, work_id)
+                item = work_item(request, "stop", environment_id, work_id)
                 if not isinstance(item, WorkItem):
                     return item
                 if item.state == "stopped":
