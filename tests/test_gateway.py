@@ -280,12 +280,12 @@ def _start_orphan(gateways: Gateways) -> str:
     between starting it and recording it)."""
     import asyncio
 
-    from hosting.gateway.app import open_backend
     from hosting.gateway.provisioning import new_spec
     from hosting.gateway.settings import GatewaySettings
+    from hosting.sandboxes.settings import open_backend
 
     settings = GatewaySettings.from_env(gateways.env())
-    backend = open_backend(settings)
+    backend = open_backend(settings.sandboxes)
 
     async def create() -> str:
         sandbox = await backend.create(new_spec(settings.sandbox_env, "orphan-1", "alice"))

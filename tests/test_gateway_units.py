@@ -81,7 +81,7 @@ def test_sandboxes_inherit_only_the_allowlist() -> None:
     assert dict(settings.sandbox_env) == {"ANTHROPIC_API_KEY": "sk-x", "MODEL": "m", "HTTPS_PROXY": "http://proxy",
                                           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
     assert "admin-secret" not in repr(settings) and "sk-x" not in repr(settings)
-    assert settings.port == 8080 and settings.backend == "local" and settings.warm_pool == 2
+    assert settings.port == 8080 and settings.sandboxes.backend == "local" and settings.warm_pool == 2
     assert settings.idle_timeout_seconds == 900
 
 

@@ -27,7 +27,6 @@ import yaml
 from kubernetes.aio.client import ApiClient, Configuration
 
 from hosting.config import ConfigError
-from hosting.gateway.app import open_backend
 from hosting.gateway.provisioning import Provisioner
 from hosting.gateway.reconcile import reconcile
 from hosting.gateway.routes import MemoryRouteStore, PoolEntry, Route
@@ -41,6 +40,7 @@ from hosting.sandboxes.kubernetes import (
     pod_name,
     session_label,
 )
+from hosting.sandboxes.settings import open_backend
 from tests.conftest import API_KEY, ROOT, LocalModel, free_port, post_turn
 from tests.gateway_fixtures import ALICE, Gateways, auth
 from tests.k8s_standin import JSON_PATCH, POD_TEMPLATE, PodsApiStandIn, label_errors
@@ -376,24 +376,24 @@ def test_settings_choose_the_kubernetes_backend_and_refuse_bad_values(tmp_path: 
            "GATEWAY_KUBERNETES_NAMESPACE": "agents", "GATEWAY_KUBERNETES_POD_TEMPLATE": str(POD_TEMPLATE),
            "GATEWAY_KUBECONFIG": str(kubeconfig), "GATEWAY_KUBERNETES_IMAGE": "registry.example/agent:1"}
     settings = GatewaySettings.from_env(env)
-    backend = open_backend(settings)
+    backend = open_backend(settings.sandboxes)
     assert isinstance(backend, KubernetesBackend) and backend.namespace == "agents"
     assert backend.manifest(spec())["spec"]["containers"][0]["image"] == "registry.example/agent:1"
     with pytest.raises(ConfigError, match="GATEWAY_KUBERNETES_NAMESPACE"):
         GatewaySettings.from_env({**env, "GATEWAY_KUBERNETES_NAMESPACE": "Not_A_Label"})
     with pytest.raises(SandboxError, match="cannot read the pod template"):
-        open_backend(GatewaySettings.from_env({**env, "GATEWAY_KUBERNETES_POD_TEMPLATE": str(tmp_path / "none")}))
+        open_backend(GatewaySettings.from_env({**env, "GATEWAY_KUBERNETES_POD_TEMPLATE": str(tmp_path / "none")}).sandboxes)
     portless = tmp_path / "portless.yaml"
     template = yaml.safe_load(POD_TEMPLATE.read_text())
     del template["spec"]["containers"][0]["ports"]
     portless.write_text(yaml.safe_dump(template))
     with pytest.raises(SandboxError, match="port named 'http'"):
-        open_backend(GatewaySettings.from_env({**env, "GATEWAY_KUBERNETES_POD_TEMPLATE": str(portless)}))
+        open_backend(GatewaySettings.from_env({**env, "GATEWAY_KUBERNETES_POD_TEMPLATE": str(portless)}).sandboxes)
     with pytest.raises(SandboxError, match="no kubeconfig file at"):
-        open_backend(GatewaySettings.from_env({**env, "GATEWAY_KUBECONFIG": str(tmp_path / "none")}))
+        open_backend(GatewaySettings.from_env({**env, "GATEWAY_KUBECONFIG": str(tmp_path / "none")}).sandboxes)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(SandboxError, match="no kubeconfig given and not in a cluster"):
-        open_backend(GatewaySettings.from_env({k: v for k, v in env.items() if k != "GATEWAY_KUBECONFIG"}))
+        open_backend(GatewaySettings.from_env({k: v for k, v in env.items() if k != "GATEWAY_KUBECONFIG"}).sandboxes)
 
 
 async def test_an_unreachable_api_or_a_bad_kubeconfig_is_a_sandbox_error(tmp_path: Path) -> None:

@@ -31,7 +31,8 @@ def test_gateway_settings_take_the_modal_backend_and_its_secrets() -> None:
     gateway still insists on a credential in its own environment."""
     base = {"GATEWAY_TENANTS": "token-1:acme", "GATEWAY_BACKEND": "modal"}
     settings = GatewaySettings.from_env({**base, "GATEWAY_MODAL_SECRETS": "anthropic, extra ,", "GATEWAY_MODAL_APP": "gw"})
-    assert (settings.backend, settings.modal_app, settings.modal_secrets) == ("modal", "gw", ("anthropic", "extra"))
+    sandboxes = settings.sandboxes
+    assert (sandboxes.backend, sandboxes.modal_app, sandboxes.modal_secrets) == ("modal", "gw", ("anthropic", "extra"))
     with pytest.raises(ConfigError, match="No model credentials"):
         GatewaySettings.from_env(base)
 

@@ -27,26 +27,15 @@ from hosting.environments.locks import MemoryLocks, RedisLocks, SessionLocks
 from hosting.environments.sandboxes import SessionSandboxes
 from hosting.environments.settings import EnvironmentSettings
 from hosting.environments.webhook import create_app
-from hosting.sandboxes.base import SandboxBackend, SandboxError
+from hosting.sandboxes.base import SandboxError
+from hosting.sandboxes.settings import open_backend
 
 logger = logging.getLogger("hosting.environments")
 
 
-def open_backend(settings: EnvironmentSettings) -> SandboxBackend:
-    """The configured backend; raises :class:`SandboxError` if it cannot be used here."""
-    if settings.backend == "docker":
-        from hosting.sandboxes.docker import DockerBackend
-
-        return DockerBackend(image=settings.docker_image, installation=settings.installation,
-                             network=settings.docker_network)
-    from hosting.sandboxes.local import LocalBackend
-
-    return LocalBackend(settings.data_dir, installation=settings.installation)
-
-
 async def serve(settings: EnvironmentSettings) -> None:
     """Run until cancelled."""
-    backend = open_backend(settings)
+    backend = open_backend(settings.sandboxes)
     # Explicit credentials: the client reads no ANTHROPIC_API_KEY; only the environment key is used.
     api = AsyncAnthropic(auth_token=settings.environment_key, base_url=settings.api_base_url)
     locks: SessionLocks = (RedisLocks(settings.redis_url, settings.environment_id, settings.lock_seconds)
@@ -64,7 +53,7 @@ async def serve(settings: EnvironmentSettings) -> None:
     else:
         jobs.append(dispatcher.poll_forever())
     logger.info("serving environment %s (%s mode, %s backend)", settings.environment_id, settings.mode,
-                settings.backend)
+                settings.sandboxes.backend)
     try:
         await asyncio.gather(*jobs)
     finally:
@@ -78,7 +67,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         settings = EnvironmentSettings.from_env()
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.sandboxes.data_dir.mkdir(parents=True, exist_ok=True)
     except (ConfigError, OSError) as exc:
         print(f"agent-environment-orchestrator: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -13,15 +13,14 @@ or ``ANTHROPIC_ENVIRONMENT_KEY``, not both.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from hosting.config import ConfigError, float_setting, int_setting, optional_setting
+from hosting.sandboxes.settings import BackendSettings
 
-Backend = Literal["local", "docker"]
 Mode = Literal["poll", "webhook"]
 
 MAX_BLOCK_MS = 999
@@ -69,11 +68,9 @@ class EnvironmentSettings:
     sandbox_api_base_url: str | None = None
     """The API as a sandbox reaches it (``ENVIRONMENT_SANDBOX_API_BASE_URL``; default ``api_base_url``)."""
     mode: Mode = "poll"
-    backend: Backend = "local"
-    data_dir: Path = Path("environment-data")
-    installation: str = "environments"
-    docker_image: str = "research-agent"
-    docker_network: Literal["bridge", "host"] = "bridge"
+    sandboxes: BackendSettings = field(default_factory=lambda: BackendSettings(
+        data_dir=Path("environment-data"), installation="environments", modal_app="research-agent-environments"))
+    """The sandbox backend (``ENVIRONMENT_BACKEND``, ``ENVIRONMENT_DATA_DIR``, ``ENVIRONMENT_DOCKER_*``, ...)."""
     redis_url: str | None = field(default=None, repr=False)
     idle_seconds: float = 900.0
     """A sandbox whose runner has ended is stopped after this long (files kept)."""
@@ -111,13 +108,9 @@ class EnvironmentSettings:
             api_base_url=api,
             sandbox_api_base_url=_url(env, "ENVIRONMENT_SANDBOX_API_BASE_URL") or api,
             mode="webhook" if mode == "webhook" else "poll",
-            backend="docker" if _choice(env, "ENVIRONMENT_BACKEND", cls.backend, ("local", "docker")) == "docker"
-            else "local",
-            data_dir=Path(optional_setting(env, "ENVIRONMENT_DATA_DIR") or cls.data_dir),
-            installation=optional_setting(env, "ENVIRONMENT_INSTALLATION") or cls.installation,
-            docker_image=optional_setting(env, "ENVIRONMENT_DOCKER_IMAGE") or cls.docker_image,
-            docker_network="host" if _choice(env, "ENVIRONMENT_DOCKER_NETWORK", cls.docker_network,
-                                             ("bridge", "host")) == "host" else "bridge",
+            sandboxes=BackendSettings.from_env(env, "ENVIRONMENT_", data_dir=Path("environment-data"),
+                                               installation="environments", modal_app="research-agent-environments",
+                                               start_timeout_seconds=120.0),
             redis_url=optional_setting(env, "ENVIRONMENT_REDIS_URL"),
             idle_seconds=float_setting(env, "ENVIRONMENT_IDLE_SECONDS", cls.idle_seconds),
             janitor_seconds=float_setting(env, "ENVIRONMENT_JANITOR_SECONDS", cls.janitor_seconds),
@@ -135,8 +128,6 @@ class EnvironmentSettings:
         )
         if settings.block_ms > MAX_BLOCK_MS:
             raise ConfigError(f"ENVIRONMENT_POLL_BLOCK_MS must be at most {MAX_BLOCK_MS} (the API's limit)")
-        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,19}", settings.installation):
-            raise ConfigError("ENVIRONMENT_INSTALLATION must be 1-20 characters of a-z, 0-9 and '-'")
         if settings.redis_url is not None and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("ENVIRONMENT_REDIS_URL must start with redis://, rediss:// or unix://")
         if settings.mode == "webhook" and settings.webhook_secret is None:

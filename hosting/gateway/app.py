@@ -54,6 +54,7 @@ from hosting.gateway.runtime import install_runtime
 from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.tenants import Authenticator, TokenAuthenticator
 from hosting.sandboxes.base import SandboxBackend, SandboxError
+from hosting.sandboxes.settings import open_backend
 from hosting.telemetry.gateway import GatewayTelemetry, GatewayTurn, ObservedProvisioner
 from hosting.telemetry.logs import configure_logging
 from hosting.web import mount_chat_page
@@ -63,29 +64,6 @@ logger = logging.getLogger("hosting.gateway")
 FORBIDDEN = "this session belongs to another tenant"
 
 TenantName = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
-
-
-def open_backend(settings: GatewaySettings) -> SandboxBackend:
-    """The configured backend; raises :class:`SandboxError` if it cannot be used here."""
-    if settings.backend == "docker":
-        from hosting.sandboxes.docker import DockerBackend
-
-        return DockerBackend(image=settings.docker_image, installation=settings.installation,
-                             network=settings.docker_network, memory_bytes=settings.sandbox_memory_bytes,
-                             nano_cpus=int(settings.sandbox_cpus * 1e9))
-    if settings.backend == "kubernetes":
-        from hosting.sandboxes.kubernetes import KubernetesBackend
-
-        return KubernetesBackend(settings.kubernetes_pod_template, settings.kubernetes_namespace, settings.installation,
-                                 kubeconfig=settings.kubeconfig, image=settings.kubernetes_image)
-    if settings.backend == "modal":
-        from hosting.sandboxes.modal import ModalBackend
-
-        return ModalBackend(settings.modal_app, settings.installation, secrets=settings.modal_secrets)
-    from hosting.sandboxes.local import LocalBackend
-
-    return LocalBackend(settings.data_dir, installation=settings.installation,
-                        start_timeout=settings.provision_timeout_seconds)
 
 
 def _unavailable(detail: str) -> HTTPException:
@@ -129,7 +107,7 @@ def _tenant_or_admin(request: Request) -> None:
 def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteStore | None = None,
                authenticator: Authenticator | None = None) -> FastAPI:
     """Build the gateway. ``store`` and ``authenticator`` default to the settings'."""
-    store = store or open_route_store(settings.redis_url, settings.installation)
+    store = store or open_route_store(settings.redis_url, settings.sandboxes.installation)
     telemetry = GatewayTelemetry(settings.telemetry)
     authenticator = telemetry.authenticator(authenticator or TokenAuthenticator(settings.tenants))
     claimed = asyncio.Event()
@@ -398,8 +376,8 @@ def main() -> None:
     try:
         settings = GatewaySettings.from_env()
         configure_logging(settings.telemetry.log_format)
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        backend = open_backend(settings)
+        settings.sandboxes.data_dir.mkdir(parents=True, exist_ok=True)
+        backend = open_backend(settings.sandboxes)
     except (ConfigError, SandboxError, OSError) as exc:
         print(f"agent-gateway: {exc}", file=sys.stderr)
         sys.exit(2)

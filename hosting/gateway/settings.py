@@ -8,20 +8,16 @@ variable, and ``agent-gateway`` turns that into one line and exit status 2.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from hosting.config import ConfigError, float_setting, int_setting, optional_setting
 from hosting.contract import MAX_BODY_BYTES
 from hosting.gateway.quotas import TenantLimits
 from hosting.gateway.tenants import TenantOverrides, TenantTokens, load_tenant_overrides, load_tenant_tokens
+from hosting.sandboxes.settings import BackendSettings
 from hosting.telemetry.settings import TelemetrySettings, telemetry_sandbox_env
-
-Backend = Literal["local", "docker", "kubernetes", "modal"]
-BACKENDS: tuple[Backend, ...] = ("local", "docker", "kubernetes", "modal")
 
 SANDBOX_ENV_ALLOWLIST = (
     "ANTHROPIC_BASE_URL",
@@ -57,28 +53,6 @@ def _sandbox_env(env: Mapping[str, str]) -> dict[str, str]:
     return passed
 
 
-def _backend(env: Mapping[str, str]) -> Backend:
-    raw = env.get("GATEWAY_BACKEND", "").strip() or "local"
-    for backend in BACKENDS:
-        if raw == backend:
-            return backend
-    raise ConfigError(f"GATEWAY_BACKEND must be one of {', '.join(BACKENDS)}, got {raw!r}")
-
-
-def _docker_network(env: Mapping[str, str]) -> Literal["bridge", "host"]:
-    raw = env.get("GATEWAY_DOCKER_NETWORK", "").strip() or "bridge"
-    if raw == "bridge":
-        return "bridge"
-    if raw == "host":
-        return "host"
-    raise ConfigError(f"GATEWAY_DOCKER_NETWORK must be bridge or host, got {raw!r}")
-
-
-def _optional_path(env: Mapping[str, str], name: str) -> Path | None:
-    value = optional_setting(env, name)
-    return Path(value) if value is not None else None
-
-
 def _redis_url(env: Mapping[str, str]) -> str | None:
     url = optional_setting(env, "GATEWAY_REDIS_URL")
     if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
@@ -93,10 +67,9 @@ class GatewaySettings:
     tenants: TenantTokens = field(repr=False)
     host: str = "0.0.0.0"
     port: int = 8080
-    backend: Backend = "local"
-    data_dir: Path = Path("gateway-data")
+    sandboxes: BackendSettings = field(default_factory=BackendSettings)
+    """The sandbox backend (``GATEWAY_BACKEND``, ``GATEWAY_DATA_DIR``, ``GATEWAY_DOCKER_*``, ...)."""
     redis_url: str | None = field(default=None, repr=False)
-    installation: str = "default"
     warm_pool: int = 2
     idle_timeout_seconds: float = 900.0
     provision_timeout_seconds: float = 120.0
@@ -104,22 +77,6 @@ class GatewaySettings:
     admin_token: str | None = field(default=None, repr=False)
     max_body_bytes: int = MAX_BODY_BYTES
     sandbox_env: Mapping[str, str] = field(default_factory=dict, repr=False)
-    docker_image: str = "research-agent"
-    docker_network: Literal["bridge", "host"] = "bridge"
-    kubernetes_namespace: str = "default"
-    """Where sandbox pods are made (``GATEWAY_KUBERNETES_NAMESPACE``)."""
-    kubernetes_pod_template: Path = Path("/etc/agent-gateway/agent-pod-template.yaml")
-    """The sandbox pod manifest (``GATEWAY_KUBERNETES_POD_TEMPLATE``), mounted from its ConfigMap."""
-    kubeconfig: Path | None = None
-    """``GATEWAY_KUBECONFIG``: a kubeconfig file; unset, the pod's service account (in-cluster)."""
-    kubernetes_image: str | None = None
-    """``GATEWAY_KUBERNETES_IMAGE``: replaces the pod template's image when set."""
-    modal_app: str = "research-agent-gateway"
-    """``GATEWAY_MODAL_APP``: the Modal app the sandboxes run in (Modal's credentials: ``modal setup`` or ``MODAL_TOKEN_*``)."""
-    modal_secrets: tuple[str, ...] = ()
-    """``GATEWAY_MODAL_SECRETS``: Modal secrets every sandbox gets (comma-separated names, e.g. ``anthropic``)."""
-    sandbox_memory_bytes: int = 1024**3
-    sandbox_cpus: float = 1.0
     tenant_max_sandboxes: int = TenantLimits.max_sandboxes
     """Live sandboxes per tenant (``GATEWAY_TENANT_MAX_SANDBOXES``; 0 = unlimited)."""
     tenant_max_turns: int = TenantLimits.max_turns
@@ -144,6 +101,7 @@ class GatewaySettings:
         """Read the environment; fail closed when no tenant is configured."""
         env = os.environ if env is None else env
         tenants_file = optional_setting(env, "GATEWAY_TENANTS_FILE")
+        provision_timeout_seconds = float_setting(env, "GATEWAY_PROVISION_TIMEOUT_SECONDS", cls.provision_timeout_seconds)
         settings = cls(
             tenants=load_tenant_tokens(env.get("GATEWAY_TENANTS", ""), tenants_file),
             tenant_overrides=load_tenant_overrides(tenants_file),
@@ -152,43 +110,27 @@ class GatewaySettings:
             tenant_turns_per_minute=int_setting(env, "GATEWAY_TENANT_TURNS_PER_MINUTE", cls.tenant_turns_per_minute),
             host=env.get("HOST", "").strip() or cls.host,
             port=int_setting(env, "PORT", cls.port, minimum=1),
-            backend=_backend(env),
-            data_dir=Path(optional_setting(env, "GATEWAY_DATA_DIR") or _default_data_dir(env)),
+            sandboxes=BackendSettings.from_env(env, "GATEWAY_", data_dir=_default_data_dir(env), installation="default",
+                                               modal_app="research-agent-gateway",
+                                               start_timeout_seconds=provision_timeout_seconds),
             redis_url=_redis_url(env),
-            installation=optional_setting(env, "GATEWAY_INSTALLATION") or cls.installation,
             warm_pool=int_setting(env, "GATEWAY_WARM_POOL", cls.warm_pool),
             idle_timeout_seconds=float_setting(env, "GATEWAY_IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds),
-            provision_timeout_seconds=float_setting(env, "GATEWAY_PROVISION_TIMEOUT_SECONDS",
-                                                    cls.provision_timeout_seconds),
+            provision_timeout_seconds=provision_timeout_seconds,
             shutdown_grace_seconds=float_setting(env, "GATEWAY_SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),
             admin_token=optional_setting(env, "GATEWAY_ADMIN_TOKEN"),
             sandbox_env=_sandbox_env(env),
-            docker_image=optional_setting(env, "GATEWAY_DOCKER_IMAGE") or cls.docker_image,
-            docker_network=_docker_network(env),
-            kubernetes_namespace=optional_setting(env, "GATEWAY_KUBERNETES_NAMESPACE") or cls.kubernetes_namespace,
-            kubernetes_pod_template=Path(optional_setting(env, "GATEWAY_KUBERNETES_POD_TEMPLATE")
-                                         or cls.kubernetes_pod_template),
-            kubeconfig=_optional_path(env, "GATEWAY_KUBECONFIG"),
-            kubernetes_image=optional_setting(env, "GATEWAY_KUBERNETES_IMAGE"),
-            modal_app=optional_setting(env, "GATEWAY_MODAL_APP") or cls.modal_app,
-            modal_secrets=tuple(name.strip() for name in env.get("GATEWAY_MODAL_SECRETS", "").split(",") if name.strip()),
-            sandbox_memory_bytes=int_setting(env, "GATEWAY_SANDBOX_MEMORY_BYTES", cls.sandbox_memory_bytes,
-                                             minimum=64 * 1024**2),
-            sandbox_cpus=float_setting(env, "GATEWAY_SANDBOX_CPUS", cls.sandbox_cpus),
             telemetry=TelemetrySettings.from_env(env, default_service="agent-gateway",
                                                  metrics_token_variable="GATEWAY_METRICS_TOKEN"),
         )
-        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", settings.kubernetes_namespace):
-            raise ConfigError("GATEWAY_KUBERNETES_NAMESPACE must be a DNS label (1-63 of a-z, 0-9 and '-')")
-        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,19}", settings.installation):
-            raise ConfigError("GATEWAY_INSTALLATION must be 1-20 characters of a-z, 0-9 and '-'")
         if not settings.tenants:
             raise ConfigError(
                 "no tenant configured: set GATEWAY_TENANTS=token:tenant[,token:tenant...] or "
                 "GATEWAY_TENANTS_FILE (lines of 'tenant sha256:<hex of token>'); the gateway never runs open"
             )
         if not (settings.sandbox_env.get("ANTHROPIC_API_KEY") or settings.sandbox_env.get("CLAUDE_CODE_OAUTH_TOKEN")
-                or (settings.backend == "modal" and settings.modal_secrets)):  # the key may be in a Modal secret
+                # on Modal, the key may be in a Modal secret
+                or (settings.sandboxes.backend == "modal" and settings.sandboxes.modal_secrets)):
             raise ConfigError(
                 "No model credentials for the sandboxes: set ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN "
                 "(for the offline local model any non-empty value works, with ANTHROPIC_BASE_URL pointing at it)."
