@@ -12,7 +12,8 @@ What the tests prove:
   finishes the turn); the orchestrator killed and restarted (its sandboxes end with it,
   the restarted one serves the item once); two orchestrators sharing Redis (never two
   live leases for one session, the newest item wins); an idle sandbox stopped and started
-  again on the next item with its files; a terminated session's sandbox and files removed;
+  again on the next item with its files; a terminated session's sandbox removed and its files
+  archived, then removed after the archive period (0: at once);
 - webhook mode: a signed delivery drains the queue, a bad signature starts nothing.
 """
 
@@ -265,21 +266,45 @@ def test_an_idle_sandbox_is_stopped_and_started_again_with_its_files(
     assert standin.results(session)[-1] == ("read", False, "still here")
 
 
-def test_a_terminated_sessions_sandbox_and_files_are_removed(
+def test_a_terminated_sessions_sandbox_is_archived_and_its_files_removed_after_the_archive_period(
         standin: EnvironmentStandIn, data_dir: Path, start_orchestrator: Callable[..., OrchestratorProcess]) -> None:
-    orchestrator = start_orchestrator()
+    """The sandbox goes as soon as the session ends; its files stay for the archive period,
+    across an orchestrator restart (the ledger is on disk), and then go."""
+    archive = {"ENVIRONMENT_ARCHIVE_SECONDS": "10"}
+    orchestrator = start_orchestrator(**archive)
+    session = standin.create_session([("write", {"file_path": "kept.txt", "content": "for the record"})])
+    wait_turn(standin, session, orchestrator)
+    volume = volume_dir(standin, data_dir, session)
+    sandbox = sandbox_name(standin.environment_id, session)
+
+    standin.terminate(session)
+    wait_for(lambda: sandbox not in sandbox_ids(data_dir), timeout=30)
+    ended = time.monotonic()
+    assert (workspace_of(standin, data_dir, session) / "kept.txt").read_text() == "for the record"
+    assert "its files archived" in orchestrator.log()
+    # Work for a terminated session is force-stopped, and no sandbox is made for it.
+    late = standin.enqueue(session)
+    wait_for(lambda: standin.item(late).state == "stopped", timeout=30)
+    assert standin.item(late).force_stopped and sandbox not in sandbox_ids(data_dir)
+
+    orchestrator.stop()
+    assert volume.is_dir() and time.monotonic() - ended < 10
+    restarted = start_orchestrator(**archive)
+    wait_for(lambda: not volume.exists(), timeout=30)
+    assert time.monotonic() - ended >= 8  # the period, less the janitor's interval and the wait's
+    assert "archive of session" in restarted.log()
+
+
+def test_with_no_archive_period_a_terminated_sessions_files_go_with_its_sandbox(
+        standin: EnvironmentStandIn, data_dir: Path, start_orchestrator: Callable[..., OrchestratorProcess]) -> None:
+    orchestrator = start_orchestrator(ENVIRONMENT_ARCHIVE_SECONDS="0")
     session = standin.create_session([("write", {"file_path": "gone.txt", "content": "soon"})])
     wait_turn(standin, session, orchestrator)
     volume = volume_dir(standin, data_dir, session)
     assert volume.is_dir()
-
     standin.terminate(session)
     wait_for(lambda: not volume.exists(), timeout=30)
     assert sandbox_name(standin.environment_id, session) not in sandbox_ids(data_dir)
-    # Work for a terminated session is force-stopped, and no sandbox is made for it.
-    late = standin.enqueue(session)
-    wait_for(lambda: standin.item(late).state == "stopped", timeout=30)
-    assert standin.item(late).force_stopped and not volume.exists()
 
 
 def test_a_signed_webhook_drains_the_queue_and_a_bad_signature_starts_nothing(

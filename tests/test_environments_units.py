@@ -1,10 +1,13 @@
 """Unit tests of the environments orchestrator's pure logic: settings, the work secret,
-which item is newer, which errors are fatal, the runner's status record. No processes."""
+which item is newer, which errors are fatal, the runner's status record; and the archive
+ledger on a file and on a real Redis."""
 
 from __future__ import annotations
 
 import base64
 import json
+import secrets
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx2
@@ -13,6 +16,7 @@ from anthropic import APIStatusError
 from anthropic.types.beta.environments import BetaSelfHostedWork
 
 from hosting.config import ConfigError
+from hosting.environments.archive import ArchivedSessions, FileArchive, RedisArchive
 from hosting.environments.credentials import sessions_token
 from hosting.environments.lifecycle import is_fatal, is_newer
 from hosting.environments.locks import MemoryLocks
@@ -20,6 +24,7 @@ from hosting.environments.runner import status, workspace
 from hosting.environments.sandboxes import RunnerLaunch, RunnerStatus, sandbox_name
 from hosting.environments.settings import EnvironmentSettings
 from hosting.sandboxes.base import SANDBOX_ID_PATTERN, VOLUME_PATTERN, SandboxError
+from tests.stores_fixtures import redis_url  # noqa: F401 - a fixture of the redis archive
 
 BASE = {"ANTHROPIC_ENVIRONMENT_ID": "env_01", "ANTHROPIC_ENVIRONMENT_KEY": "key-1"}
 
@@ -38,6 +43,16 @@ def test_settings_read_the_key_from_a_file_and_never_print_it(tmp_path: Path) ->
     assert settings.mode == "poll" and settings.block_ms < 1000
 
 
+def test_the_orchestrator_reads_the_same_backend_settings_as_the_gateway_under_its_own_prefix() -> None:
+    settings = EnvironmentSettings.from_env({**BASE, "ENVIRONMENT_BACKEND": "kubernetes",
+                                             "ENVIRONMENT_KUBERNETES_NAMESPACE": "envs",
+                                             "GATEWAY_KUBERNETES_NAMESPACE": "not-this-one"})
+    assert (settings.sandboxes.backend, settings.sandboxes.kubernetes_namespace) == ("kubernetes", "envs")
+    assert settings.sandboxes.installation == "environments" and settings.archive_seconds == 7 * 24 * 3600
+    modal = EnvironmentSettings.from_env({**BASE, "ENVIRONMENT_BACKEND": "modal", "ENVIRONMENT_MODAL_SECRETS": "a,b"})
+    assert (modal.sandboxes.modal_app, modal.sandboxes.modal_secrets) == ("research-agent-environments", ("a", "b"))
+
+
 @pytest.mark.parametrize(("env", "message"), [
     ({"ANTHROPIC_ENVIRONMENT_KEY": "k"}, "ANTHROPIC_ENVIRONMENT_ID is required"),
     ({"ANTHROPIC_ENVIRONMENT_ID": "env_01"}, "the environment key is required"),
@@ -48,6 +63,9 @@ def test_settings_read_the_key_from_a_file_and_never_print_it(tmp_path: Path) ->
     ({**BASE, "ENVIRONMENT_REDIS_URL": "http://x"}, "ENVIRONMENT_REDIS_URL"),
     ({**BASE, "ANTHROPIC_BASE_URL": "ftp://x"}, "ANTHROPIC_BASE_URL"),
     ({**BASE, "ENVIRONMENT_IDLE_SECONDS": "-1"}, "ENVIRONMENT_IDLE_SECONDS"),
+    ({**BASE, "ENVIRONMENT_ARCHIVE_SECONDS": "soon"}, "ENVIRONMENT_ARCHIVE_SECONDS"),
+    ({**BASE, "ENVIRONMENT_KUBERNETES_NAMESPACE": "Not_A_Label"}, "ENVIRONMENT_KUBERNETES_NAMESPACE"),
+    ({**BASE, "ENVIRONMENT_INSTALLATION": "x" * 21}, "ENVIRONMENT_INSTALLATION"),
     ({**BASE, "ANTHROPIC_ENVIRONMENT_KEY_FILE": "/nonexistent/key", "ANTHROPIC_ENVIRONMENT_KEY": ""}, "cannot read"),
 ])
 def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> None:
@@ -132,3 +150,37 @@ async def test_memory_locks_exclude_and_release_only_for_their_holder() -> None:
         assert held
         async with locks.holding("s", wait_seconds=0.1) as again:
             assert not again
+
+
+@pytest.fixture(params=["file", pytest.param("redis", marks=pytest.mark.stores)])
+async def archive(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Callable[[], ArchivedSessions]]:
+    """A factory: each call is a new ledger on the same file or Redis key (a restart, another orchestrator)."""
+    environment = f"env_{secrets.token_hex(4)}"
+    opened: list[ArchivedSessions] = []
+
+    def open_archive() -> ArchivedSessions:
+        made = (FileArchive(tmp_path / "archived-sessions.json") if request.param == "file"
+                else RedisArchive(request.getfixturevalue("redis_url"), environment))
+        opened.append(made)
+        return made
+
+    yield open_archive
+    for made in opened:
+        await made.aclose()
+
+
+async def test_the_archive_keeps_the_first_end_time_and_outlives_its_process(
+        archive: Callable[[], ArchivedSessions]) -> None:
+    first = archive()
+    assert await first.ended_before(1e12) == []
+    await first.add("sesn_b", 200.0)
+    await first.add("sesn_a", 100.0)
+    await first.add("sesn_a", 300.0)  # ended again: still archived since 100
+    assert await first.ended_before(150.0) == ["sesn_a"]
+    assert await first.ended_before(100.0) == []
+
+    restarted = archive()
+    assert await restarted.ended_before(1e12) == ["sesn_a", "sesn_b"]
+    await restarted.discard("sesn_a")
+    await restarted.discard("sesn_never")
+    assert await first.ended_before(1e12) == ["sesn_b"]

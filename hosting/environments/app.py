@@ -20,6 +20,7 @@ import uvicorn
 from anthropic import APIStatusError, AsyncAnthropic
 
 from hosting.config import ConfigError
+from hosting.environments.archive import ArchivedSessions, FileArchive, RedisArchive
 from hosting.environments.dispatch import Dispatcher
 from hosting.environments.janitor import Janitor
 from hosting.environments.lifecycle import Lifecycle
@@ -40,7 +41,9 @@ async def serve(settings: EnvironmentSettings) -> None:
     api = AsyncAnthropic(auth_token=settings.environment_key, base_url=settings.api_base_url)
     locks: SessionLocks = (RedisLocks(settings.redis_url, settings.environment_id, settings.lock_seconds)
                            if settings.redis_url else MemoryLocks(settings.lock_seconds))
-    lifecycle = Lifecycle(settings, api, SessionSandboxes(backend, settings.environment_id), locks)
+    archive: ArchivedSessions = (RedisArchive(settings.redis_url, settings.environment_id) if settings.redis_url
+                                 else FileArchive(settings.sandboxes.data_dir / "archived-sessions.json"))
+    lifecycle = Lifecycle(settings, api, SessionSandboxes(backend, settings.environment_id), locks, archive)
     dispatcher = Dispatcher(settings, api, lifecycle)
     janitor = Janitor(lifecycle, settings.idle_seconds)
     jobs = [janitor.run(settings.janitor_seconds)]
@@ -59,6 +62,7 @@ async def serve(settings: EnvironmentSettings) -> None:
     finally:
         await dispatcher.aclose()
         await locks.aclose()
+        await archive.aclose()
         await api.close()
         await backend.aclose()
 

@@ -2,7 +2,8 @@
 
 Every ``ENVIRONMENT_JANITOR_SECONDS``, for each sandbox of this environment:
 
-- its session is gone or terminated: the runner, sandbox and files are removed;
+- its session is gone or terminated: the runner and sandbox are removed and the
+  files archived; an archive older than ``ENVIRONMENT_ARCHIVE_SECONDS`` is removed;
 - its runner *exited with a failure* while its item is still live: the item is
   force-stopped (the worker failed before it could stop the item itself, and a
   re-delivery would fail the same way);
@@ -24,6 +25,7 @@ import logging
 import time
 
 from anthropic import APIError, AsyncAnthropic, NotFoundError
+from redis.exceptions import RedisError
 
 from hosting.environments.lifecycle import Lifecycle
 from hosting.environments.runner import EXIT_SIGNALLED
@@ -59,6 +61,16 @@ class Janitor:
                 await self._tend(sandbox)
             except (APIError, SandboxError, OSError) as exc:
                 logger.warning("janitor skipped %s: %s", sandbox.sandbox_id, exc)
+        try:
+            expired = await self.lifecycle.archive.ended_before(time.time() - self.lifecycle.settings.archive_seconds)
+        except (RedisError, OSError, ValueError) as exc:
+            logger.error("janitor could not read the archive: %s", exc)
+            return
+        for session_id in expired:
+            try:
+                await self.lifecycle.remove_archived(session_id)
+            except (SandboxError, RedisError, OSError) as exc:
+                logger.warning("janitor kept the archive of %s for now: %s", session_id, exc)
 
     async def _tend(self, sandbox: Sandbox) -> None:
         session_id = sandbox.session_id

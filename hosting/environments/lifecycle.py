@@ -2,7 +2,7 @@
 
 For each acknowledged item: check it (a session item, a valid session id, a secret
 that carries the item's own token), look the session up (gone or terminated: stop the
-item and remove the session's sandbox), then, holding the session's lock, make sure its
+item, remove the session's sandbox and archive its files), then, holding the session's lock, make sure its
 sandbox runs (create it, or start it again on its volume) and start the runner in it.
 
 Only the newest item of a session is served: an item older than the one the session's
@@ -27,6 +27,7 @@ from datetime import datetime
 from anthropic import APIError, APIStatusError, AsyncAnthropic, NotFoundError
 from anthropic.types.beta.environments import BetaSelfHostedWork
 
+from hosting.environments.archive import ArchivedSessions
 from hosting.environments.credentials import sessions_token
 from hosting.environments.locks import SessionLocks
 from hosting.environments.runner import SESSION_ID_PATTERN
@@ -70,12 +71,13 @@ class Lifecycle:
     """Serves claimed work items (see the module doc)."""
 
     def __init__(self, settings: EnvironmentSettings, api: AsyncAnthropic, sandboxes: SessionSandboxes,
-                 locks: SessionLocks) -> None:
+                 locks: SessionLocks, archive: ArchivedSessions) -> None:
         self.settings = settings
         self.api = api
         """Authenticated with the environment key."""
         self.sandboxes = sandboxes
         self.locks = locks
+        self.archive = archive
 
     async def handle(self, item: BetaSelfHostedWork) -> None:
         """Serve one acknowledged item; errors are logged, never raised."""
@@ -151,15 +153,32 @@ class Lifecycle:
         raise SandboxError(f"the runner for work {item.id} did not start in {sandbox.sandbox_id}")
 
     async def end_session(self, session_id: str) -> None:
-        """The session has ended: its runner, sandbox and volume go."""
+        """The session has ended: its runner and sandbox go; its volume is archived (kept
+        for ``archive_seconds``, see :mod:`hosting.environments.archive`), or goes too at 0."""
         async with self.locks.holding(session_id, wait_seconds=RUNNER_START_SECONDS * 2) as held:
             if not held:
                 raise LockBusy(f"session {session_id} is locked by another orchestrator")
             sandbox = await self.sandboxes.find(session_id)
             if sandbox is not None:
                 await self.sandboxes.stop_runner(sandbox)
+                await self.sandboxes.stop(sandbox)
+            if self.settings.archive_seconds > 0:
+                await self.archive.add(session_id, time.time())
+                if sandbox is not None:
+                    logger.info("session %s ended: its sandbox is removed, its files archived for %.0f s", session_id,
+                                self.settings.archive_seconds)
+                return
             await self.sandboxes.remove(session_id)
             logger.info("session %s ended: its sandbox and files are removed", session_id)
+
+    async def remove_archived(self, session_id: str) -> None:
+        """The archive period of an ended session is over: its files go."""
+        async with self.locks.holding(session_id, wait_seconds=0) as held:
+            if not held:
+                return  # the next sweep
+            await self.sandboxes.remove(session_id)
+            await self.archive.discard(session_id)
+            logger.info("archive of session %s expired: its files are removed", session_id)
 
     async def force_stop(self, work_id: str) -> None:
         """Force-stop an item; one that is stopped already (409) is fine."""

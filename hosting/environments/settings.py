@@ -74,6 +74,8 @@ class EnvironmentSettings:
     redis_url: str | None = field(default=None, repr=False)
     idle_seconds: float = 900.0
     """A sandbox whose runner has ended is stopped after this long (files kept)."""
+    archive_seconds: float = 7 * 24 * 3600.0
+    """An ended session's files are kept this long after its sandbox goes (0: removed with it)."""
     janitor_seconds: float = 30.0
     reclaim_ms: int = 10_000
     """Items polled but not acknowledged for this long are delivered again."""
@@ -113,6 +115,7 @@ class EnvironmentSettings:
                                                start_timeout_seconds=120.0),
             redis_url=optional_setting(env, "ENVIRONMENT_REDIS_URL"),
             idle_seconds=float_setting(env, "ENVIRONMENT_IDLE_SECONDS", cls.idle_seconds),
+            archive_seconds=float_setting(env, "ENVIRONMENT_ARCHIVE_SECONDS", cls.archive_seconds),
             janitor_seconds=float_setting(env, "ENVIRONMENT_JANITOR_SECONDS", cls.janitor_seconds),
             reclaim_ms=int_setting(env, "ENVIRONMENT_RECLAIM_MS", cls.reclaim_ms, minimum=1),
             block_ms=int_setting(env, "ENVIRONMENT_POLL_BLOCK_MS", cls.block_ms, minimum=1),
