@@ -43,7 +43,8 @@ def validate_session_id(session_id: str) -> str:
     return session_id
 
 
-def _session_id(session_id: Annotated[str, Path()]) -> str:
+async def _session_id(session_id: Annotated[str, Path()]) -> str:
+    # async: FastAPI would run a plain function in a worker thread, a thread hop per request
     try:
         return validate_session_id(session_id)
     except InvalidSessionId as exc:

@@ -75,7 +75,8 @@ def _relayed(response: httpx.Response, body: bytes) -> Response:
     return Response(body, status_code=response.status_code, headers=headers)
 
 
-def _tenant_of(request: Request) -> str:
+async def _tenant_of(request: Request) -> str:
+    # async, so FastAPI runs it on the loop instead of a worker thread (a thread hop per request)
     tenant: str | None = request.app.state.authenticator.authenticate(request)
     if tenant is None:
         raise unauthorized()
@@ -92,16 +93,16 @@ def _is_admin(request: Request) -> bool:
     return admin_token is not None and token is not None and tokens_equal(token, admin_token)
 
 
-def _require_admin(request: Request) -> None:
+async def _require_admin(request: Request) -> None:
     if request.app.state.settings.admin_token is None:
         raise HTTPException(404, "the admin API is off (set GATEWAY_ADMIN_TOKEN)")
     if not _is_admin(request):
         raise unauthorized()
 
 
-def _tenant_or_admin(request: Request) -> None:
+async def _tenant_or_admin(request: Request) -> None:
     if not _is_admin(request):
-        _tenant_of(request)
+        await _tenant_of(request)
 
 
 def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteStore | None = None,

@@ -33,7 +33,7 @@ def _unavailable(detail: str) -> HTTPException:
     return HTTPException(503, detail, headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
-def install_runtime(app: FastAPI, *, tenant_of: Callable[[Request], str], provisioner: Provisioner, quotas: Quotas,
+def install_runtime(app: FastAPI, *, tenant_of: Callable[[Request], Awaitable[str]], provisioner: Provisioner, quotas: Quotas,
                     relay: Relay, send: Send, telemetry: GatewayTelemetry) -> None:
     """Add the gateway's ``POST /runtime/advance``."""
 

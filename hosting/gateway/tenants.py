@@ -29,7 +29,9 @@ class Authenticator(Protocol):
     """Maps a request to the tenant it acts for."""
 
     def authenticate(self, request: Request) -> str | None:
-        """The tenant, or ``None`` to answer 401. Must not raise for bad input."""
+        """The tenant, or ``None`` to answer 401. Must not raise for bad input. Called on the
+        event loop for every request: it must not block (verify a JWT against keys fetched
+        in the background, not per call)."""
         ...
 
 

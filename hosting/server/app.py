@@ -89,7 +89,7 @@ def create_app(settings: Settings) -> FastAPI:
             await store.aclose()
         telemetry.shutdown()
 
-    def require_token(request: Request) -> None:
+    async def require_token(request: Request) -> None:  # async: no worker-thread hop per request
         if settings.auth_token is None:
             return
         token = bearer_token(request)
