@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from bench.drive import RECALL, TurnResult, http_turn, recalled, remember_prompt, summarize
+from bench.drive import RECALL, TurnResult, http_turn, percentile, recalled, remember_prompt, summarize
 from bench.procs import (
     API_KEY,
+    CLK_TCK,
     QUIET_CPU_FRACTION,
     QUIET_WINDOW_SECONDS,
     Managed,
@@ -132,9 +133,17 @@ def _sandbox_token(pid: int) -> str:
     raise ScenarioError(f"no AGENT_AUTH_TOKEN in the environment of pid {pid}")
 
 
+def _own_cpu_seconds(pid: int) -> float:
+    """User and system CPU of the process alone (not its children: the sandbox's server and CLIs)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    utime, stime = (int(x) for x in stat[stat.rindex(")") + 2:].split()[11:13])
+    return (utime + stime) / CLK_TCK
+
+
 async def relay_overhead(bench: Bench) -> dict[str, Any]:
     """Follow-ups on one session, through the gateway and straight to its sandbox, alternated
-    (so a drift in the machine's speed reaches both alike)."""
+    (so a drift in the machine's speed reaches both alike). Beside the p50s: the median of
+    the pairs' differences, and the gateway process's own CPU per relayed turn."""
     counts = bench.counts
     async with gateway(bench.model_url, bench.tmp, "g-relay", pool=1) as gw, client() as via, client(ADMIN_TOKEN) as admin:
         await settle(admin, gw, counts.prewarm_timeout)
@@ -149,13 +158,19 @@ async def relay_overhead(bench: Bench) -> dict[str, Any]:
             direct_turns: list[TurnResult] = []
             await http_turn(direct, route["address"], "relay", RECALL)  # both paths warm before timing
             await settle(admin, gw, counts.prewarm_timeout)
+            cpu_before = _own_cpu_seconds(gw.pid)
             for _ in range(counts.gw_follow_ups):
                 gateway_turns.append(await http_turn(via, gw.base_url, "relay", RECALL))
                 direct_turns.append(await http_turn(direct, route["address"], "relay", RECALL))
+            gateway_cpu = _own_cpu_seconds(gw.pid) - cpu_before
+        paired = [g.latency - d.latency for g, d in zip(gateway_turns, direct_turns, strict=True)
+                  if g.error is None and d.error is None]
         return {"gateway": summarize(gateway_turns, recall_expected=len(gateway_turns),
                                      recall_ok=sum(recalled(t, value) for t in gateway_turns)),
                 "direct": summarize(direct_turns, recall_expected=len(direct_turns),
-                                    recall_ok=sum(recalled(t, value) for t in direct_turns))}
+                                    recall_ok=sum(recalled(t, value) for t in direct_turns)),
+                "paired_median_added_s": percentile(paired, 50),
+                "gateway_cpu_s_per_turn": gateway_cpu / len(gateway_turns)}
 
 
 async def first_turns(bench: Bench, pool: int, backend: str = "local", image: str | None = None) -> dict[str, Any]:

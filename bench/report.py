@@ -112,6 +112,10 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
+def _scaled(value: Any, factor: float) -> float | None:
+    return value * factor if isinstance(value, (int, float)) else None
+
+
 def _difference_ms(num: float | None, den: float | None) -> float | None:
     return (num - den) * 1000 if num is not None and den is not None else None
 
@@ -384,11 +388,15 @@ def markdown(run: dict[str, Any]) -> str:
         for s, label, n in _gateway_rows(results)
     ]
     if gateway_rows:
+        relay = _get(results, "g", "relay") or {}
         out += ["### The gateway (local backend unless said)", "",
                 _table(["path", "status", "turns", "errors", "recall", "p50", "p95", "turns/s", "peak RSS"],
                        gateway_rows), "",
                 f"Relay: p50 through the gateway - straight to the same sandbox = "
-                f"{_num(r['g_relay_added_ms'], '{:+.1f} ms')} (follow-ups alternated between the two paths). "
+                f"{_num(r['g_relay_added_ms'], '{:+.1f} ms')} (follow-ups alternated between the two paths); median "
+                f"of the pairs' differences {_num(_scaled(relay.get('paired_median_added_s'), 1000), '{:+.1f} ms')}; "
+                f"the gateway process's own CPU per relayed turn "
+                f"{_num(_scaled(relay.get('gateway_cpu_s_per_turn'), 1000), '{:.1f} ms')}. "
                 f"First turn, warm pool / no pool: local {_num(r['g_pool_over_no_pool_p50'], '{:.3f}')}, docker "
                 f"{_num(r['g_docker_pool_over_no_pool_p50'], '{:.3f}')}; each first turn starts from steady state "
                 "(pool full, the gateway's process tree quiet). The burst's peak RSS is the whole tree: the gateway, "

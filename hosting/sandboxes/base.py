@@ -236,6 +236,7 @@ class SandboxBackend(abc.ABC):
         its first turn without spawning anything. ``False`` if that did not happen within
         ``timeout`` seconds: the sandbox still works, its first turn just starts a CLI."""
         deadline = time.monotonic() + timeout
+        delay = 0.05  # a CLI starts in about a second, or much later on a busy box: back off
         while True:
             response = await self.ask_ready(sandbox.address, token)
             try:
@@ -246,7 +247,8 @@ class SandboxBackend(abc.ABC):
                 return True
             if time.monotonic() > deadline:
                 return False
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
 
     async def run_command(self, sandbox_id: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
                           timeout: float = 30.0) -> CommandResult:

@@ -54,3 +54,6 @@ def configure_logging(log_format: LogFormat, level: int = logging.INFO) -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level)
+    # httpx logs every request it sends at INFO: for the gateway one line per relayed request and
+    # per readiness probe, beside uvicorn's access line for the request that caused it.
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
