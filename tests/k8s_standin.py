@@ -11,22 +11,42 @@ bumps ``resourceVersion``; errors are ``Status`` objects; requests need the bear
 Anything else (another path, verb, resource, a watch) is refused with 404 or 405 and
 recorded in :attr:`PodsApiStandIn.unexpected`, which the tests assert empty.
 
+The ``exec`` subresource is served as the API serves it to the client library: a
+WebSocket ``GET .../pods/{name}/exec`` with ``command`` (repeated), ``container``,
+``stdin``, ``stdout``, ``stderr`` and ``tty`` in the query, subprotocol
+``v4.channel.k8s.io`` (the first byte of each binary message is its channel: 0 stdin,
+1 stdout, 2 stderr, 3 a ``Status``: ``Success``, or ``Failure`` with reason
+``NonZeroExitCode`` and the exit code in ``details.causes``, as the kubelet sends it).
+It is recorded as ``get`` and ``create`` of ``pods/exec``: RBAC authorises a WebSocket
+exec as ``get``, and API servers from 1.35 also check ``create``. A refused handshake is an
+HTTP ``Status``: 404 for an unknown pod, 400 for one that is not running (pending, or
+completed). A TTY, another container, no command or another subprotocol is refused and
+recorded as unexpected. The command runs as a real process with the pod's container
+environment, in the image's working dir, without a terminal; when the client goes away its
+stdin closes (its output is read and dropped), as a container runtime does.
+
 A thread plays the kubelet. A pending pod whose image is known starts as a real
 ``agent-server`` process (``python -m hosting.server``, the image's ``serve``) on a
 loopback address of its own, ``127.x.y.z``: all of 127.0.0.0/8 is loopback on Linux,
 so every pod listens on its container port (8000) as in a cluster, and that address is
 its ``status.podIP``. The container's environment is the pod's, translated as a
 container runtime would place it: ``emptyDir`` mount paths become temp dirs, and
-``0.0.0.0`` the pod's address (a pod's network namespace holds only its own). The pod
-turns Running, and Ready only while its readiness probe, run as the spec says (path,
+``0.0.0.0`` the pod's address (a pod's network namespace holds only its own), over the
+image's own: ``PATH`` starts with this interpreter's directory (the image's venv, where
+``python3`` has ``hosting``). The pod turns Running, and Ready only while its readiness probe, run as the spec says (path,
 port, headers), answers 2xx or 3xx. A server that exits fails the pod (``restartPolicy:
 Never``); a deleted pod's server gets SIGTERM, then SIGKILL for its whole process group
 after the grace period, and the object goes once nothing of it runs. An unknown image
-waits in ``ErrImagePull``.
+waits in ``ErrImagePull``. Every process of a pod (its server, what that starts, what
+``exec`` starts, even in sessions of their own) carries the pod's uid in the environment
+variable :data:`POD_TAG`, which stands for the container's PID namespace: when the pod is
+deleted or its server exits, every process carrying its tag is killed, as a container's
+are when it stops.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import json
@@ -51,9 +71,10 @@ import jsonpatch
 import uvicorn
 import yaml
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 ROOT = Path(__file__).resolve().parents[1]
 POD_TEMPLATE = ROOT / "hosting" / "kubernetes" / "base" / "agent-pod-template.yaml"
@@ -65,6 +86,11 @@ KUBELET_PERIOD = 0.05
 PROBE_PERIOD = 0.2
 """How often it probes a pod's readiness at most: faster than the template's period, so
 tests do not wait, and no faster, so probes do not load the machine."""
+POD_TAG = "K8S_STANDIN_POD"
+"""The environment variable that marks every process of a pod (see :meth:`PodsApiStandIn._tag`)."""
+EXEC_PROTOCOL = "v4.channel.k8s.io"
+STDIN, STDOUT, STDERR, ERROR = 0, 1, 2, 3
+"""The channels of an exec stream."""
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -115,11 +141,40 @@ def selector_matches(selector: str, labels: dict[str, str]) -> bool:
 class PodRuntime:
     """What runs of a pod here: its server process and its address."""
 
-    def __init__(self, process: subprocess.Popen[bytes], ip: str) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], ip: str, env: dict[str, str]) -> None:
         self.process = process
         self.ip = ip
+        self.env = env
+        """The container's environment, which ``exec`` gives its commands too."""
         self.grace_ends: float | None = None
         self.next_probe = 0.0
+
+
+class ExecChannels:
+    """The channels of one exec's WebSocket: output goes out while the client is there,
+    and is read and dropped once it has gone, as a container runtime does."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+        self.connected = True
+
+    async def send(self, channel: int, data: bytes) -> None:
+        if self.connected:
+            try:
+                await self.websocket.send_bytes(bytes([channel]) + data)
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                self.connected = False
+
+    async def relay(self, stream: asyncio.StreamReader, channel: int) -> None:
+        while chunk := await stream.read(65536):
+            await self.send(channel, chunk)
+
+    async def end(self, ended: dict[str, Any]) -> None:
+        """The ``Status`` on the error channel, then the close."""
+        await self.send(ERROR, json.dumps(ended).encode())
+        if self.connected:
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+                await self.websocket.close()
 
 
 class PodsApiStandIn:
@@ -131,11 +186,14 @@ class PodsApiStandIn:
         self.namespace = namespace
         self.images = images
         self.token = f"standin-{uuid.uuid4().hex}"
+        self._instance = uuid.uuid4().hex
         self.requests: list[tuple[str, str]] = []
         """Every (verb, resource) received, in order."""
         self.unexpected: list[str] = []
         self.patch_types: list[str] = []
         """The ``Content-Type`` of every PATCH received."""
+        self.exec_urls: list[str] = []
+        """The path and query of every exec received, as an API server's audit log has them."""
         self._pods: dict[str, dict[str, Any]] = {}
         self._running: dict[str, PodRuntime] = {}
         self._version = 0
@@ -157,6 +215,8 @@ class PodsApiStandIn:
             Route(PODS, self._collection, methods=["GET", "POST", "DELETE", "PUT", "PATCH"]),
             Route(PODS + "/{name}", self._item, methods=["GET", "POST", "DELETE", "PUT", "PATCH"]),
             Route("/{path:path}", self._elsewhere, methods=["GET", "POST", "DELETE", "PUT", "PATCH"]),
+            WebSocketRoute(PODS + "/{name}/exec", self._exec),
+            WebSocketRoute("/{path:path}", self._websocket_elsewhere),
         ])
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -224,6 +284,7 @@ class PodsApiStandIn:
             running = self._running.get(name)
             if running is not None:
                 found.append(f"process {running.process.pid}")
+        found += [f"process {pid}" for pid in _tagged_pids(self._tag(name)) if running is None or pid != running.process.pid]
         return found + [f"dir {d}" for d in (self.root / "pods" / name).glob("*")]
 
     def kill(self, name: str, timeout: float = 10.0) -> None:
@@ -239,20 +300,26 @@ class PodsApiStandIn:
 
     # --- the API ----------------------------------------------------------------------------
 
+    def _tag(self, name: str) -> str:
+        """The :data:`POD_TAG` of a pod: this stand-in's and the pod's name, so that tests running
+        side by side never take each other's processes for their own."""
+        return f"{self._instance}/{name}"
+
     def _record(self, verb: str, resource: str = "pods") -> None:
         with self._lock:
             self.requests.append((verb, resource))
 
-    def _refuse(self, request: Request, code: int, why: str) -> JSONResponse:
+    def _refuse(self, request: HTTPConnection, code: int, why: str) -> JSONResponse:
         with self._lock:
-            self.unexpected.append(f"{request.method} {request.url.path}?{request.url.query}: {why}")
+            method = request.scope.get("method", "GET (WebSocket)")
+            self.unexpected.append(f"{method} {request.url.path}?{request.url.query}: {why}")
         reason = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 415: "UnsupportedMediaType"}[code]
         return status(code, reason, why)
 
-    def _authorised(self, request: Request) -> bool:
+    def _authorised(self, request: HTTPConnection) -> bool:
         return request.headers.get("authorization") == f"Bearer {self.token}"
 
-    def _check(self, request: Request) -> JSONResponse | None:
+    def _check(self, request: HTTPConnection) -> JSONResponse | None:
         if not self._authorised(request):
             return status(401, "Unauthorized", "Unauthorized")
         if request.path_params["namespace"] != self.namespace:
@@ -303,6 +370,106 @@ class PodsApiStandIn:
             grace = options.get("gracePeriodSeconds", request.query_params.get("gracePeriodSeconds"))
             return self._delete(name, None if grace is None else int(grace))
         return self._refuse(request, 405, f"{request.method} on a pod")
+
+    async def _websocket_elsewhere(self, websocket: WebSocket) -> None:
+        await websocket.send_denial_response(self._refuse(websocket, 404, "the stand-in serves WebSockets only for exec"))
+
+    async def _exec(self, websocket: WebSocket) -> None:
+        """``pods/exec``: the command as a real process, its stdio over the v4 channel protocol."""
+        refused = self._check(websocket)
+        if refused is None:
+            self._record("get", "pods/exec")
+            self._record("create", "pods/exec")
+            with self._lock:
+                self.exec_urls.append(f"{websocket.url.path}?{websocket.url.query}")
+        target = refused or self._exec_target(websocket)
+        if not isinstance(target, PodRuntime):
+            await websocket.send_denial_response(target)
+            return
+        query = websocket.query_params
+        wanted = {name: query.get(name) == "true" for name in ("stdin", "stdout", "stderr")}
+        await websocket.accept(subprotocol=EXEC_PROTOCOL)
+        try:
+            await self._run_exec(websocket, query.getlist("command"), target.env, wanted)
+        except Exception as exc:  # noqa: BLE001 - a stand-in bug must fail the test, not vanish in a log
+            with self._lock:
+                self.unexpected.append(f"exec in pod {websocket.path_params['name']}: {exc!r}")
+
+    def _exec_target(self, websocket: WebSocket) -> JSONResponse | PodRuntime:
+        """The running pod to exec in, or the API's answer why not."""
+        query = websocket.query_params
+        name = websocket.path_params["name"]
+        flags = {flag: query.get(flag, "false") for flag in ("stdin", "stdout", "stderr", "tty")}
+        if set(query) - {"command", "container", *flags}:
+            return self._refuse(websocket, 400, f"exec parameters the stand-in does not serve: {sorted(query)}")
+        if any(value not in ("true", "false") for value in flags.values()) or flags["tty"] == "true":
+            return self._refuse(websocket, 400, f"the stand-in runs exec without a TTY, flags true or false: {flags}")
+        if EXEC_PROTOCOL not in websocket.scope.get("subprotocols", []):
+            return self._refuse(websocket, 400, f"the stand-in serves exec over {EXEC_PROTOCOL} only")
+        if not query.getlist("command"):
+            return self._refuse(websocket, 400, "you must specify at least 1 command")
+        if "true" not in (flags["stdin"], flags["stdout"], flags["stderr"]):
+            return status(400, "BadRequest", "you must specify at least 1 of stdin, stdout, stderr")
+        with self._lock:
+            pod = self._pods.get(name)
+            if pod is None:
+                return status(404, "NotFound", f'pods "{name}" not found', name)
+            container = query.get("container") or _server(pod)["name"]
+            if container != _server(pod)["name"]:
+                return self._refuse(websocket, 400, f"container {container} is not valid for pod {name}")
+            phase = pod["status"]["phase"]
+            if phase in ("Succeeded", "Failed"):
+                return status(400, "BadRequest", f"cannot exec into a container in a completed pod; current phase is {phase}")
+            running = self._running.get(name)
+            if phase != "Running" or running is None or running.process.poll() is not None:
+                return status(400, "BadRequest", f'unable to upgrade connection: container not found ("{container}")')
+            return running
+
+    async def _run_exec(self, websocket: WebSocket, command: list[str], env: dict[str, str],
+                        wanted: dict[str, bool]) -> None:
+        def pipe(stream: str) -> int:
+            return asyncio.subprocess.PIPE if wanted[stream] else asyncio.subprocess.DEVNULL
+
+        channels = ExecChannels(websocket)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *command, cwd=ROOT, env=env, stdin=pipe("stdin"), stdout=pipe("stdout"), stderr=pipe("stderr"),
+                start_new_session=True)
+        except OSError as exc:  # what the runtime answers: a Failure without an exit code
+            await channels.end({"metadata": {}, "status": "Failure", "reason": "InternalError", "code": 500,
+                                "message": f'OCI runtime exec failed: exec: "{command[0]}": {exc.strerror}'})
+            return
+        feeding = asyncio.create_task(self._feed_stdin(channels, process))
+        await asyncio.gather(*(channels.relay(stream, channel) for stream, channel in
+                               ((process.stdout, STDOUT), (process.stderr, STDERR)) if stream is not None))
+        code = await process.wait()
+        feeding.cancel()
+        exit_code = 128 - code if code < 0 else code
+        if not exit_code:
+            await channels.end({"metadata": {}, "status": "Success"})
+            return
+        await channels.end({"metadata": {}, "status": "Failure", "reason": "NonZeroExitCode",
+                            "message": f"command terminated with non-zero exit code: error executing command "
+                                       f"{command}, exit code {exit_code}",
+                            "details": {"causes": [{"reason": "ExitCode", "message": str(exit_code)}]}})
+
+    async def _feed_stdin(self, channels: ExecChannels, process: asyncio.subprocess.Process) -> None:
+        """Channel 0 to the command's stdin; when the client goes, its stdin closes."""
+        while True:
+            message = await channels.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                channels.connected = False
+                if process.stdin is not None:
+                    process.stdin.close()
+                return
+            data = message.get("bytes")
+            if not data or data[0] != STDIN or process.stdin is None:
+                with self._lock:
+                    self.unexpected.append(f"exec: a message the stand-in does not serve: {message!r:.200}")
+                continue
+            process.stdin.write(data[1:])
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                await process.stdin.drain()
 
     def _create(self, pod: dict[str, Any]) -> JSONResponse:
         metadata = pod.setdefault("metadata", {})
@@ -462,10 +629,11 @@ class PodsApiStandIn:
             if mount["name"] in emptydirs:
                 mounts[mount["mountPath"]] = pod_dir / mount["name"]
                 mounts[mount["mountPath"]].mkdir(parents=True, exist_ok=True)
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONUNBUFFERED": "1",
-               "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")]),
+               "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
         for entry in container.get("env") or []:
             env[entry["name"]] = _placed(entry["value"], mounts, ip)
+        env[POD_TAG] = self._tag(name)
         log = self.root / "pods" / f"{name}.log"
         setpriv = shutil.which("setpriv")
         guard = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
@@ -473,7 +641,7 @@ class PodsApiStandIn:
             process = subprocess.Popen([*guard, sys.executable, "-m", "hosting.server"], cwd=ROOT, env=env,
                                        stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                                        start_new_session=True)
-        self._running[name] = PodRuntime(process, ip)
+        self._running[name] = PodRuntime(process, ip, env)
         started = _now()
         pod["status"].update(
             phase="Running", podIP=ip, podIPs=[{"ip": ip}], hostIP="127.0.0.1", startTime=started,
@@ -497,6 +665,7 @@ class PodsApiStandIn:
         container.update(ready=False, started=False, state={"terminated": {
             "exitCode": exit_code, "reason": "Error" if exit_code else "Completed", "finishedAt": _now()}})
         pod["status"]["phase"] = "Failed" if exit_code else "Succeeded"
+        _kill_tagged(self._tag(name))  # the container stopped: nothing of it runs on
         for condition in pod["status"]["conditions"]:
             if condition["type"] in ("Ready", "ContainersReady"):
                 condition["status"] = "False"
@@ -514,12 +683,14 @@ class PodsApiStandIn:
         self._store(name, pod)
 
     def _end(self, name: str) -> None:
-        """Kill what runs of a pod (its process group) and remove its emptyDirs."""
+        """Kill what runs of a pod (its server's process group, every process with its tag)
+        and remove its emptyDirs."""
         running = self._running.pop(name, None)
         if running is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(running.process.pid, signal.SIGKILL)
             running.process.wait(10)
+        _kill_tagged(self._tag(name))
         shutil.rmtree(self.root / "pods" / name, ignore_errors=True)  # its output (<name>.log) stays, to read
 
     def _free_ip(self, port: int) -> str:
@@ -549,6 +720,30 @@ def _port(pod: dict[str, Any], port: int | str) -> int:
         return port
     found: int = next(p["containerPort"] for p in _server(pod).get("ports") or [] if p.get("name") == port)
     return found
+
+
+def _tagged_pids(tag: str) -> list[int]:
+    """Every live process whose environment carries ``POD_TAG=tag`` (a zombie's shows none)."""
+    entry = f"{POD_TAG}={tag}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if entry in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def _kill_tagged(tag: str) -> None:
+    """SIGKILL every process of a pod, again until none is left (one may fork meanwhile)."""
+    deadline = time.monotonic() + 10
+    while pids := _tagged_pids(tag):
+        assert time.monotonic() < deadline, f"processes {pids} of {tag} do not die"
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
 
 
 def _placed(value: str, mounts: dict[str, Path], ip: str) -> str:

@@ -87,6 +87,9 @@ class Harness:
     conversation lives in the SessionStore, so only "in use" applies)."""
     close: Callable[[], None] = lambda: None
     """Release the harness's own engine client."""
+    command_uid: int = 10001
+    """The uid commands in a sandbox run as: the image's user, or the test's own where the
+    engine runs sandboxes as plain processes (local; the kubernetes stand-in's kubelet)."""
     specs: list[SandboxSpec] = field(default_factory=list)
 
     def spec(self, session_id: str | None = SESSION, volume: str | None = None,
@@ -201,7 +204,7 @@ def local_harness(data_dir: Path, env: dict[str, str], installation: str) -> Har
         kill=kill_local,
         traces=traces, volume_exists=lambda volume: (data_dir / "volumes" / volume).exists(),
         replica=lambda: LocalBackend(data_dir, installation),
-        stranger=lambda: LocalBackend(data_dir, "someone-else"), failing=failing,
+        stranger=lambda: LocalBackend(data_dir, "someone-else"), failing=failing, command_uid=os.getuid(),
     )
 
 
@@ -278,7 +281,7 @@ def kubernetes_harness(standin: PodsApiStandIn, kubeconfig: Path, env: dict[str,
         kill=lambda sandbox: standin.kill(pod_name(sandbox.sandbox_id)),
         traces=lambda sandbox_id, pid: standin.traces(pod_name(sandbox_id)),
         volume_exists=lambda volume: False, replica=backend, stranger=lambda: backend(f"{installation}-other"),
-        failing=failing, volumes_on_engine=False,
+        failing=failing, volumes_on_engine=False, command_uid=os.getuid(),
     ), opened
 
 
@@ -462,6 +465,77 @@ async def test_replicas_share_sandboxes_and_installations_do_not(harness: Harnes
     assert not await first.exists(spec.sandbox_id)
     assert await first.health(sandbox, spec.token) is Health.GONE
     await eventually(lambda: harness.traces(spec.sandbox_id, sandbox.pid) == [])
+
+
+PROBE = """
+import json, os, sys
+import hosting
+with open("probe.txt", "a") as f:
+    f.write(sys.argv[1] + "\\n")
+print(json.dumps({"cwd": os.getcwd(), "uid": os.getuid(), "given": os.environ.get("GIVEN"),
+                  "data": os.environ.get("AGENT_DATA_DIR"), "argv": sys.argv[1:]}))
+print("to stderr", file=sys.stderr)
+sys.exit(3)
+"""
+
+BACKGROUND = """
+import os, sys, time
+open("started.txt", "w").write(os.environ["GIVEN"])
+time.sleep(1.5)
+open("finished.txt", "w").write("after the caller returned")
+"""
+
+
+async def test_commands_run_in_the_sandbox_as_its_user_in_its_data_dir(harness: Harness) -> None:
+    """``run_command``: the sandbox's python with ``hosting`` importable, in its data dir,
+    with the given environment (not in argv), as its user (the image's), with its exit
+    status and both output streams; bounded by ``timeout``. ``start_command`` returns at
+    once and its command goes on without the caller. Neither runs in a sandbox that is
+    not running. The memory backend runs no commands and says so."""
+    backend = harness.backend
+    spec = harness.spec()
+    sandbox = await backend.create(spec)
+    await backend.wait_ready(sandbox, spec.token, READY_TIMEOUT)
+    probe = ("python3", "-c", PROBE, "first word", "it's $HOME")
+    if not harness.real:
+        with pytest.raises(SandboxError, match="cannot run commands"):
+            await backend.run_command(spec.sandbox_id, probe)
+        with pytest.raises(SandboxError, match="cannot run commands"):
+            await backend.start_command(spec.sandbox_id, probe)
+        return
+
+    result = await backend.run_command(spec.sandbox_id, probe, env={"GIVEN": "value with spaces"})
+    assert result.exit_code == 3, result.output
+    assert "to stderr" in result.output
+    seen = json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
+    assert seen["given"] == "value with spaces"
+    assert seen["argv"] == ["first word", "it's $HOME"]
+    assert seen["cwd"] == seen["data"]
+    assert seen["uid"] == harness.command_uid
+
+    again = await backend.run_command(spec.sandbox_id, ("python3", "-c", "print(open('probe.txt').read())"))
+    assert (again.exit_code, again.output.strip()) == (0, "first word")
+    with pytest.raises(SandboxError, match="did not end"):
+        await backend.run_command(spec.sandbox_id, ("python3", "-c", "import time; time.sleep(30)"), timeout=1)
+
+    started = time.monotonic()
+    await backend.start_command(spec.sandbox_id, ("python3", "-c", BACKGROUND), env={"GIVEN": "in the background"})
+    assert time.monotonic() - started < 1.5
+
+    async def read(name: str) -> str | None:
+        found = await backend.run_command(spec.sandbox_id, ("python3", "-c", f"print(open({name!r}).read())"))
+        return found.output.strip() if found.exit_code == 0 else None
+
+    deadline = time.monotonic() + 20
+    while await read("finished.txt") is None:
+        assert time.monotonic() < deadline, "the background command did not finish"
+        await asyncio.sleep(0.2)
+    assert await read("started.txt") == "in the background"
+
+    await backend.delete(spec.sandbox_id)
+    for call in (backend.run_command, backend.start_command):
+        with pytest.raises(SandboxError):
+            await call(spec.sandbox_id, ("python3", "-c", "pass"))
 
 
 # --- what only some engines have ---------------------------------------------------------------

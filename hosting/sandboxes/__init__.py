@@ -9,6 +9,8 @@ Modules:
 - ``docker``: containers of the product image (needs the ``docker`` extra)
 - ``kubernetes``: pods from one pod template (needs the ``kubernetes`` extra)
 - ``modal``: Modal Sandboxes, and the one definition of the agent's sandbox (needs the ``modal`` extra)
+- ``settings``: which backend a host uses and its options, read once under the host's prefix
+- ``launch``: runs inside a sandbox; starts a command sent on stdin (the kubernetes backend's exec)
 
 The backend modules are imported where chosen, so the Docker SDK (or the Kubernetes
 client) is needed only by a gateway that uses it.

@@ -31,8 +31,16 @@ Volumes: ``/data`` is an ``emptyDir`` that goes with its pod. A conversation out
 its pod through the server's SessionStore (``AGENT_SESSION_STORE``), keyed by session
 id, so a volume here is only a name on the pod (see :meth:`KubernetesBackend.delete_volume`).
 
+Commands in a sandbox (:meth:`KubernetesBackend.run_command`, ``start_command``) go
+through the pods ``exec`` subresource, over the client library's WebSocket support, into
+the server container, as the pod's user. The exec request names only
+``python3 -m hosting.sandboxes.launch``; the real argv and env travel on its stdin (see
+:mod:`hosting.sandboxes.launch`), because API servers write exec URLs to their audit
+logs and env may hold a secret. They end with the pod.
+
 API calls used (the gateway Role must grant exactly these): pods ``create``, ``get``,
-``list``, ``patch``, ``delete``.
+``list``, ``patch``, ``delete``; for commands also ``pods/exec`` ``get`` and ``create``
+(a WebSocket exec is authorised as ``get``, and from Kubernetes 1.35 as ``create`` too).
 """
 
 from __future__ import annotations
@@ -42,21 +50,35 @@ import builtins
 import copy
 import hashlib
 import ipaddress
+import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import yaml
 
+from hosting.sandboxes import launch
 from hosting.sandboxes._shared import finish_or_delete
-from hosting.sandboxes.base import Sandbox, SandboxBackend, SandboxError, SandboxSpec, check_sandbox_id, check_volume
+from hosting.sandboxes.base import (
+    CommandResult,
+    Sandbox,
+    SandboxBackend,
+    SandboxError,
+    SandboxSpec,
+    check_sandbox_id,
+    check_volume,
+)
 
 try:
+    import aiohttp
     from kubernetes.aio.client import ApiClient, Configuration, CoreV1Api, V1DeleteOptions, V1Pod
     from kubernetes.aio.client.exceptions import ApiException
     from kubernetes.aio.config import load_incluster_config, load_kube_config
     from kubernetes.aio.config.config_exception import ConfigException
+    from kubernetes.aio.stream import WsApiClient
+    from kubernetes.aio.stream.ws_client import ERROR_CHANNEL, STDERR_CHANNEL, STDIN_CHANNEL, STDOUT_CHANNEL
 except ImportError:
     _HAVE_CLIENT = False
 else:
@@ -80,6 +102,9 @@ CANNOT_START = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName"
                           "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
                           "CrashLoopBackOff"})
 """Reasons a container waits for ever: a create that sees one gives up at once."""
+
+COMMAND_START_TIMEOUT = 30.0
+"""How long :meth:`KubernetesBackend.start_command` waits for the launcher to start a command."""
 
 _T = TypeVar("_T")
 
@@ -156,6 +181,7 @@ class KubernetesBackend(SandboxBackend):
         self._client: ApiClient | None = api_client
         self._owns_client = api_client is None
         self._api: CoreV1Api | None = None
+        self._ws_client: WsApiClient | None = None
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
 
@@ -319,6 +345,70 @@ class KubernetesBackend(SandboxBackend):
         patched = await self._call(lambda api: api.patch_namespaced_pod(name, self.namespace, patch), allow=(422,))
         return self._sandbox(patched) if patched is not None else None
 
+    async def run_command(self, sandbox_id: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+                          timeout: float = 30.0) -> CommandResult:
+        """On timeout the exec stream is closed, so the launcher's stdin closes and it kills the command."""
+        request = launch.encode_request(argv, env, detach=False)
+        try:
+            exit_code, output = await asyncio.wait_for(self._exec(sandbox_id, request), timeout)
+        except TimeoutError:
+            raise SandboxError(f"sandbox {sandbox_id}: {argv[0]} did not end within {timeout:.0f} s") from None
+        if exit_code == launch.CANNOT_START and output.startswith(launch.FAILED):
+            raise SandboxError(f"sandbox {sandbox_id}: {output.removeprefix(launch.FAILED).strip()}")
+        return CommandResult(exit_code, output)
+
+    async def start_command(self, sandbox_id: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        """Returns once the launcher has started the command in a session of its own and exited."""
+        request = launch.encode_request(argv, env, detach=True)
+        try:
+            exit_code, output = await asyncio.wait_for(self._exec(sandbox_id, request), COMMAND_START_TIMEOUT)
+        except TimeoutError:
+            raise SandboxError(f"sandbox {sandbox_id}: {argv[0]} did not start within {COMMAND_START_TIMEOUT:.0f} s") \
+                from None
+        if exit_code != 0:
+            raise SandboxError(f"sandbox {sandbox_id}: {output.removeprefix(launch.FAILED).strip()}")
+
+    async def _exec(self, sandbox_id: str, request: bytes) -> tuple[int, str]:
+        """Run the launcher in the sandbox's server container with ``request`` on its stdin;
+        its exit status (from the error channel's ``Status``) and its output."""
+        pod = await self._read(sandbox_id)
+        if pod is None or not _is_live(pod) or pod.status is None or pod.status.phase != "Running":
+            raise SandboxError(f"sandbox {sandbox_id} is not running")
+        api = CoreV1Api(await self._streams())
+        output = bytearray()
+        ended: bytes | None = None
+        try:
+            # the generated signature says ClientResponse; WsApiClient hands back aiohttp's ws_connect
+            connecting = cast(AbstractAsyncContextManager[aiohttp.ClientWebSocketResponse],
+                              await api.connect_get_namespaced_pod_exec_without_preload_content(
+                                  pod_name(sandbox_id), self.namespace, command=list(launch.COMMAND),
+                                  container=SERVER_CONTAINER, stdin=True, stdout=True, stderr=True, tty=False))
+            async with connecting as stream:
+                await stream.send_bytes(bytes([STDIN_CHANNEL]) + request)
+                async for message in stream:
+                    if message.type is not aiohttp.WSMsgType.BINARY or not message.data:
+                        continue
+                    channel, data = message.data[0], message.data[1:]
+                    if channel in (STDOUT_CHANNEL, STDERR_CHANNEL):
+                        output += data
+                    elif channel == ERROR_CHANNEL:
+                        ended = data
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (400, 404):  # gone, or not running (any more)
+                raise SandboxError(f"sandbox {sandbox_id} is not running: {exc.status} {exc.message}") from None
+            raise SandboxError(f"kubernetes: exec: {exc.status} {exc.message}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise SandboxError(f"kubernetes: exec: cannot reach the API server: {exc}") from None
+        return _exit_code(sandbox_id, ended), output.decode(errors="replace")
+
+    async def _streams(self) -> WsApiClient:
+        """The client for exec streams, made on first use with the API client's configuration."""
+        if self._ws_client is None:
+            await self._core()
+            assert self._client is not None
+            self._ws_client = WsApiClient(self._client.configuration)  # type: ignore[no-untyped-call]
+        return self._ws_client
+
     def _sandbox(self, pod: V1Pod) -> Sandbox:
         annotations = pod.metadata.annotations if pod.metadata and pod.metadata.annotations else {}
         ip = pod.status.pod_ip if pod.status else None
@@ -332,6 +422,9 @@ class KubernetesBackend(SandboxBackend):
 
     async def aclose(self) -> None:
         await super().aclose()
+        if self._ws_client is not None:
+            await self._ws_client.close()  # type: ignore[no-untyped-call]
+            self._ws_client = None
         if self._owns_client and self._client is not None:
             await self._client.close()  # type: ignore[no-untyped-call]
             self._client = None
@@ -351,6 +444,23 @@ def _is_live(pod: V1Pod) -> bool:
 def _is_ready(pod: V1Pod) -> bool:
     conditions = pod.status.conditions if pod.status else None
     return any(c.type == "Ready" and c.status == "True" for c in conditions or [])
+
+
+def _exit_code(sandbox_id: str, ended: bytes | None) -> int:
+    """The exit status in the error channel's ``Status``, read as the client library's
+    ``parse_error_data`` reads it; :class:`SandboxError` if the stream ended without one, or
+    with a failure that is no exit status (the runtime could not start the launcher)."""
+    if ended is None:
+        raise SandboxError(f"sandbox {sandbox_id}: the exec stream ended without an exit status")
+    try:
+        code: int = WsApiClient.parse_error_data(ended)  # type: ignore[no-untyped-call]
+    except (ValueError, KeyError, IndexError, TypeError):
+        try:
+            why = json.loads(ended).get("message")
+        except (ValueError, AttributeError):
+            why = None
+        raise SandboxError(f"sandbox {sandbox_id}: the command could not start: {why or 'no reason given'}") from None
+    return code
 
 
 def _failure(pod: V1Pod) -> str | None:
