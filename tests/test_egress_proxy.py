@@ -2,9 +2,11 @@
 
     sandbox netns             proxy netns                          upstream netns
     10.231.1.2 ── veth ── 10.231.1.1 | 10.231.2.1 ── veth ── 10.231.2.2
-    the agent, the CLI,       Debian's nginx started by the        TLS stand-in: the local model
-    a placeholder key         project's entrypoint.sh and          and a recorder of every
-    (the pod template's env)  template; the key from a file        request's headers
+    the agent, the CLI,       Debian's nginx started by the        TLS stand-in: the local model,
+    a placeholder key         project's entrypoint.sh and          the environment stand-in and
+    (the pod template's env); template; the key from a file        a recorder of every request's
+    a Managed Agents runner   (model port, runner port)            headers
+    with its item's token
 
 No netns has a default route, so the sandbox can address only the proxy's subnet, and the
 proxy netns does not forward. The upstream's certificate comes from a CA made here, which
@@ -16,6 +18,7 @@ the end, also when a test fails.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import datetime
@@ -50,10 +53,13 @@ PROXY_DIR = ROOT / "hosting/kubernetes/egress-proxy"
 POD_TEMPLATE = ROOT / "hosting/kubernetes/base/agent-pod-template.yaml"
 UPSTREAM_HOST = "api.anthropic.test"
 SANDBOX_IP, PROXY_IP, PROXY_UPSTREAM_SIDE_IP, UPSTREAM_IP = "10.231.1.2", "10.231.1.1", "10.231.2.1", "10.231.2.2"
-PROXY_PORT, HEALTH_PORT = 8080, 8081
-UNTRUSTING_PORT, UNTRUSTING_HEALTH_PORT = 8090, 8091
+PROXY_PORT, HEALTH_PORT, RUNNER_PORT = 8080, 8081, 8082
+UNTRUSTING_PORT, UNTRUSTING_HEALTH_PORT, UNTRUSTING_RUNNER_PORT = 8090, 8091, 8092
 PROXY_UID, SANDBOX_UID = 10002, 10001  # the egress proxy image's user, the agent image's user
 CLONE_NEWNET = 0x40000000
+ENVIRONMENT_KEY = f"envkey-{secrets.token_hex(16)}"  # the environment stand-in's; never given to the sandbox
+# A path that streams, on each forwarding port (the runner port forwards only the runner's calls).
+STREAM_PATHS = {PROXY_PORT: "/v1/test/stream", RUNNER_PORT: "/v1/sessions/sesn_stream/events/stream"}
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nginx", path="/usr/sbin"),
                                 reason="needs root (network namespaces), iproute2 and nginx: scripts/install-test-tools.sh")
@@ -146,15 +152,54 @@ def make_pki(directory: Path) -> Pki:
 
 # --- the upstream stand-in (runs in the upstream netns under uvicorn with TLS) ------------
 
+def environments_app(key: str) -> Callable[..., Any]:
+    """The Managed Agents environment stand-in (tests/environments_standin), with what an
+    orchestrator does outside the sandbox under ``/test/environments/``: create a session
+    (its work item polled and acknowledged with the environment key, through the stand-in's
+    own HTTP API) and read back what the session's runner did."""
+    from fastapi import FastAPI
+
+    from tests.environments_standin.service import BETA, EnvironmentStandIn
+
+    environments = EnvironmentStandIn(environment_key=key)
+    control = FastAPI()
+
+    @control.post("/test/environments/sessions")
+    async def create(turn: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+        session_id = environments.create_session(turn)
+        path = f"/v1/environments/{environments.environment_id}/work"
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=environments.app), base_url="http://standin",
+                                     headers={"authorization": f"Bearer {key}", "anthropic-beta": BETA}) as orchestrator:
+            item = (await orchestrator.get(f"{path}/poll")).raise_for_status().json()
+            (await orchestrator.post(f"{path}/{item['id']}/ack")).raise_for_status()
+        return {"environment_id": item["environment_id"], "work_id": item["id"], "session_id": session_id,
+                "secret": item["secret"]}
+
+    @control.get("/test/environments/sessions/{session_id}")
+    async def done(session_id: str) -> dict[str, Any]:
+        (item,) = environments.items_of(session_id)
+        runners = [c for c in environments.calls if c.route not in ("poll", "poll.delivered", "ack")]
+        return {"results": environments.results(session_id), "item_state": item.state, "unexpected": environments.unexpected,
+                "credentials": sorted({c.credential for c in runners})}
+
+    async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        await (control if scope["path"].startswith("/test/") else environments.app)(scope, receive, send)
+
+    return app
+
+
 def upstream_app() -> Callable[..., Any]:
     """The local model behind a recorder: every request's path and headers are appended to
-    ``$EGRESS_TEST_RECORD``. ``/v1/test/stream`` sends one SSE event, then waits for the
-    file ``$EGRESS_TEST_RELEASE`` before the last, so a test can tell streaming from buffering."""
+    ``$EGRESS_TEST_RECORD``. The stream paths send one SSE event, then wait for the file
+    ``$EGRESS_TEST_RELEASE`` before the last, so a test can tell streaming from buffering.
+    Requests with the Managed Agents beta header, and ``/test/environments/``, go to the
+    environment stand-in (``environments_app``)."""
     from hosting.local_model import create_app
 
     record = Path(os.environ["EGRESS_TEST_RECORD"])
     release = Path(os.environ["EGRESS_TEST_RELEASE"])
     model = create_app()
+    environments = environments_app(os.environ["EGRESS_TEST_ENVIRONMENT_KEY"])
 
     async def stream(send: Callable[..., Any]) -> None:
         import asyncio
@@ -171,8 +216,12 @@ def upstream_app() -> Callable[..., Any]:
             headers = [[k.decode("latin-1").lower(), v.decode("latin-1")] for k, v in scope["headers"]]
             with record.open("a") as out:
                 out.write(json.dumps({"path": scope["path"], "headers": headers}) + "\n")
-            if scope["path"] == "/v1/test/stream":
+            if scope["path"] in STREAM_PATHS.values():
                 await stream(send)
+                return
+            if scope["path"].startswith("/test/environments/") or any(
+                    k == "anthropic-beta" and "managed-agents" in v for k, v in headers):
+                await environments(scope, receive, send)
                 return
         await model(scope, receive, send)
 
@@ -288,7 +337,8 @@ def upstream(topology: Topology) -> Iterator[Upstream]:
     processes = Processes()
     stand_in = Upstream(topology.workdir / "upstream-requests.jsonl", topology.workdir / "release")
     log = topology.workdir / "upstream.log"
-    env = {**os.environ, "EGRESS_TEST_RECORD": str(stand_in.record), "EGRESS_TEST_RELEASE": str(stand_in.release)}
+    env = {**os.environ, "EGRESS_TEST_RECORD": str(stand_in.record), "EGRESS_TEST_RELEASE": str(stand_in.release),
+           "EGRESS_TEST_ENVIRONMENT_KEY": ENVIRONMENT_KEY}
     try:
         process = processes.start(
             ["ip", "netns", "exec", topology.upstream, sys.executable, "-m", "uvicorn", "--factory",
@@ -301,7 +351,8 @@ def upstream(topology: Topology) -> Iterator[Upstream]:
         processes.stop()
 
 
-def start_proxy(topology: Topology, processes: Processes, name: str, ca_file: Path, port: int, health_port: int) -> None:
+def start_proxy(topology: Topology, processes: Processes, name: str, ca_file: Path, port: int, health_port: int,
+                runner_port: int) -> None:
     """The project's entrypoint.sh, as the proxy's own uid, in the proxy netns."""
     private = topology.workdir / name
     private.mkdir(mode=0o700)
@@ -312,7 +363,7 @@ def start_proxy(topology: Topology, processes: Processes, name: str, ca_file: Pa
         os.chown(path, PROXY_UID, PROXY_UID)
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "EGRESS_UPSTREAM_HOST": UPSTREAM_HOST, "EGRESS_UPSTREAM_PORT": "443",
            "EGRESS_CA_FILE": str(ca_file), "EGRESS_KEY_FILE": str(key_file), "EGRESS_RUN_DIR": str(private / "run"),
-           "EGRESS_PORT": str(port), "EGRESS_HEALTH_PORT": str(health_port)}
+           "EGRESS_PORT": str(port), "EGRESS_HEALTH_PORT": str(health_port), "EGRESS_RUNNER_PORT": str(runner_port)}
     log = topology.workdir / f"{name}.log"
     log.touch()
     # nginx reopens /dev/stdout (its access log): in a pod that is a pipe runc gave the
@@ -328,9 +379,9 @@ def start_proxy(topology: Topology, processes: Processes, name: str, ca_file: Pa
 def proxy(topology: Topology, upstream: Upstream) -> Iterator[None]:
     processes = Processes()
     try:
-        start_proxy(topology, processes, "proxy", topology.pki.ca, PROXY_PORT, HEALTH_PORT)
+        start_proxy(topology, processes, "proxy", topology.pki.ca, PROXY_PORT, HEALTH_PORT, RUNNER_PORT)
         start_proxy(topology, processes, "untrusting-proxy", topology.pki.other_ca, UNTRUSTING_PORT,
-                    UNTRUSTING_HEALTH_PORT)
+                    UNTRUSTING_HEALTH_PORT, UNTRUSTING_RUNNER_PORT)
         yield
     finally:
         processes.stop()
@@ -349,6 +400,14 @@ def sandbox_client() -> httpx.Client:
     return httpx.Client(base_url=f"http://{PROXY_IP}:{PROXY_PORT}", timeout=10,
                         headers={"host": "egress-proxy:8080", "x-api-key": PLACEHOLDER,
                                  "authorization": f"Bearer {PLACEHOLDER}"})
+
+
+def runner_client(token: str) -> httpx.Client:
+    """What a Managed Agents tool runner does: its work item's sessions token as the Bearer
+    credential (the SDK sends no x-api-key then; this sends the placeholder anyway)."""
+    return httpx.Client(base_url=f"http://{PROXY_IP}:{RUNNER_PORT}", timeout=10,
+                        headers={"host": f"egress-proxy:{RUNNER_PORT}", "authorization": f"Bearer {token}",
+                                 "x-api-key": PLACEHOLDER})
 
 
 def template_env() -> dict[str, str]:
@@ -413,14 +472,108 @@ def test_other_hosts_and_paths_outside_v1_are_refused(topology, upstream, proxy)
     assert len(upstream.requests_tagged("allowed")) == 1
 
 
-def test_server_sent_events_are_not_buffered(topology, upstream, proxy):
+# Every call anthropic 2.14.0's EnvironmentWorker.handle_item makes (the runner in an agent pod).
+RUNNER_CALLS = [
+    ("POST", "/v1/environments/env_01/work/work_01/heartbeat?expected_last_heartbeat=NO_HEARTBEAT"),
+    ("POST", "/v1/environments/env_01/work/work_01/stop"),
+    ("GET", "/v1/sessions/sesn_01"),
+    ("GET", "/v1/sessions/sesn_01/events?limit=1000"),
+    ("POST", "/v1/sessions/sesn_01/events"),
+    ("GET", "/v1/sessions/sesn_01/events/stream"),
+    ("GET", "/v1/skills/skill_01/versions/latest"),
+    ("GET", "/v1/skills/skill_01/versions/1759178010641129/content"),
+    ("GET", "/v1/memory_stores/memstore_01/memories?view=full"),
+    ("POST", "/v1/memory_stores/memstore_01/memories"),
+    ("GET", "/v1/memory_stores/memstore_01/memories/mem_01"),
+    ("POST", "/v1/memory_stores/memstore_01/memories/mem_01"),
+    ("DELETE", "/v1/memory_stores/memstore_01/memories/mem_01"),
+]
+
+
+def test_the_runner_port_passes_the_runners_own_token_and_never_the_key(topology, upstream, proxy):
+    """Each of the runner's calls reaches the upstream with exactly the Authorization it
+    was sent with, no x-api-key (the placeholder dropped, the real key never added), the
+    path and query as sent; and neither the token nor the key is logged."""
+    token = f"sst_{secrets.token_urlsafe(24)}"
+
+    def call() -> list[int]:
+        with runner_client(token) as client:
+            return [client.request(method, path, headers={"x-test-id": f"runner {method} {path}"}).status_code
+                    for method, path in RUNNER_CALLS]
+
+    statuses = in_netns(topology.sandbox, call)
+    assert 421 not in statuses and 502 not in statuses, statuses
+    for method, path in RUNNER_CALLS:
+        (seen,) = upstream.requests_tagged(f"runner {method} {path}")
+        headers = seen["headers"]
+        assert seen["path"] == path.split("?")[0]
+        assert [v for k, v in headers if k == "authorization"] == [f"Bearer {token}"]
+        assert [v for k, v in headers if k == "x-api-key"] == []
+        assert [v for k, v in headers if k == "host"] == [UPSTREAM_HOST]
+    records = json.dumps([upstream.requests_tagged(f"runner {m} {p}") for m, p in RUNNER_CALLS])
+    assert topology.real_key not in records and PLACEHOLDER not in records
+    log = (topology.workdir / "proxy.log").read_text()
+    assert "/v1/sessions/sesn_01/events" in log  # the access log is this file
+    assert token not in log and topology.real_key not in log and "expected_last_heartbeat" not in log
+
+
+def test_the_runner_port_refuses_everything_else_and_sends_nothing(topology, upstream, proxy):
+    """Not a runner's call, not the proxy's name, or a path that could mean another one
+    upstream: refused on the runner port (404 JSON or 421), and nothing reaches the upstream."""
+
+    def request(line: str, host: str = "egress-proxy") -> bytes:
+        return (f"{line} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer sst_refused\r\n"
+                "x-test-id: runner-refused\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").encode()
+
+    requests = {
+        "messages": request("POST /v1/messages"),
+        "models": request("GET /v1/models"),
+        "poll (the environment key's)": request("GET /v1/environments/env_01/work/poll?block_ms=999"),
+        "ack (the orchestrator's)": request("POST /v1/environments/env_01/work/work_01/ack"),
+        "create a session": request("POST /v1/sessions"),
+        "delete a session": request("DELETE /v1/sessions/sesn_01"),
+        "another method": request("PUT /v1/sessions/sesn_01/events"),
+        "upload a skill": request("POST /v1/skills/skill_01/versions"),
+        "encoded slash": request("GET /v1/sessions/sesn_01%2F..%2F..%2Fmessages"),
+        "encoded id": request("GET /v1/sessions/%73esn_01"),
+        "dot segments": request("GET /v1/sessions/../messages"),
+        "trailing path": request("GET /v1/sessions/sesn_01/events/stream/more"),
+        "outside /v1/": request("GET /local/requests"),
+        "other host": request("GET /v1/sessions/sesn_01", host="api.anthropic.com"),
+        "absolute URL": request("GET https://example.org/v1/sessions/sesn_01"),
+    }
+
+    def send_all() -> dict[str, tuple[int, bytes]]:
+        answers = {}
+        for name, data in requests.items():
+            with socket.create_connection((PROXY_IP, RUNNER_PORT), timeout=10) as conn:
+                conn.sendall(data)
+                reply = conn.makefile("rb").read()
+            answers[name] = (int(reply.split()[1]), reply.split(b"\r\n\r\n", 1)[1])
+        return answers
+
+    answers = in_netns(topology.sandbox, send_all)
+    refused = {name: status for name, (status, _) in answers.items()}
+    assert refused == {name: 421 if name in ("other host", "absolute URL") else 404 for name in requests}
+    assert json.loads(answers["messages"][1]) == {"detail": "the runner port forwards only the calls of a Managed Agents runner"}
+    assert upstream.requests_tagged("runner-refused") == []
+    # The same request, for a runner's call, goes through: the refusals above are the rules.
+    allowed = request("GET /v1/sessions/sesn_01").replace(b"runner-refused", b"runner-allowed")
+    assert in_netns(topology.sandbox, lambda: raw_request(allowed, RUNNER_PORT)) == 404  # the local model's answer
+    assert len(upstream.requests_tagged("runner-allowed")) == 1
+
+
+@pytest.mark.parametrize("port", [PROXY_PORT, RUNNER_PORT])
+def test_server_sent_events_are_not_buffered(topology, upstream, proxy, port):
     """The upstream holds its last event until the client has read the first, so the first
     must cross the proxy while the response is still open; a proxy that held responses
     back would leave the client waiting until the read timed out."""
+    upstream.release.unlink(missing_ok=True)
 
     def stream() -> list[str]:
         events = []
-        with sandbox_client() as client, client.stream("GET", "/v1/test/stream", headers={"x-test-id": "sse"}) as response:
+        client = sandbox_client() if port == PROXY_PORT else runner_client("sst_stream")
+        with client, client.stream("GET", STREAM_PATHS[port], headers={"x-test-id": f"sse-{port}"}) as response:
             for line in response.iter_lines():
                 if line.startswith("event:"):
                     events.append(line.split(":", 1)[1].strip())
@@ -432,14 +585,17 @@ def test_server_sent_events_are_not_buffered(topology, upstream, proxy):
 
 
 def test_the_proxy_verifies_the_upstreams_certificate(topology, upstream, proxy):
-    """A proxy that trusts another CA refuses the stand-in's certificate: nothing is sent."""
+    """A proxy that trusts another CA refuses the stand-in's certificate on both ports: nothing is sent."""
 
-    def call() -> int:
-        with httpx.Client(base_url=f"http://{PROXY_IP}:{UNTRUSTING_PORT}", timeout=10,
+    def call() -> tuple[int, int]:
+        with httpx.Client(base_url=f"http://{PROXY_IP}", timeout=10,
                           headers={"host": "egress-proxy", "x-test-id": "untrusted"}) as client:
-            return client.post("/v1/messages/count_tokens", json={"messages": []}).status_code
+            model = client.post(f"http://{PROXY_IP}:{UNTRUSTING_PORT}/v1/messages/count_tokens", json={"messages": []})
+            runner = client.get(f"http://{PROXY_IP}:{UNTRUSTING_RUNNER_PORT}/v1/sessions/sesn_untrusted",
+                                headers={"authorization": "Bearer sst_untrusted"})
+            return model.status_code, runner.status_code
 
-    assert in_netns(topology.sandbox, call) == 502
+    assert in_netns(topology.sandbox, call) == (502, 502)
     assert upstream.requests_tagged("untrusted") == []
 
 
@@ -493,6 +649,52 @@ def test_the_real_cli_makes_a_turn_through_the_proxy_and_the_sandbox_holds_no_ke
     assert PLACEHOLDER not in json.dumps(upstream.requests())
 
 
+@pytest.mark.e2e
+def test_the_real_runner_serves_its_work_item_through_the_runner_port(topology, upstream, proxy):
+    """hosting/environments/runner.py (the anthropic SDK's EnvironmentWorker) in the sandbox
+    netns, as the agent's uid, with only its work item's secret and the runner port as its
+    API: it heartbeats, reads the session, streams its events, runs the tool, sends the
+    result and stops the item, every call with its own token; the key never reaches it."""
+    ca = str(topology.pki.ca)
+
+    def control(method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        import ssl
+
+        context = ssl.create_default_context(cafile=ca)
+        context.check_hostname = False  # the orchestrator's side, by address: no resolver in this netns
+        with httpx.Client(base_url=f"https://{UPSTREAM_IP}", verify=context, timeout=10) as client:
+            return client.request(method, path, **kwargs).raise_for_status().json()
+
+    item = in_netns(topology.upstream, lambda: control("POST", "/test/environments/sessions",
+                                                       json=[["bash", {"command": "echo through the runner port"}]]))
+    home = topology.workdir / "runner-home"
+    home.mkdir()
+    os.chown(home, SANDBOX_UID, SANDBOX_UID)
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(home),
+           "AGENT_DATA_DIR": str(home / "data"), "AGENT_RUNNER_MAX_IDLE_SECONDS": "1",
+           "ANTHROPIC_BASE_URL": f"http://egress-proxy:{RUNNER_PORT}", "ANTHROPIC_ENVIRONMENT_ID": item["environment_id"],
+           "ANTHROPIC_WORK_ID": item["work_id"], "ANTHROPIC_SESSION_ID": item["session_id"],
+           "ANTHROPIC_WORK_SECRET": item["secret"]}
+    before = len(upstream.requests())
+    runner = subprocess.run(["ip", "netns", "exec", topology.sandbox, "setpriv", f"--reuid={SANDBOX_UID}",
+                             f"--regid={SANDBOX_UID}", "--clear-groups", "--", sys.executable, "-m",
+                             "hosting.environments.runner", "run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    log = home / "data" / "environment" / "runner.log"
+    assert runner.returncode == 0, runner.stderr + (log.read_text() if log.exists() else "")
+    done = in_netns(topology.upstream, lambda: control("GET", f"/test/environments/sessions/{item['session_id']}"))
+    assert done == {"results": [["bash", False, "through the runner port"]], "item_state": "stopped", "unexpected": [],
+                    "credentials": [f"sessions_token:{item['work_id']}"]}
+    token = f"Bearer {json.loads(base64.urlsafe_b64decode(item['secret'] + '==='))['sessions_token']}"
+    sent = [r for r in upstream.requests()[before:] if not r["path"].startswith("/test/")]
+    assert {r["path"] for r in sent} >= {f"/v1/sessions/{item['session_id']}/events/stream",
+                                         f"/v1/environments/{item['environment_id']}/work/{item['work_id']}/stop"}
+    for request in sent:
+        assert [v for k, v in request["headers"] if k == "authorization"] == [token]
+        assert [v for k, v in request["headers"] if k == "x-api-key"] == []
+    assert topology.real_key not in json.dumps(sent) and ENVIRONMENT_KEY not in json.dumps(sent)
+
+
 @pytest.mark.docker
 def test_the_proxy_image_runs_as_the_pod_runs_it(tmp_path):
     """The image (hosting/kubernetes/egress-proxy/Dockerfile) with the pod's restrictions:
@@ -531,6 +733,8 @@ def test_the_proxy_image_runs_as_the_pod_runs_it(tmp_path):
             time.sleep(0.2)
         assert ask(PROXY_PORT, "GET /v1/models HTTP/1.1\\r\\nHost: egress-proxy\\r\\n\\r\\n").split()[1] == "502"
         assert ask(PROXY_PORT, "GET /v1/models HTTP/1.1\\r\\nHost: example.org\\r\\n\\r\\n").split()[1] == "421"
+        assert ask(RUNNER_PORT, "GET /v1/sessions/sesn_01 HTTP/1.1\\r\\nHost: egress-proxy\\r\\n\\r\\n").split()[1] == "502"
+        assert ask(RUNNER_PORT, "GET /v1/models HTTP/1.1\\r\\nHost: egress-proxy\\r\\n\\r\\n").split()[1] == "404"
         assert docker("exec", name, "id", "-u").stdout.strip() == str(PROXY_UID)
         assert "sk-ant-image-test" not in docker("logs", name).stdout + docker("logs", name).stderr
     finally:

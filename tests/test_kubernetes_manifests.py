@@ -468,6 +468,8 @@ def test_network_policies_let_through_exactly_the_intended_connections(rendered)
     assert sandbox == pods["sandbox"]
     expected = {
         (sandbox, pods["egress-proxy"], 8080, "TCP"): True,
+        (sandbox, pods["egress-proxy"], 8082, "TCP"): True,  # a Managed Agents runner's own token
+        (sandbox, pods["egress-proxy"], 8081, "TCP"): False,
         (sandbox, kube_dns, 53, "UDP"): True,
         (sandbox, kube_dns, 53, "TCP"): True,
         (sandbox, resolver, 53, "UDP"): False,
@@ -482,6 +484,7 @@ def test_network_policies_let_through_exactly_the_intended_connections(rendered)
         (pods["gateway"], kube_dns, 53, "UDP"): True,
         (pods["gateway"], api_server, 6443, "TCP"): True,
         (pods["gateway"], pods["egress-proxy"], 8080, "TCP"): False,
+        (pods["gateway"], pods["egress-proxy"], 8082, "TCP"): False,
         (pods["egress-proxy"], model_api, 443, "TCP"): True,
         (pods["egress-proxy"], internal, 443, "TCP"): False,
         (pods["egress-proxy"], Peer(ip="169.254.169.254"), 443, "TCP"): False,
@@ -491,6 +494,7 @@ def test_network_policies_let_through_exactly_the_intended_connections(rendered)
         (pods["redis"], model_api, 443, "TCP"): False,
         (other_pod, pods["redis"], 6379, "TCP"): False,
         (other_pod, pods["egress-proxy"], 8080, "TCP"): False,
+        (other_pod, pods["egress-proxy"], 8082, "TCP"): False,
         (other_pod, sandbox, 8000, "TCP"): False,
         (other_pod, model_api, 443, "TCP"): False,
         (ingress_controller, pods["gateway"], 8080, "TCP"): True,
@@ -510,6 +514,11 @@ def test_the_egress_proxy_runs_the_projects_own_config(rendered):
     (proxy,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "egress-proxy"]
     env = {e["name"]: e.get("value") for e in proxy["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["EGRESS_UPSTREAM_HOST"] == "api.anthropic.com" and env["EGRESS_UPSTREAM_PORT"] == "443"
+    # The Service offers the model port and the runner port (entrypoint.sh's defaults), never health.
+    (service,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "egress-proxy"]
+    container_ports = {p["name"]: p["containerPort"] for p in proxy["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert container_ports == {"http": 8080, "health": 8081, "runner": 8082}
+    assert {(p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {(8080, "http"), (8082, "runner")}
 
 
 def test_production_pulls_from_a_registry_and_agents_run_the_gateways_image():

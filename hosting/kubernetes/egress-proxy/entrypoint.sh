@@ -18,11 +18,12 @@ set -eu
 : "${EGRESS_SERVER_NAMES:=egress-proxy}"
 : "${EGRESS_PORT:=8080}"
 : "${EGRESS_HEALTH_PORT:=8081}"
+: "${EGRESS_RUNNER_PORT:=8082}"
 : "${EGRESS_KEY_FILE:=/etc/egress-proxy-key/api-key}"
 : "${EGRESS_RUN_DIR:=/tmp/egress-proxy}"
 : "${EGRESS_TEMPLATE:=$(dirname "$0")/nginx.conf.template}"
 export EGRESS_UPSTREAM_HOST EGRESS_UPSTREAM_PORT EGRESS_CA_FILE EGRESS_SERVER_NAMES \
-    EGRESS_PORT EGRESS_HEALTH_PORT EGRESS_RUN_DIR
+    EGRESS_PORT EGRESS_HEALTH_PORT EGRESS_RUNNER_PORT EGRESS_RUN_DIR
 
 fail() {
     echo "egress-proxy: $*" >&2
@@ -39,6 +40,7 @@ check EGRESS_UPSTREAM_HOST "$EGRESS_UPSTREAM_HOST" 'a-zA-Z0-9.-'
 check EGRESS_UPSTREAM_PORT "$EGRESS_UPSTREAM_PORT" '0-9'
 check EGRESS_PORT "$EGRESS_PORT" '0-9'
 check EGRESS_HEALTH_PORT "$EGRESS_HEALTH_PORT" '0-9'
+check EGRESS_RUNNER_PORT "$EGRESS_RUNNER_PORT" '0-9'
 check EGRESS_SERVER_NAMES "$EGRESS_SERVER_NAMES" 'a-z0-9. -'
 check EGRESS_CA_FILE "$EGRESS_CA_FILE" 'a-zA-Z0-9._/-'
 check EGRESS_RUN_DIR "$EGRESS_RUN_DIR" 'a-zA-Z0-9._/-'
@@ -55,6 +57,6 @@ mkdir -p "$EGRESS_RUN_DIR"
 printf 'proxy_set_header x-api-key "%s";\n' "$key" >"$EGRESS_RUN_DIR/key.conf"
 unset key
 # shellcheck disable=SC2016  # the names are envsubst's, not the shell's
-envsubst '${EGRESS_UPSTREAM_HOST} ${EGRESS_UPSTREAM_PORT} ${EGRESS_CA_FILE} ${EGRESS_SERVER_NAMES} ${EGRESS_PORT} ${EGRESS_HEALTH_PORT} ${EGRESS_RUN_DIR}' \
+envsubst '${EGRESS_UPSTREAM_HOST} ${EGRESS_UPSTREAM_PORT} ${EGRESS_CA_FILE} ${EGRESS_SERVER_NAMES} ${EGRESS_PORT} ${EGRESS_HEALTH_PORT} ${EGRESS_RUNNER_PORT} ${EGRESS_RUN_DIR}' \
     <"$EGRESS_TEMPLATE" >"$EGRESS_RUN_DIR/nginx.conf"
 exec nginx -e stderr -c "$EGRESS_RUN_DIR/nginx.conf" -g 'daemon off;'
