@@ -37,6 +37,18 @@ def test_gateway_settings_take_the_modal_backend_and_its_secrets() -> None:
         GatewaySettings.from_env(base)
 
 
+def test_the_deploy_script_takes_the_sandboxs_limits_and_refuses_too_little_memory(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from hosting.modal.modal_app import parse
+
+    assert (parse([]).memory_mib, parse([]).cpus) == (1024, 1.0)
+    options = parse(["--memory-mib", "2048", "--cpus", "2"])
+    assert (options.memory_mib, options.cpus) == (2048, 2.0)
+    with pytest.raises(SystemExit):
+        parse(["--memory-mib", "256"])
+    assert "--memory-mib >= 512" in capsys.readouterr().err
+
+
 def test_modal_backend_without_the_client_says_how_to_install_it() -> None:
     code = ("import sys; sys.modules['modal'] = None\n"
             "from hosting.sandboxes import SandboxError\n"

@@ -672,6 +672,24 @@ async def test_local_create_cancelled_midway_deletes_the_sandbox_that_comes_up(h
     assert not await harness.backend.exists(spec.sandbox_id)
 
 
+@pytest.mark.modal
+@pytest.mark.docker
+@pytest.mark.e2e
+@pytest.mark.parametrize("harness", ["modal"], indirect=True)
+async def test_a_modal_sandbox_is_limited_and_its_server_sizes_itself_to_the_limit(harness: Harness) -> None:
+    """The shared sandbox definition asks Modal for 1 GiB and 1 CPU as hard limits (the hosting
+    guide's figures), so the server inside sees them and sizes its CLIs to 1 GiB (README: 3 at
+    once); without a limit it would size itself to the whole worker. (A sandbox serves one
+    session: the spec sets one warm session and one pre-started CLI.)"""
+    spec = harness.spec()
+    sandbox = await harness.backend.create(spec)
+    await harness.backend.wait_ready(sandbox, spec.token, READY_TIMEOUT)
+    async with httpx.AsyncClient(timeout=10) as client:  # trusts the tunnels' CA through SSL_CERT_FILE
+        ready = (await client.get(f"{sandbox.address}/ready", headers=bearer(spec.token))).json()
+    assert (ready["memory_limit_bytes"], ready["cpu_cores"]) == (1024**3, 1)
+    assert ready["cli_budget"] == 3
+
+
 @pytest.mark.docker
 @pytest.mark.e2e
 async def test_docker_bridge_sandbox_is_published_on_loopback_only_and_confined(agent_image: str) -> None:

@@ -51,6 +51,8 @@ class Options:
     idle_timeout: int
     ready_timeout: float
     replace: bool
+    memory_mib: int = 1024
+    cpus: float = 1.0
 
     @property
     def tokens_dict(self) -> str:
@@ -74,11 +76,16 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument("--ready-timeout", type=float, default=300.0,
                         help="seconds to wait for /ready through the tunnel (default: %(default)s)")
     parser.add_argument("--replace", action="store_true", help="terminate the running sandbox and start a fresh one")
+    parser.add_argument("--memory-mib", type=int, default=1024,
+                        help="memory limit in MiB; the server sizes its CLIs to it (default: %(default)s)")
+    parser.add_argument("--cpus", type=float, default=1.0, help="CPU limit (default: %(default)s)")
     args = parser.parse_args(argv)
     if not 10 <= args.timeout <= 24 * 3600 or not 10 <= args.idle_timeout <= args.timeout:
         parser.error("need 10 <= --idle-timeout <= --timeout <= 86400")
+    if args.memory_mib < 512 or args.cpus <= 0:
+        parser.error("need --memory-mib >= 512 (the server and one CLI) and --cpus > 0")
     return Options(args.app, args.name, args.volume, args.secret, args.timeout, args.idle_timeout,
-                   args.ready_timeout, args.replace)
+                   args.ready_timeout, args.replace, args.memory_mib, args.cpus)
 
 
 async def deploy(options: Options) -> tuple[str, str, str]:
@@ -100,7 +107,8 @@ async def deploy(options: Options) -> tuple[str, str, str]:
         try:
             sandbox = await create_agent_sandbox(
                 app, name=options.name, volume=options.volume, token=token, env={}, secrets=[options.secret],
-                tags={DEPLOY_TAG: options.name}, timeout=options.timeout, idle_timeout=options.idle_timeout)
+                tags={DEPLOY_TAG: options.name}, timeout=options.timeout, idle_timeout=options.idle_timeout,
+                memory_bytes=options.memory_mib * 2**20, cpus=options.cpus)
         except modal.exception.NotFoundError as exc:
             if "secret" in str(exc).lower():
                 raise DeployError(f"Modal secret {options.secret!r} not found: create it with "

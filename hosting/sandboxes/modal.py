@@ -15,6 +15,11 @@ the gateway's routing store is what makes a claim exclusive. A sandbox is addres
 its tunnel, ``https://host:port``, with the per-sandbox token the gateway chose. Volumes are
 named ``agent-<installation>-<volume>``, so one installation never mounts or removes another's.
 
+Commands in a sandbox (:meth:`ModalBackend.run_command`, ``start_command``) are Modal execs:
+the client reaches the sandbox's task command router with a token for that task, and sends
+the command's environment in the request body (never in an argv), so a secret in ``env``
+shows in no process list. They run as the image's user, in ``/data``, and end with the sandbox.
+
 The ``modal`` client is pinned (``modal==1.6.4``): its control-plane API is Modal's own
 and changes between releases. Its credentials come from ``modal setup`` or
 ``MODAL_TOKEN_ID``/``MODAL_TOKEN_SECRET``.
@@ -22,17 +27,20 @@ and changes between releases. Its credentials come from ``modal setup`` or
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import hashlib
+import math
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from hosting.sandboxes._shared import finish_or_delete
 from hosting.sandboxes.base import (
     SERVER_PORT,
+    CommandResult,
     Sandbox,
     SandboxBackend,
     SandboxError,
@@ -79,12 +87,18 @@ def agent_image(dockerfile: Path = DOCKERFILE) -> modal.Image:
 async def create_agent_sandbox(app: modal.App, *, name: str, volume: str, token: str, env: Mapping[str, str],
                                secrets: Sequence[str] = (), tags: Mapping[str, str] | None = None,
                                timeout: int = 3600, idle_timeout: int | None = None,
-                               image: modal.Image | None = None) -> modal.Sandbox:
+                               image: modal.Image | None = None, memory_bytes: int = 1024**3,
+                               cpus: float = 1.0) -> modal.Sandbox:
     """Start the agent's sandbox in ``app``: the server on port 8000 (encrypted tunnel), ``volume``
     (created if missing) at ``/data``, the Modal secrets named in ``secrets`` and ``env`` as its
     environment, ``token`` as ``AGENT_AUTH_TOKEN``. ``timeout`` caps its lifetime, ``idle_timeout``
     ends it when idle (Modal's rules). Named secrets are resolved before anything is created, so a
-    missing one (``modal.exception.NotFoundError``) leaves nothing behind."""
+    missing one (``modal.exception.NotFoundError``) leaves nothing behind.
+
+    ``memory_bytes`` and ``cpus`` are both the request and the hard limit (the hosting guide's
+    1 GiB and 1 CPU by default): the server sizes its CLI pools to the limit it sees, so a
+    sandbox without one would size itself to the whole Modal worker."""
+    memory_mib = max(1, memory_bytes // 2**20)
     named_secrets = [modal.Secret.from_name(secret) for secret in secrets]
     for secret in named_secrets:
         await secret.hydrate.aio()
@@ -94,7 +108,8 @@ async def create_agent_sandbox(app: modal.App, *, name: str, volume: str, token:
         *COMMAND, app=app, name=name, tags=dict(tags or {}), image=image or agent_image(),
         env=dict(server_env), secrets=named_secrets,
         volumes={DATA_DIR: modal.Volume.from_name(volume, create_if_missing=True)},
-        encrypted_ports=[SERVER_PORT], timeout=timeout, idle_timeout=idle_timeout)
+        encrypted_ports=[SERVER_PORT], timeout=timeout, idle_timeout=idle_timeout,
+        memory=(memory_mib, memory_mib), cpu=(cpus, cpus))
 
 
 async def tunnel_url(sandbox: modal.Sandbox, timeout: int = 50) -> str:
@@ -118,16 +133,18 @@ class ModalBackend(SandboxBackend):
 
     def __init__(self, app_name: str = "research-agent-gateway", installation: str = "default", *,
                  secrets: Sequence[str] = (), sandbox_timeout: int = 24 * 3600,
-                 image: modal.Image | None = None) -> None:
+                 image: modal.Image | None = None, memory_bytes: int = 1024**3, cpus: float = 1.0) -> None:
         """``secrets``: Modal secrets every sandbox gets (e.g. the model credential).
         ``sandbox_timeout``: Modal's hard lifetime cap; the gateway's reaper removes idle ones
-        long before. Raises :class:`SandboxError` without the Modal client or ``hosting/Dockerfile``."""
+        long before. ``memory_bytes``, ``cpus``: each sandbox's limits (see :func:`create_agent_sandbox`).
+        Raises :class:`SandboxError` without the Modal client or ``hosting/Dockerfile``."""
         if not _HAVE_SDK:
             raise SandboxError(SDK_MISSING)
         self.app_name = app_name
         self.installation = installation
         self._secrets = tuple(secrets)
         self._sandbox_timeout = sandbox_timeout
+        self._memory_bytes, self._cpus = memory_bytes, cpus
         self._image = image or agent_image()  # one object: hydrated once, its context uploaded once
         self._app: modal.App | None = None
 
@@ -160,7 +177,8 @@ class ModalBackend(SandboxBackend):
                 sandbox = await create_agent_sandbox(
                     app, name=spec.sandbox_id, volume=volume, token=spec.token,
                     env=spec.server_env(host="0.0.0.0", port=SERVER_PORT, data_dir=DATA_DIR), secrets=self._secrets,
-                    tags=tags, timeout=self._sandbox_timeout, image=self._image)
+                    tags=tags, timeout=self._sandbox_timeout, image=self._image, memory_bytes=self._memory_bytes,
+                    cpus=self._cpus)
             except modal.exception.AlreadyExistsError:
                 raise SandboxError(f"sandbox {spec.sandbox_id} exists already") from None
             try:
@@ -219,6 +237,36 @@ class ModalBackend(SandboxBackend):
             return _record(tags, sandbox.address)
         return None
 
+    async def run_command(self, sandbox_id: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+                          timeout: float = 30.0) -> CommandResult:
+        """Modal kills the command a second after this stops waiting for it, so a command that
+        timed out does not live on in the sandbox."""
+        async with self._running(sandbox_id) as sandbox:
+            process = await _modal_errors(sandbox.exec.aio(*argv, workdir=DATA_DIR, env=dict(env or {}), text=False,
+                                                           timeout=math.ceil(timeout) + 1))
+            try:
+                return await asyncio.wait_for(_modal_errors(_output(process)), timeout)
+            except TimeoutError:
+                raise SandboxError(f"sandbox {sandbox_id}: {argv[0]} did not end within {timeout:.0f} s") from None
+
+    async def start_command(self, sandbox_id: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        """A Modal exec runs until it exits or its sandbox ends, whether anyone waits for it or not."""
+        async with self._running(sandbox_id) as sandbox:
+            await _modal_errors(sandbox.exec.aio(*argv, workdir=DATA_DIR, env=dict(env or {}),
+                                                 stdout=modal.stream_type.StreamType.DEVNULL,
+                                                 stderr=modal.stream_type.StreamType.DEVNULL))
+
+    @contextlib.asynccontextmanager
+    async def _running(self, sandbox_id: str) -> AsyncIterator[modal.Sandbox]:
+        """The running sandbox of that id; its connection to the sandbox released after use."""
+        found = await _modal_errors(self._sandboxes(**{SANDBOX_TAG: check_sandbox_id(sandbox_id)}))
+        if not found:
+            raise SandboxError(f"sandbox {sandbox_id} is not running")
+        try:
+            yield found[0]
+        finally:
+            await found[0].detach.aio()  # type: ignore[no-untyped-call]  # untyped in modal's stub
+
 
 async def _create_volume(name: str) -> bool:
     """Create the volume unless it exists; whether this call created it."""
@@ -227,6 +275,12 @@ async def _create_volume(name: str) -> bool:
     except modal.exception.AlreadyExistsError:
         return False
     return True
+
+
+async def _output(process: modal.container_process.ContainerProcess[bytes]) -> CommandResult:
+    """Wait for the command: its exit code, and its stdout then its stderr (Modal streams them apart)."""
+    stdout, stderr = await asyncio.gather(process.stdout.read.aio(), process.stderr.read.aio())
+    return CommandResult(await process.wait.aio(), (stdout + stderr).decode(errors="replace"))
 
 
 async def _modal_errors(work: Awaitable[_T]) -> _T:

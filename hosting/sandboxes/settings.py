@@ -65,9 +65,9 @@ class BackendSettings:
     modal_secrets: tuple[str, ...] = ()
     """``MODAL_SECRETS``: Modal secrets every sandbox gets (comma-separated names, e.g. ``anthropic``)."""
     sandbox_memory_bytes: int = 1024**3
-    """``SANDBOX_MEMORY_BYTES``: a docker sandbox's memory limit."""
+    """``SANDBOX_MEMORY_BYTES``: a docker or modal sandbox's memory limit (kubernetes: the pod template's)."""
     sandbox_cpus: float = 1.0
-    """``SANDBOX_CPUS``: a docker sandbox's CPU limit."""
+    """``SANDBOX_CPUS``: a docker or modal sandbox's CPU limit."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], prefix: str, *, data_dir: Path, installation: str, modal_app: str,
@@ -117,7 +117,8 @@ def open_backend(settings: BackendSettings) -> SandboxBackend:
     if settings.backend == "modal":
         from hosting.sandboxes.modal import ModalBackend
 
-        return ModalBackend(settings.modal_app, settings.installation, secrets=settings.modal_secrets)
+        return ModalBackend(settings.modal_app, settings.installation, secrets=settings.modal_secrets,
+                            memory_bytes=settings.sandbox_memory_bytes, cpus=settings.sandbox_cpus)
     from hosting.sandboxes.local import LocalBackend
 
     return LocalBackend(settings.data_dir, installation=settings.installation,

@@ -6,14 +6,20 @@ call (found by running them), and every other RPC answers UNIMPLEMENTED naming i
 is recorded in :attr:`ControlPlane.unimplemented`, which the fixture turns into a failed
 test. Requests whose handler breaks are recorded in :attr:`ControlPlane.errors` likewise.
 
+Commands in a sandbox (``Sandbox.exec``) do not go through the control plane: it hands out
+the sandbox's task id (``SandboxGetTaskIdV2``) and the address of the task's command router
+with a JWT for that task only (``SandboxGetCommandRouterAccess``), and the client talks to
+the router (:mod:`tests.modal_standin.command_router`).
+
 Semantics kept: workspace credentials on every call (UNAUTHENTICATED otherwise), a short
 lived JWT from ``AuthTokenGet`` required by the sandbox RPCs, named objects that are found,
 created if missing or refused if they exist as the request's creation type says, sandbox
 names unique among an app's running sandboxes, tags that filter lists (a sandbox matches
 if it has at least the tags asked for), a lifetime ``timeout`` after which a sandbox is
-terminated, and ids that are not of the V1 sandbox shape (``sb-`` + 22 base62 characters
+terminated, memory and CPU limits (``memory_mb_max``, ``milli_cpu_max``) as the container's
+cgroup limits, and ids that are not of the V1 sandbox shape (``sb-`` + 22 base62 characters
 would route the client to the V1 RPCs). Not modelled: ``idle_timeout`` (recorded, never
-enforced: no test waits that long), regions, resources, and blobs (files above 4 MiB).
+enforced: no test waits that long), regions, requests (only limits), and blobs (files above 4 MiB).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 
 from google.protobuf import empty_pb2
 from grpclib.const import Status
@@ -51,11 +57,33 @@ SUCCESS = api_pb2.GenericResult.GENERIC_STATUS_SUCCESS
 FAILURE = api_pb2.GenericResult.GENERIC_STATUS_FAILURE
 TERMINATED = api_pb2.GenericResult.GENERIC_STATUS_TERMINATED
 STOP_GRACE_SECONDS = 5
+TOKEN_LIFETIME_SECONDS = 3600
 
 
 def new_id(prefix: str) -> str:
     """``prefix-`` and 24 hex digits: never the V1 sandbox shape (22 base62 characters)."""
     return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def sign_jwt(key: bytes, claims: dict[str, Any]) -> str:
+    """An HS256 JWT of ``claims`` (Modal's tokens are JWTs: the client reads their ``exp``)."""
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    signed = f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}"
+    signature = hmac.new(key, signed.encode(), hashlib.sha256).digest()
+    return f"{signed}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
+
+
+def verified_claims(key: bytes, token: str) -> dict[str, Any] | None:
+    """The claims of a token signed with ``key`` that has not expired; ``None`` otherwise."""
+    signed, _, signature = token.rpartition(".")
+    expected = base64.urlsafe_b64encode(hmac.new(key, signed.encode(), hashlib.sha256).digest())
+    if not signed or not hmac.compare_digest(signature.encode(), expected.rstrip(b"=")):
+        return None
+    payload = signed.split(".")[1]
+    claims: dict[str, Any] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return claims if float(claims["exp"]) > time.time() else None
 
 
 @dataclass
@@ -109,6 +137,11 @@ class SandboxRecord:
     def running(self) -> bool:
         return self.result is None
 
+    @property
+    def task_id(self) -> str:
+        """The id of the task running it; a V2 sandbox's ends in ``V`` (the client tells them apart by it)."""
+        return f"ta-{self.sandbox_id[3:]}V"
+
 
 class ControlPlane(api_grpc.ModalClientBase):
     """The implemented RPCs and the state behind them (one workspace, one environment)."""
@@ -120,6 +153,10 @@ class ControlPlane(api_grpc.ModalClientBase):
         self.token_id = token_id
         self._token_secret = token_secret
         self._jwt_key = secrets.token_bytes(32)
+        self.router_key = secrets.token_bytes(32)
+        """Signs the command router's tokens (never valid at the control plane, nor the reverse)."""
+        self.router_url = ""
+        """``https://127.0.0.1:<port>`` of the command router, set by the server that runs it."""
         self.calls: list[str] = []
         self.unimplemented: list[str] = []
         self.errors: list[str] = []
@@ -152,23 +189,13 @@ class ControlPlane(api_grpc.ModalClientBase):
         listen(server, RecvRequest, on_request)
 
     def _jwt(self) -> str:
-        def part(data: dict[str, Any]) -> str:
-            return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-        signed = f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part({'exp': int(time.time()) + 3600})}"
-        signature = hmac.new(self._jwt_key, signed.encode(), hashlib.sha256).digest()
-        return f"{signed}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
+        return sign_jwt(self._jwt_key, {"exp": int(time.time()) + TOKEN_LIFETIME_SECONDS})
 
     def _valid_jwt(self, token: str) -> bool:
-        signed, _, signature = token.rpartition(".")
-        expected = base64.urlsafe_b64encode(hmac.new(self._jwt_key, signed.encode(), hashlib.sha256).digest())
-        if not signed or not hmac.compare_digest(signature.encode(), expected.rstrip(b"=")):
-            return False
-        payload = signed.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        return float(claims["exp"]) > time.time()
+        return verified_claims(self._jwt_key, token) is not None
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in the background, held until done (the loop keeps only weak references to tasks)."""
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -234,7 +261,7 @@ class ControlPlane(api_grpc.ModalClientBase):
             raise GRPCError(Status.NOT_FOUND, f"Secret is missing key(s): {', '.join(missing)}")
         await stream.send_message(api_pb2.SecretGetOrCreateResponse(secret_id=secret.object_id))
 
-    def _secret_by_id(self, secret_id: str) -> SecretObject:
+    def secret_by_id(self, secret_id: str) -> SecretObject:
         for secret in self.secrets.values():
             if secret.object_id == secret_id:
                 return secret
@@ -358,7 +385,7 @@ class ControlPlane(api_grpc.ModalClientBase):
             build = ImageBuild(new_id("im"), f"modal-standin/{self.engine.instance}-{key[:16]}")
             self.images[build.image_id] = build
             self.image_keys[key] = build.image_id
-            self._spawn(self._build(build, image))
+            self.spawn(self._build(build, image))
         response = api_pb2.ImageGetOrCreateResponse(image_id=build.image_id)
         if build.done.is_set() and build.result is not None:
             response.result.CopyFrom(build.result)
@@ -416,17 +443,19 @@ class ControlPlane(api_grpc.ModalClientBase):
             raise GRPCError(Status.ALREADY_EXISTS, f"Sandbox with name '{definition.name}' already exists")
         env: dict[str, str] = {}
         for secret_id in definition.secret_ids:
-            env.update(self._secret_by_id(secret_id).env)
+            env.update(self.secret_by_id(secret_id).env)
         for source in request.secret_sources:
-            env.update(self._secret_by_id(source.secret_id).env if source.secret_id else dict(source.env.contents))
+            env.update(self.secret_by_id(source.secret_id).env if source.secret_id else dict(source.env.contents))
         binds = {self._volume_by_id(m.volume_id).path: m.mount_path for m in definition.volume_mounts}
 
         sandbox_id = new_id("sb")
         server_port = _free_port()
         env.update({"HOST": "127.0.0.1", "PORT": str(server_port)})
         container = f"modal-standin-{sandbox_id}"
+        resources = definition.resources
         await asyncio.to_thread(self.engine.run, container, build.tag, list(definition.entrypoint_args), env, binds,
-                                definition.workdir)
+                                definition.workdir, resources.memory_mb_max * 2**20 or None,
+                                resources.milli_cpu_max * 1_000_000 or None)
         tunnel = await Tunnel.open(self.ca, server_port)
         record = SandboxRecord(sandbox_id, request.app_id, definition.name, {t.tag_name: t.tag_value for t in request.tags},
                                container, time.time(), definition.timeout_secs, definition.idle_timeout_secs,
@@ -434,9 +463,9 @@ class ControlPlane(api_grpc.ModalClientBase):
         self.sandboxes[sandbox_id] = record
         if definition.timeout_secs:
             record.timer = asyncio.get_running_loop().call_later(
-                definition.timeout_secs, lambda: self._spawn(self._terminate(record, timed_out=True)))
+                definition.timeout_secs, lambda: self.spawn(self._terminate(record, timed_out=True)))
         await stream.send_message(api_pb2.SandboxCreateV2Response(
-            sandbox_id=sandbox_id, task_id=f"ta-{sandbox_id[3:]}", tunnels=[self._tunnel_data(record)],
+            sandbox_id=sandbox_id, task_id=record.task_id, tunnels=[self._tunnel_data(record)],
             metadata=api_pb2.SandboxHandleMetadata(app_id=request.app_id)))
 
     def _tunnel_data(self, record: SandboxRecord) -> api_pb2.TunnelData:
@@ -523,7 +552,7 @@ class ControlPlane(api_grpc.ModalClientBase):
             id=s.sandbox_id, created_at=s.created_at, app_id=s.app_id, name=s.name, image_id=s.image_id,
             tags=[api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in s.tags.items()],
             timeout_secs=s.timeout_secs, idle_timeout_secs=s.idle_timeout_secs,
-            task_info=api_pb2.TaskInfo(id=f"ta-{s.sandbox_id[3:]}", result=s.result),
+            task_info=api_pb2.TaskInfo(id=s.task_id, result=s.result),
             metadata=api_pb2.SandboxHandleMetadata(app_id=s.app_id)) for s in found[:100]]))
 
     async def SandboxTagsGetV2(self, stream: Stream[api_pb2.SandboxTagsGetRequest,
@@ -543,7 +572,49 @@ class ControlPlane(api_grpc.ModalClientBase):
         record.tags = {t.tag_name: t.tag_value for t in request.tags}
         await stream.send_message(empty_pb2.Empty())
 
+    async def SandboxGetTaskIdV2(self, stream: Stream[api_pb2.SandboxGetTaskIdRequest,
+                                                      api_pb2.SandboxGetTaskIdResponse]) -> None:
+        """The task of a running sandbox; a finished one's result instead (the client raises on it)."""
+        request = await stream.recv_message()
+        assert request is not None
+        if request.wait_until_ready:
+            raise GRPCError(Status.UNIMPLEMENTED, "stand-in: readiness probes (wait_until_ready)")
+        record = self._sandbox(request.sandbox_id)
+        await self._refresh(record)
+        response = api_pb2.SandboxGetTaskIdResponse()
+        if record.running:
+            response.task_id = record.task_id
+        else:
+            assert record.result is not None
+            response.task_result.CopyFrom(record.result)
+        await stream.send_message(response)
+
+    async def SandboxGetCommandRouterAccess(self, stream: Stream[api_pb2.SandboxGetCommandRouterAccessRequest,
+                                                                 api_pb2.SandboxGetCommandRouterAccessResponse]) -> None:
+        """Where the task's command router listens, and a short-lived token for that task alone."""
+        request = await stream.recv_message()
+        assert request is not None
+        if request.WhichOneof("target") == "task_id":
+            record = next((s for s in self.sandboxes.values() if s.task_id == request.task_id), None)
+            if record is None:
+                raise GRPCError(Status.NOT_FOUND, f"Task {request.task_id} not found")
+        else:
+            record = self._sandbox(request.sandbox_id)
+        await self._refresh(record)
+        if not record.running:
+            raise GRPCError(Status.FAILED_PRECONDITION, f"Sandbox {record.sandbox_id} has finished")
+        jwt = sign_jwt(self.router_key, {"exp": int(time.time()) + TOKEN_LIFETIME_SECONDS, "task_id": record.task_id})
+        await stream.send_message(api_pb2.SandboxGetCommandRouterAccessResponse(
+            jwt=jwt, url=self.router_url, worker_ipv4_address="127.0.0.1"))
+
     # --- the stand-in's own --------------------------------------------------------------------
+
+    async def running_task(self, task_id: str) -> SandboxRecord | None:
+        """The sandbox of a task, if it is running (a crashed container is noticed here)."""
+        record = next((s for s in self.sandboxes.values() if s.task_id == task_id), None)
+        if record is not None:
+            await self._refresh(record)
+        return record if record is not None and record.running else None
 
     def container_of(self, sandbox_id: str) -> str:
         return self._sandbox(sandbox_id).container
@@ -564,8 +635,15 @@ def _free_port() -> int:
         return port
 
 
+class Recording(Protocol):
+    """Where a service of the stand-in records the calls it cannot answer and the handlers that broke."""
+
+    unimplemented: list[str]
+    errors: list[str]
+
+
 def unimplemented_handler(name: str) -> Callable[..., Coroutine[Any, Any, None]]:
-    async def handler(self: ControlPlane, stream: Stream[Any, Any]) -> None:
+    async def handler(self: Recording, stream: Stream[Any, Any]) -> None:
         self.unimplemented.append(name)
         raise GRPCError(Status.UNIMPLEMENTED, f"the Modal stand-in does not implement {name}")
 
@@ -574,7 +652,7 @@ def unimplemented_handler(name: str) -> Callable[..., Coroutine[Any, Any, None]]
 
 
 def recorded_errors(name: str, implemented: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., Coroutine[Any, Any, None]]:
-    async def handler(self: ControlPlane, stream: Stream[Any, Any]) -> None:
+    async def handler(self: Recording, stream: Stream[Any, Any]) -> None:
         try:
             await implemented(self, stream)
         except GRPCError:
@@ -587,9 +665,14 @@ def recorded_errors(name: str, implemented: Callable[..., Coroutine[Any, Any, No
     return handler
 
 
-StandInService = type("StandInService", (ControlPlane,), {
-    name: unimplemented_handler(name) if name in ControlPlane.__abstractmethods__
-    else recorded_errors(name, getattr(ControlPlane, name))
-    for name in api_grpc.ModalClientBase.__abstractmethods__})
-"""The control plane with every RPC it does not implement answering UNIMPLEMENTED, and every
-unimplemented call and broken handler recorded."""
+def failing_loudly(implementation: type[Any], service: type[Any]) -> type[Any]:
+    """``implementation`` of ``service`` with every RPC it does not implement answering UNIMPLEMENTED,
+    and every unimplemented call and broken handler recorded."""
+    abstract: frozenset[str] = getattr(implementation, "__abstractmethods__", frozenset())
+    handlers = {name: unimplemented_handler(name) if name in abstract else recorded_errors(name, getattr(implementation, name))
+                for name in service.__abstractmethods__}
+    return type(f"StandIn{implementation.__name__}", (implementation,), handlers)
+
+
+StandInService: type[ControlPlane] = failing_loudly(ControlPlane, api_grpc.ModalClientBase)
+"""The control plane, failing loudly."""

@@ -12,6 +12,10 @@ runs a sandbox as a container with its own network. Here:
   on a free loopback port: the container gets ``HOST=127.0.0.1`` and ``PORT=<that port>``,
   and the sandbox's tunnel forwards to it. A Volume is a host directory bind-mounted at
   its mount path; secrets and ``env`` become the container's environment.
+- A command run in a sandbox (``Sandbox.exec``) is ``docker exec`` in its container, as
+  the container's user, with the environment in the request body (never in an argv).
+  The engine is on this machine, so a timed-out exec's process is killed by its host pid
+  (as root, as the tests run Docker).
 
 Every container carries the stand-in's label, so teardown removes exactly its own.
 The Docker SDK is synchronous: the control plane calls it in worker threads.
@@ -19,8 +23,10 @@ The Docker SDK is synchronous: the control plane calls it in worker threads.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import docker
@@ -52,12 +58,41 @@ class Engine:
         return proc.returncode == 0, proc.stdout + proc.stderr
 
     def run(self, name: str, image: str, command: Sequence[str], env: Mapping[str, str],
-            binds: Mapping[Path, str], workdir: str | None) -> None:
-        """Start the sandbox's container; the command replaces the image's entrypoint and command."""
+            binds: Mapping[Path, str], workdir: str | None, memory_bytes: int | None = None,
+            nano_cpus: int | None = None) -> None:
+        """Start the sandbox's container; the command replaces the image's entrypoint and command.
+        A memory or CPU limit becomes the container's cgroup limit, as on Modal's workers."""
         self.client.containers.run(
             image, list(command[1:]), entrypoint=[command[0]], name=name, detach=True, network_mode="host",
             environment=dict(env), labels={LABEL: self.instance}, working_dir=workdir or None,
-            volumes={str(path): {"bind": target, "mode": "rw"} for path, target in binds.items()})
+            volumes={str(path): {"bind": target, "mode": "rw"} for path, target in binds.items()},
+            mem_limit=memory_bytes, nano_cpus=nano_cpus)
+
+    def exec_start(self, name: str, argv: Sequence[str], env: Mapping[str, str],
+                   workdir: str | None) -> tuple[str, Iterator[tuple[bytes | None, bytes | None]]]:
+        """Start ``argv`` in the container: the exec's id, and its output as ``(stdout, stderr)``
+        chunks until it ends (read it in a thread of its own: it blocks). ``NotFound`` if the
+        container is gone, ``APIError`` 409 if it is not running."""
+        exec_id: str = self.client.api.exec_create(name, list(argv), environment=dict(env), workdir=workdir)["Id"]
+        return exec_id, self.client.api.exec_start(exec_id, stream=True, demux=True)
+
+    def exec_state(self, exec_id: str) -> tuple[bool, int | None]:
+        """Whether the exec runs, and its exit code once it has ended (``None`` if it has none:
+        it was killed with its container, or the container was removed)."""
+        try:
+            state = self.client.api.exec_inspect(exec_id)
+        except NotFound:
+            return False, None
+        return bool(state["Running"]), state["ExitCode"]
+
+    def exec_kill(self, exec_id: str) -> None:
+        """SIGKILL the exec's process, if it still runs."""
+        try:
+            state = self.client.api.exec_inspect(exec_id)
+        except NotFound:
+            return
+        if state["Running"] and state["Pid"]:
+            os.kill(state["Pid"], signal.SIGKILL)
 
     def exit_code(self, name: str) -> int | None:
         """``None`` while the container runs; its exit code once it has stopped (137 if it is gone)."""

@@ -1,5 +1,6 @@
 """The stand-in as a running server: its own event loop on a thread, so that both the tests'
-loop and subprocesses (``modal_app.py``, gateways) can talk to it while it serves."""
+loop and subprocesses (``modal_app.py``, gateways) can talk to it while it serves. It serves
+the control plane (h2c) and the sandboxes' command router (TLS), both on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, TypeVar
 
 from grpclib.server import Server
 
+from tests.modal_standin.command_router import CommandRouter, StandInRouter
 from tests.modal_standin.control_plane import ControlPlane, StandInService
 from tests.modal_standin.engine import Engine
 from tests.modal_standin.tunnels import TestCA
@@ -30,9 +32,11 @@ class ModalStandIn:
         self.ca = TestCA(root)
         self.engine = Engine(f"standin-{secrets.token_hex(4)}", base_image)
         self.plane: ControlPlane = StandInService(self.engine, self.ca, root, self.token_id, self.token_secret)
+        self.router: CommandRouter = StandInRouter(self.plane)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="modal-standin", daemon=True)
         self._server: Server | None = None
+        self._router_server: Server | None = None
         self.port = 0
 
     def start(self) -> ModalStandIn:
@@ -44,9 +48,11 @@ class ModalStandIn:
         self._server = Server([self.plane])
         self.plane.attach(self._server)
         await self._server.start("127.0.0.1", 0)
-        listening = self._server._server
-        assert isinstance(listening, asyncio.Server)
-        self.port = listening.sockets[0].getsockname()[1]
+        self.port = _port(self._server)
+        self._router_server = Server([self.router])
+        self.router.attach(self._router_server)
+        await self._router_server.start("127.0.0.1", 0, ssl=self.ca.server_context)
+        self.plane.router_url = f"https://127.0.0.1:{_port(self._router_server)}"
 
     def call(self, work: Coroutine[Any, Any, _T], timeout: float = 120) -> _T:
         """Run ``work`` on the stand-in's loop (its state is only touched there)."""
@@ -123,11 +129,20 @@ class ModalStandIn:
         if self._thread.is_alive():
             async def shutdown() -> None:
                 await self.plane.close()
-                if self._server is not None:
-                    self._server.close()
-                    await self._server.wait_closed()
+                self.router.close()
+                for server in (self._server, self._router_server):
+                    if server is not None:
+                        server.close()
+                        await server.wait_closed()
 
             self.call(shutdown())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
         self.engine.close()
+
+
+def _port(server: Server) -> int:
+    listening = server._server
+    assert isinstance(listening, asyncio.Server)
+    port: int = listening.sockets[0].getsockname()[1]
+    return port
