@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-import httpx
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi import Path as PathParam
@@ -45,6 +44,7 @@ from hosting.gateway.relay import (
     Relay,
     RelayedStream,
     SandboxLost,
+    SandboxResponse,
     SandboxUnreachable,
     lost_stream,
     shielded,
@@ -70,7 +70,7 @@ def _unavailable(detail: str) -> HTTPException:
     return HTTPException(503, detail, headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
-def _relayed(response: httpx.Response, body: bytes) -> Response:
+def _relayed(response: SandboxResponse, body: bytes) -> Response:
     headers = {name: response.headers[name] for name in RELAYED_RESPONSE_HEADERS if name in response.headers}
     return Response(body, status_code=response.status_code, headers=headers)
 
@@ -180,7 +180,7 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
             raise HTTPException(404, f"no session {session_id!r}")
         return route
 
-    async def send(route: Route, request: Request, path: str, body: bytes | None = None) -> tuple[Route, httpx.Response]:
+    async def send(route: Route, request: Request, path: str, body: bytes | None = None) -> tuple[Route, SandboxResponse]:
         """Send to the session's sandbox; if it cannot be reached, provision another once.
         Activity is stamped by the relay (off the request's critical path)."""
         try:
@@ -189,7 +189,7 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
             route = await provisioner.replace(route)
             return route, await relay.send(route, request.method, path, request.headers, body)
 
-    async def plain(route: Route, request: Request, path: str) -> tuple[Route, httpx.Response, bytes]:
+    async def plain(route: Route, request: Request, path: str) -> tuple[Route, SandboxResponse, bytes]:
         """A non-streaming exchange: the sandbox's status and body, read whole."""
         try:
             route, response = await send(route, request, path)
@@ -197,7 +197,7 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
                 body = await response.aread()
             finally:
                 await response.aclose()
-        except (SandboxUnreachable, SandboxLost, httpx.TransportError):
+        except (SandboxUnreachable, SandboxLost):
             raise _unavailable("the session's sandbox stopped answering; retry") from None
         await relay.touch(route.session_id)
         return route, response, body
@@ -306,7 +306,7 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
             response = await relay.send(route, "POST", f"/sessions/{session_id}/interrupt", request.headers)
             body = await response.aread()
             await response.aclose()
-        except (SandboxUnreachable, SandboxLost, httpx.TransportError):
+        except (SandboxUnreachable, SandboxLost):
             raise HTTPException(409, f"no turn is running on session {session_id!r}") from None
         return _relayed(response, body)
 

@@ -14,19 +14,25 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 
-import httpx
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 
 from hosting.contract import RETRY_AFTER_SECONDS
 from hosting.gateway.provisioning import Provisioner
 from hosting.gateway.quotas import Quotas
-from hosting.gateway.relay import RELAYED_RESPONSE_HEADERS, Relay, SandboxLost, SandboxUnreachable, shielded
+from hosting.gateway.relay import (
+    RELAYED_RESPONSE_HEADERS,
+    Relay,
+    SandboxLost,
+    SandboxResponse,
+    SandboxUnreachable,
+    shielded,
+)
 from hosting.gateway.routes import Route
 from hosting.runtime_api import ADVANCE_PATH, State, advance_body, new_session_id
 from hosting.telemetry.gateway import GatewayTelemetry
 from hosting.telemetry.tracing import tag_session
 
-Send = Callable[[Route, Request, str, bytes], Awaitable[tuple[Route, httpx.Response]]]
+Send = Callable[[Route, Request, str, bytes], Awaitable[tuple[Route, SandboxResponse]]]
 
 
 def _unavailable(detail: str) -> HTTPException:
@@ -68,7 +74,7 @@ def install_runtime(app: FastAPI, *, tenant_of: Callable[[Request], Awaitable[st
                         content = await response.aread()
                     finally:
                         await response.aclose()
-                except (SandboxUnreachable, SandboxLost, httpx.TransportError):
+                except (SandboxUnreachable, SandboxLost):
                     raise _unavailable("the session's sandbox stopped answering; retry with the same state") from None
                 await relay.touch(route.session_id)
                 observed.answered(response.status_code, content)
