@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import anyio
+import httpx
 from sse_starlette import ServerSentEvent
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -223,8 +224,11 @@ class Relay:
     def _session(self) -> aiohttp.ClientSession:
         """Made on first use: an aiohttp session belongs to the running event loop."""
         if self._client is None:
+            # Trust as every other client of the product (httpx's: certifi, or SSL_CERT_FILE/SSL_CERT_DIR),
+            # not the system store the image may lack: Modal sandboxes are reached over TLS.
+            connector = aiohttp.TCPConnector(limit=0, ssl=httpx.create_ssl_context())
             self._client = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ssl=True), timeout=TURN_TIMEOUT, auto_decompress=False,
+                connector=connector, timeout=TURN_TIMEOUT, auto_decompress=False,
                 skip_auto_headers=("Accept-Encoding", "User-Agent"))  # bytes relayed as they are: never compressed
         return self._client
 
