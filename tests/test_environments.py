@@ -137,6 +137,22 @@ def wait_turn(standin: EnvironmentStandIn, session_id: str, orchestrator: Orches
         raise AssertionError(f"turn of {session_id} not done; orchestrator log:\n{orchestrator.log()[-4000:]}") from None
 
 
+def assert_every_tool_ran(standin: EnvironmentStandIn, session_id: str, home: Path) -> None:
+    """Each of ``TOOLS`` succeeded in ``home``, the session's working directory, and the
+    runner's environment held the item's own secret, never the environment key."""
+    results = standin.results(session_id)
+    assert [(name, error) for name, error, _ in results] == [(name, False) for name, _ in TOOLS]
+    texts = {name: text for name, _, text in results}
+    assert texts["read"] == "alpha\nbeta\n"
+    assert texts["glob"] == f"{home}/notes.txt"
+    assert texts["grep"] == f"{home}/notes.txt:2:gamma"
+    bash_lines = texts["bash"].splitlines()
+    assert bash_lines[:3] == [str(home), "alpha", "gamma"]
+    assert (home / "notes.txt").read_text() == "alpha\ngamma\n"
+    # The runner holds the item's own secret, not the environment key.
+    assert "ANTHROPIC_WORK_SECRET" in bash_lines and "ANTHROPIC_ENVIRONMENT_KEY" not in bash_lines
+
+
 def test_every_tool_runs_in_the_sessions_own_sandbox(standin: EnvironmentStandIn, data_dir: Path,
                                                       start_orchestrator: Callable[..., OrchestratorProcess]) -> None:
     orchestrator = start_orchestrator()
@@ -148,17 +164,7 @@ def test_every_tool_runs_in_the_sessions_own_sandbox(standin: EnvironmentStandIn
     wait_turn(standin, second, orchestrator)
 
     home = workspace_of(standin, data_dir, first)
-    results = standin.results(first)
-    assert [(name, error) for name, error, _ in results] == [(name, False) for name, _ in TOOLS]
-    texts = {name: text for name, _, text in results}
-    assert texts["read"] == "alpha\nbeta\n"
-    assert texts["glob"] == f"{home}/notes.txt"
-    assert texts["grep"] == f"{home}/notes.txt:2:gamma"
-    bash_lines = texts["bash"].splitlines()
-    assert bash_lines[:3] == [str(home), "alpha", "gamma"]
-    assert (home / "notes.txt").read_text() == "alpha\ngamma\n"
-    # The runner holds the item's own secret, not the environment key.
-    assert "ANTHROPIC_WORK_SECRET" in bash_lines and "ANTHROPIC_ENVIRONMENT_KEY" not in bash_lines
+    assert_every_tool_ran(standin, first, home)
 
     other = standin.results(second)
     assert other[0] == ("glob", False, "no matches")

@@ -34,7 +34,7 @@ from hosting.sandboxes.kubernetes import pod_name
 from tests.conftest import wait_for
 from tests.environments_standin import EnvironmentStandIn, OrchestratorProcess, orchestrator_env, serve
 from tests.k8s_standin import POD_TAG, POD_TEMPLATE, PodsApiStandIn, running_standin
-from tests.test_environments import ENVIRONMENT_KEY, TOOLS, TURN_SECONDS
+from tests.test_environments import ENVIRONMENT_KEY, TOOLS, TURN_SECONDS, assert_every_tool_ran
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kubernetes]
 
@@ -130,17 +130,7 @@ def test_sessions_run_in_their_own_pods_without_the_key(standin: EnvironmentStan
         assert (pods.pod(name) or {})["metadata"]["annotations"]["research-agent/session-id"] == session
     assert data_dir(pods, first_pod) != data_dir(pods, second_pod)
 
-    results = standin.results(first)
-    assert [(name, error) for name, error, _ in results] == [(name, False) for name, _ in TOOLS]
-    texts = {name: text for name, _, text in results}
-    assert texts["read"] == "alpha\nbeta\n"
-    assert texts["glob"] == f"{home}/notes.txt"
-    assert texts["grep"] == f"{home}/notes.txt:2:gamma"
-    bash_lines = texts["bash"].splitlines()
-    assert bash_lines[:3] == [str(home), "alpha", "gamma"]
-    assert (home / "notes.txt").read_text() == "alpha\ngamma\n"
-    # The runner holds the item's own secret, not the environment key.
-    assert "ANTHROPIC_WORK_SECRET" in bash_lines and "ANTHROPIC_ENVIRONMENT_KEY" not in bash_lines
+    assert_every_tool_ran(standin, first, home)
 
     other = standin.results(second)
     assert other[0][:2] == ("bash", True) and "No such file" in other[0][2], other
