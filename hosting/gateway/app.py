@@ -265,7 +265,8 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
 
             streaming = observed.streaming = True
             return RelayedStream(relay.stream(route, response, on_end=permit.release, observer=observed.saw), headers,
-                                 on_close=finished, while_open=permit.keep_alive)
+                                 on_close=finished,
+                                 while_open=permit.keep_alive if permit.holds_slot else None)
         finally:
             if not streaming:
                 try:

@@ -86,6 +86,11 @@ class TurnPermit:
         self._rate = rate
         self._ttl = slot_ttl_seconds
 
+    @property
+    def holds_slot(self) -> bool:
+        """Whether there is a slot to keep alive (none without a concurrent-turns limit)."""
+        return self._slot is not None
+
     async def keep_alive(self) -> None:
         """Refresh the slot until cancelled (while the turn's stream is relayed)."""
         while self._slot is not None:

@@ -81,10 +81,10 @@ class SandboxResponse:
             self._response.release()
         return body
 
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
+    async def read_any(self) -> bytes:
+        """Whatever has arrived (waiting for something); ``b""`` at the end of the body."""
         try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
+            return await self._response.content.readany()
         except aiohttp.ClientError as exc:
             raise SandboxLost(str(exc) or type(exc).__name__) from None
 
@@ -135,7 +135,12 @@ async def shielded(awaitable: Awaitable[Any]) -> None:
 class RelayedStream(StreamingResponse):
     """A relayed SSE response that knows when it is over: ``on_close`` runs once, however
     the response ends (every byte sent, the client gone, the sandbox lost, cancelled),
-    after the stream it relays is closed; ``while_open`` runs beside it until then."""
+    after the stream it relays is closed; ``while_open`` runs beside it until then.
+
+    It streams in the request's own task, with one task beside it that waits for the
+    client to leave and then stops the relay: Starlette's own streaming runs a task group
+    of two anyio tasks per response, a cost every relayed turn would pay on the gateway's
+    one event loop (bench/README.md, the relay's CPU per turn)."""
 
     def __init__(self, content: AsyncIterator[bytes], headers: Mapping[str, str],
                  on_close: Callable[[], Awaitable[None]] | None = None,
@@ -146,12 +151,34 @@ class RelayedStream(StreamingResponse):
         self._while_open = while_open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        beside: asyncio.Task[None] | None = None
-        if self._while_open is not None:
-            beside = asyncio.create_task(self._while_open())
+        relaying = asyncio.current_task()
+        assert relaying is not None
+        streaming, client_gone = True, False
+
+        async def until_client_leaves() -> None:
+            nonlocal client_gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            client_gone = True
+            if streaming:  # else the relay is past its last await on the stream: let it finish
+                relaying.cancel()
+
+        listener = asyncio.create_task(until_client_leaves())
+        beside = asyncio.create_task(self._while_open()) if self._while_open is not None else None
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self._content:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            streaming = False
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not client_gone or relaying.uncancel() > 0:  # cancelled by someone else too
+                raise
+        except OSError:  # ASGI 2.4: sending to a client that left
+            pass
         finally:
+            streaming = False
+            listener.cancel()
             await shielded(self._close(beside))
 
     async def _close(self, beside: asyncio.Task[None] | None) -> None:
@@ -229,6 +256,7 @@ class Relay:
             connector = aiohttp.TCPConnector(limit=0, ssl=httpx.create_ssl_context())
             self._client = aiohttp.ClientSession(
                 connector=connector, timeout=TURN_TIMEOUT, auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),  # a sandbox's cookies are never kept, nor sent to another
                 skip_auto_headers=("Accept-Encoding", "User-Agent"))  # bytes relayed as they are: never compressed
         return self._client
 
@@ -241,19 +269,37 @@ class Relay:
         inject_trace_context(forwarded)
         if route.epoch:
             forwarded[EPOCH_HEADER] = str(route.epoch)
-        sending = asyncio.ensure_future(self._session().request(
-            method, f"{route.address}{path}", headers=forwarded, data=body, allow_redirects=False))
+        address, requesting = route.address, asyncio.current_task()
+        assert requesting is not None
+        unresponsive = False
+        probing: list[asyncio.Task[None]] = []
+
+        async def probe_until_silent() -> None:
+            nonlocal unresponsive
+            while await self._answers(address):
+                await asyncio.sleep(PROBE_AFTER_SECONDS)
+            unresponsive = True
+            requesting.cancel()
+
+        # A timer, not a task racing the request: most requests are answered within
+        # milliseconds, and a timer is all they then cost.
+        timer = asyncio.get_running_loop().call_later(
+            PROBE_AFTER_SECONDS, lambda: probing.append(asyncio.create_task(probe_until_silent())))
         try:
-            while not (await asyncio.wait({sending}, timeout=PROBE_AFTER_SECONDS))[0]:
-                if not await self._answers(route.address):
-                    raise SandboxUnresponsive(f"sandbox {route.sandbox_id} answers neither the request nor /health")
-            return SandboxResponse(sending.result())
+            return SandboxResponse(await self._session().request(
+                method, f"{address}{path}", headers=forwarded, data=body, allow_redirects=False))
+        except asyncio.CancelledError:
+            if unresponsive and requesting.uncancel() == 0:
+                raise SandboxUnresponsive(f"sandbox {route.sandbox_id} answers neither the request nor /health") from None
+            raise
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise SandboxUnreachable(str(exc)) from None
         except aiohttp.ClientError as exc:
             raise SandboxLost(str(exc) or type(exc).__name__) from None
         finally:
-            sending.cancel()
+            timer.cancel()
+            for probe in probing:
+                probe.cancel()
 
     async def _answers(self, address: str) -> bool:
         try:
@@ -276,7 +322,7 @@ class Relay:
         moved = asyncio.Event()
         stamper = asyncio.create_task(self._stamp_while_streaming(route, response, moved))
         try:
-            async for chunk in response.aiter_raw():
+            while chunk := await response.read_any():
                 if moved.is_set():  # not one more byte from a sandbox the session left
                     break
                 watcher.feed(chunk)
@@ -290,7 +336,7 @@ class Relay:
                                type(exc).__name__)
         finally:
             stamper.cancel()
-            await shielded(response.aclose())
+            await response.aclose()  # never suspends: nothing for a cancellation to interrupt
         await self.touch(route.session_id)
         if not watcher.done or moved.is_set():
             if on_end is not None:
