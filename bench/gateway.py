@@ -140,10 +140,25 @@ def _own_cpu_seconds(pid: int) -> float:
     return (utime + stime) / CLK_TCK
 
 
+@asynccontextmanager
+async def bare_relay(bench: Bench, sandbox: str, token: str) -> AsyncIterator[str]:
+    """:mod:`bench.bare_relay` in front of ``sandbox``: its base URL."""
+    port = free_port()
+    env = clean_env() | {"PORT": str(port), "BARE_RELAY_SANDBOX": sandbox, "BARE_RELAY_SANDBOX_TOKEN": token}
+    managed = spawn(["-m", "bench.bare_relay"], env, bench.tmp / "bare-relay.log")
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        await wait_http(managed, f"{base_url}/health", 30, "bare relay")
+        yield base_url
+    finally:
+        managed.stop()
+
+
 async def relay_overhead(bench: Bench) -> dict[str, Any]:
-    """Follow-ups on one session, through the gateway and straight to its sandbox, alternated
-    (so a drift in the machine's speed reaches both alike). Beside the p50s: the median of
-    the pairs' differences, and the gateway process's own CPU per relayed turn."""
+    """Follow-ups on one session through the gateway, straight to its sandbox and through a
+    bare relay (:mod:`bench.bare_relay`), in turn (so a drift in the machine's speed reaches
+    all alike). Beside the p50s: the median of the gateway/straight pairs' differences,
+    and the gateway process's own CPU per relayed turn."""
     counts = bench.counts
     async with gateway(bench.model_url, bench.tmp, "g-relay", pool=1) as gw, client() as via, client(ADMIN_TOKEN) as admin:
         await settle(admin, gw, counts.prewarm_timeout)
@@ -153,24 +168,25 @@ async def relay_overhead(bench: Bench) -> dict[str, Any]:
             raise ScenarioError(f"first turn failed: {first.error}")
         route = (await admin.get(f"{gw.base_url}/admin/sessions/relay")).json()
         token = _sandbox_token(route["pid"])
-        async with client(token) as direct:
-            gateway_turns: list[TurnResult] = []
-            direct_turns: list[TurnResult] = []
-            await http_turn(direct, route["address"], "relay", RECALL)  # both paths warm before timing
+        async with client(token) as direct, bare_relay(bench, route["address"], token) as bare_url, client() as bare:
+            paths = {"gateway": (via, gw.base_url), "direct": (direct, route["address"]), "bare": (bare, bare_url)}
+            turns: dict[str, list[TurnResult]] = {name: [] for name in paths}
+            for http, base_url in paths.values():  # every path warm before timing
+                await http_turn(http, base_url, "relay", RECALL)
             await settle(admin, gw, counts.prewarm_timeout)
-            cpu_before = _own_cpu_seconds(gw.pid)
+            gateway_cpu = 0.0
             for _ in range(counts.gw_follow_ups):
-                gateway_turns.append(await http_turn(via, gw.base_url, "relay", RECALL))
-                direct_turns.append(await http_turn(direct, route["address"], "relay", RECALL))
-            gateway_cpu = _own_cpu_seconds(gw.pid) - cpu_before
-        paired = [g.latency - d.latency for g, d in zip(gateway_turns, direct_turns, strict=True)
+                for name, (http, base_url) in paths.items():
+                    cpu_before = _own_cpu_seconds(gw.pid)
+                    turns[name].append(await http_turn(http, base_url, "relay", RECALL))
+                    if name == "gateway":
+                        gateway_cpu += _own_cpu_seconds(gw.pid) - cpu_before
+        paired = [g.latency - d.latency for g, d in zip(turns["gateway"], turns["direct"], strict=True)
                   if g.error is None and d.error is None]
-        return {"gateway": summarize(gateway_turns, recall_expected=len(gateway_turns),
-                                     recall_ok=sum(recalled(t, value) for t in gateway_turns)),
-                "direct": summarize(direct_turns, recall_expected=len(direct_turns),
-                                    recall_ok=sum(recalled(t, value) for t in direct_turns)),
+        return {**{name: summarize(done, recall_expected=len(done), recall_ok=sum(recalled(t, value) for t in done))
+                   for name, done in turns.items()},
                 "paired_median_added_s": percentile(paired, 50),
-                "gateway_cpu_s_per_turn": gateway_cpu / len(gateway_turns)}
+                "gateway_cpu_s_per_turn": gateway_cpu / len(turns["gateway"])}
 
 
 async def first_turns(bench: Bench, pool: int, backend: str = "local", image: str | None = None) -> dict[str, Any]:

@@ -271,6 +271,7 @@ ROWS: list[tuple[tuple[str, ...], str]] = [
 GATEWAY_ROWS: list[tuple[tuple[str, ...], str]] = [
     (("g", "relay", "gateway"), "follow-up through the gateway"),
     (("g", "relay", "direct"), "follow-up straight to the sandbox"),
+    (("g", "relay", "bare"), "follow-up through a bare relay (bench/bare_relay.py)"),
     (("g", "first_pool"), "first turn, warm pool"),
     (("g", "first_no_pool"), "first turn, no pool"),
     (("g", "docker_first_pool"), "first turn, warm pool, docker"),
@@ -393,8 +394,11 @@ def markdown(run: dict[str, Any]) -> str:
                 _table(["path", "status", "turns", "errors", "recall", "p50", "p95", "turns/s", "peak RSS"],
                        gateway_rows), "",
                 f"Relay: p50 through the gateway - straight to the same sandbox = "
-                f"{_num(r['g_relay_added_ms'], '{:+.1f} ms')} (follow-ups alternated between the two paths); median "
+                f"{_num(r['g_relay_added_ms'], '{:+.1f} ms')} (follow-ups taken in turn on the three paths); median "
                 f"of the pairs' differences {_num(_scaled(relay.get('paired_median_added_s'), 1000), '{:+.1f} ms')}; "
+                f"through a bare relay (uvicorn and aiohttp as the gateway's, no framework, checks or access log: "
+                f"what any relay on this stack costs on this machine) - straight = "
+                f"{_num(_difference_ms(_get(relay, 'bare', 'p50_s'), _get(relay, 'direct', 'p50_s')), '{:+.1f} ms')}; "
                 f"the gateway process's own CPU per relayed turn "
                 f"{_num(_scaled(relay.get('gateway_cpu_s_per_turn'), 1000), '{:.1f} ms')}. "
                 f"First turn, warm pool / no pool: local {_num(r['g_pool_over_no_pool_p50'], '{:.3f}')}, docker "

@@ -1,0 +1,60 @@
+"""``python -m bench.bare_relay``: the least a relay can be, as a yardstick for the gateway's.
+
+One sandbox, one token, no checks: each request's body is read and sent on to
+``BARE_RELAY_SANDBOX`` with the sandbox's token, and its answer's bytes come back as they
+arrive. It runs on the gateway's own stack (uvicorn with uvloop and httptools, aiohttp to
+the sandbox) with no framework, so (g) can tell what any relay costs on the machine from
+what the gateway's framework and checks add. Not part of the product: it authenticates
+no one and serves one session.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import aiohttp
+import uvicorn
+from starlette.types import Receive, Scope, Send
+
+SANDBOX = os.environ.get("BARE_RELAY_SANDBOX", "")
+SANDBOX_TOKEN = os.environ.get("BARE_RELAY_SANDBOX_TOKEN", "")
+RELAYED_HEADERS = ("content-type", "cache-control")
+
+
+class BareRelay:
+    def __init__(self) -> None:
+        self._client: aiohttp.ClientSession | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if self._client is None:
+            self._client = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                                                 connector=aiohttp.TCPConnector(limit=0))
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        headers = {"authorization": f"Bearer {SANDBOX_TOKEN}", "content-type": "application/json"}
+        async with self._client.request(scope["method"], f"{SANDBOX}{scope['path']}", data=body or None,
+                                        headers=headers) as response:
+            relayed: list[Any] = [(name.encode(), response.headers[name].encode())
+                                  for name in RELAYED_HEADERS if name in response.headers]
+            await send({"type": "http.response.start", "status": response.status, "headers": relayed})
+            while chunk := await response.content.readany():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        if self._client is not None:
+            await self._client.close()
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+if __name__ == "__main__":
+    uvicorn.run(BareRelay(), host="127.0.0.1", port=int(os.environ["PORT"]), log_level="warning")
