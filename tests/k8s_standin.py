@@ -758,9 +758,11 @@ def _placed(value: str, mounts: dict[str, Path], ip: str) -> str:
 
 @contextlib.contextmanager
 def running_standin(root: Path, **kwargs: Any) -> Iterator[PodsApiStandIn]:
-    """A started stand-in; stopped (every pod's processes killed) however the test ends."""
+    """A started stand-in; stopped (every pod's processes killed) however the test ends,
+    and if it ended well, it must have been sent no call it does not implement."""
     standin = PodsApiStandIn(root, **kwargs).start()
     try:
         yield standin
     finally:
         standin.stop()
+    assert standin.unexpected == []

@@ -43,7 +43,7 @@ from hosting.sandboxes.kubernetes import (
 from hosting.sandboxes.settings import open_backend
 from tests.conftest import API_KEY, ROOT, LocalModel, free_port, post_turn
 from tests.gateway_fixtures import ALICE, Gateways, auth
-from tests.k8s_standin import JSON_PATCH, POD_TEMPLATE, PodsApiStandIn, label_errors
+from tests.k8s_standin import JSON_PATCH, POD_TEMPLATE, PodsApiStandIn, label_errors, running_standin
 from tests.stores_fixtures import redis_url  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.kubernetes
@@ -56,12 +56,8 @@ LONGEST_SESSION_ID = "A_" + "b-" * 31
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodsApiStandIn]:
     """One stand-in for the module, so its recorded verbs cover every test here."""
-    made = PodsApiStandIn(tmp_path_factory.mktemp("standin")).start()
-    try:
+    with running_standin(tmp_path_factory.mktemp("standin")) as made:
         yield made
-    finally:
-        made.stop()
-    assert made.unexpected == []
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from hosting.sandboxes import SandboxError, SandboxSpec
 from hosting.sandboxes.kubernetes import KubernetesBackend, pod_name
 from hosting.sandboxes.launch import CANNOT_START, FAILED, LaunchRequest, decode_request, encode_request, exit_status
 from tests.conftest import ROOT
-from tests.k8s_standin import POD_TEMPLATE, PodsApiStandIn
+from tests.k8s_standin import POD_TEMPLATE, PodsApiStandIn, running_standin
 
 LAUNCH = (sys.executable, "-m", "hosting.sandboxes.launch")
 
@@ -170,12 +170,8 @@ def test_what_cannot_start_says_why_and_starts_nothing(data_dir: Path, request_l
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodsApiStandIn]:
-    made = PodsApiStandIn(tmp_path_factory.mktemp("standin")).start()
-    try:
+    with running_standin(tmp_path_factory.mktemp("standin")) as made:
         yield made
-    finally:
-        made.stop()
-    assert made.unexpected == []
 
 
 @dataclass
