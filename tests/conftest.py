@@ -213,6 +213,14 @@ def wait_for(predicate: Any, timeout: float = 30, interval: float = 0.05) -> Any
     raise AssertionError(f"condition not met within {timeout} s")
 
 
+def healthy(base_url: str) -> bool:
+    """``GET /health`` answers 200; ``False`` while nothing listens there yet."""
+    try:
+        return httpx.get(f"{base_url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def ready(base_url: str) -> dict[str, Any]:
     return httpx.get(f"{base_url}/ready").json()
 

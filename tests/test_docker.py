@@ -14,10 +14,9 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
-from tests.conftest import API_KEY, BASE_IMAGE, ROOT, docker, free_port, post_turn, wait_for
+from tests.conftest import API_KEY, BASE_IMAGE, ROOT, docker, free_port, healthy, post_turn, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
@@ -112,19 +111,12 @@ def test_compose_up_recall_down(image):
     try:
         subprocess.run([*compose, "up", "-d", "--no-build"], env=env, check=True, timeout=300, capture_output=True)
         base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _healthy(base), timeout=90)
+        wait_for(lambda: healthy(base), timeout=90)
         post_turn(base, "composed", "Remember this value: comp5")
         assert "You asked me to remember comp5." in post_turn(base, "composed", RECALL).text
     finally:
         subprocess.run([*compose, "down", "-v"], env=env, timeout=300, capture_output=True)
     assert docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={project}").stdout.strip() == ""
-
-
-def _healthy(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/health", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 PLAIN_DEBIAN = """\

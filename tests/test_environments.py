@@ -29,12 +29,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from hosting.environments.sandboxes import sandbox_name
 from hosting.sandboxes.local import LocalBackend
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, healthy, wait_for
 from tests.environments_standin import EnvironmentStandIn, OrchestratorProcess, orchestrator_env, serve
 from tests.stores_fixtures import redis_url  # noqa: F401
 
@@ -318,7 +317,7 @@ def test_a_signed_webhook_drains_the_queue_and_a_bad_signature_starts_nothing(
     port = free_port()
     orchestrator = start_orchestrator(ENVIRONMENT_MODE="webhook", ENVIRONMENT_WEBHOOK_SECRET=WEBHOOK_SECRET,
                                       ENVIRONMENT_WEBHOOK_DRAIN_SECONDS="600", HOST="127.0.0.1", PORT=str(port))
-    wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200, timeout=30)
+    wait_for(lambda: healthy(f"http://127.0.0.1:{port}"), timeout=30)
     polls_before = len(standin.calls_of("poll"))
     session = standin.create_session(TOOLS[:2])  # no webhook URL yet: queued silently
     (item,) = standin.items_of(session)
