@@ -174,13 +174,11 @@ async def relay_overhead(bench: Bench) -> dict[str, Any]:
             for http, base_url in paths.values():  # every path warm before timing
                 await http_turn(http, base_url, "relay", RECALL)
             await settle(admin, gw, counts.prewarm_timeout)
-            gateway_cpu = 0.0
+            cpu_before = _own_cpu_seconds(gw.pid)  # over every path's turns: what the gateway does after done counts
             for _ in range(counts.gw_follow_ups):
                 for name, (http, base_url) in paths.items():
-                    cpu_before = _own_cpu_seconds(gw.pid)
                     turns[name].append(await http_turn(http, base_url, "relay", RECALL))
-                    if name == "gateway":
-                        gateway_cpu += _own_cpu_seconds(gw.pid) - cpu_before
+            gateway_cpu = _own_cpu_seconds(gw.pid) - cpu_before
         paired = [g.latency - d.latency for g, d in zip(turns["gateway"], turns["direct"], strict=True)
                   if g.error is None and d.error is None]
         return {**{name: summarize(done, recall_expected=len(done), recall_ok=sum(recalled(t, value) for t in done))
