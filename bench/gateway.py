@@ -31,6 +31,7 @@ from bench.procs import (
     ScenarioError,
     clean_env,
     free_port,
+    serving,
     spawn,
     tree_cpu_seconds,
     wait_http,
@@ -145,13 +146,9 @@ async def bare_relay(bench: Bench, sandbox: str, token: str) -> AsyncIterator[st
     """:mod:`bench.bare_relay` in front of ``sandbox``: its base URL."""
     port = free_port()
     env = clean_env() | {"PORT": str(port), "BARE_RELAY_SANDBOX": sandbox, "BARE_RELAY_SANDBOX_TOKEN": token}
-    managed = spawn(["-m", "bench.bare_relay"], env, bench.tmp / "bare-relay.log")
-    try:
-        base_url = f"http://127.0.0.1:{port}"
-        await wait_http(managed, f"{base_url}/health", 30, "bare relay")
+    async with serving(["-m", "bench.bare_relay"], env, bench.tmp / "bare-relay.log", port, "/health",
+                       "bare relay") as base_url:
         yield base_url
-    finally:
-        managed.stop()
 
 
 async def relay_overhead(bench: Bench) -> dict[str, Any]:

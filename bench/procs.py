@@ -191,16 +191,25 @@ async def wait_http(managed: Managed, url: str, timeout: float, what: str) -> No
 
 
 @asynccontextmanager
-async def local_model(tmp: Path) -> AsyncIterator[str]:
-    """The offline local model as a subprocess (its CPU is not counted as hosting cost)."""
-    port = free_port()
-    managed = spawn(["-m", "hosting.local_model", "--port", str(port)], os.environ, tmp / "local-model.log")
+async def serving(args: list[str], env: Mapping[str, str], log_path: Path, port: int, health_path: str,
+                  what: str) -> AsyncIterator[str]:
+    """``python args...`` listening on ``port``: its base URL once ``health_path`` answers; stopped at exit."""
+    managed = spawn(args, env, log_path)
     try:
         base = f"http://127.0.0.1:{port}"
-        await wait_http(managed, f"{base}/local/requests", 30, "local model")
+        await wait_http(managed, f"{base}{health_path}", 30, what)
         yield base
     finally:
         managed.stop()
+
+
+@asynccontextmanager
+async def local_model(tmp: Path) -> AsyncIterator[str]:
+    """The offline local model as a subprocess (its CPU is not counted as hosting cost)."""
+    port = free_port()
+    async with serving(["-m", "hosting.local_model", "--port", str(port)], os.environ, tmp / "local-model.log", port,
+                       "/local/requests", "local model") as base:
+        yield base
 
 
 def clean_env() -> dict[str, str]:
