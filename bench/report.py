@@ -396,7 +396,7 @@ def markdown(run: dict[str, Any]) -> str:
                 f"Relay: p50 through the gateway - straight to the same sandbox = "
                 f"{_num(r['g_relay_added_ms'], '{:+.1f} ms')} (follow-ups taken in turn on the three paths); median "
                 f"of the pairs' differences {_num(_scaled(relay.get('paired_median_added_s'), 1000), '{:+.1f} ms')}; "
-                f"through a bare relay (uvicorn and aiohttp as the gateway's, no framework, checks or access log: "
+                f"through a bare relay (uvicorn and the relay's client as the gateway's, no framework, checks or access log: "
                 f"what any relay on this stack costs on this machine) - straight = "
                 f"{_num(_difference_ms(_get(relay, 'bare', 'p50_s'), _get(relay, 'direct', 'p50_s')), '{:+.1f} ms')}; "
                 f"the gateway process's own CPU per relayed turn "

@@ -45,6 +45,11 @@ def validate_session_id(session_id: str) -> str:
 
 async def _session_id(session_id: Annotated[str, Path()]) -> str:
     # async: FastAPI would run a plain function in a worker thread, a thread hop per request
+    return path_session_id(session_id)
+
+
+def path_session_id(session_id: str) -> str:
+    """``session_id`` if it is valid; HTTP 400 otherwise."""
     try:
         return validate_session_id(session_id)
     except InvalidSessionId as exc:
@@ -53,6 +58,11 @@ async def _session_id(session_id: Annotated[str, Path()]) -> str:
 
 SessionId = Annotated[str, Depends(_session_id)]
 """A path parameter that is a valid session id (400 otherwise)."""
+
+SESSION_ID_PARAMETER: dict[str, Any] = {"parameters": [
+    {"name": "session_id", "in": "path", "required": True,
+     "schema": {"type": "string", "pattern": f"^{SESSION_ID_PATTERN.pattern}$"}}]}
+"""``openapi_extra`` of a route that reads its session id itself rather than as :data:`SessionId`."""
 
 
 class MessageRequest(BaseModel):
@@ -155,8 +165,11 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(send)
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.max_bytes:
+                await self._refuse(send)
+            else:  # the server reads no more than the declared length: nothing to count
+                await self.app(scope, receive, send)
             return
 
         received = 0

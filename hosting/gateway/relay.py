@@ -17,15 +17,15 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
-import aiohttp
 import anyio
 import httpx
 from sse_starlette import ServerSentEvent
-from starlette.responses import StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from hosting.contract import EPOCH_HEADER
 from hosting.gateway.routes import Route, RouteStore, RouteStoreUnavailable
+from hosting.gateway.sandbox_http import ConnectFailed, ConnectionBroken, SandboxAnswer, SandboxClient
 from hosting.server.wire import WireEvent, error_event
 from hosting.telemetry.tracing import inject_trace_context
 
@@ -37,9 +37,12 @@ RELAYED_RESPONSE_HEADERS = ("content-type", "cache-control", "retry-after", "x-a
 PROBE_AFTER_SECONDS = 5.0
 """A request a sandbox has not answered for this long (its response headers; a turn's
 come at once, or after a short wait for room) makes the relay ask the sandbox's ``/health``."""
-PROBE_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
-TURN_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=5.0)
-"""No read timeout: a turn may think for minutes; heartbeats keep proxies happy."""
+PROBE_TIMEOUT_SECONDS = 2.0
+END_AFTER_DONE_SECONDS = 2.0
+"""How long the end of a sandbox's body may follow its ``done`` (it follows at once) before
+the connection is closed rather than reused."""
+CONNECT_TIMEOUT_SECONDS = 5.0
+"""The only timeout of a relayed request: a turn may think for minutes; heartbeats keep proxies happy."""
 
 
 class SandboxUnreachable(Exception):
@@ -60,40 +63,32 @@ class SandboxLost(Exception):
 
 class SandboxResponse:
     """A sandbox's answer, open for streaming: its status, headers and bytes, as relayed.
+    Its body reads whatever has arrived, so events that came together are relayed in one
+    write."""
 
-    The relay speaks to sandboxes with aiohttp rather than httpx: every relayed chunk goes
-    through the client's HTTP parser, and aiohttp's (C, on the event loop's own stream)
-    costs a fraction of httpx's pure-Python h11 and anyio layers; measured, the gateway's
-    CPU per relayed turn fell by about a quarter (bench/README.md). Its body reads
-    whatever has arrived, so events that came together are relayed in one write."""
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-        self.status_code = response.status
-        self.headers = response.headers
+    def __init__(self, answer: SandboxAnswer) -> None:
+        self._answer = answer
+        self.status_code = answer.status
+        self.headers: Mapping[str, str] = answer.headers
 
     async def aread(self) -> bytes:
         try:
-            body = await self._response.read()
-        except aiohttp.ClientError as exc:
-            raise SandboxLost(str(exc) or type(exc).__name__) from None
+            return await self._answer.read()
+        except ConnectionBroken as exc:
+            raise SandboxLost(str(exc)) from None
         finally:
-            self._response.release()
-        return body
+            self._answer.release()
 
     async def read_any(self) -> bytes:
         """Whatever has arrived (waiting for something); ``b""`` at the end of the body."""
         try:
-            return await self._response.content.readany()
-        except aiohttp.ClientError as exc:
-            raise SandboxLost(str(exc) or type(exc).__name__) from None
+            return await self._answer.read_any()
+        except ConnectionBroken as exc:
+            raise SandboxLost(str(exc)) from None
 
     async def aclose(self) -> None:
-        """Let the connection go: back to the pool if the body was read to its end, else closed."""
-        if self._response.content.at_eof():
-            self._response.release()
-        else:
-            self._response.close()
+        """Let the connection go: reused if the body was read to its end, else closed."""
+        self._answer.release()
 
 
 def next_event_id(last: str | None) -> str:
@@ -132,20 +127,28 @@ async def shielded(awaitable: Awaitable[Any]) -> None:
         await asyncio.shield(task)
 
 
-class RelayedStream(StreamingResponse):
+RelayedChunks = AsyncIterator[tuple[bytes, bool]]
+"""A relayed stream's chunks, each with whether it is the last the client gets."""
+
+
+class RelayedStream(Response):
     """A relayed SSE response that knows when it is over: ``on_close`` runs once, however
     the response ends (every byte sent, the client gone, the sandbox lost, cancelled),
     after the stream it relays is closed; ``while_open`` runs beside it until then.
+    The last chunk goes out with the end of the body, so a client that stops reading at
+    ``done`` finds its response complete and keeps its connection.
 
     It streams in the request's own task, with one task beside it that waits for the
     client to leave and then stops the relay: Starlette's own streaming runs a task group
     of two anyio tasks per response, a cost every relayed turn would pay on the gateway's
     one event loop (bench/README.md, the relay's CPU per turn)."""
 
-    def __init__(self, content: AsyncIterator[bytes], headers: Mapping[str, str],
+    def __init__(self, content: RelayedChunks, headers: Mapping[str, str],
                  on_close: Callable[[], Awaitable[None]] | None = None,
                  while_open: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
-        super().__init__(content, status_code=200, headers=headers)
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)  # no body yet: no content-length
         self._content = content
         self._on_close = on_close
         self._while_open = while_open
@@ -167,10 +170,13 @@ class RelayedStream(StreamingResponse):
         beside = asyncio.create_task(self._while_open()) if self._while_open is not None else None
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for chunk in self._content:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            streaming = False
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            async for chunk, last in self._content:  # after the last, the stream only finishes
+                if streaming:
+                    streaming = not last
+                    await send({"type": "http.response.body", "body": chunk, "more_body": streaming})
+            if streaming:
+                streaming = False
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not client_gone or relaying.uncancel() > 0:  # cancelled by someone else too
                 raise
@@ -189,7 +195,7 @@ class RelayedStream(StreamingResponse):
                     await beside
             aclose = getattr(self._content, "aclose", None)
             if aclose is not None:  # runs the relay's own clean-up if the stream stopped mid-way
-                with contextlib.suppress(SandboxLost, aiohttp.ClientError, RuntimeError):
+                with contextlib.suppress(SandboxLost, RuntimeError):
                     await aclose()
         finally:
             if self._on_close is not None:
@@ -246,19 +252,9 @@ class Relay:
         self._streams = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._client: aiohttp.ClientSession | None = None
-
-    def _session(self) -> aiohttp.ClientSession:
-        """Made on first use: an aiohttp session belongs to the running event loop."""
-        if self._client is None:
-            # Trust as every other client of the product (httpx's: certifi, or SSL_CERT_FILE/SSL_CERT_DIR),
-            # not the system store the image may lack: Modal sandboxes are reached over TLS.
-            connector = aiohttp.TCPConnector(limit=0, ssl=httpx.create_ssl_context())
-            self._client = aiohttp.ClientSession(
-                connector=connector, timeout=TURN_TIMEOUT, auto_decompress=False,
-                cookie_jar=aiohttp.DummyCookieJar(),  # a sandbox's cookies are never kept, nor sent to another
-                skip_auto_headers=("Accept-Encoding", "User-Agent"))  # bytes relayed as they are: never compressed
-        return self._client
+        # Trust as every other client of the product (httpx's: certifi, or SSL_CERT_FILE/SSL_CERT_DIR),
+        # not the system store the image may lack: Modal sandboxes are reached over TLS.
+        self._client = SandboxClient(httpx.create_ssl_context(), CONNECT_TIMEOUT_SECONDS)
 
     async def send(self, route: Route, method: str, path: str, headers: Mapping[str, str],
                    body: bytes | None = None) -> SandboxResponse:
@@ -286,16 +282,15 @@ class Relay:
         timer = asyncio.get_running_loop().call_later(
             PROBE_AFTER_SECONDS, lambda: probing.append(asyncio.create_task(probe_until_silent())))
         try:
-            return SandboxResponse(await self._session().request(
-                method, f"{address}{path}", headers=forwarded, data=body, allow_redirects=False))
+            return SandboxResponse(await self._client.request(address, method, path, forwarded, body))
         except asyncio.CancelledError:
             if unresponsive and requesting.uncancel() == 0:
                 raise SandboxUnresponsive(f"sandbox {route.sandbox_id} answers neither the request nor /health") from None
             raise
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        except ConnectFailed as exc:
             raise SandboxUnreachable(str(exc)) from None
-        except aiohttp.ClientError as exc:
-            raise SandboxLost(str(exc) or type(exc).__name__) from None
+        except ConnectionBroken as exc:
+            raise SandboxLost(str(exc)) from None
         finally:
             timer.cancel()
             for probe in probing:
@@ -303,16 +298,20 @@ class Relay:
 
     async def _answers(self, address: str) -> bool:
         try:
-            async with self._session().get(f"{address}/health", timeout=PROBE_TIMEOUT):
+            async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+                answer = await self._client.request(address, "GET", "/health", {})
+                answer.release()
                 return True
-        except (aiohttp.ClientError, TimeoutError):
+        except (ConnectFailed, ConnectionBroken, TimeoutError):
             return False
 
     async def stream(self, route: Route, response: SandboxResponse,
                      on_end: Callable[[], Awaitable[None]] | None = None,
-                     observer: EventObserver | None = None) -> AsyncIterator[bytes]:
+                     observer: EventObserver | None = None) -> RelayedChunks:
         """The response's bytes as they arrive, activity stamped meanwhile, and a
-        ``sandbox_lost`` ending if the sandbox goes away before ``done``.
+        ``sandbox_lost`` ending if the sandbox goes away before ``done``. The chunk with
+        ``done`` is the last (the wire format's last event); the sandbox's end of the body
+        is then read, so its connection is reused.
 
         ``on_end`` runs once the turn is over, *before* its last event goes out, so a
         client that sends its next turn as soon as it reads ``done`` finds what the
@@ -329,7 +328,13 @@ class Relay:
                 if watcher.done and on_end is not None:
                     end, on_end = on_end, None
                     await end()
-                yield chunk
+                yield chunk, watcher.done
+                if watcher.done:
+                    with contextlib.suppress(SandboxLost, TimeoutError):
+                        async with asyncio.timeout(END_AFTER_DONE_SECONDS):
+                            while await response.read_any():
+                                pass  # nothing follows done; the body's end is what is read
+                    break
         except SandboxLost as exc:
             if not moved.is_set():
                 logger.warning("session %s: sandbox %s lost mid-stream: %s", route.session_id, route.sandbox_id,
@@ -346,7 +351,7 @@ class Relay:
                                route.sandbox_id)
             ending = lost_stream(watcher.last_id, "the sandbox serving this session stopped mid-turn; send the turn again")
             watcher.feed(ending)  # the observer sees the ending too
-            yield ending
+            yield ending, True
 
     async def touch(self, session_id: str) -> None:
         try:
@@ -396,5 +401,4 @@ class Relay:
         return True
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
+        self._client.close()
