@@ -146,7 +146,11 @@ def test_the_watcher_follows_lines_split_across_chunks() -> None:
         watcher.feed(stream[i:i + 5])
     assert watcher.last_id == "4" and not watcher.done
     watcher.feed(b"ne\r\nid: 5\r\n")
-    assert watcher.last_id == "5" and watcher.done
+    assert watcher.last_id == "5" and not watcher.done, "done is whole only at its blank line"
+    watcher.feed(b'data: {"v": 1}\r\n\r')
+    assert not watcher.done
+    watcher.feed(b"\n")
+    assert watcher.done
 
 
 def test_the_watcher_hands_each_whole_event_to_its_observer() -> None:

@@ -11,6 +11,8 @@ from contextlib import asynccontextmanager
 import pytest
 
 from hosting.gateway import sandbox_http
+from hosting.gateway.relay import Relay, RelayedStream
+from hosting.gateway.routes import MemoryRouteStore, Route
 from hosting.gateway.sandbox_http import ConnectFailed, ConnectionBroken, SandboxClient
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -219,3 +221,44 @@ async def test_idle_connections_are_reused_only_while_fresh_and_dropped_when_the
                 break
             await asyncio.sleep(0.01)
         assert sandboxes._idle == {}, "a connection the sandbox closed stayed pooled"
+
+
+async def test_the_relay_ends_the_clients_body_with_done_and_reuses_the_sandbox_connection() -> None:
+    """``done`` goes out with the end of the client's body (one that stops reading at done
+    finds its response complete); the sandbox's own end of body, which follows, is read,
+    so its connection serves the next turn."""
+    events = [b"id: 1-1\nevent: text\ndata: {}\n\n", b"id: 1-2\nevent: do", b"ne\ndata: {}\n", b"\n"]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            for event in events:
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await writer.drain()
+                await asyncio.sleep(0.02)  # each its own read
+            await asyncio.sleep(0.1)
+            writer.write(b"0\r\n\r\n")
+
+    store = MemoryRouteStore()
+    async with serving(handler) as (address, accepted):
+        route = Route("s", "alice", "vol", sandbox_id="sb", address=address, token="t")
+        await store.put(route)
+        relay = Relay(store, stamp_interval_seconds=60)
+        sent: list[dict[str, object]] = []
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        async def receive() -> dict[str, object]:
+            await asyncio.Event().wait()  # the client never leaves
+            raise AssertionError
+
+        for _ in range(2):
+            sent.clear()
+            response = await relay.send(route, "POST", "/sessions/s/messages", {}, b"{}")
+            await RelayedStream(relay.stream(route, response), {})({"type": "http"}, receive, send)
+            bodies = [(m["body"], m["more_body"]) for m in sent if m["type"] == "http.response.body"]
+            assert bodies == [(events[0], True), (events[1], True), (events[2], True), (events[3], False)]
+        await relay.aclose()
+    assert len(accepted) == 1

@@ -207,7 +207,7 @@ EventObserver = Callable[[str, bytes], None]
 
 
 class StreamWatcher:
-    """Follows SSE lines across chunk boundaries: the last ``id:``, whether ``done`` came,
+    """Follows SSE lines across chunk boundaries: the last ``id:``, whether ``done`` came whole,
     and (for an ``observer``) each event as it completes. The one SSE reader of the gateway."""
 
     def __init__(self, observer: EventObserver | None = None) -> None:
@@ -223,19 +223,17 @@ class StreamWatcher:
         self._partial = lines.pop()
         for line in lines:
             line = line.rstrip(b"\r")
-            if line.startswith(b"id:"):
+            if not line:  # an event is whole at its blank line, ``done`` too
+                self.done = self.done or self._kind == b"done"
+                if self._observer is not None and self._kind and self._data:
+                    self._observer(self._kind.decode(errors="replace"), b"\n".join(self._data))
+                self._kind, self._data = b"", []
+            elif line.startswith(b"id:"):
                 self.last_id = line[3:].strip().decode(errors="replace")
             elif line.startswith(b"event:"):
                 self._kind = line[6:].strip()
-                self.done = self.done or self._kind == b"done"
-            elif self._observer is None:
-                continue
-            elif line.startswith(b"data:"):
+            elif self._observer is not None and line.startswith(b"data:"):
                 self._data.append(line[5:].strip())
-            elif not line:
-                if self._kind and self._data:
-                    self._observer(self._kind.decode(errors="replace"), b"\n".join(self._data))
-                self._kind, self._data = b"", []
 
 
 class Relay:
