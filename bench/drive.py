@@ -62,6 +62,7 @@ async def http_turn(client: httpx.AsyncClient, base_url: str, session_id: str, p
     error: str | None = None
     retry_after: str | None = None
     done = False
+    latency = 0.0
     try:
         async with aconnect_sse(client, "POST", f"{base_url}/sessions/{session_id}/messages",
                                 json={"prompt": prompt}) as source:
@@ -79,13 +80,16 @@ async def http_turn(client: httpx.AsyncClient, base_url: str, session_id: str, p
                     elif sse.event == "error" and error is None:
                         error = f"{data.get('code')}: {data.get('message')}"
                     elif sse.event == "done":
+                        # Timed to done; the loop then reads the body's end (untimed), so the connection
+                        # is kept, as hosting.client does.
+                        latency = time.perf_counter() - started
                         done = True
-                        break
     except (httpx.HTTPError, SSEError, json.JSONDecodeError) as exc:
-        error = f"{type(exc).__name__}: {exc}"
+        if not done:
+            error = f"{type(exc).__name__}: {exc}"
     if not done and error is None:
         error = "stream ended without a done event"
-    return TurnResult(time.perf_counter() - started, to_result, "".join(parts), error, retry_after)
+    return TurnResult(latency if done else time.perf_counter() - started, to_result, "".join(parts), error, retry_after)
 
 
 async def http_turn_retrying(client: httpx.AsyncClient, base_url: str, session_id: str, prompt: str,

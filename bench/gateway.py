@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from bench.scenarios import Bench
 
 TENANT_TOKEN = "bench-tenant-token"
+TURN_GAP_SECONDS = 0.025
+"""Between follow-ups of the relay comparison: the last turn's tail (the sandbox's and the
+relays' work after ``done``) is over before the next is timed, whichever path came before."""
 ADMIN_TOKEN = "bench-admin-token"
 
 
@@ -175,6 +178,7 @@ async def relay_overhead(bench: Bench) -> dict[str, Any]:
             for _ in range(counts.gw_follow_ups):
                 for name, (http, base_url) in paths.items():
                     turns[name].append(await http_turn(http, base_url, "relay", RECALL))
+                    await asyncio.sleep(TURN_GAP_SECONDS)
             gateway_cpu = _own_cpu_seconds(gw.pid) - cpu_before
         paired = [g.latency - d.latency for g, d in zip(turns["gateway"], turns["direct"], strict=True)
                   if g.error is None and d.error is None]

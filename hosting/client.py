@@ -268,16 +268,20 @@ class AgentClient:
         every event is yielded exactly once. :class:`StreamLost` if that fails."""
         sid = session_id or self.session_id
         last_id: str | None = None
+        done = False
         async with aconnect_sse(self._http, "POST", f"/sessions/{sid}/messages", json={"prompt": prompt}) as source:
             await _raise_for_status(source.response)
             try:
                 async for event in _events(source):
+                    if done:
+                        continue  # nothing follows done: the body's end is read so the connection is kept
                     last_id = event.id
                     yield event
-                    if isinstance(event, DoneEvent):
-                        return
+                    done = isinstance(event, DoneEvent)
             except httpx.TransportError:
-                pass  # dropped: re-attach below
+                pass  # dropped: re-attach below (after done, nothing is missing)
+        if done:
+            return
         async for event in self._reattach(sid, last_id):
             yield event
 

@@ -196,3 +196,17 @@ def test_the_python_client_says_so_when_it_cannot_reattach(start_server, proxy_t
     with pytest.raises(StreamLost, match="re-attaches failed"):
         asyncio.run(run())
     assert seen and not isinstance(seen[-1], DoneEvent) and proxy.connections == 4  # the turn, then 3 tries
+
+
+def test_the_python_client_keeps_its_connection_from_turn_to_turn(start_server, proxy_to):
+    """After ``done`` the client reads the body's end, so the next turn goes on the same
+    connection (over TLS to a remote gateway, that is a handshake saved per turn)."""
+    server = start_server()
+    proxy = proxy_to(int(server.base_url.rsplit(":", 1)[1]), cut_after=1 << 40)
+
+    async def run() -> list[str]:
+        async with AgentClient(f"http://127.0.0.1:{proxy.port}", session_id="client-keeps") as agent:
+            return [await agent.arun("Say hello") for _ in range(3)]
+
+    assert all(asyncio.run(run()))
+    assert proxy.connections == 1
