@@ -42,7 +42,6 @@ from hosting.gateway.quotas import QuotaExceeded, Quotas
 from hosting.gateway.reaper import Reaper
 from hosting.gateway.reconcile import reconcile
 from hosting.gateway.relay import (
-    RELAYED_RESPONSE_HEADERS,
     Relay,
     RelayedStream,
     SandboxLost,
@@ -73,8 +72,7 @@ def _unavailable(detail: str) -> HTTPException:
 
 
 def _relayed(response: SandboxResponse, body: bytes) -> Response:
-    headers = {name: response.headers[name] for name in RELAYED_RESPONSE_HEADERS if name in response.headers}
-    return Response(body, status_code=response.status_code, headers=headers)
+    return Response(body, status_code=response.status_code, headers=response.relayed_headers())
 
 
 async def _tenant_of(request: Request) -> str:
@@ -259,8 +257,6 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
                     return _relayed(response, await response.aread())
                 finally:
                     await response.aclose()
-            headers = {name: response.headers[name] for name in RELAYED_RESPONSE_HEADERS if name in response.headers}
-            headers.setdefault("x-accel-buffering", "no")
 
             async def finished() -> None:
                 try:
@@ -270,7 +266,8 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
                     observed.finish()
 
             streaming = observed.streaming = True
-            return RelayedStream(relay.stream(route, response, on_end=permit.release, observer=observed.saw), headers,
+            return RelayedStream(relay.stream(route, response, on_end=permit.release, observer=observed.saw),
+                                 response.relayed_headers(),
                                  on_close=finished,
                                  while_open=permit.keep_alive if permit.holds_slot else None)
         finally:
@@ -300,9 +297,7 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
                 return _relayed(response, await response.aread())
             finally:
                 await response.aclose()
-        headers = {name: response.headers[name] for name in RELAYED_RESPONSE_HEADERS if name in response.headers}
-        headers.setdefault("x-accel-buffering", "no")
-        return RelayedStream(relay.stream(route, response), headers)
+        return RelayedStream(relay.stream(route, response), response.relayed_headers())
 
     @app.post("/sessions/{session_id}/interrupt")
     async def interrupt(session_id: SessionId, tenant: Tenant, request: Request) -> Response:

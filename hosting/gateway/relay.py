@@ -90,6 +90,10 @@ class SandboxResponse:
         """Let the connection go: reused if the body was read to its end, else closed."""
         self._answer.release()
 
+    def relayed_headers(self) -> dict[str, str]:
+        """The headers a client gets from the sandbox's answer (:data:`RELAYED_RESPONSE_HEADERS`)."""
+        return {name: self.headers[name] for name in RELAYED_RESPONSE_HEADERS if name in self.headers}
+
 
 def next_event_id(last: str | None) -> str:
     """The id after ``last``: ``1764-7`` → ``1764-8``; none → ``0-1`` (turn 0: before
@@ -136,7 +140,8 @@ class RelayedStream(Response):
     the response ends (every byte sent, the client gone, the sandbox lost, cancelled),
     after the stream it relays is closed; ``while_open`` runs beside it until then.
     The last chunk goes out with the end of the body, so a client that stops reading at
-    ``done`` finds its response complete and keeps its connection.
+    ``done`` finds its response complete and keeps its connection; proxies are asked not to
+    buffer it (``x-accel-buffering: no``) unless the sandbox said otherwise.
 
     It streams in the request's own task, with one task beside it that waits for the
     client to leave and then stops the relay: Starlette's own streaming runs a task group
@@ -148,7 +153,7 @@ class RelayedStream(Response):
                  while_open: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
         self.status_code = 200
         self.background = None
-        self.init_headers(headers)  # no body yet: no content-length
+        self.init_headers({"x-accel-buffering": "no", **headers})  # no body yet: no content-length
         self._content = content
         self._on_close = on_close
         self._while_open = while_open

@@ -20,7 +20,6 @@ from hosting.contract import RETRY_AFTER_SECONDS
 from hosting.gateway.provisioning import Provisioner
 from hosting.gateway.quotas import Quotas
 from hosting.gateway.relay import (
-    RELAYED_RESPONSE_HEADERS,
     Relay,
     SandboxLost,
     SandboxResponse,
@@ -83,5 +82,4 @@ def install_runtime(app: FastAPI, *, tenant_of: Callable[[Request], Awaitable[st
                     await shielded(permit.release() if ran else permit.refund())
                 finally:
                     relay.end_turn()
-        headers = {name: response.headers[name] for name in RELAYED_RESPONSE_HEADERS if name in response.headers}
-        return Response(content, status_code=response.status_code, headers=headers)
+        return Response(content, status_code=response.status_code, headers=response.relayed_headers())
