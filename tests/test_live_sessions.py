@@ -153,8 +153,8 @@ def test_sigterm_drains_running_turns_then_exits_0_without_orphans(start_server)
     post_turn(base, "warm", "hello")
     thread, box = background_turn(base, "inflight", "Remember this value: t3 [[delay:2]]")
     wait_for(lambda: ready(base)["running_turns"] == 1)
-    clis = descendants(server.process.pid)
-    assert len(clis) >= 2
+    # the warm session's CLI and the running turn's (started once the turn is admitted)
+    clis = wait_for(lambda: found if len(found := descendants(server.process.pid)) >= 2 else None, timeout=15)
     server.process.send_signal(signal.SIGTERM)
 
     refused = wait_for(lambda: (r := httpx.post(f"{base}/sessions/late/messages", json={"prompt": "hi"})).status_code == 503
