@@ -15,6 +15,7 @@ from types import FrameType
 from typing import Protocol
 
 import uvicorn
+from starlette.types import ASGIApp
 
 logger = logging.getLogger("hosting.draining")
 
@@ -38,8 +39,11 @@ class DrainingServer(uvicorn.Server):
     exits 0. A second signal exits at once.
     """
 
-    def __init__(self, config: uvicorn.Config, work: Drainable, grace_seconds: float) -> None:
-        super().__init__(config)
+    def __init__(self, app: ASGIApp, host: str, port: int, work: Drainable, grace_seconds: float) -> None:
+        # uvicorn's access line is off: the app writes its own once a response has ended
+        # (hosting.telemetry.access), not while a turn streams.
+        super().__init__(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=5, log_config=None,
+                                        access_log=False))
         self._work = work
         self._grace_seconds = grace_seconds
         self._loop: asyncio.AbstractEventLoop | None = None

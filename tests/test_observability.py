@@ -19,13 +19,14 @@ import httpx
 import pytest
 from conftest import API_KEY, LocalModel, post_turn, wait_for
 from gateway_fixtures import ADMIN, ALICE, BOB, GatewayProcess, Gateways, auth
+from opentelemetry import trace
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 from prometheus_client.parser import text_string_to_metric_families
 
 from hosting.config import ConfigError, Settings
 from hosting.server.box import Box
 from hosting.telemetry.settings import TelemetrySettings, telemetry_sandbox_env
-from hosting.telemetry.tracing import open_tracer, session_label
+from hosting.telemetry.tracing import inject_trace_context, open_tracer, session_label
 
 pytestmark = pytest.mark.e2e
 
@@ -243,6 +244,15 @@ def test_without_otel_settings_the_tracer_is_the_no_op_one() -> None:
     tracer, flush = open_tracer(settings)
     with tracer.start_as_current_span("x") as span:
         assert not span.is_recording() and not span.get_span_context().is_valid
+        headers: dict[str, str] = {}
+        inject_trace_context(headers)
+        assert headers == {}
+    caller = trace.NonRecordingSpan(trace.SpanContext(0x1234, 0x5678, is_remote=True,
+                                                      trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED)))
+    with trace.use_span(caller), tracer.start_as_current_span("y") as span:  # a caller's trace carries on
+        assert span.get_span_context().trace_id == 0x1234
+        inject_trace_context(headers)
+        assert headers["traceparent"].startswith(f"00-{0x1234:032x}-")
     flush()
 
 
@@ -270,6 +280,12 @@ def test_json_logs_parse_and_carry_the_turn_trace(observed: ObservedGateway) -> 
     assert claimed[0]["session"] == label and len(claimed[0]["span_id"]) == 16
     served = [line for line in sandbox_lines if line.get("trace_id") == trace_id]
     assert served and all(line["session"] == label for line in served)
+    for lines in (gateway_lines, sandbox_lines):  # one access line per process, after the turn, id hashed
+        access = [line for line in lines if line["logger"] == "hosting.access" and line.get("trace_id") == trace_id]
+        assert len(access) == 1, lines[-20:]
+        assert f'"POST /sessions/{label}/messages HTTP/1.1" 200 ' in access[0]["message"]
+        assert session_id not in access[0]["message"] and access[0]["message"].endswith(" ms")
+        assert not [line for line in lines if line["logger"] == "uvicorn.access"]
 
 
 def test_telemetry_settings_refuse_what_cannot_be_honoured() -> None:

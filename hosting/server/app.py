@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -43,6 +42,7 @@ from hosting.server.sessions import NoRoom, NotAccepting, SessionBusy, SessionMa
 from hosting.server.turns import Numbered, ReplayGone, Turn
 from hosting.server.workspaces import WorkspaceStore
 from hosting.stores import MissingStoreDriver, open_session_store
+from hosting.telemetry.http import FASTAPI_TELEMETRY
 from hosting.telemetry.logs import configure_logging
 from hosting.telemetry.server import ServerTelemetry
 from hosting.web import mount_chat_page
@@ -96,7 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
         if token is None or not tokens_equal(token, settings.auth_token):
             raise unauthorized()
 
-    app = FastAPI(title="Research agent server", version="1", lifespan=lifespan)
+    app = FastAPI(title="Research agent server", version="1", lifespan=lifespan, telemetry=FASTAPI_TELEMETRY)
     install_json_errors(app, settings.max_body_bytes)
     mount_chat_page(app)
     app.state.sessions = sessions
@@ -203,6 +203,5 @@ def main() -> None:
     except (ConfigError, MissingStoreDriver, OSError) as exc:
         print(f"agent-server: {exc}", file=sys.stderr)
         sys.exit(2)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=5, log_config=None)
-    DrainingServer(config, app.state.sessions, settings.shutdown_grace_seconds).run()
+    DrainingServer(app, settings.host, settings.port, app.state.sessions, settings.shutdown_grace_seconds).run()
 
