@@ -50,7 +50,7 @@ class Counts:
     burst: int = 25             # (e) new sessions at once (and AGENT_PREWARM of the prewarmed server)
     burst_rounds: int = 3       # (e) rounds of the three servers, alternated; the median round is reported
     limit_mib: int = 1024       # (limits) the memory limit; first turns, follow-ups and the burst use the counts above
-    gw_follow_ups: int = 300    # (g) follow-ups through the gateway and straight to its sandbox, alternated (at 100 a p50 moved ±1.5 ms run to run)
+    gw_follow_ups: int = 300    # (g) follow-ups per path, in turn (at 100 a p50 moved by ±1.5 ms from run to run)
     gw_first_turns: int = 8     # (g) first turns of new sessions per gateway (warm pool, no pool)
     gw_burst: int = 25          # (g) new sessions at once through the gateway, two turns each
     obs_turns: int = 150        # (o) follow-ups per server, telemetry on and off, alternated (fewer: noise > 3%)
