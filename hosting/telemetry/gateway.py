@@ -62,11 +62,8 @@ class GatewayTurn:
     def relaying(self) -> Iterator[None]:
         """Make the relay's span current around the request to the sandbox (its
         ``traceparent`` then names it); it ends with the stream (:meth:`watch`)."""
-        self.relay_span = self.telemetry.tracer.start_span("gateway.relay")
-        if not self.relay_span.get_span_context().is_valid:  # no trace to carry on: nothing to make current
-            yield
-            return
-        with trace.use_span(self.relay_span, end_on_exit=False):
+        with self.telemetry.tracer.start_as_current_span("gateway.relay", end_on_exit=False) as span:
+            self.relay_span = span
             yield
 
     def refused_by_sandbox(self, status: int) -> None:
