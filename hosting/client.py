@@ -51,7 +51,8 @@ class AuthenticationError(AgentClientError):
 
 
 class ForbiddenError(AgentClientError):
-    """403: the session belongs to another tenant."""
+    """403: refused by whatever stands in front of the agent (an IAM proxy, say). The
+    gateway never answers 403: another tenant's session id is simply not yours (404)."""
 
 
 class SessionNotFoundError(AgentClientError):
@@ -66,6 +67,11 @@ class PayloadTooLargeError(AgentClientError):
     """413: the body is over the server's limit."""
 
 
+class RateLimitedError(AgentClientError):
+    """429: a tenant quota is reached or a tenant budget is spent (the gateway); ``detail``
+    names which, ``retry_after`` says when to try again (for a budget: when its window ends)."""
+
+
 class NotReadyError(AgentClientError):
     """503: the server is starting or draining; retry after ``retry_after``."""
 
@@ -78,7 +84,7 @@ class StorageFullError(AgentClientError):
 _ERRORS: dict[int, type[AgentClientError]] = {
     400: BadRequestError, 401: AuthenticationError, 403: ForbiddenError, 404: SessionNotFoundError,
     409: SessionBusyError, 413: PayloadTooLargeError, 415: BadRequestError, 422: BadRequestError,
-    503: NotReadyError, 507: StorageFullError,
+    429: RateLimitedError, 503: NotReadyError, 507: StorageFullError,
 }
 
 

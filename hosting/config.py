@@ -7,6 +7,7 @@ decided by one object that can be printed, compared and faked.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,10 +61,23 @@ def optional_setting(env: Mapping[str, str], name: str) -> str | None:
     return env.get(name, "").strip() or None
 
 
+def _max_budget_usd(env: Mapping[str, str]) -> float | None:
+    raw = optional_setting(env, "AGENT_MAX_BUDGET_USD")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"AGENT_MAX_BUDGET_USD must be a number of US dollars > 0 (unset: no limit), got {raw!r}")
+    return value
+
+
 STORE_SCHEMES = ("redis://", "rediss://", "postgresql://", "postgres://")
 
 
-def _store_url(env: Mapping[str, str]) -> str | None:
+def store_url_setting(env: Mapping[str, str]) -> str | None:
     url = optional_setting(env, "AGENT_SESSION_STORE")
     if url is not None and not url.startswith(STORE_SCHEMES):
         raise ConfigError(f"AGENT_SESSION_STORE must start with one of {', '.join(STORE_SCHEMES)}")
@@ -112,6 +126,8 @@ class Settings:
     session_sweep_seconds: float = 3600.0
     local_cache_seconds: int | None = 24 * 3600
     disk_budget_bytes: int | None = None
+    max_budget_usd: float | None = None
+    """Most a turn may spend (``AGENT_MAX_BUDGET_USD``, the SDK's ``max_budget_usd``); ``None``: no limit."""
     cli_runtime: Mapping[str, str] = field(default_factory=lambda: dict(CLI_RUNTIME_DEFAULTS))
     box: Box = field(default_factory=read_box)
     telemetry: TelemetrySettings = field(default_factory=lambda: TelemetrySettings(service_name="agent-server"))
@@ -140,11 +156,12 @@ class Settings:
             queue_timeout_seconds=float_setting(env, "AGENT_QUEUE_TIMEOUT_SECONDS", cls.queue_timeout_seconds),
             idle_timeout_seconds=float_setting(env, "AGENT_IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds),
             shutdown_grace_seconds=float_setting(env, "AGENT_SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),
-            session_store_url=_store_url(env),
+            session_store_url=store_url_setting(env),
             session_ttl_seconds=int_setting(env, "AGENT_SESSION_TTL_SECONDS", cls.session_ttl_seconds or 0) or None,
             session_sweep_seconds=_number(env, "AGENT_SESSION_SWEEP_SECONDS", cls.session_sweep_seconds, float, 0.1),
             local_cache_seconds=int_setting(env, "AGENT_LOCAL_CACHE_SECONDS", cls.local_cache_seconds or 0) or None,
             disk_budget_bytes=int_setting(env, "AGENT_DISK_BUDGET_BYTES", 0) or None,
+            max_budget_usd=_max_budget_usd(env),
             cli_runtime={name: env.get(name, value) for name, value in CLI_RUNTIME_DEFAULTS.items()},
             box=box,
             telemetry=TelemetrySettings.from_env(env, default_service="agent-server",

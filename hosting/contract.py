@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import re
+import uuid
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Request
@@ -25,10 +26,31 @@ MAX_BODY_BYTES = 256 * 1024
 RETRY_AFTER_SECONDS = "2"
 STORAGE_RETRY_AFTER_SECONDS = "30"
 
+"""For 507: room on a full disk comes back slower than a busy session or a CLI slot."""
+
 EPOCH_HEADER = "x-agent-epoch"
 """Sent by the gateway with every request to a sandbox: the epoch of the session's
 assignment to it (see ``hosting.stores.DurableSessionStore`` on fencing)."""
-"""For 507: room on a full disk comes back slower than a busy session or a CLI slot."""
+NAMESPACE_HEADER = "x-agent-namespace"
+"""Sent by the gateway with every session request to a sandbox: ``<installation>/<tenant>``,
+whose session ids the sandbox serves. Session ids are per tenant, so a stored
+conversation is filed under the namespace too (:func:`durable_session_id`)."""
+NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}/[A-Za-z0-9._-]{1,128}")
+
+STORE_PROJECT_KEY = "research-agent"
+"""The one project key every stored conversation is filed under."""
+_SESSION_NAMESPACE = uuid.UUID("6f6b1f9e-3c55-4a49-9d3e-7d2f3c1b9a10")
+
+
+def durable_session_id(session_id: str, namespace: str | None = None) -> str:
+    """The SDK session id a conversation is stored under, the same on every sandbox.
+
+    A lone server (no namespace) files ``session_id`` as it is; behind a gateway the
+    id is one tenant's, so the namespace (``<installation>/<tenant>``) is part of it:
+    alice's ``trip-1`` and bob's ``trip-1`` are two stored conversations, whatever
+    happens to the routes."""
+    name = session_id if namespace is None else f"{namespace}/{session_id}"
+    return str(uuid.uuid5(_SESSION_NAMESPACE, name))
 
 
 class InvalidSessionId(ValueError):
@@ -116,6 +138,16 @@ def request_epoch(request: Request) -> int | None:
     if not raw.isdigit() or not 0 < int(raw) < 2**63:
         raise HTTPException(400, f"{EPOCH_HEADER} must be a positive integer")
     return int(raw)
+
+
+def request_namespace(request: Request) -> str | None:
+    """The request's :data:`NAMESPACE_HEADER` (``None`` without one); HTTP 400 if malformed."""
+    raw = request.headers.get(NAMESPACE_HEADER)
+    if raw is None:
+        return None
+    if not NAMESPACE_PATTERN.fullmatch(raw):
+        raise HTTPException(400, f"{NAMESPACE_HEADER} must be <installation>/<tenant>")
+    return raw
 
 
 def bearer_token(request: Request) -> str | None:

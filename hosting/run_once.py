@@ -37,7 +37,8 @@ def main() -> int:
         root = Path(scratch)
         (root / "work").mkdir()
         env = {**settings.cli_env(), "HOME": scratch, "CLAUDE_CONFIG_DIR": str(root / "config"), "TMPDIR": scratch}
-        options = build_options(model=settings.model, cwd=root / "work", env=env)
+        options = build_options(model=settings.model, cwd=root / "work", env=env,
+                                max_budget_usd=settings.max_budget_usd)
         try:
             answer = anyio.run(lambda: send_query(prompt, options=options))
         except (AgentError, ClaudeSDKError) as exc:

@@ -135,8 +135,8 @@ class GatewayProcess:
     def pool(self) -> dict[str, Any]:
         return self.admin("pool").json()
 
-    def route(self, session_id: str) -> dict[str, Any] | None:
-        response = self.admin(f"sessions/{session_id}")
+    def route(self, session_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        response = self.admin(f"sessions/{session_id}" + (f"?tenant={tenant}" if tenant else ""))
         return None if response.status_code == 404 else response.json()
 
     def sandboxes(self) -> list[dict[str, Any]]:

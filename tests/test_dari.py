@@ -141,10 +141,11 @@ def test_advance_through_the_gateway_is_tenant_scoped(local_gateways: Gateways) 
     assert second.status_code == 200, second.text
     assert second.json()["text"] == "You asked me to remember heron-42."
 
-    # Bob cannot continue Alice's conversation, nor start one on its id.
-    for stolen in (second.json()["state"], {"session_id": state["session_id"], "turns": 0}):
-        refused = advance(url, advance_body(RECALL, state=stolen), auth(BOB))
-        assert refused.status_code == 403
+    # Bob cannot continue Alice's conversation; on its id he starts his own.
+    stolen = advance(url, advance_body(RECALL, state=second.json()["state"]), auth(BOB))
+    assert stolen.status_code == 410 and "heron-42" not in stolen.text
+    own = advance(url, advance_body(RECALL, state={"session_id": state["session_id"], "turns": 0}), auth(BOB))
+    assert own.status_code == 200 and "heron-42" not in own.text
     # A conversation the gateway never saw is not started afresh; a bad body never reaches a sandbox.
     gateway.wait_pool_full()
     sandboxes = {s["sandbox_id"] for s in gateway.sandboxes()}

@@ -35,7 +35,7 @@ from stores_fixtures import (  # noqa: F401 - redis_url/postgres_url are fixture
     restartable_redis,
 )
 
-from hosting.server.durable import STORE_PROJECT_KEY, durable_session_id
+from hosting.contract import STORE_PROJECT_KEY, durable_session_id
 from tests.conftest import ROOT, Turn, agent_env, free_port, ready, workspace_of
 
 pytestmark = [pytest.mark.e2e, pytest.mark.stores]

@@ -32,38 +32,52 @@ def turn(base_url: str, session_id: str, prompt: str, token: str = ALICE) -> Tur
     return post_turn(base_url, session_id, prompt, headers=auth(token))
 
 
-def test_two_tenants_recall_and_ownership(gateways: Gateways) -> None:
+def _answers(url: str, session_id: str, token: str) -> list[tuple[str, int, str, bytes]]:
+    """What every route of a session answers a tenant, without a turn: status, type, body."""
+    answers = []
+    for method, path in (("GET", ""), ("DELETE", ""), ("POST", "/interrupt"), ("GET", "/events")):
+        got = httpx.request(method, f"{url}/sessions/{session_id}{path}", headers=auth(token), timeout=30)
+        answers.append((f"{method} {path}", got.status_code, got.headers.get("content-type", ""), got.content))
+    return answers
+
+
+def test_two_tenants_on_one_id_have_two_conversations_and_cannot_see_each_other(gateways: Gateways) -> None:
     gateway = gateways.start()
     url = gateway.base_url
+    unused = _answers(url, "trip-1", BOB)
+    assert [status for _, status, _, _ in unused] == [404, 404, 404, 404]
+
     first = turn(url, "trip-1", "Remember this value: 4471")
     assert first.types[0] == "session" and first.types[-1] == "done" and "error" not in first.types
     assert "4471" in turn(url, "trip-1", RECALL).text
+    assert _answers(url, "trip-1", BOB) == unused, "bob learns nothing of alice's trip-1, byte for byte"
 
-    for method, path in (("POST", "/sessions/trip-1/messages"), ("GET", "/sessions/trip-1"),
-                         ("DELETE", "/sessions/trip-1"), ("POST", "/sessions/trip-1/interrupt")):
-        body = {"prompt": "hi"} if path.endswith("messages") else None
-        refused = httpx.request(method, url + path, json=body, headers=auth(BOB), timeout=30)
-        assert refused.status_code == 403, (method, path, refused.text)
-        detail = refused.json()["detail"]
-        route = gateway.route("trip-1")
-        assert route is not None
-        assert "alice" not in detail and route["sandbox_id"] not in detail and str(route["last_activity"]) not in detail
-    assert "4471" in turn(url, "trip-1", RECALL).text, "bob's attempts changed nothing"
+    bobs = turn(url, "trip-1", "Remember this value: 9090", token=BOB)
+    assert bobs.of("session")[0]["resumed"] is False, "bob's trip-1 is a new conversation"
+    assert "9090" in (recalled := turn(url, "trip-1", RECALL, token=BOB).text) and "4471" not in recalled
+    assert "4471" in (recalled := turn(url, "trip-1", RECALL).text) and "9090" not in recalled
 
     described = httpx.get(f"{url}/sessions/trip-1", headers=auth(ALICE), timeout=30)
     assert described.status_code == 200 and described.json()["has_history"] is True
-    route = gateway.route("trip-1")
+    both = gateway.admin("sessions/trip-1")
+    assert both.status_code == 409 and "?tenant=" in both.json()["detail"]
+    route, bobs_route = gateway.route("trip-1", "alice"), gateway.route("trip-1", "bob")
     assert route is not None and route["tenant"] == "alice" and route["state"] == "assigned"
+    assert bobs_route is not None and bobs_route["sandbox_id"] != route["sandbox_id"]
+    assert bobs_route["volume"] != route["volume"]
     assert set(route) >= {"session_id", "tenant", "sandbox_id", "backend", "address", "state", "last_activity"}
     assert route["backend"] == gateways.backend
     assert ("pid" in route) == (gateways.backend == "local")
 
     deleted = httpx.delete(f"{url}/sessions/trip-1", headers=auth(ALICE), timeout=60)
     assert deleted.status_code == 204
-    assert gateway.route("trip-1") is None
+    assert gateway.route("trip-1", "alice") is None
+    assert gateway.route("trip-1") == gateway.route("trip-1", "bob"), "one tenant uses the id now"
     assert not gateways.sandbox_alive(route["sandbox_id"], route.get("pid"))
+    assert _answers(url, "trip-1", ALICE) == unused, "a deleted session answers like an unknown one"
     fresh = turn(url, "trip-1", RECALL)
     assert fresh.of("session")[0]["resumed"] is False and "4471" not in fresh.text
+    assert "9090" in turn(url, "trip-1", RECALL, token=BOB).text, "alice's delete left bob's trip-1 alone"
 
 
 def test_refusals_happen_before_anything_is_provisioned(local_gateways: Gateways) -> None:

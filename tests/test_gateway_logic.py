@@ -13,9 +13,10 @@ import pytest
 from gateway_fixtures import store  # noqa: F401 - fixture
 from stores_fixtures import redis_url  # noqa: F401 - fixture
 
+import hosting.gateway.reaper as reaper_module
 from hosting.gateway.pool import WarmPool
-from hosting.gateway.provisioning import NotOwner, Provisioner, ProvisioningFailed, new_spec
-from hosting.gateway.reaper import Reaper
+from hosting.gateway.provisioning import Provisioner, ProvisioningFailed, new_spec, provisioning_lock
+from hosting.gateway.reaper import Reaper, SessionRetention
 from hosting.gateway.reconcile import reconcile
 from hosting.gateway.routes import PoolEntry, RouteStore
 from hosting.sandboxes.base import Health, Sandbox, SandboxSpec
@@ -36,23 +37,16 @@ def provisioner(backend: MemoryBackend, store: RouteStore, wake: asyncio.Event |
     return Provisioner(backend, store, ENV, timeout_seconds=10, on_claim=wake)
 
 
-async def test_concurrent_first_requests_make_one_sandbox_for_its_first_tenant(store: RouteStore) -> None:
+async def test_concurrent_first_requests_make_one_sandbox_per_tenant(store: RouteStore) -> None:
     backend = SlowBackend()
-    routes = await asyncio.gather(*(provisioner(backend, store).ensure("s1", "alice") for _ in range(20)),
-                                  return_exceptions=True)
-    assert backend.creates == 1
-    assert len({r.sandbox_id for r in routes if not isinstance(r, BaseException)}) == 1
-    with pytest.raises(NotOwner):
-        await provisioner(backend, store).ensure("s1", "bob")
-    assert backend.creates == 1
-
-
-async def test_two_tenants_racing_for_a_new_id_one_owns_it(store: RouteStore) -> None:
-    backend = SlowBackend()
-    results = await asyncio.gather(provisioner(backend, store).ensure("s1", "alice"),
-                                   provisioner(backend, store).ensure("s1", "bob"), return_exceptions=True)
-    assert sorted(type(r).__name__ for r in results) == ["NotOwner", "Route"]
-    assert backend.creates == 1
+    routes = await asyncio.gather(*(provisioner(backend, store).ensure("s1", tenant)
+                                    for _ in range(10) for tenant in ("alice", "bob")))
+    assert backend.creates == 2
+    by_tenant = {tenant: {r.sandbox_id for r in routes if r.tenant == tenant} for tenant in ("alice", "bob")}
+    assert len(by_tenant["alice"]) == len(by_tenant["bob"]) == 1 and by_tenant["alice"] != by_tenant["bob"]
+    alice, bob = await store.get("alice/s1"), await store.get("bob/s1")
+    assert alice is not None and bob is not None and alice.volume != bob.volume
+    assert {s.tenant for s in await backend.list()} == {"alice", "bob"}
 
 
 async def test_a_failed_start_leaves_nothing_and_says_so(store: RouteStore) -> None:
@@ -60,7 +54,7 @@ async def test_a_failed_start_leaves_nothing_and_says_so(store: RouteStore) -> N
     backend.fail_next_create("engine said no")
     with pytest.raises(ProvisioningFailed, match="engine said no"):
         await provisioner(backend, store).ensure("s1", "alice")
-    assert await store.get("s1") is None and await backend.list() == []
+    assert await store.get("alice/s1") is None and await backend.list() == []
     assert (await provisioner(backend, store).ensure("s1", "alice")).sandbox_id is not None
 
 
@@ -111,12 +105,12 @@ async def test_the_reaper_removes_idle_sandboxes_once_and_keeps_volumes(store: R
     busy = await provisioner(backend, store).ensure("busy", "alice")
     await store.put(replace(idle, last_activity=time.time() - 100))
     await store.put(replace(busy, last_activity=time.time() - 100))
-    await store.touch("busy")
+    await store.touch("alice/busy")
     reapers = [Reaper(backend, store, idle_timeout_seconds=10) for _ in range(3)]
     reaped = await asyncio.gather(*(reaper.sweep() for reaper in reapers))
     assert sorted(sum(reaped, [])) == [idle.sandbox_id]
     assert idle.volume in backend.volumes
-    after = await store.get("idle")
+    after = await store.get("alice/idle")
     assert after is not None and after.sandbox_id is None and after.state == "released"
     again = await provisioner(backend, store).ensure("idle", "alice")
     assert again.volume == idle.volume and again.sandbox_id not in (None, idle.sandbox_id)
@@ -132,7 +126,7 @@ async def test_reconcile_readopts_known_removes_orphans_and_releases_the_lost(st
     busy_orphan = await backend.create(new_spec(ENV, "being-provisioned", "bob"))
     pooled = new_spec(ENV)
     await store.pool_put(PoolEntry(await backend.create(pooled), pooled.token))
-    lock = await store.acquire("provision:being-provisioned", 30)
+    lock = await store.acquire(provisioning_lock("bob", "being-provisioned"), 30)
     assert lock is not None
     result = await reconcile(backend, store)
     assert sorted(result.adopted) == sorted([known.sandbox_id, pooled.sandbox_id])
@@ -140,4 +134,24 @@ async def test_reconcile_readopts_known_removes_orphans_and_releases_the_lost(st
     assert result.released == [lost.sandbox_id]
     assert {s.sandbox_id for s in await backend.list()} == {known.sandbox_id, pooled.sandbox_id,
                                                             busy_orphan.sandbox_id}
-    assert (await store.get("lost")) is not None and (await store.get("lost")).sandbox_id is None  # type: ignore[union-attr]
+    assert (await store.get("alice/lost")) is not None and (await store.get("alice/lost")).sandbox_id is None  # type: ignore[union-attr]
+
+
+async def test_retention_deletes_unused_sessions_whole_once_and_a_bounded_number_per_sweep(
+        store: RouteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = MemoryBackend()
+    routes = [await provisioner(backend, store).ensure(f"old{i}", "alice") for i in range(3)]
+    fresh = await provisioner(backend, store).ensure("fresh", "alice")
+    for route in routes:
+        await store.put(replace(route, last_activity=time.time() - 100))
+    monkeypatch.setattr(reaper_module, "RETENTION_BATCH", 2)
+    sweepers = [SessionRetention(backend, store, None, ttl_seconds=10) for _ in range(3)]
+    first = sum(await asyncio.gather(*(sweeper.sweep() for sweeper in sweepers)), [])
+    assert len(first) == 2, "one sweep at a time, at most RETENTION_BATCH sessions"
+    second = await sweepers[0].sweep()
+    assert sorted(first + second) == sorted(route.key for route in routes)
+    for route in routes:
+        assert await store.get(route.key) is None and route.volume not in backend.volumes
+        assert route.sandbox_id not in {s.sandbox_id for s in await backend.list()}
+    assert await store.get(fresh.key) == fresh and fresh.volume in backend.volumes
+    assert await SessionRetention(backend, store, None, ttl_seconds=0).sweep() == [], "0 keeps sessions forever"

@@ -92,19 +92,19 @@ async def test_known_routes_are_served_through_an_outage_and_redis_keeps_everyth
     written, read = routed("w1"), routed("r1")
     await here.put(written)
     await there.put(read)
-    assert await here.get("r1") == read
+    assert await here.get("alice/r1") == read
     await there.put(routed("c1"))
-    assert await here.get("c1") is not None
-    assert await there.release("c1", "sbx-c1")
-    changed = await here.get("c1")
+    assert await here.get("alice/c1") is not None
+    assert await there.release("alice/c1", "sbx-c1")
+    changed = await here.get("alice/c1")
     assert changed is not None and changed.sandbox_id is None, "a successful read refreshes the cache"
     await there.put(routed("other"))
     lock = await here.acquire("provision:x", 60)
     assert lock is not None
 
     await down(redis_server)
-    assert await here.get("w1") == written and await here.get("r1") == read and await here.get("c1") == changed
-    for attempt in (here.get("other"), here.put(routed("n1")), here.acquire("provision:n1", 5), here.ping(),
+    assert await here.get("alice/w1") == written and await here.get("alice/r1") == read and await here.get("alice/c1") == changed
+    for attempt in (here.get("alice/other"), here.put(routed("n1")), here.acquire("provision:n1", 5), here.ping(),
                     here.routes(), here.pool_take(), here.reserve_sandbox("alice", "n1", 5, 5)):
         with pytest.raises(RouteStoreUnavailable):
             await attempt
@@ -114,7 +114,7 @@ async def test_known_routes_are_served_through_an_outage_and_redis_keeps_everyth
     await up(redis_server)
     assert await here.acquire("provision:x", 60) is not None, "the lock whose release failed was released"
     assert sorted(r.session_id for r in await there.routes()) == ["c1", "other", "r1", "w1"], "AOF kept every route"
-    other = await there.get("other")
+    other = await there.get("alice/other")
     assert other is not None and other.sandbox_id == "sbx-other"
     assert await there.count_sandboxes("alice") == 3, "and the tenants' sandbox counts"
     for store in (here, there):
@@ -125,15 +125,15 @@ async def test_the_cache_holds_the_most_recently_used_routes_only(redis_server: 
     store = RedisRouteStore(redis_server.url, f"t{secrets.token_hex(4)}", cache_size=2)
     for name in ("a", "b", "c"):
         await store.put(routed(name))
-    await store.get("b")  # now c, b are the two most recent
-    await store.delete("c")
+    await store.get("alice/b")  # now c, b are the two most recent
+    await store.delete("alice/c")
     await store.put(routed("d"))
     assert len(store.cache) == 2
     await down(redis_server)
-    assert (await store.get("b")) is not None and (await store.get("d")) is not None
+    assert (await store.get("alice/b")) is not None and (await store.get("alice/d")) is not None
     for gone in ("a", "c"):  # evicted, and deleted
         with pytest.raises(RouteStoreUnavailable):
-            await store.get(gone)
+            await store.get(f"alice/{gone}")
     await up(redis_server)
     await store.aclose()
 
@@ -175,7 +175,7 @@ async def test_a_provisioning_cut_by_an_outage_leaves_nothing_and_blocks_nothing
     second = await provisioner.ensure("s2", "bob")
     assert second.sandbox_id not in (None, pooled.sandbox_id)
     assert sorted(s.sandbox_id for s in await backend.list()) == sorted([first.sandbox_id, second.sandbox_id])
-    assert (await store.get("s1")) == first and backend.creates == 5
+    assert (await store.get("alice/s1")) == first and backend.creates == 5
     await store.aclose()
 
 

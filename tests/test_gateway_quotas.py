@@ -146,9 +146,9 @@ async def test_sandbox_counts_follow_the_routes(store: RouteStore) -> None:
     assert await store.count_sandboxes("alice") == 1, "a reservation nobody completed lapses"
     await store.put(routed("s4"))
     assert await store.count_sandboxes("alice") == 2
-    assert await store.release("s1", "sbx-s1")
+    assert await store.release("alice/s1", "sbx-s1")
     assert await store.count_sandboxes("alice") == 1, "a released sandbox is not counted"
-    await store.delete("s4")
+    await store.delete("alice/s4")
     assert await store.count_sandboxes("alice") == 0, "a deleted session is not counted"
 
 
@@ -167,7 +167,7 @@ async def test_the_sandbox_quota_is_checked_before_provisioning(store: RouteStor
     with pytest.raises(QuotaExceeded) as refused:
         await provisioner.ensure("s3", "alice")
     assert refused.value.detail == "tenant quota exceeded: live sandboxes (2)" and refused.value.retry_after >= 1
-    assert backend.creates == 2 and await store.get("s3") is None
+    assert backend.creates == 2 and await store.get("alice/s3") is None
     assert (await provisioner.ensure("s1", "alice")).sandbox_id == s1.sandbox_id, "a session with a sandbox is served"
     await provisioner.ensure("b1", "bob")
     await store.put(replace(s1, last_activity=time.time() - 100))
@@ -308,10 +308,18 @@ def test_concurrent_turns_quota_and_its_slot_freed_however_the_stream_ends(local
     assert usage(gateway)["turns"] == 0, "the slot is free by the time the client reads done"
     turn(url, "a2")
 
-    dropped = OpenTurn(url, "a2", "[[delay:15]] a turn that outlives the test")
-    dropped.drop()  # the client leaves mid-stream (its sandbox keeps running the turn)
-    wait_for(lambda: usage(gateway)["turns"] == 0, timeout=8)
+    dropped = OpenTurn(url, "a2", "[[delay:6]] Remember this value: 3131")
+    dropped.drop()  # the client leaves mid-stream; its sandbox runs the turn to its end
+    time.sleep(0.5)
+    assert usage(gateway)["turns"] == 1, "a turn holds its slot until it ends in its sandbox"
+    assert_over_quota(post(url, "a3"), "concurrent turns (1)")
+    with httpx.stream("GET", f"{url}/sessions/a2/events", headers=auth(ALICE), timeout=60) as reattached:
+        assert reattached.status_code == 200
+        assert usage(gateway)["turns"] == 1, "re-attaching takes no second slot"
+        assert b"event: done" in reattached.read()
+    wait_for(lambda: usage(gateway)["turns"] == 0, timeout=10)
     turn(url, "a1")
+    assert "3131" in turn(url, "a2", "What value did I ask you to remember?").text, "the left turn ran to its end"
 
     route = gateway.route("a1")
     assert route is not None
@@ -332,8 +340,8 @@ def test_turns_per_minute_quota_counts_only_turns_that_ran(local_gateways: Gatew
         assert usage(gateway)["turns_last_minute"] == 2
         assert running.finish()[-1] == "done"
     assert post(url, "r1", "  ").status_code == 422
-    assert post(url, "r1", token=BOB).status_code == 403
-    assert usage(gateway, "bob")["turns_last_minute"] == 0 and usage(gateway)["turns_last_minute"] == 2
+    turn(url, "r1", token=BOB)  # bob's own r1, another session: counted for bob alone
+    assert usage(gateway, "bob")["turns_last_minute"] == 1 and usage(gateway)["turns_last_minute"] == 2
     turn(url, "r1")
     assert_over_quota(post(url, "r1"), "turns per minute (3)")
     assert_over_quota(post(url, "r2"), "turns per minute (3)")
@@ -373,9 +381,10 @@ def test_two_replicas_share_every_count(local_gateways: Gateways, redis_url: str
         assert two.route("x2") is None
         assert running.finish()[-1] == "done"
     turn(two.base_url, "x2")  # at once: the slot was freed before done went out
-    dropped = OpenTurn(one.base_url, "x2", "[[delay:15]] a turn that outlives the test")
+    dropped = OpenTurn(one.base_url, "x2", "[[delay:4]] a turn its client leaves")
     dropped.drop()
-    wait_for(lambda: usage(two)["turns"] == 0, timeout=8)
+    assert_over_quota(post(two.base_url, "x1"), "concurrent turns (1)")  # held until it ends, on every replica
+    wait_for(lambda: usage(two)["turns"] == 0, timeout=20)
     assert_over_quota(post(one.base_url, "x3"), "live sandboxes (2)")
     assert usage(two) == {"sandboxes": 2, "turns": 0, "turns_last_minute": 4}, "the refused turn was not counted"
     turn(two.base_url, "x1")

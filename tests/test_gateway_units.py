@@ -93,19 +93,20 @@ def pooled(n: int) -> PoolEntry:
 async def test_route_round_trip_touch_and_compare_and_release(store: RouteStore) -> None:
     route = Route("s1", "alice", "vol-1").with_sandbox(Sandbox("sbx-1", "local", "http://a", "vol-1", pid=7), "tk")
     await store.put(route)
-    assert await store.get("s1") == route
-    await store.touch("s1")
-    assert (touched := await store.get("s1")) is not None and touched.last_activity >= route.last_activity
-    await store.touch("nobody")
-    assert await store.get("nobody") is None
-    assert not await store.release("s1", "sbx-other")
-    assert await store.release("s1", "sbx-1")
-    assert not await store.release("s1", "sbx-1")
-    released = await store.get("s1")
+    assert route.key == "alice/s1" and await store.get("alice/s1") == route
+    assert await store.get("bob/s1") is None, "another tenant's s1 is another session"
+    await store.touch("alice/s1")
+    assert (touched := await store.get("alice/s1")) is not None and touched.last_activity >= route.last_activity
+    await store.touch("alice/nobody")
+    assert await store.get("alice/nobody") is None
+    assert not await store.release("alice/s1", "sbx-other")
+    assert await store.release("alice/s1", "sbx-1")
+    assert not await store.release("alice/s1", "sbx-1")
+    released = await store.get("alice/s1")
     assert released is not None and released.sandbox_id is None and released.token is None and released.volume == "vol-1"
     assert [r.session_id for r in await store.routes()] == ["s1"]
-    await store.delete("s1")
-    assert await store.get("s1") is None and await store.routes() == []
+    await store.delete("alice/s1")
+    assert await store.get("alice/s1") is None and await store.routes() == []
 
 
 @pytest.mark.stores

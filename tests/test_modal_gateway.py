@@ -53,8 +53,8 @@ def test_recall_through_the_gateway_and_a_replaced_sandbox_resumes(modal_gateway
     assert route is not None and route["sandbox_id"] in pooled and route["address"].startswith("https://127.0.0.1:")
     listed = {s["sandbox_id"]: s for s in gateway.sandboxes()}
     assert (listed[route["sandbox_id"]]["session_id"], listed[route["sandbox_id"]]["tenant"]) == ("trip-1", "alice")
-    refused = httpx.post(f"{url}/sessions/trip-1/messages", json={"prompt": "hi"}, headers=auth(BOB), timeout=30)
-    assert refused.status_code == 403
+    unknown = httpx.get(f"{url}/sessions/trip-1", headers=auth(BOB), timeout=30)
+    assert unknown.status_code == 404, "alice's trip-1 is not bob's"
 
     crashed = modal_standin.named(route["sandbox_id"])
     for sandbox_id in crashed:

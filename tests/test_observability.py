@@ -158,14 +158,11 @@ def test_gateway_metrics_count_turns_tokens_and_claims_by_tenant(observed: Obser
     post_turn(gateway.base_url, "obs-gw-1", "Again", headers=auth(ALICE))
     failed = post_turn(gateway.base_url, "obs-gw-2", "Fail [[error:500]]", headers=auth(BOB))
     assert failed.of("error")[0]["code"] == "model_unavailable"
-    assert httpx.post(f"{gateway.base_url}/sessions/obs-gw-1/messages", json={"prompt": "mine?"},
-                      headers=auth(BOB)).status_code == 403
 
     after = scrape(gateway.base_url, ADMIN)
     assert moved("agent_gateway_turns_total", tenant="alice", outcome="completed") == 2
     assert moved("agent_gateway_turns_total", tenant="alice") == 2
     assert moved("agent_gateway_turns_total", tenant="bob", outcome="failed", error_code="model_unavailable") == 1
-    assert moved("agent_gateway_turns_total", tenant="bob", outcome="refused", error_code="forbidden") == 1
     assert moved("agent_gateway_turn_duration_seconds_count", tenant="alice") == 2
     assert moved("agent_gateway_turn_first_event_seconds_count", tenant="alice") == 2
     input_tokens = first.result["usage"]["input_tokens"]

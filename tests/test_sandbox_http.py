@@ -244,7 +244,7 @@ async def test_the_relay_ends_the_clients_body_with_done_and_reuses_the_sandbox_
     async with serving(handler) as (address, accepted):
         route = Route("s", "alice", "vol", sandbox_id="sb", address=address, token="t")
         await store.put(route)
-        relay = Relay(store, stamp_interval_seconds=60)
+        relay = Relay(store, "default", stamp_interval_seconds=60)
         sent: list[dict[str, object]] = []
 
         async def send(message: dict[str, object]) -> None:

@@ -1,11 +1,13 @@
 """The gateway: one authenticated front door, a sandbox per session behind it.
 
 Same routes and errors as the server (:mod:`hosting.contract` enforces both).
-The gateway authenticates the tenant, checks the session is the tenant's,
-finds or provisions the session's sandbox and relays; it never runs a turn or
+The gateway authenticates the tenant, finds or provisions the sandbox of that
+tenant's session and relays. Session ids are per tenant: alice's ``trip-1`` and
+bob's ``trip-1`` are two sessions, and an id a tenant never used answers exactly
+as one nobody uses; it never runs a turn or
 interprets one. Requests the contract refuses are refused here, before any
-route or sandbox exists; so are turns over a tenant quota (429, see
-:mod:`hosting.gateway.quotas`).
+route or sandbox exists; so are turns over a tenant quota or budget (429, see
+:mod:`hosting.gateway.quotas` and :mod:`hosting.gateway.budgets`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, cast
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
@@ -36,11 +38,13 @@ from hosting.contract import (
     unauthorized,
 )
 from hosting.draining import DrainingServer
+from hosting.gateway.budgets import BudgetExhausted, Budgets, open_budget_ledger
+from hosting.gateway.conversations import CredentialedBackend, StoredConversations
 from hosting.gateway.pool import WarmPool
-from hosting.gateway.provisioning import NotOwner, ProvisioningFailed
+from hosting.gateway.provisioning import ProvisioningFailed
 from hosting.gateway.quotas import QuotaExceeded, Quotas
-from hosting.gateway.reaper import Reaper
-from hosting.gateway.reconcile import reconcile
+from hosting.gateway.reaper import Reaper, SessionRetention, forget_session
+from hosting.gateway.reconcile import adopt_legacy_routes, reconcile
 from hosting.gateway.relay import (
     Relay,
     RelayedStream,
@@ -50,7 +54,14 @@ from hosting.gateway.relay import (
     lost_stream,
     shielded,
 )
-from hosting.gateway.routes import MemoryRouteStore, Route, RouteStore, RouteStoreUnavailable, open_route_store
+from hosting.gateway.routes import (
+    MemoryRouteStore,
+    Route,
+    RouteStore,
+    RouteStoreUnavailable,
+    open_route_store,
+    route_key,
+)
 from hosting.gateway.runtime import install_runtime
 from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.tenants import Authenticator, TokenAuthenticator
@@ -63,9 +74,8 @@ from hosting.web import mount_chat_page
 
 logger = logging.getLogger("hosting.gateway")
 
-FORBIDDEN = "this session belongs to another tenant"
-
-TenantName = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
+TENANT_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+TenantName = Annotated[str, PathParam(pattern=TENANT_PATTERN)]
 
 
 def _unavailable(detail: str) -> HTTPException:
@@ -120,28 +130,41 @@ async def _tenant_or_admin(request: Request) -> None:
 
 
 def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteStore | None = None,
-               authenticator: Authenticator | None = None) -> FastAPI:
-    """Build the gateway. ``store`` and ``authenticator`` default to the settings'."""
+               authenticator: Authenticator | None = None, budgets: Budgets | None = None) -> FastAPI:
+    """Build the gateway. ``store``, ``authenticator`` and ``budgets`` default to the settings'."""
     store = store or open_route_store(settings.redis_url, settings.sandboxes.installation)
+    conversations = (StoredConversations(settings.session_store_url, settings.sandboxes.installation)
+                     if settings.session_store_url else None)
+    if conversations is not None:
+        backend = CredentialedBackend(backend, conversations)
     telemetry = GatewayTelemetry(settings.telemetry)
     authenticator = telemetry.authenticator(authenticator or TokenAuthenticator(settings.tenants))
     claimed = asyncio.Event()
     quotas = Quotas(store, settings.tenant_limits, settings.tenant_overrides,
                     reservation_ttl_seconds=settings.provision_timeout_seconds + 10)
+    budgets = budgets or Budgets(open_budget_ledger(store), settings.tenant_budget, settings.tenant_budget_overrides)
     provisioner = ObservedProvisioner(telemetry, backend, store, settings.sandbox_env, settings.provision_timeout_seconds,
                                       claimed, quotas)
     pool = WarmPool(backend, store, provisioner, settings.sandbox_env, settings.warm_pool,
                     settings.provision_timeout_seconds + 10, claimed)
     reaper = Reaper(backend, store, settings.idle_timeout_seconds)
-    relay = Relay(store, stamp_interval_seconds=max(0.2, min(settings.idle_timeout_seconds / 4, 15.0)))
+    retention = SessionRetention(backend, store, conversations, settings.session_ttl_seconds)
+    relay = Relay(store, settings.sandboxes.installation,
+                  stamp_interval_seconds=max(0.2, min(settings.idle_timeout_seconds / 4, 15.0)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if conversations is not None:
+            await conversations.access.prepare()
         try:
+            await adopt_legacy_routes(backend, store, conversations)
             await reconcile(backend, store)
-        except (RouteStoreUnavailable, SandboxError) as exc:
+            if isinstance(backend, CredentialedBackend):
+                await backend.remove_orphan_credentials()
+        except (RouteStoreUnavailable, SandboxError, ConnectionError) as exc:
             logger.warning("could not reconcile sandboxes at start-up: %s", exc)
-        tasks = [asyncio.create_task(pool.run(), name="warm-pool"), asyncio.create_task(reaper.run(), name="reaper")]
+        tasks = [asyncio.create_task(pool.run(), name="warm-pool"), asyncio.create_task(reaper.run(), name="reaper"),
+                 asyncio.create_task(retention.run(), name="retention")]
         try:
             yield
         finally:
@@ -153,8 +176,11 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
             if isinstance(store, MemoryRouteStore):
                 await _remove_everything(backend, store, pool)
             await relay.aclose()
+            await budgets.drain()
             await store.aclose()
             await backend.aclose()
+            if conversations is not None:
+                await conversations.aclose()
             telemetry.shutdown()
 
     app = FastAPI(title="Research agent gateway", version="1", lifespan=lifespan, telemetry=FASTAPI_TELEMETRY)
@@ -173,8 +199,9 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
     async def relay_turn(session_id: str, tenant: str, request: Request, raw: bytes, observed: GatewayTurn) -> Response:
         if not relay.accepting:
             raise _unavailable("the gateway is shutting down; retry on another replica")
-        known = await provisioner.route(session_id, tenant)  # 403 (or 503) before anything is counted
+        known = await provisioner.route(session_id, tenant)  # 503 before anything is counted
         permit = await quotas.admit_turn(tenant)  # 429 before anything is provisioned
+        await budgets.admit(tenant, permit)  # 429 too, the permit given back
         relay.begin_turn()
         streaming = False
         try:
@@ -202,8 +229,17 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
                     relay.end_turn()
                     observed.finish()
 
+            charge = budgets.charge(tenant, session_id)
+            observed.on_result = charge.result  # the turn's spend is counted as its result is relayed
+
+            async def turn_over() -> None:  # before done goes out: the next turn finds the slot free, the spend counted
+                try:
+                    await permit.release()
+                finally:
+                    await charge.settled()
+
             streaming = observed.streaming = True
-            return RelayedStream(relay.stream(route, response, on_end=permit.release, observer=observed.saw),
+            return RelayedStream(relay.stream(route, response, on_end=turn_over, observer=observed.saw),
                                  response.relayed_headers(),
                                  on_close=finished,
                                  while_open=permit.keep_alive if permit.holds_slot else None)
@@ -218,13 +254,10 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
     mount_chat_page(app)
     app.state.settings, app.state.authenticator = settings, authenticator
     app.state.store, app.state.pool, app.state.reaper, app.state.relay = store, pool, reaper, relay
-    app.state.quotas = quotas
+    app.state.retention = retention
+    app.state.quotas, app.state.budgets = quotas, budgets
     telemetry.install(app, [settings.admin_token, settings.telemetry.metrics_token], pool)
     telemetry.observe_running(lambda: relay.running_streams)
-
-    @app.exception_handler(NotOwner)
-    async def _not_owner(request: Request, exc: NotOwner) -> JSONResponse:
-        return JSONResponse({"detail": FORBIDDEN}, status_code=403)
 
     @app.exception_handler(RouteStoreUnavailable)
     async def _store_down(request: Request, exc: RouteStoreUnavailable) -> JSONResponse:
@@ -235,6 +268,11 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
 
     @app.exception_handler(QuotaExceeded)
     async def _over_quota(request: Request, exc: QuotaExceeded) -> JSONResponse:
+        logger.info("refused: %s", exc.detail)
+        return JSONResponse({"detail": exc.detail}, status_code=429, headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(BudgetExhausted)
+    async def _over_budget(request: Request, exc: BudgetExhausted) -> JSONResponse:
         logger.info("refused: %s", exc.detail)
         return JSONResponse({"detail": exc.detail}, status_code=429, headers={"Retry-After": str(exc.retry_after)})
 
@@ -269,11 +307,11 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
                 await response.aclose()
         except (SandboxUnreachable, SandboxLost):
             raise _unavailable("the session's sandbox stopped answering; retry") from None
-        await relay.touch(route.session_id)
+        await relay.touch(route.key)
         return route, response, body
 
-    install_runtime(app, tenant_of=_tenant_of, provisioner=provisioner, quotas=quotas, relay=relay, send=send,
-                    telemetry=telemetry)
+    install_runtime(app, tenant_of=_tenant_of, provisioner=provisioner, quotas=quotas, budgets=budgets, relay=relay,
+                    send=send, telemetry=telemetry)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -340,19 +378,25 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
         route, response, body = await plain(route, request, f"/sessions/{session_id}")
         if response.status_code not in (204, 404):
             return _relayed(response, body)
-        assert route.sandbox_id is not None
-        await store.release(session_id, route.sandbox_id)
-        await backend.delete(route.sandbox_id)
-        await backend.delete_volume(route.volume)
-        await store.delete(session_id)
+        await forget_session(backend, store, conversations, route)
         logger.info("session %s: deleted with sandbox %s", session_id, route.sandbox_id)
         return Response(status_code=204)
 
     @app.get("/admin/sessions/{session_id}", dependencies=[Depends(_require_admin)])
-    async def admin_session(session_id: SessionId) -> dict[str, Any]:
-        route = await store.get(session_id)
-        if route is None:
+    async def admin_session(session_id: SessionId,
+                            tenant: Annotated[str | None, Query(pattern=TENANT_PATTERN)] = None) -> dict[str, Any]:
+        """The session with this id: the only one, or ``tenant``'s (409 when several
+        tenants use the id and none is named)."""
+        if tenant is not None:
+            found = [route] if (route := await store.get(route_key(tenant, session_id))) is not None else []
+        else:
+            found = [route for route in await store.routes() if route.session_id == session_id]
+        if not found:
             raise HTTPException(404, f"no route for session {session_id!r}")
+        if len(found) > 1:
+            raise HTTPException(409, f"{len(found)} tenants use session id {session_id!r}: "
+                                     f"choose one with ?tenant= ({', '.join(sorted(r.tenant for r in found))})")
+        route = found[0]
         described: dict[str, Any] = {
             "session_id": route.session_id, "tenant": route.tenant, "sandbox_id": route.sandbox_id,
             "backend": backend.name, "address": route.address, "state": route.state,
@@ -371,7 +415,7 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
 
     @app.get("/admin/tenants/{tenant}", dependencies=[Depends(_require_admin)])
     async def admin_tenant(tenant: TenantName) -> dict[str, Any]:
-        return await quotas.usage(tenant)
+        return {**await quotas.usage(tenant), "budgets": await budgets.usage(tenant)}
 
     @app.get("/admin/pool", dependencies=[Depends(_require_admin)])
     async def admin_pool() -> dict[str, Any]:

@@ -23,18 +23,19 @@ import time
 from collections.abc import Mapping
 
 from hosting.gateway.quotas import Quotas
-from hosting.gateway.routes import PoolEntry, Route, RouteStore
+from hosting.gateway.routes import PoolEntry, Route, RouteStore, route_key
 from hosting.sandboxes.base import Health, Sandbox, SandboxBackend, SandboxError, SandboxSpec
 
 logger = logging.getLogger("hosting.gateway.provisioning")
 
 
-class NotOwner(Exception):
-    """The session belongs to another tenant (HTTP 403)."""
-
-
 class ProvisioningFailed(Exception):
     """No sandbox could be made ready for the session (HTTP 503)."""
+
+
+def provisioning_lock(tenant: str, session_id: str) -> str:
+    """The lock held while a session gets (or loses) its sandbox."""
+    return f"provision:{route_key(tenant, session_id)}"
 
 
 def new_sandbox_id() -> str:
@@ -62,34 +63,33 @@ class Provisioner:
         self._quotas = quotas
 
     async def route(self, session_id: str, tenant: str) -> Route | None:
-        """The session's route if ``tenant`` owns it; ``None`` if it has none."""
-        route = await self._store.get(session_id)
-        if route is not None and route.tenant != tenant:
-            raise NotOwner
-        return route
+        """The tenant's session's route; ``None`` if it has none. Another tenant's session
+        of the same id is another route: nothing here can tell whether one exists."""
+        return await self._store.get(route_key(tenant, session_id))
 
     async def ensure(self, session_id: str, tenant: str, known: Route | None = None) -> Route:
         """The session's route with a sandbox assigned, provisioning one if needed
         (``known``: the route just read, if the caller read it).
 
-        Raises :class:`NotOwner`, :class:`ProvisioningFailed`,
+        Raises :class:`ProvisioningFailed`,
         :class:`~hosting.gateway.quotas.QuotaExceeded` or
         :class:`~hosting.gateway.routes.RouteStoreUnavailable`.
         """
-        if known is not None and known.tenant == tenant and known.sandbox_id is not None:
+        if known is not None and known.sandbox_id is not None:
             return known
         deadline = time.monotonic() + self._timeout
         delay = 0.01
+        lock_name = provisioning_lock(tenant, session_id)
         while True:
             route = await self.route(session_id, tenant)
             if route is not None and route.sandbox_id is not None:
                 return route
-            lock = await self._store.acquire(f"provision:{session_id}", self._timeout + 10)
+            lock = await self._store.acquire(lock_name, self._timeout + 10)
             if lock is not None:
                 try:
                     return await self._provision_locked(session_id, tenant)
                 finally:
-                    await self._store.release_lock(f"provision:{session_id}", lock)
+                    await self._store.release_lock(lock_name, lock)
             if time.monotonic() + delay > deadline:
                 raise ProvisioningFailed(f"timed out waiting for session {session_id!r} to get a sandbox")
             # Another request (maybe on another replica) is provisioning: wait for its route.
@@ -169,7 +169,7 @@ class Provisioner:
                               route.tenant, pid=route.pid)
             if await self._backend.health(sandbox, route.token) is Health.READY:
                 return route
-        if route.sandbox_id is not None and await self._store.release(route.session_id, route.sandbox_id):
+        if route.sandbox_id is not None and await self._store.release(route.key, route.sandbox_id):
             logger.warning("session %s: sandbox %s lost, replacing it", route.session_id, route.sandbox_id)
             await self._backend.delete(route.sandbox_id)
         return await self.ensure(route.session_id, route.tenant)

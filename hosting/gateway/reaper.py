@@ -1,4 +1,6 @@
-"""The idle reaper: a session's sandbox goes when it has been idle too long.
+"""What goes away at the gateway: idle sandboxes (the reaper) and unused sessions (retention).
+
+The idle reaper: a session's sandbox goes when it has been idle too long.
 
 Idle means no request and no stream: the relay stamps activity while a stream
 runs, and before reaping the sandbox is asked whether a turn is running (one a
@@ -6,6 +8,11 @@ client left may still be going). Reaping removes the sandbox, not the
 conversation: the volume stays and the next turn resumes on a new sandbox. The
 session's provisioning lock is held while reaping, so across replicas each
 sandbox is reaped once and never while it is being handed out.
+
+Retention: a session unused for ``GATEWAY_SESSION_TTL_SECONDS`` is deleted whole
+(route, sandbox, volume, stored conversation), as a client's ``DELETE`` would.
+A sweep takes a lock, so one replica sweeps at a time, handles at most
+:data:`RETENTION_BATCH` sessions, and never one whose sandbox says a turn is running.
 """
 
 from __future__ import annotations
@@ -14,10 +21,39 @@ import asyncio
 import logging
 import time
 
+from hosting.gateway.conversations import StoredConversations
+from hosting.gateway.provisioning import provisioning_lock
 from hosting.gateway.routes import Route, RouteStore, RouteStoreUnavailable
 from hosting.sandboxes.base import SandboxBackend, SandboxError
 
 logger = logging.getLogger("hosting.gateway.reaper")
+
+RETENTION_BATCH = 100
+"""Sessions one retention sweep deletes at most (the rest wait for the next sweep)."""
+
+
+async def turn_running(backend: SandboxBackend, route: Route) -> bool:
+    """Whether the route's sandbox says a turn is running (a client may have left it)."""
+    if route.address is None or route.token is None:
+        return False
+    response = await backend.ask_ready(route.address, route.token)
+    try:
+        return response is not None and bool(response.json().get("running_turns", 0))
+    except (ValueError, AttributeError):
+        return False
+
+
+async def forget_session(backend: SandboxBackend, store: RouteStore, conversations: StoredConversations | None,
+                         route: Route) -> None:
+    """Delete a session whole: its sandbox, its volume, its stored conversation, its route.
+    The route goes last, so a failure part-way leaves something to retry from."""
+    if route.sandbox_id is not None:
+        await store.release(route.key, route.sandbox_id)
+        await backend.delete(route.sandbox_id)
+    await backend.delete_volume(route.volume)
+    if conversations is not None:
+        await conversations.delete(route.tenant, route.session_id)
+    await store.delete(route.key)
 
 
 class Reaper:
@@ -45,33 +81,23 @@ class Reaper:
                 reaped.append(route.sandbox_id)
         return reaped
 
-    async def _turn_running(self, route: Route) -> bool:
-        """Whether the sandbox says a turn is running (a client may have left it)."""
-        if route.address is None or route.token is None:
-            return False
-        response = await self._backend.ask_ready(route.address, route.token)
-        try:
-            return response is not None and bool(response.json().get("running_turns", 0))
-        except (ValueError, AttributeError):
-            return False
-
     def _idle(self, route: Route) -> bool:
         return time.time() - route.last_activity > self.idle_timeout
 
     async def _reap(self, route: Route) -> bool:
-        lock_name = f"provision:{route.session_id}"
+        lock_name = provisioning_lock(route.tenant, route.session_id)
         lock = await self._store.acquire(lock_name, 60)
         if lock is None:
             return False
         try:
-            current = await self._store.get(route.session_id)
+            current = await self._store.get(route.key)
             if current is None or current.sandbox_id != route.sandbox_id or not self._idle(current):
                 return False
-            if await self._turn_running(current):
-                await self._store.touch(current.session_id)
+            if await turn_running(self._backend, current):
+                await self._store.touch(current.key)
                 return False
             assert current.sandbox_id is not None
-            if not await self._store.release(current.session_id, current.sandbox_id):
+            if not await self._store.release(current.key, current.sandbox_id):
                 return False
             try:
                 await self._backend.delete(current.sandbox_id)
@@ -83,3 +109,61 @@ class Reaper:
             await self._store.release_lock(lock_name, lock)
 
 
+
+
+class SessionRetention:
+    """Deletes sessions unused for longer than ``ttl_seconds`` (0: never)."""
+
+    def __init__(self, backend: SandboxBackend, store: RouteStore, conversations: StoredConversations | None,
+                 ttl_seconds: float) -> None:
+        self._backend = backend
+        self._store = store
+        self._conversations = conversations
+        self.ttl = ttl_seconds
+        self.interval = max(0.5, min(ttl_seconds / 4, 600.0))
+
+    async def run(self) -> None:
+        while self.ttl:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.sweep()
+            except (RouteStoreUnavailable, SandboxError, ConnectionError) as exc:
+                logger.warning("retention: %s", exc)
+
+    def _expired(self, route: Route) -> bool:
+        return time.time() - route.last_activity > self.ttl
+
+    async def sweep(self) -> list[str]:
+        """Delete up to :data:`RETENTION_BATCH` expired sessions; their route keys."""
+        if not self.ttl:
+            return []
+        lock = await self._store.acquire("retention-sweep", 600)
+        if lock is None:  # another replica is sweeping
+            return []
+        deleted = []
+        try:
+            expired = [route for route in await self._store.routes() if self._expired(route)]
+            for route in expired[:RETENTION_BATCH]:
+                if await self._delete_if_unused(route):
+                    deleted.append(route.key)
+        finally:
+            await self._store.release_lock("retention-sweep", lock)
+        return deleted
+
+    async def _delete_if_unused(self, route: Route) -> bool:
+        lock_name = provisioning_lock(route.tenant, route.session_id)
+        lock = await self._store.acquire(lock_name, 60)
+        if lock is None:  # being provisioned or reaped right now: in use
+            return False
+        try:
+            current = await self._store.get(route.key)
+            if current is None or not self._expired(current):
+                return False
+            if await turn_running(self._backend, current):
+                await self._store.touch(current.key)
+                return False
+            await forget_session(self._backend, self._store, self._conversations, current)
+            logger.info("session of tenant %s unused for %.0f s: deleted", current.tenant, self.ttl)
+            return True
+        finally:
+            await self._store.release_lock(lock_name, lock)

@@ -7,6 +7,10 @@ gone are released, so the next turn provisions a new one on the same volume;
 the others are counted for their tenant's sandbox quota.
 A sandbox another replica is provisioning right now is not an orphan: its lock
 is held, and then it is left alone.
+
+Before that, routes written before session ids were per tenant are moved under
+their tenant's key (:func:`adopt_legacy_routes`), and so are their stored
+conversations: each keeps working for its owner, and only for its owner.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from hosting.gateway.conversations import StoredConversations
+from hosting.gateway.provisioning import provisioning_lock
 from hosting.gateway.routes import RouteStore
-from hosting.sandboxes.base import Sandbox, SandboxBackend
+from hosting.sandboxes.base import Sandbox, SandboxBackend, SandboxError
 
 logger = logging.getLogger("hosting.gateway.reconcile")
 
@@ -28,7 +34,9 @@ class Reconciled:
 
 
 def _lock_name(sandbox: Sandbox) -> str:
-    return f"provision:{sandbox.session_id}" if sandbox.session_id else "pool-refill"
+    if sandbox.session_id and sandbox.tenant:
+        return provisioning_lock(sandbox.tenant, sandbox.session_id)
+    return "pool-refill"
 
 
 async def reconcile(backend: SandboxBackend, store: RouteStore) -> Reconciled:
@@ -54,8 +62,7 @@ async def reconcile(backend: SandboxBackend, store: RouteStore) -> Reconciled:
         finally:
             await store.release_lock(_lock_name(sandbox), lock)
     for route in routes:
-        if route.sandbox_id and route.sandbox_id not in existing and await store.release(route.session_id,
-                                                                                          route.sandbox_id):
+        if route.sandbox_id and route.sandbox_id not in existing and await store.release(route.key, route.sandbox_id):
             result.released.append(route.sandbox_id)
         elif route.sandbox_id:
             await store.reindex(route)  # counted for its tenant's quota (routes written before quotas)
@@ -65,6 +72,27 @@ async def reconcile(backend: SandboxBackend, store: RouteStore) -> Reconciled:
     logger.info("reconciled: %d adopted, %d orphans removed, %d lost sandboxes released",
                 len(result.adopted), len(result.removed), len(result.released))
     return result
+
+
+async def adopt_legacy_routes(backend: SandboxBackend, store: RouteStore,
+                              conversations: StoredConversations | None) -> list[str]:
+    """Move routes keyed by the session id alone under their tenant's key, copy their
+    stored conversations to the tenant's stored id, and retire their sandboxes (started
+    before per-sandbox store credentials, they may hold the gateway's): the next turn
+    gets a new sandbox on the same volume. The keys of the routes moved."""
+    moved = []
+    for route in await store.migrate_routes():
+        if conversations is not None:
+            await conversations.adopt(route.tenant, route.session_id)
+        if route.sandbox_id is not None and await store.release(route.key, route.sandbox_id):
+            try:
+                await backend.delete(route.sandbox_id)
+            except SandboxError as exc:
+                logger.warning("could not remove sandbox %s of a migrated route: %s", route.sandbox_id, exc)
+        moved.append(route.key)
+    if moved:
+        logger.info("%d routes from before per-tenant session ids moved under their tenants", len(moved))
+    return moved
 
 
 async def _known_now(store: RouteStore, sandbox: Sandbox) -> bool:

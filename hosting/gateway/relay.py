@@ -23,7 +23,7 @@ from sse_starlette import ServerSentEvent
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from hosting.contract import EPOCH_HEADER
+from hosting.contract import EPOCH_HEADER, NAMESPACE_HEADER
 from hosting.gateway.routes import Route, RouteStore, RouteStoreUnavailable
 from hosting.gateway.sandbox_http import ConnectFailed, ConnectionBroken, SandboxAnswer, SandboxClient
 from hosting.server.wire import WireEvent, error_event
@@ -137,14 +137,20 @@ RelayedChunks = AsyncIterator[tuple[bytes, bool]]
 
 class RelayedStream(Response):
     """A relayed SSE response that knows when it is over: ``on_close`` runs once, however
-    the response ends (every byte sent, the client gone, the sandbox lost, cancelled),
-    after the stream it relays is closed; ``while_open`` runs beside it until then.
+    the response ends (every byte relayed, the sandbox lost, cancelled), after the stream
+    it relays is closed; ``while_open`` runs beside it until then.
+
+    A client that leaves does not end it: the sandbox's turn runs on (the client may
+    re-attach), so the rest of the stream is read and dropped until the turn ends there.
+    What the turn holds (its tenant's concurrent-turn slot) is held until then, and what
+    it spent is counted, however the client behaves.
+
     The last chunk goes out with the end of the body, so a client that stops reading at
     ``done`` finds its response complete and keeps its connection; proxies are asked not to
     buffer it (``x-accel-buffering: no``) unless the sandbox said otherwise.
 
-    It streams in the request's own task, with one task beside it that waits for the
-    client to leave and then stops the relay: Starlette's own streaming runs a task group
+    It streams in the request's own task, with one task beside it that notices the
+    client leaving (then nothing more is sent to it): Starlette's own streaming runs a task group
     of two anyio tasks per response, a cost every relayed turn would pay on the gateway's
     one event loop (bench/README.md, the relay's CPU per turn)."""
 
@@ -159,8 +165,6 @@ class RelayedStream(Response):
         self._while_open = while_open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        relaying = asyncio.current_task()
-        assert relaying is not None
         streaming, client_gone = True, False
 
         async def until_client_leaves() -> None:
@@ -168,24 +172,22 @@ class RelayedStream(Response):
             while (await receive())["type"] != "http.disconnect":
                 pass
             client_gone = True
-            if streaming:  # else the relay is past its last await on the stream: let it finish
-                relaying.cancel()
 
         listener = asyncio.create_task(until_client_leaves())
         beside = asyncio.create_task(self._while_open()) if self._while_open is not None else None
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for chunk, last in self._content:  # after the last, the stream only finishes
-                if streaming:
+                if streaming and not client_gone:
                     streaming = not last
-                    await send({"type": "http.response.body", "body": chunk, "more_body": streaming})
-            if streaming:
+                    try:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": streaming})
+                    except OSError:  # ASGI 2.4: sending to a client that left
+                        client_gone = True
+            if streaming and not client_gone:
                 streaming = False
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not client_gone or relaying.uncancel() > 0:  # cancelled by someone else too
-                raise
-        except OSError:  # ASGI 2.4: sending to a client that left
+        except OSError:
             pass
         finally:
             streaming = False
@@ -248,8 +250,9 @@ class Relay:
     :meth:`begin_turn`), so a draining gateway (SIGTERM) can refuse new turns and
     wait for the running ones (:class:`hosting.draining.Drainable`)."""
 
-    def __init__(self, store: RouteStore, stamp_interval_seconds: float) -> None:
+    def __init__(self, store: RouteStore, installation: str, stamp_interval_seconds: float) -> None:
         self._store = store
+        self._installation = installation
         self._stamp_interval = stamp_interval_seconds
         self.accepting = True
         self._streams = 0
@@ -268,6 +271,7 @@ class Relay:
         inject_trace_context(forwarded)
         if route.epoch:
             forwarded[EPOCH_HEADER] = str(route.epoch)
+        forwarded[NAMESPACE_HEADER] = f"{self._installation}/{route.tenant}"
         address, requesting = route.address, asyncio.current_task()
         assert requesting is not None
         unresponsive = False
@@ -345,7 +349,7 @@ class Relay:
         finally:
             stamper.cancel()
             await response.aclose()  # never suspends: nothing for a cancellation to interrupt
-        await self.touch(route.session_id)
+        await self.touch(route.key)
         if not watcher.done or moved.is_set():
             if on_end is not None:
                 await on_end()
@@ -356,18 +360,18 @@ class Relay:
             watcher.feed(ending)  # the observer sees the ending too
             yield ending, True
 
-    async def touch(self, session_id: str) -> None:
+    async def touch(self, key: str) -> None:
         try:
-            await self._store.touch(session_id)
+            await self._store.touch(key)
         except RouteStoreUnavailable:
-            logger.warning("session %s: could not stamp activity (routing store down)", session_id)
+            logger.warning("could not stamp a session's activity (routing store down)")
 
     async def _stamp_while_streaming(self, route: Route, response: SandboxResponse, moved: asyncio.Event) -> None:
         """Stamp activity every interval, and cut the stream if the route no longer names
         its sandbox (another request, maybe on another replica, replaced it)."""
         while True:
             try:
-                current = await self._store.touch(route.session_id)
+                current = await self._store.touch(route.key)
             except RouteStoreUnavailable:
                 logger.warning("session %s: could not stamp activity (routing store down)", route.session_id)
             else:

@@ -1,5 +1,9 @@
 """The routing store: which sandbox serves which session, the warm pool, and locks.
 
+A session is one tenant's: routes are keyed by (tenant, session id)
+(:func:`route_key`), so two tenants using the same id have two routes, two
+sandboxes and two conversations, and neither can tell that the other exists.
+
 This is all the state a gateway replica has, so replicas that share one store
 (Redis) are interchangeable: a request may land on any of them. Without Redis
 the store lives in the process (:class:`MemoryRouteStore`): one replica only,
@@ -49,6 +53,12 @@ class RouteStoreUnavailable(ConnectionError):
     """The routing store cannot be reached (HTTP 503)."""
 
 
+def route_key(tenant: str, session_id: str) -> str:
+    """The key of one tenant's session. Neither tenant names nor session ids hold ``/``,
+    so no two (tenant, session) pairs share a key."""
+    return f"{tenant}/{session_id}"
+
+
 @dataclass(frozen=True)
 class Route:
     """One session: its owner, the volume holding its conversation, and the sandbox
@@ -67,6 +77,11 @@ class Route:
     :meth:`with_sandbox`). Sent to the sandbox with every request (:data:`EPOCH_HEADER`):
     its session store refuses writes carrying an older one, so a replaced sandbox that
     wakes up cannot write over the conversation."""
+
+    @property
+    def key(self) -> str:
+        """:func:`route_key` of the route's tenant and session."""
+        return route_key(self.tenant, self.session_id)
 
     @property
     def state(self) -> str:
@@ -105,24 +120,24 @@ class RouteStore(abc.ABC):
     """Routes, the pool, locks and quota counters. Every method raises
     :class:`RouteStoreUnavailable` when the store cannot be reached, and changes
     nothing then (except that :meth:`get` may answer from a cache: see
-    :class:`RedisRouteStore`)."""
+    :class:`RedisRouteStore`). Routes are named by their :func:`route_key`."""
 
     @abc.abstractmethod
-    async def get(self, session_id: str) -> Route | None: ...
+    async def get(self, key: str) -> Route | None: ...
 
     @abc.abstractmethod
     async def put(self, route: Route) -> None: ...
 
     @abc.abstractmethod
-    async def delete(self, session_id: str) -> None: ...
+    async def delete(self, key: str) -> None: ...
 
     @abc.abstractmethod
-    async def touch(self, session_id: str) -> str | None:
+    async def touch(self, key: str) -> str | None:
         """Stamp activity now (nothing if the route is gone); the sandbox the route has
         now (``None``: none, or no route), so a relay learns when its session moved."""
 
     @abc.abstractmethod
-    async def release(self, session_id: str, sandbox_id: str) -> bool:
+    async def release(self, key: str, sandbox_id: str) -> bool:
         """Detach ``sandbox_id`` from the route if it is still the one assigned;
         ``False`` if another caller already did (or assigned a new one)."""
 
@@ -198,6 +213,11 @@ class RouteStore(abc.ABC):
     async def reindex(self, route: Route) -> None:
         """Count the route's sandbox for its tenant if it has one (start-up, after an upgrade)."""
 
+    async def migrate_routes(self) -> list[Route]:
+        """Re-key routes written before session ids were per tenant; the routes moved.
+        Nothing to do in memory (nothing survives a restart)."""
+        return []
+
     async def ping(self) -> None:
         """Raise :class:`RouteStoreUnavailable` if the store is down."""
 
@@ -219,29 +239,29 @@ class MemoryRouteStore(RouteStore):
         self._reserved: dict[str, dict[str, float]] = {}
         """tenant → session → when its reservation lapses (monotonic)."""
 
-    async def get(self, session_id: str) -> Route | None:
-        return self._routes.get(session_id)
+    async def get(self, key: str) -> Route | None:
+        return self._routes.get(key)
 
     async def put(self, route: Route) -> None:
-        self._routes[route.session_id] = route
+        self._routes[route.key] = route
         if route.sandbox_id is not None:
             self._reserved.get(route.tenant, {}).pop(route.session_id, None)
 
-    async def delete(self, session_id: str) -> None:
-        self._routes.pop(session_id, None)
+    async def delete(self, key: str) -> None:
+        self._routes.pop(key, None)
 
-    async def touch(self, session_id: str) -> str | None:
-        route = self._routes.get(session_id)
+    async def touch(self, key: str) -> str | None:
+        route = self._routes.get(key)
         if route is None:
             return None
-        self._routes[session_id] = replace(route, last_activity=time.time())
+        self._routes[key] = replace(route, last_activity=time.time())
         return route.sandbox_id
 
-    async def release(self, session_id: str, sandbox_id: str) -> bool:
-        route = self._routes.get(session_id)
+    async def release(self, key: str, sandbox_id: str) -> bool:
+        route = self._routes.get(key)
         if route is None or route.sandbox_id != sandbox_id:
             return False
-        self._routes[session_id] = route.released()
+        self._routes[key] = route.released()
         return True
 
     async def routes(self) -> list[Route]:
@@ -330,7 +350,7 @@ class MemoryRouteStore(RouteStore):
 
     async def reserve_sandbox(self, tenant: str, session_id: str, limit: int, ttl_seconds: float) -> bool:
         counted = self._sandboxes_of(tenant)
-        route = self._routes.get(session_id)
+        route = self._routes.get(route_key(tenant, session_id))
         if route is not None and route.sandbox_id is not None:
             return True
         if session_id not in counted and len(counted) >= limit:
@@ -360,8 +380,15 @@ _RELEASE_IF_ASSIGNED = (
 )
 _DELETE_ROUTE = (
     "local tenant = redis.call('HGET', KEYS[1], 'tenant') "
-    "if tenant then redis.call('ZREM', ARGV[1] .. tenant, ARGV[2]) end "
+    "if tenant then redis.call('ZREM', ARGV[1] .. tenant, ARGV[3]) end "
     "redis.call('DEL', KEYS[1]) redis.call('SREM', KEYS[2], ARGV[2]) return 1"
+)
+_MIGRATE_ROUTE = (
+    "local tenant = redis.call('HGET', KEYS[1], 'tenant') redis.call('SREM', KEYS[2], ARGV[2]) "
+    "if not tenant then return false end "
+    "local key = tenant .. '/' .. ARGV[2] "
+    "if redis.call('EXISTS', ARGV[1] .. key) == 1 then redis.call('DEL', KEYS[1]) return false end "
+    "redis.call('RENAME', KEYS[1], ARGV[1] .. key) redis.call('SADD', KEYS[2], key) return key"
 )
 _REINDEX = (
     "local found = redis.call('HMGET', KEYS[1], 'tenant', 'sandbox_id') "
@@ -408,6 +435,10 @@ _POOL_TAKE = (
 )
 
 
+def _session_of(key: str) -> str:
+    return key.partition("/")[2]
+
+
 def _route_fields(route: Route) -> dict[Any, Any]:
     return {name: str(value) for name, value in asdict(route).items() if value is not None}
 
@@ -429,20 +460,20 @@ class RouteCache:
         self.size = size
         self._routes: OrderedDict[str, Route] = OrderedDict()
 
-    def get(self, session_id: str) -> Route | None:
-        route = self._routes.get(session_id)
+    def get(self, key: str) -> Route | None:
+        route = self._routes.get(key)
         if route is not None:
-            self._routes.move_to_end(session_id)
+            self._routes.move_to_end(key)
         return route
 
     def put(self, route: Route) -> None:
-        self._routes[route.session_id] = route
-        self._routes.move_to_end(route.session_id)
+        self._routes[route.key] = route
+        self._routes.move_to_end(route.key)
         while len(self._routes) > self.size:
             self._routes.popitem(last=False)
 
-    def forget(self, session_id: str) -> None:
-        self._routes.pop(session_id, None)
+    def forget(self, key: str) -> None:
+        self._routes.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -450,7 +481,7 @@ class RouteCache:
 
 class RedisRouteStore(RouteStore):
     """Routes in Redis, shared by every replica: a hash per session
-    (``gw:<installation>:route:<id>``), a set indexing them, a hash for the pool,
+    (``gw:<installation>:route:<tenant>/<id>``), a set indexing them, a hash for the pool,
     plain keys for locks and sorted sets for the quota counters
     (``gw:<installation>:quota:<kind>:<tenant>``). Scripts make each compound step atomic.
 
@@ -474,6 +505,7 @@ class RedisRouteStore(RouteStore):
         self._release = register(_RELEASE_IF_ASSIGNED)
         self._delete = register(_DELETE_ROUTE)
         self._reindex = register(_REINDEX)
+        self._migrate = register(_MIGRATE_ROUTE)
         self._pool_take = register(_POOL_TAKE)
         self._take_slot = register(_TAKE_SLOT)
         self._refresh_slot = register(_REFRESH_SLOT)
@@ -483,6 +515,16 @@ class RedisRouteStore(RouteStore):
         self._reserve = register(_RESERVE_SANDBOX)
         self._cancel_reservation = register(_CANCEL_RESERVATION)
         self._count_sandboxes = register(_COUNT_SANDBOXES)
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The connection pool, for counters kept beside the routes (budgets)."""
+        return self._redis
+
+    @property
+    def prefix(self) -> str:
+        """``gw:<installation>:``: every key of this installation starts with it."""
+        return self._prefix
 
     def _key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
@@ -499,32 +541,32 @@ class RedisRouteStore(RouteStore):
     async def ping(self) -> None:
         await self._call(self._redis.ping())
 
-    async def _fetch(self, session_id: str) -> Route | None:
-        fields = await self._call(self._redis.hgetall(self._key("route", session_id)))
+    async def _fetch(self, key: str) -> Route | None:
+        fields = await self._call(self._redis.hgetall(self._key("route", key)))
         return _route_from(fields) if fields else None
 
-    async def get(self, session_id: str) -> Route | None:
+    async def get(self, key: str) -> Route | None:
         try:
-            route = await self._fetch(session_id)
+            route = await self._fetch(key)
         except RouteStoreUnavailable:
-            cached = self.cache.get(session_id)
+            cached = self.cache.get(key)
             if cached is None:
                 raise
-            logger.info("session %s: routing store down, using the route this replica knows", session_id)
+            logger.info("routing store down, using the route this replica knows")
             return cached
         if route is None:
-            self.cache.forget(session_id)
+            self.cache.forget(key)
         else:
             self.cache.put(route)
         return route
 
     async def put(self, route: Route) -> None:
-        key = self._key("route", route.session_id)
+        key = self._key("route", route.key)
         async def write() -> None:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(key)
                 pipe.hset(key, mapping=_route_fields(route))
-                pipe.sadd(self._key("routes"), route.session_id)
+                pipe.sadd(self._key("routes"), route.key)
                 if route.sandbox_id is not None:
                     pipe.zadd(self._sandboxes_key(route.tenant), {route.session_id: "+inf"})
                 else:
@@ -533,30 +575,44 @@ class RedisRouteStore(RouteStore):
         await self._call(write())
         self.cache.put(route)
 
-    async def delete(self, session_id: str) -> None:
-        await self._call(self._delete(keys=[self._key("route", session_id), self._key("routes")],
-                                      args=[self._sandboxes_key(), session_id]))
-        self.cache.forget(session_id)
+    async def delete(self, key: str) -> None:
+        await self._call(self._delete(keys=[self._key("route", key), self._key("routes")],
+                                      args=[self._sandboxes_key(), key, _session_of(key)]))
+        self.cache.forget(key)
 
-    async def touch(self, session_id: str) -> str | None:
-        sandbox_id = await self._call(self._touch(keys=[self._key("route", session_id)], args=[str(time.time())]))
+    async def touch(self, key: str) -> str | None:
+        sandbox_id = await self._call(self._touch(keys=[self._key("route", key)], args=[str(time.time())]))
         return cast("str | None", sandbox_id)
 
-    async def release(self, session_id: str, sandbox_id: str) -> bool:
-        released = bool(await self._call(self._release(keys=[self._key("route", session_id)],
-                                                       args=[sandbox_id, self._sandboxes_key(), session_id])))
-        cached = self.cache.get(session_id)
+    async def release(self, key: str, sandbox_id: str) -> bool:
+        released = bool(await self._call(self._release(keys=[self._key("route", key)],
+                                                       args=[sandbox_id, self._sandboxes_key(), _session_of(key)])))
+        cached = self.cache.get(key)
         if cached is not None and cached.sandbox_id == sandbox_id:
             self.cache.put(cached.released())
         return released
 
     async def routes(self) -> list[Route]:
-        ids = await self._call(self._redis.smembers(self._key("routes")))
-        found = [await self._fetch(session_id) for session_id in sorted(ids)]
+        keys = await self._call(self._redis.smembers(self._key("routes")))
+        found = [await self._fetch(key) for key in sorted(keys)]
         return [route for route in found if route is not None]
 
+    async def migrate_routes(self) -> list[Route]:
+        """Re-key the routes written before session ids were per tenant (keyed by the
+        session id alone) under their tenant's :func:`route_key`. Each move is one atomic
+        step, so replicas doing this at once move each route once."""
+        moved = []
+        for member in await self._call(self._redis.smembers(self._key("routes"))):
+            if "/" in member:
+                continue
+            key = await self._call(self._migrate(keys=[self._key("route", member), self._key("routes")],
+                                                 args=[self._key("route", ""), member]))
+            if key and (route := await self._fetch(key)) is not None:
+                moved.append(route)
+        return moved
+
     async def reindex(self, route: Route) -> None:
-        await self._call(self._reindex(keys=[self._key("route", route.session_id)],
+        await self._call(self._reindex(keys=[self._key("route", route.key)],
                                        args=[self._sandboxes_key(), route.session_id]))
 
     async def acquire(self, name: str, ttl_seconds: float) -> str | None:

@@ -4,9 +4,9 @@ The gateway does not run the advance: it validates the body with the server's ow
 model (so a bad request is refused before any sandbox exists), routes by the session
 in the state, and relays the sandbox's answer unchanged. For a new conversation it
 names the session itself (the route must exist before the sandbox does) and hands the
-server a state of zero turns for it. A state naming another tenant's session is 403;
-one with turns whose session this gateway has no route for is 410 (its conversation
-was deleted, or the routing store lost it), never a fresh start.
+server a state of zero turns for it. Session ids are per tenant: a state with turns
+whose session this tenant has no route for is 410 (its conversation was deleted, the
+routing store lost it, or it is another tenant's), never a fresh start.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 
 from hosting.contract import RETRY_AFTER_SECONDS
+from hosting.gateway.budgets import Budgets
 from hosting.gateway.provisioning import Provisioner
 from hosting.gateway.quotas import Quotas
 from hosting.gateway.relay import (
@@ -39,8 +40,10 @@ def _unavailable(detail: str) -> HTTPException:
 
 
 def install_runtime(app: FastAPI, *, tenant_of: Callable[[Request], Awaitable[str]], provisioner: Provisioner, quotas: Quotas,
-                    relay: Relay, send: Send, telemetry: GatewayTelemetry) -> None:
-    """Add the gateway's ``POST /runtime/advance``."""
+                    budgets: Budgets, relay: Relay, send: Send, telemetry: GatewayTelemetry) -> None:
+    """Add the gateway's ``POST /runtime/advance``. Tenant budgets are checked as for any
+    turn, but an advance is not charged: its answer carries no usage (see
+    :mod:`hosting.gateway.budgets`)."""
 
     @app.post(ADVANCE_PATH)
     async def advance(request: Request, tenant: str = Depends(tenant_of)) -> Response:
@@ -56,11 +59,12 @@ def install_runtime(app: FastAPI, *, tenant_of: Callable[[Request], Awaitable[st
         with telemetry.turn(tenant) as observed:
             if not relay.accepting:
                 raise _unavailable("the gateway is shutting down; retry on another replica")
-            known = await provisioner.route(state.session_id, tenant)  # 403 before anything is counted
+            known = await provisioner.route(state.session_id, tenant)  # 503 before anything is counted
             if known is None and state.turns > 0:
                 raise HTTPException(410, f"the conversation of session {state.session_id!r} cannot be resumed: "
                                          "this gateway has no record of it")
             permit = await quotas.admit_turn(tenant)
+            await budgets.admit(tenant, permit)  # 429 too, the permit given back
             relay.begin_turn()
             ran = False
             try:
@@ -75,7 +79,7 @@ def install_runtime(app: FastAPI, *, tenant_of: Callable[[Request], Awaitable[st
                         await response.aclose()
                 except (SandboxUnreachable, SandboxLost):
                     raise _unavailable("the session's sandbox stopped answering; retry with the same state") from None
-                await relay.touch(route.session_id)
+                await relay.touch(route.key)
                 observed.answered(response.status_code, content)
             finally:
                 try:

@@ -12,10 +12,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hosting.config import ConfigError, float_setting, int_setting, optional_setting
+from hosting.config import ConfigError, float_setting, int_setting, optional_setting, store_url_setting
 from hosting.contract import MAX_BODY_BYTES
+from hosting.gateway.budgets import TenantBudget
 from hosting.gateway.quotas import TenantLimits
-from hosting.gateway.tenants import TenantOverrides, TenantTokens, load_tenant_overrides, load_tenant_tokens
+from hosting.gateway.tenants import (
+    TenantBudgetOverrides,
+    TenantOverrides,
+    TenantTokens,
+    load_tenant_budgets,
+    load_tenant_overrides,
+    load_tenant_tokens,
+    usd_amount,
+)
 from hosting.sandboxes.settings import BackendSettings
 from hosting.telemetry.settings import TelemetrySettings, telemetry_sandbox_env
 
@@ -24,7 +33,6 @@ SANDBOX_ENV_ALLOWLIST = (
     "ANTHROPIC_API_KEY",
     "CLAUDE_CODE_OAUTH_TOKEN",
     "MODEL",
-    "AGENT_SESSION_STORE",
     "AGENT_SESSION_TTL_SECONDS",
     "AGENT_HEARTBEAT_SECONDS",
     "AGENT_IDLE_TIMEOUT_SECONDS",
@@ -33,9 +41,12 @@ SANDBOX_ENV_ALLOWLIST = (
     "AGENT_LOCAL_CACHE_SECONDS",
     "AGENT_DISK_BUDGET_BYTES",
     "CLAUDE_CODE_MAX_RETRIES",
+    "AGENT_MAX_BUDGET_USD",
 )
 """What a sandbox's server inherits from the gateway's environment, and nothing
-else: the model endpoint and credentials, the model, the session store (and the
+else: the model endpoint and credentials, the model, the session store's settings
+(never its URL: each sandbox gets a credential of its own, see
+:mod:`hosting.gateway.conversations`), and the
 telemetry settings, see :func:`~hosting.telemetry.settings.telemetry_sandbox_env`).
 Extra names can be added with ``GATEWAY_SANDBOX_ENV`` (comma-separated)."""
 
@@ -47,6 +58,9 @@ def _default_data_dir(env: Mapping[str, str]) -> Path:
 
 def _sandbox_env(env: Mapping[str, str]) -> dict[str, str]:
     extra = [name.strip() for name in env.get("GATEWAY_SANDBOX_ENV", "").split(",") if name.strip()]
+    if "AGENT_SESSION_STORE" in extra:
+        raise ConfigError("GATEWAY_SANDBOX_ENV must not name AGENT_SESSION_STORE: the gateway's store credential "
+                          "never reaches a sandbox (each gets its own, for its own session)")
     passed = {name: env[name] for name in (*SANDBOX_ENV_ALLOWLIST, *extra) if env.get(name, "").strip()}
     passed.update(telemetry_sandbox_env(env))
     passed["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
@@ -70,6 +84,11 @@ class GatewaySettings:
     sandboxes: BackendSettings = field(default_factory=BackendSettings)
     """The sandbox backend (``GATEWAY_BACKEND``, ``GATEWAY_DATA_DIR``, ``GATEWAY_DOCKER_*``, ...)."""
     redis_url: str | None = field(default=None, repr=False)
+    session_store_url: str | None = field(default=None, repr=False)
+    """Where conversations outlive their sandboxes (``AGENT_SESSION_STORE``): the gateway's
+    own credential; each sandbox gets one of its own for its session only."""
+    session_ttl_seconds: float = 30 * 24 * 3600.0
+    """A session unused this long is deleted whole (``GATEWAY_SESSION_TTL_SECONDS``; 0 keeps it)."""
     warm_pool: int = 2
     idle_timeout_seconds: float = 900.0
     provision_timeout_seconds: float = 120.0
@@ -84,9 +103,15 @@ class GatewaySettings:
     tenant_turns_per_minute: int = TenantLimits.turns_per_minute
     """Turns started per tenant in any 60 s (``GATEWAY_TENANT_TURNS_PER_MINUTE``; 0 = unlimited)."""
     tenant_overrides: TenantOverrides = field(default_factory=dict)
+    """Per-tenant limits from ``GATEWAY_TENANTS_FILE`` (``max_sandboxes=N`` ... after a digest)."""
+    tenant_tokens_per_day: int = TenantBudget.tokens_per_day
+    """Model tokens per tenant per UTC day (``GATEWAY_TENANT_TOKENS_PER_DAY``; 0 = unlimited)."""
+    tenant_usd_per_month: float = TenantBudget.usd_per_month
+    """US dollars per tenant per UTC calendar month (``GATEWAY_TENANT_USD_PER_MONTH``; 0 = unlimited)."""
+    tenant_budget_overrides: TenantBudgetOverrides = field(default_factory=dict)
+    """Per-tenant budgets from ``GATEWAY_TENANTS_FILE`` (``tokens_per_day=N usd_per_month=X`` after a digest)."""
     telemetry: TelemetrySettings = field(default_factory=lambda: TelemetrySettings(service_name="agent-gateway"))
     """Traces, metrics and logs (``OTEL_*``, ``AGENT_LOG_FORMAT``, ``GATEWAY_METRICS_TOKEN``)."""
-    """Per-tenant limits from ``GATEWAY_TENANTS_FILE`` (``max_sandboxes=N`` ... after a digest)."""
 
     @property
     def tenant_limits(self) -> TenantLimits:
@@ -95,6 +120,14 @@ class GatewaySettings:
 
     def limits_for(self, tenant: str) -> TenantLimits:
         return self.tenant_limits.with_overrides(self.tenant_overrides.get(tenant, {}))
+
+    @property
+    def tenant_budget(self) -> TenantBudget:
+        """The budgets of every tenant the tenants file does not set."""
+        return TenantBudget(self.tenant_tokens_per_day, self.tenant_usd_per_month)
+
+    def budget_for(self, tenant: str) -> TenantBudget:
+        return self.tenant_budget.with_overrides(self.tenant_budget_overrides.get(tenant, {}))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -108,12 +141,18 @@ class GatewaySettings:
             tenant_max_sandboxes=int_setting(env, "GATEWAY_TENANT_MAX_SANDBOXES", cls.tenant_max_sandboxes),
             tenant_max_turns=int_setting(env, "GATEWAY_TENANT_MAX_TURNS", cls.tenant_max_turns),
             tenant_turns_per_minute=int_setting(env, "GATEWAY_TENANT_TURNS_PER_MINUTE", cls.tenant_turns_per_minute),
+            tenant_budget_overrides=load_tenant_budgets(tenants_file),
+            tenant_tokens_per_day=int_setting(env, "GATEWAY_TENANT_TOKENS_PER_DAY", cls.tenant_tokens_per_day),
+            tenant_usd_per_month=usd_amount(env.get("GATEWAY_TENANT_USD_PER_MONTH", "").strip() or "0",
+                                            "GATEWAY_TENANT_USD_PER_MONTH"),
             host=env.get("HOST", "").strip() or cls.host,
             port=int_setting(env, "PORT", cls.port, minimum=1),
             sandboxes=BackendSettings.from_env(env, "GATEWAY_", data_dir=_default_data_dir(env), installation="default",
                                                modal_app="research-agent-gateway",
                                                start_timeout_seconds=provision_timeout_seconds),
             redis_url=_redis_url(env),
+            session_store_url=store_url_setting(env),
+            session_ttl_seconds=float_setting(env, "GATEWAY_SESSION_TTL_SECONDS", cls.session_ttl_seconds),
             warm_pool=int_setting(env, "GATEWAY_WARM_POOL", cls.warm_pool),
             idle_timeout_seconds=float_setting(env, "GATEWAY_IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds),
             provision_timeout_seconds=provision_timeout_seconds,

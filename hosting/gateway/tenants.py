@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -67,27 +69,49 @@ def _tenant_name(name: str, where: str) -> str:
 LIMIT_NAMES = ("max_sandboxes", "max_turns", "turns_per_minute")
 """Per-tenant quota overrides a ``GATEWAY_TENANTS_FILE`` line may carry (``name=N``, 0 = unlimited)."""
 
+BUDGET_NAMES = ("tokens_per_day", "usd_per_month")
+"""Per-tenant budgets a ``GATEWAY_TENANTS_FILE`` line may carry (``tokens_per_day=N``,
+``usd_per_month=X`` a decimal; 0 = unlimited): see :mod:`hosting.gateway.budgets`."""
+
 TenantOverrides = Mapping[str, Mapping[str, int]]
 """Tenant name → the quota limits its lines of ``GATEWAY_TENANTS_FILE`` override."""
 
+TenantBudgetOverrides = Mapping[str, Mapping[str, float]]
+"""Tenant name → the budgets its lines of ``GATEWAY_TENANTS_FILE`` set."""
 
-def _override(item: str, where: str) -> tuple[str, int]:
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
+def usd_amount(raw: str, what: str) -> float:
+    """A budget in US dollars: a decimal number >= 0 (``25``, ``0.5``); ``what`` names the
+    variable or line in the :class:`ConfigError`."""
+    value = float(raw) if _DECIMAL.fullmatch(raw.strip()) else math.nan
+    if not math.isfinite(value):
+        raise ConfigError(f"{what} must be a decimal number of US dollars >= 0 (0 = unlimited), got {raw!r}")
+    return value
+
+
+def _override(item: str, where: str) -> tuple[str, float]:
     name, sep, raw = item.partition("=")
-    if not sep or name not in LIMIT_NAMES:
-        raise ConfigError(f"{where}: unknown setting {name!r}; expected name=N with name one of {', '.join(LIMIT_NAMES)}")
+    if not sep or name not in LIMIT_NAMES + BUDGET_NAMES:
+        raise ConfigError(f"{where}: unknown setting {name!r}; expected name=N with name one of "
+                          f"{', '.join(LIMIT_NAMES + BUDGET_NAMES)}")
+    if name == "usd_per_month":
+        return name, usd_amount(raw, f"{where}: {name}")
     if not raw.isdigit() or not raw.isascii():
         raise ConfigError(f"{where}: {name} must be a whole number >= 0 (0 = unlimited), got {raw!r}")
     return name, int(raw)
 
 
-def _read_tenants_file(path: str) -> tuple[dict[bytes, str], dict[str, dict[str, int]]]:
-    """Lines ``tenant sha256:<hex of token> [max_sandboxes=N] [max_turns=N] [turns_per_minute=N]``."""
+def _read_tenants_file(path: str) -> tuple[dict[bytes, str], dict[str, dict[str, float]]]:
+    """Lines ``tenant sha256:<hex of token> [max_sandboxes=N] [max_turns=N] [turns_per_minute=N]
+    [tokens_per_day=N] [usd_per_month=X]``."""
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
         raise ConfigError(f"GATEWAY_TENANTS_FILE {path}: {exc.strerror}") from None
     tokens: dict[bytes, str] = {}
-    overrides: dict[str, dict[str, int]] = {}
+    overrides: dict[str, dict[str, float]] = {}
     for number, line in enumerate(lines, start=1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -137,4 +161,15 @@ def load_tenant_overrides(path: str | None) -> dict[str, dict[str, int]]:
     """Per-tenant quota limits from ``GATEWAY_TENANTS_FILE``: the ``name=N`` fields after a
     line's digest (``alice sha256:<hex> max_sandboxes=5 max_turns=2 turns_per_minute=30``).
     A tenant with several tokens may repeat them on each line, but not contradict itself."""
-    return {} if path is None else _read_tenants_file(path)[1]
+    overrides = {} if path is None else _read_tenants_file(path)[1]
+    return {tenant: limits for tenant, values in overrides.items()
+            if (limits := {name: int(value) for name, value in values.items() if name in LIMIT_NAMES})}
+
+
+def load_tenant_budgets(path: str | None) -> dict[str, dict[str, float]]:
+    """Per-tenant budgets from ``GATEWAY_TENANTS_FILE``: ``tokens_per_day=N`` and
+    ``usd_per_month=X`` after a line's digest, like the quota limits
+    (``alice sha256:<hex> tokens_per_day=1000000 usd_per_month=25``)."""
+    overrides = {} if path is None else _read_tenants_file(path)[1]
+    return {tenant: budget for tenant, values in overrides.items()
+            if (budget := {name: value for name, value in values.items() if name in BUDGET_NAMES})}

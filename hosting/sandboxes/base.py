@@ -29,7 +29,6 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import httpx
 
@@ -149,7 +148,7 @@ class CommandResult:
 class SandboxBackend(abc.ABC):
     """One engine that runs sandboxes. Subclasses implement the abstract methods."""
 
-    name: ClassVar[str]
+    name: str
     _probe: httpx.AsyncClient | None = None
 
     @abc.abstractmethod

@@ -31,6 +31,7 @@ from hosting.contract import (
     install_json_errors,
     message_body,
     request_epoch,
+    request_namespace,
     tokens_equal,
     unauthorized,
 )
@@ -38,7 +39,7 @@ from hosting.draining import DrainingServer
 from hosting.server.dari import install_runtime
 from hosting.server.disk import StorageFull
 from hosting.server.durable import StoreUnavailable
-from hosting.server.sessions import NoRoom, NotAccepting, SessionBusy, SessionManager
+from hosting.server.sessions import NoRoom, NotAccepting, SessionBusy, SessionManager, WrongNamespace
 from hosting.server.turns import Numbered, ReplayGone, Turn
 from hosting.server.workspaces import WorkspaceStore
 from hosting.stores import MissingStoreDriver, open_session_store
@@ -100,7 +101,15 @@ def create_app(settings: Settings) -> FastAPI:
     install_json_errors(app, settings.max_body_bytes)
     mount_chat_page(app)
     app.state.sessions = sessions
+    async def serve_namespace(request: Request) -> None:
+        try:
+            sessions.serve_namespace(request_namespace(request))
+        except WrongNamespace:
+            raise HTTPException(421, "this sandbox serves another tenant's sessions") from None
+
     authed = [Depends(require_token)]
+    scoped = [*authed, Depends(serve_namespace)]
+    """Session routes: authenticated, then in this server's namespace (behind a gateway)."""
     telemetry.install(app, [settings.auth_token, settings.telemetry.metrics_token])
 
     @app.get("/health")
@@ -115,7 +124,7 @@ def create_app(settings: Settings) -> FastAPI:
         headers = {} if ok else {"Retry-After": RETRY_AFTER_SECONDS}
         return JSONResponse({"ready": ok, **status}, status_code=200 if ok else 503, headers=headers)
 
-    @app.post("/sessions/{session_id}/messages", dependencies=authed)
+    @app.post("/sessions/{session_id}/messages", dependencies=scoped)
     async def post_message(session_id: SessionId, request: Request) -> EventSourceResponse:
         body, _ = await message_body(request)
         turn = await start_turn(session_id, body.prompt, include_raw=body.include_raw, epoch=request_epoch(request))
@@ -136,9 +145,9 @@ def create_app(settings: Settings) -> FastAPI:
             starting.follow(turn)
         return turn
 
-    install_runtime(app, sessions, start_turn, authed)
+    install_runtime(app, sessions, start_turn, scoped)
 
-    @app.get("/sessions/{session_id}/events", dependencies=authed)
+    @app.get("/sessions/{session_id}/events", dependencies=scoped)
     async def reattach(session_id: SessionId, request: Request,
                        after: str | None = Query(None, max_length=64)) -> EventSourceResponse:
         """Re-attach to the session's running or last turn after a dropped connection:
@@ -154,14 +163,14 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(404, f"no turn of session {session_id!r} to re-attach to")
         return EventSourceResponse(_sse(events), ping=settings.heartbeat_seconds)
 
-    @app.post("/sessions/{session_id}/interrupt", dependencies=authed)
+    @app.post("/sessions/{session_id}/interrupt", dependencies=scoped)
     async def interrupt(session_id: SessionId) -> dict[str, Any]:
         if not await sessions.interrupt(session_id):
             known = workspaces.get(session_id) is not None
             raise HTTPException(409 if known else 404, f"no turn is running on session {session_id!r}")
         return {"session_id": session_id, "interrupted": True}
 
-    @app.get("/sessions/{session_id}", dependencies=authed)
+    @app.get("/sessions/{session_id}", dependencies=scoped)
     async def get_session(session_id: SessionId) -> dict[str, Any]:
         try:
             described = await sessions.describe(session_id)
@@ -171,7 +180,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(404, f"no session {session_id!r}")
         return described
 
-    @app.delete("/sessions/{session_id}", dependencies=authed, status_code=204)
+    @app.delete("/sessions/{session_id}", dependencies=scoped, status_code=204)
     async def delete_session(session_id: SessionId) -> Response:
         try:
             deleted = await sessions.delete(session_id)

@@ -13,8 +13,9 @@ used to *restore* that transcript when a fresh sandbox has none, and as a
 
 In the store every session is filed under one project key, keyed by its SDK
 session id alone, so it resumes on any sandbox whatever its local paths. With
-a store, that id is derived from the public session id (UUIDv5), so a fresh
-sandbox finds it without any local state.
+a store, that id is derived from the public session id and, behind a gateway,
+its tenant (:func:`hosting.contract.durable_session_id`), so a fresh sandbox
+finds it without any local state and never finds another tenant's.
 """
 
 from __future__ import annotations
@@ -23,27 +24,20 @@ import asyncio
 import json
 import os
 import tempfile
-import uuid
 from pathlib import Path
 
 from claude_agent_sdk import SessionStore, project_key_for_directory
 from claude_agent_sdk.types import SessionKey, SessionStoreEntry
 
+from hosting.contract import STORE_PROJECT_KEY
 from hosting.server.workspaces import Workspace
 from hosting.stores import DurableSessionStore
 
-STORE_PROJECT_KEY = "research-agent"
-SESSION_NAMESPACE = uuid.UUID("6f6b1f9e-3c55-4a49-9d3e-7d2f3c1b9a10")
 CATCH_UP_BATCH = 500
 
 
 class StoreUnavailable(Exception):
     """The session store could not be reached when it was needed."""
-
-
-def durable_session_id(session_id: str) -> str:
-    """The SDK session id of a public session id, the same on every sandbox."""
-    return str(uuid.uuid5(SESSION_NAMESPACE, session_id))
 
 
 def store_key(sdk_session_id: str) -> SessionKey:

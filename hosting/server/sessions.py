@@ -39,10 +39,11 @@ from typing import Any
 from claude_agent_sdk import AssistantMessage, ClaudeAgentOptions, ClaudeSDKClient, MirrorErrorMessage
 
 from hosting.config import Settings
+from hosting.contract import durable_session_id
 from hosting.server.box import SpareCpu
 from hosting.server.cli import guarded_cli
 from hosting.server.disk import Disk, StorageFull, out_of_space
-from hosting.server.durable import MirrorOnly, StoreUnavailable, catch_up, durable_session_id, restore, store_key
+from hosting.server.durable import MirrorOnly, StoreUnavailable, catch_up, restore, store_key
 from hosting.server.retention import Retention, Upkeep
 from hosting.server.turns import Numbered, Turn, TurnLog
 from hosting.server.wire import Redactor, TurnTranslator, error_event
@@ -143,6 +144,10 @@ class _Running:
     """The gateway's epoch for this sandbox's assignment to the session (fencing), if any."""
 
 
+class WrongNamespace(Exception):
+    """A request for another tenant's sessions than the ones this server serves (HTTP 421)."""
+
+
 class Superseded(Exception):
     """The session store has seen a newer epoch: another sandbox serves this session now."""
 
@@ -161,6 +166,9 @@ class SessionManager:
         self._running: dict[str, _Running] = {}
         self._turns = TurnLog()
         self._fenced: dict[str, int] = {}  # session -> the epoch this process fenced it with
+        self.namespace: str | None = None
+        """``<installation>/<tenant>`` whose sessions this server serves, fixed by the gateway's
+        first request (:meth:`serve_namespace`); ``None`` for a lone server."""
         self._pool: deque[LiveSession] = deque()
         self._pool_wanted = asyncio.Event()
         self._starting = asyncio.Semaphore(settings.max_starting_clis)
@@ -176,6 +184,18 @@ class SessionManager:
         retention = Retention(settings.session_ttl_seconds,
                               settings.local_cache_seconds if store is not None else None)
         self._upkeep = Upkeep(workspaces, self._disk, store, retention, settings.session_sweep_seconds, self._in_use)
+
+    def serve_namespace(self, namespace: str | None) -> None:
+        """Check a session request's namespace (:data:`hosting.contract.NAMESPACE_HEADER`).
+        The first one a gateway sends is this server's for good: a sandbox serves one
+        tenant, so one sent for another (or none, once one was) raises :class:`WrongNamespace`."""
+        if self.namespace is None and namespace is not None:
+            self.namespace = namespace
+        if namespace != self.namespace:
+            raise WrongNamespace(namespace)
+
+    def _durable_id(self, session_id: str) -> str:
+        return durable_session_id(session_id, self.namespace)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -408,6 +428,12 @@ class SessionManager:
         session_id = running.turn.session_id
         running.live = self._idle.pop(session_id, None)
         record = self._workspaces.get(session_id)
+        if record is not None and self._store is not None and running.live is None \
+                and record.workspace.sdk_session_id != self._durable_id(session_id):
+            # Filed before session ids were per tenant: the gateway copied its stored
+            # conversation to the tenant's id at start-up; resume from there.
+            self._workspaces.unbind(session_id)
+            record = None
         if record is not None:
             return record
         pooled = self._pool.popleft() if self._pool and self._store is None else None
@@ -417,7 +443,7 @@ class SessionManager:
             if pooled is not None:
                 workspace = pooled.workspace
             else:
-                workspace = self._workspaces.new_workspace(durable_session_id(session_id) if self._store else None)
+                workspace = self._workspaces.new_workspace(self._durable_id(session_id) if self._store else None)
             record = self._workspaces.bind(session_id, workspace)
         except OSError as exc:
             # Nothing bound: give back the pre-started CLI, remove a workspace made here.
@@ -477,6 +503,10 @@ class SessionManager:
             if translator.result is None:
                 live.healthy = False
                 turn.emit(error_event("agent_error", "The agent ended without a result.", retryable=True))
+            elif translator.result.subtype == "error_max_budget_usd":
+                # The CLI counts AGENT_MAX_BUDGET_USD over its whole life and refuses every later turn
+                # once it is reached: the session's next turn gets a new CLI, with a new allowance.
+                live.healthy = False
             elif (not translator.result.is_error and self._disk.state().full
                   and not await self._recorded(record.workspace, recorded_from, last_entry)):
                 live.healthy = False  # its next turn resumes from what the transcript really holds
@@ -556,7 +586,7 @@ class SessionManager:
         if epoch is None or self._store is None or self._fenced.get(session_id) == epoch:
             return
         try:
-            current = await self._store.fence(store_key(durable_session_id(session_id)), epoch)
+            current = await self._store.fence(store_key(self._durable_id(session_id)), epoch)
         except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
             raise StoreUnavailable(str(exc)) from exc
         if not current:
@@ -594,7 +624,7 @@ class SessionManager:
         if self._store is None:
             return False
         try:
-            return bool(await self._store.load(store_key(durable_session_id(session_id))))
+            return bool(await self._store.load(store_key(self._durable_id(session_id))))
         except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
             raise StoreUnavailable(str(exc)) from exc
 
@@ -623,6 +653,7 @@ class SessionManager:
             env=env,
             cli_path=self._cli_path,
             include_partial_messages=True,
+            max_budget_usd=self._settings.max_budget_usd,
             session_store=mirror,
             stderr=lambda line: logger.debug("cli %s: %s", workspace.sdk_session_id, line),
             **session,
@@ -736,7 +767,7 @@ class SessionManager:
             stored = await self._stored(session_id)
             if stored:
                 try:
-                    await self._store.delete(store_key(durable_session_id(session_id)))
+                    await self._store.delete(store_key(self._durable_id(session_id)))
                 except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
                     raise StoreUnavailable(str(exc)) from exc
         self._turns.forget(session_id)

@@ -88,6 +88,9 @@ CREATE TABLE IF NOT EXISTS {epochs} (
 );
 """
 
+# Every relation _SCHEMA creates, as suffixes of the table name (keep the two in step).
+_SCHEMA_SUFFIXES = ("_transcripts", "_mtime_idx", "", "_order_idx", "_uuid_idx", "_epochs")
+
 # Raise a session's epoch unless a newer one is stored; the row is returned only if raised
 # (or equal), and stays locked until the transaction ends. One conditional write: fencing.
 _RAISE_EPOCH = (
@@ -103,10 +106,13 @@ class PostgresSessionStore(SessionStore):
     """Session transcripts in two Postgres tables behind a connection pool.
 
     The pool opens on first use (or :meth:`open`); the schema is created
-    idempotently then, under an advisory lock so replicas starting together
-    don't race on ``CREATE TABLE``. Each append is one transaction that
-    locks its transcript row, so concurrent writers of one session are
-    serialized and the read-fold-write of the summary cannot lose updates.
+    then if any of it is missing, under an advisory lock so replicas starting
+    together don't race on ``CREATE TABLE``. An existing schema is left alone
+    without DDL, so a role that may use the tables but not create them (a
+    sandbox's own role, :mod:`hosting.stores.access`) opens the store too.
+    Each append is one transaction that locks its transcript row, so
+    concurrent writers of one session are serialized and the
+    read-fold-write of the summary cannot lose updates.
     """
 
     def __init__(
@@ -143,24 +149,35 @@ class PostgresSessionStore(SessionStore):
         self._ready_lock = asyncio.Lock()
 
     async def open(self) -> None:
-        """Open the pool and create the schema (idempotent; also done lazily)."""
+        """Open the pool and create what is missing of the schema (idempotent; also done lazily).
+
+        The schema is looked up first: ``CREATE ... IF NOT EXISTS`` still needs the right
+        to create (Postgres checks it before it looks), which a sandbox's role lacks.
+        """
         if self._ready:
             return
         async with self._ready_lock:
             if self._ready:
                 return
             await self._pool.open()
-            schema = sql.SQL(_SCHEMA).format(
-                entries=self._entries,
-                transcripts=self._transcripts,
-                epochs=self._epochs,
-                mtime_idx=sql.Identifier(f"{self._table}_mtime_idx"),
-                order_idx=sql.Identifier(f"{self._table}_order_idx"),
-                uuid_idx=sql.Identifier(f"{self._table}_uuid_idx"),
-            )
-            async with self._pool.connection() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._table,))
-                await conn.execute(schema)
+            names = [f"{self._table}{suffix}" for suffix in _SCHEMA_SUFFIXES]
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT bool_and(to_regclass(n) IS NOT NULL) FROM unnest(%s::text[]) AS n", (names,)
+                )
+                row = await cur.fetchone()
+                if not (row and row[0]):
+                    schema = sql.SQL(_SCHEMA).format(
+                        entries=self._entries,
+                        transcripts=self._transcripts,
+                        epochs=self._epochs,
+                        mtime_idx=sql.Identifier(f"{self._table}_mtime_idx"),
+                        order_idx=sql.Identifier(f"{self._table}_order_idx"),
+                        uuid_idx=sql.Identifier(f"{self._table}_uuid_idx"),
+                    )
+                    async with conn.transaction():
+                        await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._table,))
+                        await conn.execute(schema)
             self._ready = True
 
     # -- protocol ---------------------------------------------------------

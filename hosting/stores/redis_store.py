@@ -22,6 +22,13 @@ Retention: with ``ttl_seconds`` every append re-``EXPIRE``s every key of the
 session (and the project index), so a session expires as a whole once it has
 been idle for the TTL. Index members whose session has expired are dropped
 lazily when listed.
+
+A sandbox's own Redis user (:mod:`hosting.stores.access`) may only *add* to the
+shared project index: ``EXPIRE`` or ``SREM`` on it would let one session's
+sandbox drop the others from it. When Redis refuses this client that upkeep
+(``NOPERM``), the adapter drops it from its transactions from then on: the
+index is still added to, it gets no TTL, and members of deleted or expired
+sessions go when the index is listed (the summary key is the liveness test).
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from claude_agent_sdk.types import (
 from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import NoPermissionError, RedisError, WatchError
 
 from . import Fenced, StoreUnavailableError, validate_ttl
 
@@ -90,6 +97,9 @@ class RedisSessionStore(SessionStore):
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
         )
         self._fence = self._client.register_script(_FENCE)
+        self._index_upkeep = True
+        """Whether transactions also ``EXPIRE``/``SREM`` the shared index; ``False`` once
+        Redis refused that to this client's user (see the module docstring)."""
 
     # -- key layout -------------------------------------------------------
 
@@ -146,7 +156,7 @@ class RedisSessionStore(SessionStore):
                         seconds, micros = await pipe.time()  # the server's clock, not ours
                         summary["mtime"] = seconds * 1000 + micros // 1000
 
-                    pipe.multi()
+                    pipe.multi()  # type: ignore[no-untyped-call]  # untyped in redis-py
                     if epoch is not None and epoch > stored_epoch:
                         pipe.set(epoch_key, epoch)
                     pipe.rpush(transcript, *(json.dumps(e) for e in fresh))
@@ -161,12 +171,17 @@ class RedisSessionStore(SessionStore):
                         pipe.sadd(subpaths_key, subpath)
                         subs.add(subpath)
                     if self._ttl:
-                        for k in [*self._session_keys(session, subs), index]:
+                        upkept = [index] if self._index_upkeep else []
+                        for k in [*self._session_keys(session, subs), *upkept]:
                             pipe.expire(k, self._ttl)
                     await pipe.execute()
                     return
                 except WatchError:
                     continue  # another writer touched this session: redo the fold
+                except NoPermissionError:
+                    if not (self._ttl and self._index_upkeep):
+                        raise
+                    self._index_upkeep = False  # nothing landed (EXECABORT): redo without it
 
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
         session = self._session(key["project_key"], key["session_id"])
@@ -200,13 +215,18 @@ class RedisSessionStore(SessionStore):
                 try:
                     await pipe.watch(subpaths_key)
                     subs = cast("set[str]", await pipe.smembers(subpaths_key))
-                    pipe.multi()
+                    pipe.multi()  # type: ignore[no-untyped-call]  # untyped in redis-py
                     pipe.delete(*self._session_keys(session, subs))
-                    pipe.srem(self._index(project_key), session_id)
+                    if self._index_upkeep:
+                        pipe.srem(self._index(project_key), session_id)
                     await pipe.execute()
                     return
                 except WatchError:
                     continue
+                except NoPermissionError:
+                    if not self._index_upkeep:
+                        raise
+                    self._index_upkeep = False  # nothing landed (EXECABORT): redo without it
 
     async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
         session = self._session(key["project_key"], key["session_id"])
@@ -269,7 +289,7 @@ class RedisSessionStore(SessionStore):
             await tx.watch(*summary_keys)
             if await tx.exists(*summary_keys):
                 return  # re-created since we looked; prune on a later listing
-            tx.multi()
+            tx.multi()  # type: ignore[no-untyped-call]  # untyped in redis-py
             tx.srem(index, *(sid for sid, _ in gone))
             with suppress(WatchError):
                 await tx.execute()

@@ -15,14 +15,16 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
+from hosting.gateway.budgets import BudgetExhausted
 from hosting.gateway.pool import WarmPool
-from hosting.gateway.provisioning import NotOwner, Provisioner, ProvisioningFailed
+from hosting.gateway.provisioning import Provisioner, ProvisioningFailed
 from hosting.gateway.quotas import QuotaExceeded, Quotas
 from hosting.gateway.routes import PoolEntry, Route, RouteStore, RouteStoreUnavailable
 from hosting.gateway.tenants import Authenticator
@@ -34,7 +36,7 @@ from hosting.telemetry.settings import TelemetrySettings
 from hosting.telemetry.tracing import open_tracer, request_context, session_label
 from hosting.telemetry.turns import REFUSAL_CODES, TurnMetrics, TurnRecord
 
-GATEWAY_REFUSALS: dict[type[Exception], str] = {NotOwner: "forbidden", QuotaExceeded: "over_quota",
+GATEWAY_REFUSALS: dict[type[Exception], str] = {QuotaExceeded: "over_quota", BudgetExhausted: "over_budget",
                                                  ProvisioningFailed: "no_sandbox",
                                                  RouteStoreUnavailable: "route_store_unavailable"}
 
@@ -57,6 +59,8 @@ class GatewayTurn:
     record: TurnRecord
     relay_span: Span | None = None
     streaming: bool = field(default=False)
+    on_result: Callable[[dict[str, Any]], None] | None = None
+    """Told of each relayed ``result`` event's data (the tenant's budgets count its spend)."""
 
     @contextmanager
     def relaying(self) -> Iterator[None]:
@@ -95,6 +99,8 @@ class GatewayTurn:
         final ones are decoded, the rest are counted."""
         payload = json.loads(data) if kind in ("result", "error") else {}
         self.record.see(WireEvent(kind, payload))
+        if kind == "result" and self.on_result is not None:
+            self.on_result(payload)
 
     def finish(self) -> None:
         """The relayed stream ended, however it ended: count the turn and end its span."""

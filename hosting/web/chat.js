@@ -74,7 +74,7 @@ async function refusal(response) {
   const retry = wait ? ` Try again in ${wait} s.` : " Try again shortly.";
   switch (response.status) {
     case 401: return "The server refused the token (401 Unauthorized). Enter the right token above and send again.";
-    case 403: return "This session belongs to someone else (403 Forbidden). Start a new session.";
+    case 403: return "Refused in front of the agent (403 Forbidden): ask whoever runs it for access.";
     case 404: return `Not found (404): ${detail}.`;
     case 409: return "A turn is already running on this session (409 Conflict). Wait for it to end, or interrupt it.";
     case 410: return `The earlier events of this turn are no longer kept (410): ${detail}.`;
