@@ -36,11 +36,6 @@ pytestmark = pytest.mark.e2e
 RECALL = "What value did I ask you to remember?"
 
 
-@pytest.fixture(params=["redis", "postgres"])
-def store_url(request: pytest.FixtureRequest) -> str:
-    return str(request.getfixturevalue(f"{request.param}_url"))
-
-
 def remember(url: str, session_id: str, value: str, token: str) -> None:
     turn = post_turn(url, session_id, f"Remember this value: {value}", headers=auth(token))
     assert "error" not in turn.types, turn.events
@@ -74,19 +69,49 @@ def stored(url: str, installation: str, tenant: str | None, session_id: str) -> 
     return asyncio.run(load())
 
 
+def assert_bobs_credential_reaches_bobs_session_only(gateway: GatewayProcess, store_url: str, installation: str,
+                                                     session: str) -> None:
+    """Bob's sandbox's store credential, read from its environment, against alice's entries."""
+    own_url = sandbox_environment(gateway, session, "bob")["AGENT_SESSION_STORE"]
+    alices_before = stored(store_url, installation, "alice", session)
+    assert alices_before and stored(store_url, installation, "bob", session)
+    alice = {"project_key": STORE_PROJECT_KEY, "session_id": durable_session_id(session, f"{installation}/alice")}
+    bob = {"project_key": STORE_PROJECT_KEY, "session_id": durable_session_id(session, f"{installation}/bob")}
+
+    async def attack() -> tuple[list[Any] | None, list[Any] | None]:
+        store = open_session_store(own_url, ttl_seconds=None)
+        try:
+            try:
+                read: list[Any] | None = await store.load(alice)  # type: ignore[arg-type]
+            except Exception:  # noqa: BLE001 - refused outright is as good as nothing
+                read = None
+            for attempt in (store.append(alice, [{"type": "user", "uuid": str(uuid.uuid4())}]),  # type: ignore[arg-type]
+                            store.fence(alice, 2**62), store.delete(alice)):  # type: ignore[arg-type]
+                try:
+                    await attempt
+                except Exception:  # noqa: BLE001 - refused: the point
+                    pass
+            return read, await store.load(bob)  # type: ignore[arg-type]
+        finally:
+            await store.aclose()
+
+    read, own = asyncio.run(attack())
+    assert not read, "bob's sandbox read alice's conversation"
+    assert own, "the credential does reach its own session"
+    assert stored(store_url, installation, "alice", session) == alices_before, "alice's entries were changed"
+
+
 def test_a_replaced_gateway_resumes_each_tenants_own_conversation(local_gateways: Gateways, redis_url: str) -> None:
-    store_url = redis_url  # the flushed-routes test below runs on PostgreSQL
-    session = f"trip-{uuid.uuid4().hex[:6]}"
+    store_url, session = redis_url, f"trip-{uuid.uuid4().hex[:6]}"
     first = local_gateways.start(AGENT_SESSION_STORE=store_url, GATEWAY_WARM_POOL="0")
     remember(first.base_url, session, "4471", ALICE)
     remember(first.base_url, session, "9090", BOB)
 
-    alices = sandbox_environment(first, session, "alice")
-    assert alices["AGENT_SESSION_STORE"] != store_url
-    for name, value in alices.items():
+    alices, bobs = sandbox_environment(first, session, "alice"), sandbox_environment(first, session, "bob")
+    assert alices["AGENT_SESSION_STORE"] not in (store_url, bobs["AGENT_SESSION_STORE"])
+    for name, value in {**alices, **bobs}.items():
         assert store_url not in value, f"the gateway's store URL reached a sandbox in {name}"
-    assert "AGENT_SESSION_STORE" not in (environ := sandbox_environment(first, session, "bob")) or \
-        environ["AGENT_SESSION_STORE"] not in (store_url, alices["AGENT_SESSION_STORE"])
+    assert_bobs_credential_reaches_bobs_session_only(first, store_url, local_gateways.installation, session)
 
     first.stop()  # routes in memory: gone with it, and so are its sandboxes
     second = local_gateways.start(AGENT_SESSION_STORE=store_url, GATEWAY_WARM_POOL="0")
@@ -101,46 +126,12 @@ def test_a_flushed_routing_store_loses_nothing_and_leaks_nothing(local_gateways:
         gateway = local_gateways.start(AGENT_SESSION_STORE=postgres_url, GATEWAY_REDIS_URL=routes_url,
                                        GATEWAY_WARM_POOL="0")
         remember(gateway.base_url, session, "1234", ALICE)
+        remember(gateway.base_url, session, "5678", BOB)
+        assert_bobs_credential_reaches_bobs_session_only(gateway, postgres_url, local_gateways.installation, session)
         redis.Redis.from_url(routes_url).flushall()
         assert gateway.route(session) is None
-        assert "1234" not in recalled(gateway.base_url, session, BOB), "bob's first turn is bob's conversation"
-        assert "1234" in recalled(gateway.base_url, session, ALICE)
-
-
-def test_a_sandbox_store_credential_reaches_its_own_session_only(local_gateways: Gateways, store_url: str) -> None:
-    session = f"cred-{uuid.uuid4().hex[:6]}"
-    gateway = local_gateways.start(AGENT_SESSION_STORE=store_url, GATEWAY_WARM_POOL="0")
-    remember(gateway.base_url, session, "5150", ALICE)
-    remember(gateway.base_url, session, "6160", BOB)
-    own_url = sandbox_environment(gateway, session, "bob")["AGENT_SESSION_STORE"]
-    installation = local_gateways.installation
-    alices_before = stored(store_url, installation, "alice", session)
-    assert alices_before and stored(store_url, installation, "bob", session)
-
-    async def attack() -> tuple[list[Any] | None, list[Any] | None]:
-        store = open_session_store(own_url, ttl_seconds=None)
-        alice = {"project_key": STORE_PROJECT_KEY, "session_id": durable_session_id(session, f"{installation}/alice")}
-        bob = {"project_key": STORE_PROJECT_KEY, "session_id": durable_session_id(session, f"{installation}/bob")}
-        try:
-            try:
-                read: list[Any] | None = await store.load(alice)  # type: ignore[arg-type]
-            except Exception:  # noqa: BLE001 - refused outright is as good as nothing
-                read = None
-            for attempt in (store.append(alice, [{"type": "user", "uuid": str(uuid.uuid4())}]),  # type: ignore[arg-type]
-                            store.delete(alice)):  # type: ignore[arg-type]
-                try:
-                    await attempt
-                except Exception:  # noqa: BLE001 - refused: the point
-                    pass
-            return read, await store.load(bob)  # type: ignore[arg-type]
-        finally:
-            await store.aclose()
-
-    read, own = asyncio.run(attack())
-    assert not read, "bob's sandbox read alice's conversation"
-    assert own, "the credential does reach its own session"
-    assert stored(store_url, installation, "alice", session) == alices_before, "alice's entries were changed"
-    assert "5150" in recalled(gateway.base_url, session, ALICE)
+        assert "5678" in (text := recalled(gateway.base_url, session, BOB)) and "1234" not in text
+        assert "1234" in (text := recalled(gateway.base_url, session, ALICE)) and "5678" not in text
 
 
 def test_routes_and_conversations_from_before_per_tenant_ids_keep_working_for_their_owner(
