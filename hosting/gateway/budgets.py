@@ -9,8 +9,7 @@ memory), so every replica refuses a tenant whose budget is spent:
 - **Dollars**: ``total_cost_usd`` is *not* the turn's own cost but the session's running
   total: the Claude Code CLI reports the cost of its ``query()`` so far, cumulative across
   the turns a warm CLI serves, and a resumed session continues from the total its
-  transcript saved (measured: three turns of 0.00159, 0.00173 and 0.00187 USD report
-  0.00159, 0.00332 and 0.00519, with warm CLIs and with a CLI per turn alike). So a turn
+  transcript saved (seen with warm CLIs and with a CLI per turn alike). So a turn
   costs its total minus the last total seen for the same session, which the ledger keeps
   per (tenant, session) for :data:`SESSION_COST_TTL_SECONDS`; a total below the last (the
   CLI's running total was reset: ``/clear``, a transcript without one) counts whole, and so
