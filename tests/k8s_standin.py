@@ -11,6 +11,16 @@ bumps ``resourceVersion``; errors are ``Status`` objects; requests need the bear
 Anything else (another path, verb, resource, a watch) is refused with 404 or 405 and
 recorded in :attr:`PodsApiStandIn.unexpected`, which the tests assert empty.
 
+PersistentVolumeClaims, for the backend's ``pvc`` mode: ``create`` (409 AlreadyExists; 422
+Invalid for a bad name or labels, no access mode or one the API does not know, or no storage
+request that is a quantity; the admission plugin's ``kubernetes.io/pvc-protection`` finalizer
+added; phase ``Pending`` until a pod using the claim is scheduled, then ``Bound``, as with a
+``WaitForFirstConsumer`` class such as kind's), ``get`` and ``delete`` (404 when gone; a
+``preconditions.uid`` that does not match is 409 Conflict). Deleting a claim sets its
+``deletionTimestamp``; the object goes (and with it the data) once no scheduled pod names it,
+whatever that pod's phase, as the PVC protection controller decides. ``list`` and anything
+else on claims are refused as unexpected: the backend does not send them.
+
 The ``exec`` subresource is served as the API serves it to the client library: a
 WebSocket ``GET .../pods/{name}/exec`` with ``command`` (repeated), ``container``,
 ``stdin``, ``stdout``, ``stderr`` and ``tty`` in the query, subprotocol
@@ -25,12 +35,16 @@ recorded as unexpected. The command runs as a real process with the pod's contai
 environment, in the image's working dir, without a terminal; when the client goes away its
 stdin closes (its output is read and dropped), as a container runtime does.
 
-A thread plays the kubelet. A pending pod whose image is known starts as a real
+A thread plays the scheduler, the kubelet and the PVC protection controller. A pod that
+names a claim that is missing or being deleted stays ``Pending``, unscheduled
+(``PodScheduled`` false, reason ``Unschedulable``), until the claim is there; a scheduled pod
+gets ``spec.nodeName``. A pending pod whose image is known starts as a real
 ``agent-server`` process (``python -m hosting.server``, the image's ``serve``) on a
 loopback address of its own, ``127.x.y.z``: all of 127.0.0.0/8 is loopback on Linux,
 so every pod listens on its container port (8000) as in a cluster, and that address is
 its ``status.podIP``. The container's environment is the pod's, translated as a
-container runtime would place it: ``emptyDir`` mount paths become temp dirs, and
+container runtime would place it: ``emptyDir`` mount paths become temp dirs, a claim's its
+directory, which outlives the pod (so the next pod on that claim finds its files), and
 ``0.0.0.0`` the pod's address (a pod's network namespace holds only its own), over the
 image's own: ``PATH`` starts with this interpreter's directory (the image's venv, where
 ``python3`` has ``hosting``). The pod turns Running, and Ready only while its readiness probe, run as the spec says (path,
@@ -79,6 +93,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 ROOT = Path(__file__).resolve().parents[1]
 POD_TEMPLATE = ROOT / "hosting" / "kubernetes" / "base" / "agent-pod-template.yaml"
 PODS = "/api/v1/namespaces/{namespace}/pods"
+CLAIMS = "/api/v1/namespaces/{namespace}/persistentvolumeclaims"
+PVC_PROTECTION = "kubernetes.io/pvc-protection"
+ACCESS_MODES = frozenset({"ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"})
+NODE = "standin-node"
 JSON_PATCH = "application/json-patch+json"
 IMAGE_ID = "docker-pullable://research-agent@sha256:" + "0" * 64
 KUBELET_PERIOD = 0.05
@@ -96,15 +114,16 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 _SELECTOR_TERM = re.compile(r"([^\s!=]+)\s*(==|=|!=)\s*([^\s!=]*)")
+_QUANTITY = re.compile(r"([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[kMGTPE]|[eE][0-9]+)?")
 
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def status(code: int, reason: str, message: str, name: str | None = None) -> JSONResponse:
+def status(code: int, reason: str, message: str, name: str | None = None, kind: str = "pods") -> JSONResponse:
     """An API error: a ``Status`` object, as the API sends it."""
-    details = {"name": name, "kind": "pods"} if name else {}
+    details = {"name": name, "kind": kind} if name else {}
     return JSONResponse({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                          "message": message, "reason": reason, "details": details, "code": code}, status_code=code)
 
@@ -195,6 +214,7 @@ class PodsApiStandIn:
         self.exec_urls: list[str] = []
         """The path and query of every exec received, as an API server's audit log has them."""
         self._pods: dict[str, dict[str, Any]] = {}
+        self._claims: dict[str, dict[str, Any]] = {}
         self._running: dict[str, PodRuntime] = {}
         self._version = 0
         self._lock = threading.RLock()
@@ -214,6 +234,8 @@ class PodsApiStandIn:
         app = Starlette(routes=[
             Route(PODS, self._collection, methods=["GET", "POST", "DELETE", "PUT", "PATCH"]),
             Route(PODS + "/{name}", self._item, methods=["GET", "POST", "DELETE", "PUT", "PATCH"]),
+            Route(CLAIMS, self._claim_collection, methods=["GET", "POST", "DELETE", "PUT", "PATCH"]),
+            Route(CLAIMS + "/{name}", self._claim_item, methods=["GET", "POST", "DELETE", "PUT", "PATCH"]),
             Route("/{path:path}", self._elsewhere, methods=["GET", "POST", "DELETE", "PUT", "PATCH"]),
             WebSocketRoute(PODS + "/{name}/exec", self._exec),
             WebSocketRoute("/{path:path}", self._websocket_elsewhere),
@@ -244,6 +266,8 @@ class PodsApiStandIn:
             for name in list(self._running):
                 self._end(name)
             self._pods.clear()
+            self._claims.clear()
+        shutil.rmtree(self.root / "claims", ignore_errors=True)
         self._probe.close()
 
     def kubeconfig(self, path: Path) -> Path:
@@ -271,6 +295,25 @@ class PodsApiStandIn:
     def pod_names(self) -> set[str]:
         with self._lock:
             return set(self._pods)
+
+    def claim(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            claim = self._claims.get(name)
+            return copy.deepcopy(claim) if claim is not None else None
+
+    def claim_names(self) -> set[str]:
+        with self._lock:
+            return set(self._claims)
+
+    def claim_dir(self, name: str) -> Path:
+        """Where a claim's data lives (its volume, as the pods that mount it see it)."""
+        return self.root / "claims" / name
+
+    def environment(self, name: str) -> dict[str, str] | None:
+        """The environment a running pod's container got (paths placed as the runtime placed them)."""
+        with self._lock:
+            running = self._running.get(name)
+            return dict(running.env) if running is not None else None
 
     def process(self, name: str) -> subprocess.Popen[bytes] | None:
         with self._lock:
@@ -370,6 +413,106 @@ class PodsApiStandIn:
             grace = options.get("gracePeriodSeconds", request.query_params.get("gracePeriodSeconds"))
             return self._delete(name, None if grace is None else int(grace))
         return self._refuse(request, 405, f"{request.method} on a pod")
+
+    async def _claim_collection(self, request: Request) -> Response:
+        refused = self._check(request)
+        if refused is not None:
+            return refused
+        if request.method == "POST":
+            self._record("create", "persistentvolumeclaims")
+            return self._create_claim(await request.json())
+        return self._refuse(request, 405, f"{request.method} on the claims collection: the backend sends only create")
+
+    async def _claim_item(self, request: Request) -> Response:
+        refused = self._check(request)
+        if refused is not None:
+            return refused
+        name = request.path_params["name"]
+        if request.method == "GET":
+            self._record("get", "persistentvolumeclaims")
+            with self._lock:
+                claim = self._claims.get(name)
+                return JSONResponse(claim) if claim else status(
+                    404, "NotFound", f'persistentvolumeclaims "{name}" not found', name, "persistentvolumeclaims")
+        if request.method == "DELETE":
+            self._record("delete", "persistentvolumeclaims")
+            body = await request.body()
+            options = json.loads(body) if body else {}
+            return self._delete_claim(name, (options.get("preconditions") or {}).get("uid"))
+        return self._refuse(request, 405, f"{request.method} on a claim: the backend sends only get and delete")
+
+    def _create_claim(self, claim: dict[str, Any]) -> JSONResponse:
+        metadata = claim.setdefault("metadata", {})
+        name = metadata.get("name", "")
+        if metadata.get("namespace", self.namespace) != self.namespace:
+            return status(400, "BadRequest", "the namespace of the provided object does not match the namespace "
+                                             "sent on the request")
+        errors = label_errors(metadata.get("labels") or {})
+        if not name or len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
+            errors.append(f"metadata.name: Invalid value: {name!r}: a lowercase RFC 1123 subdomain")
+        spec = claim.get("spec") or {}
+        modes = spec.get("accessModes") or []
+        if not modes:
+            errors.append("spec.accessModes: Required value: at least 1 access mode is required")
+        errors += [f"spec.accessModes: Unsupported value: {mode!r}" for mode in modes if mode not in ACCESS_MODES]
+        storage = ((spec.get("resources") or {}).get("requests") or {}).get("storage")
+        quantity = _QUANTITY.fullmatch(storage) if isinstance(storage, str) else None
+        if storage is None:
+            errors.append("spec.resources[storage]: Required value")
+        elif quantity is None or not float(quantity.group(1)):
+            errors.append(f"spec.resources[storage]: Invalid value: {storage!r}: must be a quantity greater than zero")
+        if errors:
+            return status(422, "Invalid", f'PersistentVolumeClaim "{name}" is invalid: {"; ".join(errors)}', name,
+                          "persistentvolumeclaims")
+        with self._lock:
+            if name in self._claims:
+                return status(409, "AlreadyExists", f'persistentvolumeclaims "{name}" already exists', name,
+                              "persistentvolumeclaims")
+            metadata.update(namespace=self.namespace, uid=str(uuid.uuid4()), creationTimestamp=_now(),
+                            finalizers=[*(metadata.get("finalizers") or []), PVC_PROTECTION])
+            spec.setdefault("volumeMode", "Filesystem")
+            claim["status"] = {"phase": "Pending"}
+            self._version += 1
+            metadata["resourceVersion"] = str(self._version)
+            self._claims[name] = claim
+            return JSONResponse(claim, status_code=201)
+
+    def _delete_claim(self, name: str, uid: str | None) -> JSONResponse:
+        with self._lock:
+            claim = self._claims.get(name)
+            if claim is None:
+                return status(404, "NotFound", f'persistentvolumeclaims "{name}" not found', name,
+                              "persistentvolumeclaims")
+            metadata = claim["metadata"]
+            if uid is not None and uid != metadata["uid"]:
+                return status(409, "Conflict", f"Precondition failed: UID in precondition: {uid}, UID in object meta: "
+                                               f"{metadata['uid']}", name, "persistentvolumeclaims")
+            if not metadata.get("finalizers"):
+                self._drop_claim(name)
+                return JSONResponse(claim)
+            if not metadata.get("deletionTimestamp"):
+                metadata.update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0)
+                self._version += 1
+                metadata["resourceVersion"] = str(self._version)
+            return JSONResponse(claim)
+
+    def _drop_claim(self, name: str) -> None:
+        """The claim object goes, and with it its volume (reclaim policy ``Delete``)."""
+        self._claims.pop(name, None)
+        shutil.rmtree(self.claim_dir(name), ignore_errors=True)
+
+    def _claim_users(self, name: str) -> list[str]:
+        """The scheduled pods that name the claim, in any phase: what keeps it from going."""
+        return [pod_name for pod_name, pod in self._pods.items() if pod["spec"].get("nodeName") and name in _claims_of(pod)]
+
+    def _protect_claims(self) -> None:
+        """The PVC protection controller: a claim being deleted goes once no pod uses it."""
+        with self._lock:
+            for name, claim in list(self._claims.items()):
+                if claim["metadata"].get("deletionTimestamp") and not self._claim_users(name):
+                    claim["metadata"]["finalizers"] = [f for f in claim["metadata"]["finalizers"] if f != PVC_PROTECTION]
+                    if not claim["metadata"]["finalizers"]:
+                        self._drop_claim(name)
 
     async def _websocket_elsewhere(self, websocket: WebSocket) -> None:
         await websocket.send_denial_response(self._refuse(websocket, 404, "the stand-in serves WebSockets only for exec"))
@@ -554,6 +697,11 @@ class PodsApiStandIn:
 
     def _kubelet(self) -> None:
         while not self._stopping.wait(KUBELET_PERIOD):
+            try:
+                self._protect_claims()
+            except Exception as exc:  # noqa: BLE001 - a controller bug must fail the test, not hang it
+                with self._lock:
+                    self.unexpected.append(f"pvc protection: {exc!r}")
             with self._lock:
                 names = list(self._pods)
             for name in names:
@@ -609,7 +757,38 @@ class PodsApiStandIn:
             return False
         return 200 <= response.status_code < 400
 
+    def _schedule(self, name: str, pod: dict[str, Any]) -> bool:
+        """Bind the pod to the node once every claim it names is there and not being deleted,
+        as the scheduler does; a claim waiting for its first consumer is then bound."""
+        if pod["spec"].get("nodeName"):
+            return True
+        for claim_name in _claims_of(pod):
+            claim = self._claims.get(claim_name)
+            why = ("not found" if claim is None
+                   else "is being deleted" if claim["metadata"].get("deletionTimestamp") else None)
+            if why is not None:
+                unschedulable = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                  "message": f'0/1 nodes are available: persistentvolumeclaim "{claim_name}" {why}.'}]
+                if pod["status"].get("conditions") != unschedulable:
+                    pod["status"]["conditions"] = unschedulable
+                    self._store(name, pod)
+                return False
+        for claim_name in _claims_of(pod):
+            claim = self._claims[claim_name]
+            if claim["status"].get("phase") != "Bound":
+                claim["spec"]["volumeName"] = f"pvc-{claim['metadata']['uid']}"
+                claim["status"] = {"phase": "Bound", "accessModes": claim["spec"]["accessModes"],
+                                   "capacity": {"storage": claim["spec"]["resources"]["requests"]["storage"]}}
+                self._version += 1
+                claim["metadata"]["resourceVersion"] = str(self._version)
+        pod["spec"]["nodeName"] = NODE
+        pod["status"]["conditions"] = [{"type": "PodScheduled", "status": "True"}]
+        self._store(name, pod)
+        return True
+
     def _start(self, name: str, pod: dict[str, Any]) -> None:
+        if not self._schedule(name, pod):
+            return
         container = _server(pod)
         if container["image"] not in self.images:
             self._waiting(name, pod, "ErrImagePull", f'failed to pull image "{container["image"]}": not found')
@@ -624,11 +803,16 @@ class PodsApiStandIn:
         pod_dir = self.root / "pods" / name
         pod_dir.mkdir(parents=True, exist_ok=True)
         mounts = {}
-        emptydirs = {v["name"] for v in pod["spec"].get("volumes") or [] if "emptyDir" in v}
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
         for mount in container.get("volumeMounts") or []:
-            if mount["name"] in emptydirs:
+            volume = volumes.get(mount["name"], {})
+            if "emptyDir" in volume:
                 mounts[mount["mountPath"]] = pod_dir / mount["name"]
-                mounts[mount["mountPath"]].mkdir(parents=True, exist_ok=True)
+            elif "persistentVolumeClaim" in volume:
+                mounts[mount["mountPath"]] = self.claim_dir(volume["persistentVolumeClaim"]["claimName"])
+            else:
+                continue
+            mounts[mount["mountPath"]].mkdir(parents=True, exist_ok=True)
         env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")]),
                "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
         for entry in container.get("env") or []:
@@ -712,6 +896,12 @@ class PodsApiStandIn:
 def _server(pod: dict[str, Any]) -> dict[str, Any]:
     container: dict[str, Any] = pod["spec"]["containers"][0]
     return container
+
+
+def _claims_of(pod: dict[str, Any]) -> list[str]:
+    """The claims a pod's volumes name."""
+    return [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"].get("volumes") or []
+            if "persistentVolumeClaim" in v]
 
 
 def _port(pod: dict[str, Any], port: int | str) -> int:

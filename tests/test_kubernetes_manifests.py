@@ -31,10 +31,16 @@ import pytest
 import yaml
 
 from hosting.gateway.tenants import load_tenant_tokens
+from hosting.sandboxes.settings import BackendSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "hosting/kubernetes"
-OVERLAYS = {"base": MANIFESTS / "base", "kind": MANIFESTS / "overlays/kind", "production": MANIFESTS / "overlays/production"}
+OVERLAYS = {"base": MANIFESTS / "base", "kind": MANIFESTS / "overlays/kind", "production": MANIFESTS / "overlays/production",
+            "kind-session-volumes": MANIFESTS / "overlays/kind-session-volumes"}
+SESSION_VOLUMES = {"kind-session-volumes"}
+"""The overlays with the ``components/session-volumes`` component: the gateway in ``pvc`` mode."""
+PODS_RULE = {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "create", "patch", "delete"]}
+CLAIMS_RULE = {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "create", "delete"]}
 KUBECTL_VERSION = "v1.37.1"
 KUBERNETES_VERSION = "1.37.0"
 PLACEHOLDER_KEY = "placeholder-the-proxy-holds-the-key"
@@ -100,11 +106,19 @@ LABEL_NAMED_KINDS = {"Namespace", "Service"}
 
 
 def schema_errors(obj: Obj) -> list[str]:
+    return list(_schema_errors(json.dumps(obj, sort_keys=True)))
+
+
+@functools.cache
+def _schema_errors(canonical: str) -> tuple[str, ...]:
+    """Once per distinct object: the overlays share most of theirs, and each validation
+    reads the whole schema again."""
+    obj = json.loads(canonical)
     try:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
     except kubernetes_validate.ValidationError as exc:
-        return [f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}: {exc.message} at {list(exc.absolute_path)}"]
-    return []
+        return (f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}: {exc.message} at {list(exc.absolute_path)}",)
+    return ()
 
 
 def name_errors(obj: Obj) -> list[str]:
@@ -420,12 +434,56 @@ def test_the_gateway_mounts_the_pod_template_it_is_told_to_read(rendered):
     assert probes[0] == "/health" and "/ready" in probes[1]
 
 
-def test_the_gateway_role_manages_pods_only(rendered):
-    _, objects = rendered
+def test_the_gateway_role_manages_pods_and_in_pvc_mode_their_claims(rendered):
+    """Pods only; with session volumes also the claims, exactly as the backend's ``pvc`` mode
+    calls them (tests/test_kubernetes_backend.py compares both with the calls it records)."""
+    overlay, objects = rendered
     (role,) = [o for o in objects if o["kind"] == "Role"]
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "create", "patch", "delete"]}]
+    assert role["rules"] == [PODS_RULE, *([CLAIMS_RULE] if overlay in SESSION_VOLUMES else [])]
     (binding,) = [o for o in objects if o["kind"] == "RoleBinding"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "gateway", "namespace": role["metadata"]["namespace"]}]
+
+
+def test_the_gateway_reads_its_volume_mode_and_the_role_matches_it(rendered):
+    """The gateway's literal settings are accepted as it reads them (no ConfigError), the
+    session-volumes overlays turn ``pvc`` mode on, and only those grant claim verbs."""
+    overlay, objects = rendered
+    (gateway,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "gateway"]
+    env = {e["name"]: e["value"] for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    settings = BackendSettings.from_env(env, "GATEWAY_", data_dir=Path("/data"), installation="default",
+                                        modal_app="unused", start_timeout_seconds=120)
+    assert settings.backend == "kubernetes"
+    assert settings.kubernetes_volumes == ("pvc" if overlay in SESSION_VOLUMES else "emptydir")
+    assert (settings.kubernetes_volume_size, settings.kubernetes_storage_class) == ("1Gi", None)
+    (role,) = [o for o in objects if o["kind"] == "Role"]
+    claims = {verb for rule in role["rules"] if "persistentvolumeclaims" in rule["resources"] for verb in rule["verbs"]}
+    assert bool(claims) == (settings.kubernetes_volumes == "pvc")
+
+
+def test_the_pods_and_claims_the_backend_makes_pass_the_schema_and_the_checkers(tmp_path):
+    """What the backend sends the API (the template plus a sandbox's parts; in ``pvc`` mode
+    with the session's claim at /data, and the claim itself), checked as the manifests are:
+    the strict schema, names and labels, the pod's security settings."""
+    from hosting.sandboxes import SandboxSpec
+    from hosting.sandboxes.kubernetes import KubernetesBackend
+
+    kubeconfig = tmp_path / "kubeconfig"  # never used: the checks need no API
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
+    template = tmp_path / "agent-pod-template.yaml"  # as the gateway reads it from the ConfigMap
+    template.write_text(yaml.safe_dump(pod_template_of(render(OVERLAYS["base"]))))
+    longest_volume = "V_" + "x." * 31  # 64 characters, upper case, ends in "."
+    spec = SandboxSpec("sbx-0123456789abcdef", longest_volume, "token", {}, "A_" + "b-" * 31, "Tenant.One")
+    for volumes in ("emptydir", "pvc"):
+        backend = KubernetesBackend(template, "research-agent", "default", kubeconfig=kubeconfig, volumes=volumes)
+        pod = backend.manifest(spec)
+        found = schema_errors(pod) + name_errors(pod) + label_errors(pod) + pod_security_errors("agent", pod["spec"])
+        data = next(v for v in pod["spec"]["volumes"] if v["name"] == "data")
+        assert ("persistentVolumeClaim" in data) == (volumes == "pvc") and ("emptyDir" in data) == (volumes == "emptydir")
+        if volumes == "pvc":
+            claim = backend.claim_manifest(spec.volume)
+            assert data["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"]}
+            found += schema_errors(claim) + name_errors(claim) + label_errors(claim)
+        assert found == []
 
 
 def test_redis_keeps_an_append_only_file_behind_a_password(rendered):

@@ -6,7 +6,9 @@ sandbox behind the backend's back, see what an engine still holds of a sandbox)
 each harness does the engine's own way: the memory backend's helpers, SIGKILL and
 ``/proc`` for local, the Docker SDK for docker, the stand-in of the pods API
 (tests/k8s_standin.py) for kubernetes, whose pods keep their conversations in a real
-Redis (the SessionStore) instead of a volume. The local and docker sandboxes run
+Redis (the SessionStore) instead of a volume; the cases about volumes also run kubernetes
+in ``pvc`` mode (``kubernetes-pvc``: no SessionStore, each volume a PersistentVolumeClaim
+that the stand-in's pods mount as a directory). The local and docker sandboxes run
 the real server, and their turns go through the real SDK and CLI to the local
 model; docker sandboxes use the host network, so every request goes to 127.0.0.1.
 
@@ -57,6 +59,9 @@ BACKENDS = [
     pytest.param("kubernetes", marks=[pytest.mark.kubernetes, pytest.mark.e2e]),
     pytest.param("modal", marks=[pytest.mark.modal, pytest.mark.docker, pytest.mark.e2e]),
 ]
+VOLUME_CASES = [*BACKENDS, pytest.param("kubernetes-pvc", marks=[pytest.mark.kubernetes, pytest.mark.e2e])]
+"""For the cases about volumes: kubernetes in ``pvc`` mode too. The other cases do not tell the
+two modes apart (a pod is a pod), and every kubernetes case costs real server processes."""
 
 
 @dataclass
@@ -83,8 +88,8 @@ class Harness:
     claims_recorded: bool = True
     """Whether the engine records a claim, so a second claim of one sandbox fails."""
     volumes_on_engine: bool = True
-    """Whether the engine holds volumes (kubernetes: ``/data`` goes with its pod and the
-    conversation lives in the SessionStore, so only "in use" applies)."""
+    """Whether the engine holds volumes (kubernetes in ``emptydir`` mode: ``/data`` goes with
+    its pod and the conversation lives in the SessionStore, so only "in use" applies)."""
     close: Callable[[], None] = lambda: None
     """Release the harness's own engine client."""
     command_uid: int = 10001
@@ -261,15 +266,17 @@ def remove_docker_installation(installation: str) -> None:
 # --- kubernetes --------------------------------------------------------------------------------
 
 def kubernetes_harness(standin: PodsApiStandIn, kubeconfig: Path, env: dict[str, str],
-                       installation: str) -> tuple[Harness, list[SandboxBackend]]:
+                       installation: str, volumes: str = "emptydir") -> tuple[Harness, list[SandboxBackend]]:
     """Pods through the stand-in of the pods API (each backend object with its own client,
-    like a replica); the harness, and every backend it opened, to close."""
-    from hosting.sandboxes.kubernetes import KubernetesBackend, pod_name
+    like a replica); the harness, and every backend it opened, to close. In ``pvc`` mode a
+    volume exists while the stand-in holds its claim."""
+    from hosting.sandboxes.kubernetes import KubernetesBackend, claim_name, pod_name
 
     opened: list[SandboxBackend] = []
 
     def backend(of: str = installation, image: str | None = None) -> KubernetesBackend:
-        made = KubernetesBackend(POD_TEMPLATE, standin.namespace, of, kubeconfig=kubeconfig, image=image)
+        made = KubernetesBackend(POD_TEMPLATE, standin.namespace, of, kubeconfig=kubeconfig, image=image,
+                                 volumes="pvc" if volumes == "pvc" else "emptydir")
         opened.append(made)
         return made
 
@@ -280,8 +287,9 @@ def kubernetes_harness(standin: PodsApiStandIn, kubeconfig: Path, env: dict[str,
         backend=backend(), env=env, real=True,
         kill=lambda sandbox: standin.kill(pod_name(sandbox.sandbox_id)),
         traces=lambda sandbox_id, pid: standin.traces(pod_name(sandbox_id)),
-        volume_exists=lambda volume: False, replica=backend, stranger=lambda: backend(f"{installation}-other"),
-        failing=failing, volumes_on_engine=False, command_uid=os.getuid(),
+        volume_exists=lambda volume: claim_name(installation, volume) in standin.claim_names(),
+        replica=backend, stranger=lambda: backend(f"{installation}-other"),
+        failing=failing, volumes_on_engine=volumes == "pvc", command_uid=os.getuid(),
     ), opened
 
 
@@ -328,6 +336,10 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         made, opened = kubernetes_harness(standin, standin.kubeconfig(tmp_path / "kubeconfig"), {
             **model_env(request.getfixturevalue("local_model")),
             "AGENT_SESSION_STORE": request.getfixturevalue("redis_url")}, installation)
+    elif request.param == "kubernetes-pvc":
+        standin = PodsApiStandIn(tmp_path / "standin").start()
+        made, opened = kubernetes_harness(standin, standin.kubeconfig(tmp_path / "kubeconfig"),
+                                          model_env(request.getfixturevalue("local_model")), installation, "pvc")
     else:
         made = docker_harness(request.getfixturevalue("agent_image"),
                               model_env(request.getfixturevalue("local_model")), installation)
@@ -344,7 +356,7 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         elif request.param == "modal":
             request.getfixturevalue("modal_standin").terminate_tagged("research-agent.installation",
                                                                       {installation, f"{installation}-other"})
-        elif request.param == "kubernetes":
+        elif request.param in ("kubernetes", "kubernetes-pvc"):
             for backend in opened:
                 await backend.aclose()
             standin.stop()
@@ -353,6 +365,7 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 
 # --- the conformance suite ---------------------------------------------------------------------
 
+@pytest.mark.parametrize("harness", VOLUME_CASES, indirect=True)
 async def test_lifecycle_and_a_conversation_that_outlives_its_sandbox(harness: Harness) -> None:
     """create → ready → a turn → 401 for a wrong token → listed → a second create of the
     same id refused → deleted (gone, unlisted, nothing left) → a new sandbox on the same
@@ -423,10 +436,11 @@ async def test_a_killed_sandbox_is_gone(harness: Harness) -> None:
     await eventually(lambda: harness.traces(spec.sandbox_id, sandbox.pid) == [])
 
 
+@pytest.mark.parametrize("harness", VOLUME_CASES, indirect=True)
 async def test_a_failed_create_leaves_nothing_behind(harness: Harness) -> None:
     """memory: an injected failure; local: a server that exits at start (no credentials);
-    docker: an image that does not exist. Each raises SandboxError saying why, and no
-    sandbox, record, process, container or new volume remains."""
+    docker, kubernetes: an image that does not exist. Each raises SandboxError saying why,
+    and no sandbox, record, process, container or new volume (claim) remains."""
     backend, spec, why = harness.failing(harness)
     with pytest.raises(SandboxError, match=why):
         await backend.create(spec)

@@ -8,7 +8,8 @@
 #
 # Settings (environment): KIND_CLUSTER_NAME (research-agent), GATEWAY_LOCAL_PORT (8080),
 # RESEARCH_AGENT_KIND_STATE (~/.local/state/research-agent-kind: tenant tokens, port-forward),
-# BASE_IMAGE (a Debian bookworm base for both images; default: the Dockerfiles' own).
+# BASE_IMAGE (a Debian bookworm base for both images; default: the Dockerfiles' own),
+# KIND_OVERLAY (kind; kind-session-volumes: each session's /data a PersistentVolumeClaim).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -16,6 +17,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 CLUSTER=${KIND_CLUSTER_NAME:-research-agent}
 NAMESPACE=research-agent
 PORT=${GATEWAY_LOCAL_PORT:-8080}
+OVERLAY=${KIND_OVERLAY:-kind}
 STATE=${RESEARCH_AGENT_KIND_STATE:-${XDG_STATE_HOME:-$HOME/.local/state}/research-agent-kind}
 TOKENS=$STATE/tenant-tokens
 TENANTS=(alice bob)
@@ -42,6 +44,10 @@ preflight() {
         missing=1
     fi
     [ "$missing" -eq 0 ] || exit 1
+    case $OVERLAY in
+        kind | kind-session-volumes) ;;
+        *) die "KIND_OVERLAY must be kind or kind-session-volumes, not '$OVERLAY'" ;;
+    esac
     case $ANTHROPIC_API_KEY in
         *[!A-Za-z0-9_-]*) die "ANTHROPIC_API_KEY holds characters an Anthropic key does not have (only A-Z a-z 0-9 _ -)" ;;
     esac
@@ -120,7 +126,7 @@ tenants_file() {
 deploy() {
     local existed
     existed=$(k -n "$NAMESPACE" get deployment gateway -o name 2>/dev/null || true)
-    k apply -k "$HERE/overlays/kind"
+    k apply -k "$HERE/overlays/$OVERLAY"
     # Same tags, new images or Secrets: restart so that they are used.
     [ -z "$existed" ] || k -n "$NAMESPACE" rollout restart deployment/gateway deployment/egress-proxy
     local workload

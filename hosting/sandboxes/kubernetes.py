@@ -7,10 +7,11 @@ only what differs per sandbox:
 
 - the name ``agent-<sandbox_id>`` (sandbox ids are DNS labels already);
 - labels ``research-agent/installation``, ``research-agent/sandbox`` and
-  ``research-agent/session``, the last a hash of the session id ("" while the pod
-  waits in the warm pool): session ids may hold upper case and ``_`` and be 64
-  characters long, which no label value may, so ids and tenants live in annotations
-  (``research-agent/session-id``, ``/tenant``, ``/volume``, ``/created-at``);
+  ``research-agent/session``, the last a hash of the tenant and the session id ("" while
+  the pod waits in the warm pool; :func:`session_label`): session ids are per tenant
+  (alice's ``trip-1`` and bob's ``trip-1`` are two sessions), and may hold upper case and
+  ``_`` and be 64 characters long, which no label value may, so ids and tenants live in
+  annotations (``research-agent/session-id``, ``/tenant``, ``/volume``, ``/created-at``);
 - the spec's server environment, over the template's (so the gateway's settings win),
   with the per-sandbox bearer token as ``AGENT_AUTH_TOKEN``. The token sits in the pod's
   spec, which only the gateway's Role may read; sandboxes get no service-account token;
@@ -27,9 +28,24 @@ checks it, then takes the pod with a JSON Patch whose ``test`` op fails (422) if
 replica took it first. The server is reached at the pod's IP and the container port the
 template names ``http``.
 
-Volumes: ``/data`` is an ``emptyDir`` that goes with its pod. A conversation outlives
-its pod through the server's SessionStore (``AGENT_SESSION_STORE``), keyed by session
-id, so a volume here is only a name on the pod (see :meth:`KubernetesBackend.delete_volume`).
+Volumes, in one of two modes (``volumes``; the gateway's ``GATEWAY_KUBERNETES_VOLUMES``):
+
+- ``emptydir`` (the default): ``/data`` is the template's ``emptyDir``, which goes with its
+  pod. A conversation outlives its pod only through the server's SessionStore
+  (``AGENT_SESSION_STORE``), keyed by session id, so a volume is only a name on the pod.
+- ``pvc``: each volume is a PersistentVolumeClaim, ``agent-data-`` and a hash of the
+  installation and the volume name (:func:`claim_name`; volume names may hold upper case,
+  ``_`` and ``.``, and installations may share a namespace), labelled
+  ``research-agent/installation`` and ``research-agent/volume`` (:func:`volume_label`) and
+  annotated with the volume name. :meth:`KubernetesBackend.create` makes it if it is
+  missing (``ReadWriteOnce``, ``volume_size``, ``storage_class`` or the cluster's default)
+  and mounts it at ``/data`` in place of the template's volume there, so the pod that
+  replaces a lost one (same volume: the gateway keeps it in the session's route) finds the
+  conversation where the last one left it; a warm-pool pod gets one for its own volume,
+  which becomes the session's when the pod is claimed. A create that fails removes a
+  claim it made; :meth:`KubernetesBackend.delete_volume` removes the claim once no pod
+  of the installation runs on it. A claim of another installation is never mounted nor
+  removed.
 
 Commands in a sandbox (:meth:`KubernetesBackend.run_command`, ``start_command``) go
 through the pods ``exec`` subresource, over the client library's WebSocket support, into
@@ -39,14 +55,16 @@ the server container, as the pod's user. The exec request names only
 logs and env may hold a secret. They end with the pod.
 
 API calls used (the gateway Role must grant exactly these): pods ``create``, ``get``,
-``list``, ``patch``, ``delete``; for commands also ``pods/exec`` ``get`` and ``create``
-(a WebSocket exec is authorised as ``get``, and from Kubernetes 1.35 as ``create`` too).
+``list``, ``patch``, ``delete``; in ``pvc`` mode also persistentvolumeclaims ``create``,
+``get`` and ``delete``; for commands also ``pods/exec`` ``get`` and ``create`` (a WebSocket
+exec is authorised as ``get``, and from Kubernetes 1.35 as ``create`` too).
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import copy
 import hashlib
 import ipaddress
@@ -55,7 +73,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import yaml
 
@@ -73,7 +91,15 @@ from hosting.sandboxes.base import (
 
 try:
     import aiohttp
-    from kubernetes.aio.client import ApiClient, Configuration, CoreV1Api, V1DeleteOptions, V1Pod
+    from kubernetes.aio.client import (
+        ApiClient,
+        Configuration,
+        CoreV1Api,
+        V1DeleteOptions,
+        V1PersistentVolumeClaim,
+        V1Pod,
+        V1Preconditions,
+    )
     from kubernetes.aio.client.exceptions import ApiException
     from kubernetes.aio.config import load_incluster_config, load_kube_config
     from kubernetes.aio.config.config_exception import ConfigException
@@ -97,6 +123,14 @@ SESSION_ANNOTATION = "research-agent/session-id"
 TENANT_ANNOTATION = "research-agent/tenant"
 VOLUME_ANNOTATION = "research-agent/volume"
 CREATED_ANNOTATION = "research-agent/created-at"
+VOLUME_LABEL = "research-agent/volume"
+"""On a claim (``pvc`` mode): :func:`volume_label` of its volume."""
+
+Volumes = Literal["emptydir", "pvc"]
+"""Where ``/data`` lives: the template's volume (goes with the pod), or a claim per volume."""
+VOLUME_MODES: tuple[Volumes, ...] = ("emptydir", "pvc")
+CLAIM_DELETE_TIMEOUT = 30.0
+"""How long :meth:`KubernetesBackend.delete_volume` waits for a deleted claim to go."""
 
 CANNOT_START = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
                           "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
@@ -113,9 +147,24 @@ def pod_name(sandbox_id: str) -> str:
     return f"agent-{check_sandbox_id(sandbox_id)}"
 
 
-def session_label(session_id: str | None) -> str:
-    """A label value for any legal session id: 32 hex characters of its SHA-256 ("" for none)."""
-    return hashlib.sha256(session_id.encode()).hexdigest()[:32] if session_id else ""
+def session_label(tenant: str | None, session_id: str | None) -> str:
+    """A label value for any legal session id of a tenant: 32 hex characters of the SHA-256 of
+    ``tenant/session_id`` (session ids are per tenant); "" for none (a warm-pool pod)."""
+    return hashlib.sha256(f"{tenant or ''}/{session_id}".encode()).hexdigest()[:32] if session_id else ""
+
+
+def claim_name(installation: str, volume: str) -> str:
+    """The PersistentVolumeClaim of ``volume`` in ``installation``: ``agent-data-`` and 32 hex
+    characters of the SHA-256 of ``installation/volume``, a DNS label for any legal volume name."""
+    return "agent-data-" + hashlib.sha256(f"{installation}/{check_volume(volume)}".encode()).hexdigest()[:32]
+
+
+def volume_label(volume: str) -> str:
+    """The label value naming ``volume`` on its claim: the name itself, or 32 hex characters of its
+    SHA-256 where the name is no label value (64 characters, or ending in ``.``, ``_`` or ``-``)."""
+    if len(check_volume(volume)) <= 63 and volume[-1].isalnum():
+        return volume
+    return hashlib.sha256(volume.encode()).hexdigest()[:32]
 
 
 def _pointer(key: str) -> str:
@@ -149,6 +198,13 @@ def _server_port(pod: dict[str, Any]) -> int:
     return port
 
 
+def _data_volume(pod: dict[str, Any]) -> dict[str, Any]:
+    """The pod's volume that the server container mounts at :data:`DATA_DIR`."""
+    mount = next(m for m in _server_container(pod).get("volumeMounts") or [] if m["mountPath"] == DATA_DIR)
+    volume: dict[str, Any] = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    return volume
+
+
 class KubernetesBackend(SandboxBackend):
     """Pods in one namespace (see the module doc)."""
 
@@ -156,18 +212,33 @@ class KubernetesBackend(SandboxBackend):
 
     def __init__(self, pod_template: Path = DEFAULT_POD_TEMPLATE, namespace: str = "default",
                  installation: str = "default", *, kubeconfig: Path | None = None, api_client: ApiClient | None = None,
-                 image: str | None = None, start_timeout: float = 120.0, stop_timeout: int = 5) -> None:
+                 image: str | None = None, start_timeout: float = 120.0, stop_timeout: int = 5,
+                 volumes: Volumes = "emptydir", volume_size: str = "1Gi", storage_class: str | None = None) -> None:
         """``api_client`` is a ``kubernetes.aio.client.ApiClient`` (then not closed here);
         without one, the client uses ``kubeconfig``, or the pod's service account when
-        that is ``None``. ``image`` replaces the template's. Raises :class:`SandboxError`
-        without the client, a usable template, or a kubeconfig file or cluster to use."""
+        that is ``None``. ``image`` replaces the template's. ``volumes`` is the mode of the
+        module doc; in ``pvc`` mode each claim asks for ``volume_size`` (a quantity such as
+        ``1Gi``) of ``storage_class`` (``None``: the cluster's default). Raises
+        :class:`SandboxError` without the client, a usable template (in ``pvc`` mode: one
+        whose server mounts a volume at ``/data``), or a kubeconfig file or cluster to use."""
         if not _HAVE_CLIENT:
             raise SandboxError(CLIENT_MISSING)
+        if volumes not in VOLUME_MODES:
+            raise ValueError(f"volumes must be one of {', '.join(VOLUME_MODES)}, not {volumes!r}")
         self._template = load_pod_template(pod_template)
+        if volumes == "pvc":
+            try:
+                _data_volume(self._template)
+            except (KeyError, TypeError, StopIteration):
+                raise SandboxError(f"the pod template {pod_template} needs a volume mounted at {DATA_DIR} "
+                                   f"in the container {SERVER_CONTAINER!r}: it becomes the session's claim") from None
         if image is not None:
             _server_container(self._template)["image"] = image
         self.namespace = namespace
         self.installation = installation
+        self.volumes = volumes
+        self.volume_size = volume_size
+        self.storage_class = storage_class
         self._kubeconfig = kubeconfig
         self._configuration: Configuration | None = None
         if api_client is None and kubeconfig is None:
@@ -238,7 +309,7 @@ class KubernetesBackend(SandboxBackend):
         metadata["name"] = pod_name(spec.sandbox_id)
         metadata["namespace"] = self.namespace
         metadata["labels"] = {**(metadata.get("labels") or {}), INSTALLATION_LABEL: self.installation,
-                              SANDBOX_LABEL: spec.sandbox_id, SESSION_LABEL: session_label(spec.session_id)}
+                              SANDBOX_LABEL: spec.sandbox_id, SESSION_LABEL: session_label(spec.tenant, spec.session_id)}
         metadata["annotations"] = {**(metadata.get("annotations") or {}), SESSION_ANNOTATION: spec.session_id or "",
                                    TENANT_ANNOTATION: spec.tenant or "", VOLUME_ANNOTATION: spec.volume,
                                    CREATED_ANNOTATION: repr(time.time())}
@@ -250,24 +321,102 @@ class KubernetesBackend(SandboxBackend):
         if probe is not None:
             probe["httpHeaders"] = [h for h in probe.get("httpHeaders") or [] if h["name"].lower() != "authorization"]
             probe["httpHeaders"].append({"name": "Authorization", "value": f"Bearer {spec.token}"})
+        if self.volumes == "pvc":
+            data = _data_volume(pod)
+            name = data["name"]
+            data.clear()
+            data.update(name=name, persistentVolumeClaim={"claimName": claim_name(self.installation, spec.volume)})
         return pod
 
+    def claim_manifest(self, volume: str) -> dict[str, Any]:
+        """The PersistentVolumeClaim of ``volume`` (``pvc`` mode; see the module doc)."""
+        claim_spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"],
+                                      "resources": {"requests": {"storage": self.volume_size}}}
+        if self.storage_class is not None:
+            claim_spec["storageClassName"] = self.storage_class
+        return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim_name(self.installation, volume), "namespace": self.namespace,
+                             "labels": {"app.kubernetes.io/name": "research-agent",
+                                        "app.kubernetes.io/component": "sandbox-volume",
+                                        INSTALLATION_LABEL: self.installation, VOLUME_LABEL: volume_label(volume)},
+                             "annotations": {VOLUME_ANNOTATION: volume, CREATED_ANNOTATION: repr(time.time())}},
+                "spec": claim_spec}
+
     async def create(self, spec: SandboxSpec) -> Sandbox:
-        """Create the pod and return once its ``Ready`` condition is true. A pod that
-        cannot start (its image cannot be pulled, its server exits, it is not ready within
-        ``start_timeout``) is deleted and :class:`SandboxError` says why."""
+        """Create the pod (in ``pvc`` mode first its volume's claim, if missing) and return
+        once its ``Ready`` condition is true. A pod that cannot start (its image cannot be
+        pulled, its server exits, it is not ready within ``start_timeout``) is deleted, a
+        claim this call made is deleted too, and :class:`SandboxError` says why."""
         return await finish_or_delete(self._create(spec), self.delete)
 
     async def _create(self, spec: SandboxSpec) -> Sandbox:
-        body = cast(V1Pod, V1Pod.from_dict(self.manifest(spec)))  # None only for a None dict
-        created = await self._call(lambda api: api.create_namespaced_pod(self.namespace, body), allow=(409,))
-        if created is None:
-            raise SandboxError(f"sandbox {spec.sandbox_id} exists already")
+        made_claim = self.volumes == "pvc" and await self._ensure_claim(spec.volume)
         try:
-            return await self._until_ready(spec.sandbox_id)
+            body = cast(V1Pod, V1Pod.from_dict(self.manifest(spec)))  # None only for a None dict
+            created = await self._call(lambda api: api.create_namespaced_pod(self.namespace, body), allow=(409,))
+            if created is None:
+                raise SandboxError(f"sandbox {spec.sandbox_id} exists already")
+            try:
+                return await self._until_ready(spec.sandbox_id)
+            except BaseException:
+                await self._remove(spec.sandbox_id, grace_seconds=0)
+                raise
         except BaseException:
-            await self._remove(spec.sandbox_id, grace_seconds=0)
+            if made_claim:
+                with contextlib.suppress(SandboxError):
+                    await self._delete_claim(spec.volume)
             raise
+
+    async def _ensure_claim(self, volume: str) -> bool:
+        """Make the claim of ``volume`` unless this installation has it already; whether this
+        call made it. :class:`SandboxError` if the claim there is being deleted, or is not
+        this installation's (then it is left alone)."""
+        name = claim_name(self.installation, volume)
+        body = cast(V1PersistentVolumeClaim, V1PersistentVolumeClaim.from_dict(self.claim_manifest(volume)))
+        for _ in range(3):  # a claim deleted between the refused create and the read: create again
+            created = await self._call(
+                lambda api: api.create_namespaced_persistent_volume_claim(self.namespace, body), allow=(409,))
+            if created is not None:
+                return True
+            claim = await self._call(lambda api: api.read_namespaced_persistent_volume_claim(name, self.namespace))
+            if claim is None:
+                continue
+            if not self._owns(claim, volume):
+                raise SandboxError(f"volume {volume}: the claim {name} is not this installation's")
+            if claim.metadata is not None and claim.metadata.deletion_timestamp is not None:
+                raise SandboxError(f"volume {volume} is being deleted (claim {name})")
+            return False
+        raise SandboxError(f"volume {volume}: cannot create the claim {name}")
+
+    def _owns(self, claim: V1PersistentVolumeClaim, volume: str) -> bool:
+        """Whether ``claim`` is this installation's claim of ``volume``."""
+        metadata = claim.metadata
+        labels = metadata.labels if metadata is not None and metadata.labels else {}
+        annotations = metadata.annotations if metadata is not None and metadata.annotations else {}
+        return labels.get(INSTALLATION_LABEL) == self.installation and annotations.get(VOLUME_ANNOTATION) == volume
+
+    async def _delete_claim(self, volume: str) -> None:
+        """Delete this installation's claim of ``volume`` and wait until it is gone (the API
+        keeps a claim that a pod still uses: ``kubernetes.io/pvc-protection``). One that is
+        gone, or not this installation's, is left alone."""
+        name = claim_name(self.installation, volume)
+        claim = await self._call(lambda api: api.read_namespaced_persistent_volume_claim(name, self.namespace))
+        if claim is None or claim.metadata is None or not self._owns(claim, volume):
+            return
+        uid = claim.metadata.uid
+        # The uid as a precondition: a claim made again meanwhile (409) is not the one we read.
+        options = V1DeleteOptions(preconditions=V1Preconditions(uid=uid))
+        await self._call(lambda api: api.delete_namespaced_persistent_volume_claim(name, self.namespace, body=options),
+                         allow=(409,))
+        deadline = time.monotonic() + CLAIM_DELETE_TIMEOUT
+        delay = 0.02
+        while (left := await self._call(lambda api: api.read_namespaced_persistent_volume_claim(
+                name, self.namespace))) is not None and left.metadata is not None and left.metadata.uid == uid:
+            if time.monotonic() + delay > deadline:
+                raise SandboxError(f"volume {volume}: its claim {name} is still in use after "
+                                   f"{CLAIM_DELETE_TIMEOUT:.0f} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
 
     async def _until_ready(self, sandbox_id: str) -> Sandbox:
         deadline = time.monotonic() + self._start_timeout
@@ -304,14 +453,29 @@ class KubernetesBackend(SandboxBackend):
             await asyncio.sleep(0.1)
 
     async def delete_volume(self, volume: str) -> None:
-        """Nothing to remove: ``/data`` is an ``emptyDir`` that went with its pod, and the
-        conversation is in the SessionStore, which the server clears on ``DELETE
-        /sessions/{id}``. A volume still named by a live pod raises :class:`SandboxError`,
-        as on every backend."""
+        """A volume still named by a pod of this installation that runs (or is starting, or
+        being deleted) raises :class:`SandboxError`, as on every backend. In ``pvc`` mode the
+        volume's claim is then deleted, and this waits until it is gone; the API keeps a claim
+        while any pod names it, so pods of the volume whose server has ended (failed: their
+        sandbox is gone) are deleted first. In ``emptydir`` mode nothing is left to remove:
+        ``/data`` went with its pod, and the conversation is in the SessionStore, which the
+        server clears on ``DELETE /sessions/{id}``."""
         check_volume(volume)
-        users = [s.sandbox_id for s in await self.list() if s.volume == volume]
+        users: builtins.list[str] = []
+        ended: builtins.list[str] = []
+        for pod in await self._pods():
+            if _annotations(pod).get(VOLUME_ANNOTATION) != volume:
+                continue
+            if _has_ended(pod):
+                ended.append(_labels(pod)[SANDBOX_LABEL])
+            elif self.volumes == "pvc" or _is_live(pod):  # pvc: a pod being deleted still holds the claim
+                users.append(_labels(pod)[SANDBOX_LABEL])
         if users:
             raise SandboxError(f"volume {volume} is in use by sandbox {', '.join(users)}")
+        if self.volumes == "pvc":
+            for sandbox_id in ended:
+                await self._remove(sandbox_id, grace_seconds=0)
+            await self._delete_claim(volume)
 
     async def list(self) -> list[Sandbox]:
         """This installation's pods that are starting or running (not terminating); one
@@ -337,7 +501,7 @@ class KubernetesBackend(SandboxBackend):
         patch = [
             {"op": "test", "path": labels + _pointer(INSTALLATION_LABEL), "value": self.installation},
             {"op": "test", "path": labels + _pointer(SESSION_LABEL), "value": ""},
-            {"op": "replace", "path": labels + _pointer(SESSION_LABEL), "value": session_label(session_id)},
+            {"op": "replace", "path": labels + _pointer(SESSION_LABEL), "value": session_label(tenant, session_id)},
             {"op": "replace", "path": annotations + _pointer(SESSION_ANNOTATION), "value": session_id},
             {"op": "replace", "path": annotations + _pointer(TENANT_ANNOTATION), "value": tenant},
         ]
@@ -410,7 +574,7 @@ class KubernetesBackend(SandboxBackend):
         return self._ws_client
 
     def _sandbox(self, pod: V1Pod) -> Sandbox:
-        annotations = pod.metadata.annotations if pod.metadata and pod.metadata.annotations else {}
+        annotations = _annotations(pod)
         ip = pod.status.pod_ip if pod.status else None
         host = f"[{ip}]" if ip and ipaddress.ip_address(ip).version == 6 else ip
         containers = pod.spec.containers if pod.spec else []
@@ -435,10 +599,20 @@ def _labels(pod: V1Pod) -> dict[str, str]:
     return pod.metadata.labels if pod.metadata and pod.metadata.labels else {}
 
 
+def _annotations(pod: V1Pod) -> dict[str, str]:
+    return pod.metadata.annotations if pod.metadata and pod.metadata.annotations else {}
+
+
 def _is_live(pod: V1Pod) -> bool:
     """Starting or running, and not being deleted."""
     deleting = pod.metadata is None or pod.metadata.deletion_timestamp is not None
     return not deleting and pod.status is not None and pod.status.phase in ("Pending", "Running")
+
+
+def _has_ended(pod: V1Pod) -> bool:
+    """Its server has ended (phase ``Failed`` or ``Succeeded``) and nobody is deleting it yet."""
+    deleting = pod.metadata is None or pod.metadata.deletion_timestamp is not None
+    return not deleting and pod.status is not None and pod.status.phase in ("Failed", "Succeeded")
 
 
 def _is_ready(pod: V1Pod) -> bool:

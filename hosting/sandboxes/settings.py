@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from hosting.config import ConfigError, float_setting, int_setting, optional_setting
 from hosting.sandboxes.base import SandboxBackend
@@ -20,23 +20,39 @@ from hosting.sandboxes.base import SandboxBackend
 BackendName = Literal["local", "docker", "kubernetes", "modal"]
 BACKENDS: tuple[BackendName, ...] = ("local", "docker", "kubernetes", "modal")
 DockerNetwork = Literal["bridge", "host"]
+DOCKER_NETWORKS: tuple[DockerNetwork, ...] = ("bridge", "host")
+KubernetesVolumes = Literal["emptydir", "pvc"]
+KUBERNETES_VOLUMES: tuple[KubernetesVolumes, ...] = ("emptydir", "pvc")
+_QUANTITY = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[KMGTPE]i|[kMGTPE])?")
+"""A storage quantity as the API reads one: a decimal number and a binary or decimal suffix."""
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
-def _backend(env: Mapping[str, str], name: str) -> BackendName:
-    raw = env.get(name, "").strip() or "local"
-    for backend in BACKENDS:
-        if raw == backend:
-            return backend
-    raise ConfigError(f"{name} must be one of {', '.join(BACKENDS)}, got {raw!r}")
+Choice = TypeVar("Choice", bound=str)
 
 
-def _docker_network(env: Mapping[str, str], name: str) -> DockerNetwork:
-    raw = env.get(name, "").strip() or "bridge"
-    if raw == "bridge":
-        return "bridge"
-    if raw == "host":
-        return "host"
-    raise ConfigError(f"{name} must be bridge or host, got {raw!r}")
+def _choice(env: Mapping[str, str], name: str, choices: tuple[Choice, ...]) -> Choice:
+    """The variable's value if it is one of ``choices`` (unset: the first); ConfigError otherwise."""
+    raw = env.get(name, "").strip() or choices[0]
+    for choice in choices:
+        if raw == choice:
+            return choice
+    raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+
+
+def _volume_size(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip() or default
+    quantity = _QUANTITY.fullmatch(raw)
+    if quantity is None or float(quantity.group(1)) <= 0:
+        raise ConfigError(f"{name} must be a storage size such as 1Gi or 500Mi, got {raw!r}")
+    return raw
+
+
+def _storage_class(env: Mapping[str, str], name: str) -> str | None:
+    raw = optional_setting(env, name)
+    if raw is not None and not (len(raw) <= 253 and _DNS_SUBDOMAIN.fullmatch(raw)):
+        raise ConfigError(f"{name} must name a StorageClass (a DNS subdomain: a-z, 0-9, '-' and '.'), got {raw!r}")
+    return raw
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,14 @@ class BackendSettings:
     """``KUBECONFIG``: a kubeconfig file; unset, the pod's service account (in-cluster)."""
     kubernetes_image: str | None = None
     """``KUBERNETES_IMAGE``: replaces the pod template's image when set."""
+    kubernetes_volumes: KubernetesVolumes = "emptydir"
+    """``KUBERNETES_VOLUMES``: ``emptydir``, a pod's ``/data`` goes with it (conversations outlive
+    pods only through ``AGENT_SESSION_STORE``); ``pvc``, each session's volume is a
+    PersistentVolumeClaim that replacement pods mount again and ``DELETE`` of the session removes."""
+    kubernetes_volume_size: str = "1Gi"
+    """``KUBERNETES_VOLUME_SIZE``: the storage each claim asks for (``pvc`` mode), a quantity."""
+    kubernetes_storage_class: str | None = None
+    """``KUBERNETES_STORAGE_CLASS``: the claims' StorageClass (``pvc`` mode); unset, the cluster's default."""
     modal_app: str = "research-agent-gateway"
     """``MODAL_APP``: the Modal app the sandboxes run in (Modal's credentials: ``modal setup`` or ``MODAL_TOKEN_*``)."""
     modal_secrets: tuple[str, ...] = ()
@@ -75,17 +99,20 @@ class BackendSettings:
         """Read ``<prefix>BACKEND`` and the rest; the keyword arguments are this host's defaults."""
         kubeconfig = optional_setting(env, f"{prefix}KUBECONFIG")
         settings = cls(
-            backend=_backend(env, f"{prefix}BACKEND"),
+            backend=_choice(env, f"{prefix}BACKEND", BACKENDS),
             data_dir=Path(optional_setting(env, f"{prefix}DATA_DIR") or data_dir),
             installation=optional_setting(env, f"{prefix}INSTALLATION") or installation,
             start_timeout_seconds=start_timeout_seconds,
             docker_image=optional_setting(env, f"{prefix}DOCKER_IMAGE") or cls.docker_image,
-            docker_network=_docker_network(env, f"{prefix}DOCKER_NETWORK"),
+            docker_network=_choice(env, f"{prefix}DOCKER_NETWORK", DOCKER_NETWORKS),
             kubernetes_namespace=optional_setting(env, f"{prefix}KUBERNETES_NAMESPACE") or cls.kubernetes_namespace,
             kubernetes_pod_template=Path(optional_setting(env, f"{prefix}KUBERNETES_POD_TEMPLATE")
                                          or cls.kubernetes_pod_template),
             kubeconfig=Path(kubeconfig) if kubeconfig else None,
             kubernetes_image=optional_setting(env, f"{prefix}KUBERNETES_IMAGE"),
+            kubernetes_volumes=_choice(env, f"{prefix}KUBERNETES_VOLUMES", KUBERNETES_VOLUMES),
+            kubernetes_volume_size=_volume_size(env, f"{prefix}KUBERNETES_VOLUME_SIZE", cls.kubernetes_volume_size),
+            kubernetes_storage_class=_storage_class(env, f"{prefix}KUBERNETES_STORAGE_CLASS"),
             modal_app=optional_setting(env, f"{prefix}MODAL_APP") or modal_app,
             modal_secrets=tuple(name.strip() for name in env.get(f"{prefix}MODAL_SECRETS", "").split(",")
                                 if name.strip()),
@@ -113,7 +140,9 @@ def open_backend(settings: BackendSettings) -> SandboxBackend:
         from hosting.sandboxes.kubernetes import KubernetesBackend
 
         return KubernetesBackend(settings.kubernetes_pod_template, settings.kubernetes_namespace, settings.installation,
-                                 kubeconfig=settings.kubeconfig, image=settings.kubernetes_image)
+                                 kubeconfig=settings.kubeconfig, image=settings.kubernetes_image,
+                                 volumes=settings.kubernetes_volumes, volume_size=settings.kubernetes_volume_size,
+                                 storage_class=settings.kubernetes_storage_class)
     if settings.backend == "modal":
         from hosting.sandboxes.modal import ModalBackend
 
