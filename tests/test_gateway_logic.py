@@ -6,21 +6,25 @@ Creates are slowed a little so concurrent callers really interleave."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from dataclasses import replace
 
 import pytest
+import redis.asyncio as aioredis
 from gateway_fixtures import store  # noqa: F401 - fixture
 from stores_fixtures import redis_url  # noqa: F401 - fixture
 
 import hosting.gateway.reaper as reaper_module
+from hosting.gateway.conversations import CredentialedBackend, StoredConversations
 from hosting.gateway.pool import WarmPool
 from hosting.gateway.provisioning import Provisioner, ProvisioningFailed, new_spec, provisioning_lock
 from hosting.gateway.reaper import Reaper, SessionRetention
 from hosting.gateway.reconcile import reconcile
-from hosting.gateway.routes import PoolEntry, RouteStore
+from hosting.gateway.routes import MemoryRouteStore, PoolEntry, RouteStore
 from hosting.sandboxes.base import Health, Sandbox, SandboxSpec
 from hosting.sandboxes.memory import MemoryBackend
+from hosting.stores.access import sandbox_user
 
 ENV = {"ANTHROPIC_API_KEY": "sk-x"}
 
@@ -155,3 +159,54 @@ async def test_retention_deletes_unused_sessions_whole_once_and_a_bounded_number
         assert route.sandbox_id not in {s.sandbox_id for s in await backend.list()}
     assert await store.get(fresh.key) == fresh and fresh.volume in backend.volumes
     assert await SessionRetention(backend, store, None, ttl_seconds=0).sweep() == [], "0 keeps sessions forever"
+
+
+@pytest.mark.stores
+async def test_each_sandbox_gets_a_store_credential_granted_its_session_on_assignment(redis_url: str) -> None:
+    installation = f"t{secrets.token_hex(4)}"
+    conversations = StoredConversations(redis_url, installation)
+    backend = MemoryBackend()
+    credentialed = CredentialedBackend(backend, conversations)
+    store = MemoryRouteStore()
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        wake = asyncio.Event()
+        pool = WarmPool(credentialed, store, provisioner(credentialed, store, wake), ENV, target=1, lock_seconds=30,
+                        wake=wake)
+        await pool.refill()
+        (pooled,) = await store.pool_entries()
+        user = sandbox_user(installation, pooled.sandbox.sandbox_id)
+        url = backend.spec_of(pooled.sandbox.sandbox_id).env["AGENT_SESSION_STORE"]
+        assert url != redis_url and user in url
+        pooled_acl = await admin.acl_getuser(user)
+        assert pooled_acl is not None and "research-agent" not in str(pooled_acl["keys"]), \
+            "a pooled sandbox reaches no session yet"
+
+        claimed = await provisioner(credentialed, store, wake).ensure("s1", "alice")
+        assert claimed.sandbox_id == pooled.sandbox.sandbox_id
+        assert conversations.stored_id("alice", "s1") in " ".join((await admin.acl_getuser(user))["keys"])
+        fresh = await provisioner(credentialed, store, wake).ensure("s2", "bob")  # started for its session
+        fresh_user = sandbox_user(installation, str(fresh.sandbox_id))
+        assert conversations.stored_id("bob", "s2") in " ".join((await admin.acl_getuser(fresh_user))["keys"])
+
+        await credentialed.delete(str(claimed.sandbox_id))
+        assert await admin.acl_getuser(user) is None, "the credential goes with its sandbox"
+        await backend.delete(str(fresh.sandbox_id))  # behind the wrapper's back: an orphaned credential
+        assert await credentialed.remove_orphan_credentials() == [fresh.sandbox_id]
+        assert await admin.acl_getuser(fresh_user) is None
+    finally:
+        await admin.aclose()
+        await credentialed.aclose()
+        await conversations.aclose()
+
+
+async def test_without_the_store_no_sandbox_starts_and_nothing_is_left() -> None:
+    conversations = StoredConversations("redis://127.0.0.1:1/0", "down")  # nothing listens on port 1
+    backend = MemoryBackend()
+    credentialed = CredentialedBackend(backend, conversations)
+    try:
+        with pytest.raises(ProvisioningFailed, match="session store"):
+            await provisioner(credentialed, MemoryRouteStore()).ensure("s1", "alice")
+        assert await backend.list() == [] and backend.creates == 0
+    finally:
+        await conversations.aclose()

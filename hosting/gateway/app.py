@@ -154,9 +154,9 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if conversations is not None:
-            await conversations.access.prepare()
         try:
+            if isinstance(backend, CredentialedBackend):
+                await backend.prepare()
             await adopt_legacy_routes(backend, store, conversations)
             await reconcile(backend, store)
             if isinstance(backend, CredentialedBackend):

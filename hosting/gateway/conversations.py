@@ -16,8 +16,9 @@ were per tenant under their tenant's id (:meth:`StoredConversations.adopt`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
 import httpx
@@ -46,7 +47,9 @@ def namespace(installation: str, tenant: str) -> str:
 
 
 class StoredConversations:
-    """What the gateway does to stored conversations with its own credential."""
+    """What the gateway does to stored conversations with its own credential. Any failure
+    of the store raises :class:`ConnectionError` naming only the driver's error type (its
+    message may carry the store's address)."""
 
     def __init__(self, url: str, installation: str) -> None:
         self._store = open_session_store(url, ttl_seconds=None)
@@ -58,12 +61,18 @@ class StoredConversations:
 
     async def delete(self, tenant: str, session_id: str) -> None:
         """Remove the tenant's session from the store (retention; nothing if absent)."""
-        await self._store.delete({"project_key": STORE_PROJECT_KEY, "session_id": self.stored_id(tenant, session_id)})
+        key: SessionKey = {"project_key": STORE_PROJECT_KEY, "session_id": self.stored_id(tenant, session_id)}
+        with _unavailable():
+            await self._store.delete(key)
 
     async def adopt(self, tenant: str, session_id: str) -> bool:
         """File a conversation stored under the session id alone (before ids were per
         tenant) under the tenant's id, the route's owner; ``True`` if there was one.
         Copied first, removed after: a crash in between leaves two copies, never none."""
+        with _unavailable():
+            return await self._adopt(tenant, session_id)
+
+    async def _adopt(self, tenant: str, session_id: str) -> bool:
         old_id, new_id = durable_session_id(session_id), self.stored_id(tenant, session_id)
         old: SessionKey = {"project_key": STORE_PROJECT_KEY, "session_id": old_id}
         new: SessionKey = {"project_key": STORE_PROJECT_KEY, "session_id": new_id}
@@ -82,6 +91,14 @@ class StoredConversations:
         await self._store.aclose()
 
 
+@contextlib.contextmanager
+def _unavailable() -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
+        raise ConnectionError(f"session store unavailable ({type(exc).__name__})") from None
+
+
 class CredentialedBackend(SandboxBackend):
     """A backend whose sandboxes each get a store credential for their own session only.
 
@@ -96,6 +113,17 @@ class CredentialedBackend(SandboxBackend):
         self.name = inner.name
         self._conversations = conversations
         self._access = conversations.access
+        self._prepared = False
+
+    async def prepare(self) -> None:
+        """Set the store up for sandbox users (once; at start-up, or before the first
+        credential if the store was down then)."""
+        if not self._prepared:
+            try:
+                await self._access.prepare()
+            except (StoreAccessError, ConnectionError) as exc:
+                raise SandboxError(f"could not prepare the session store for sandbox credentials: {exc}") from None
+            self._prepared = True
 
     async def _grant(self, sandbox_id: str, tenant: str, session_id: str) -> None:
         try:
@@ -104,6 +132,7 @@ class CredentialedBackend(SandboxBackend):
             raise SandboxError(f"could not grant sandbox {sandbox_id} its session in the store: {exc}") from None
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
+        await self.prepare()
         try:
             url = await self._access.create(spec.sandbox_id)
         except (StoreAccessError, ConnectionError) as exc:
@@ -143,7 +172,11 @@ class CredentialedBackend(SandboxBackend):
     async def remove_orphan_credentials(self) -> list[str]:
         """Remove the credentials of sandboxes that no longer exist (start-up)."""
         existing = {sandbox.sandbox_id for sandbox in await self.inner.list()}
-        orphans = [sandbox_id for sandbox_id in await self._access.sandboxes() if sandbox_id not in existing]
+        try:
+            users = await self._access.sandboxes()
+        except (StoreAccessError, ConnectionError) as exc:
+            raise SandboxError(f"could not list the sandboxes' store credentials: {exc}") from None
+        orphans = [sandbox_id for sandbox_id in users if sandbox_id not in existing]
         for sandbox_id in orphans:
             await self._forget(sandbox_id)
         return orphans
