@@ -9,7 +9,9 @@ files; the environment key is in no pod process's environment (the runner's incl
 while it runs), in no pod's files and in no exec URL, which carry no work secret either; the
 pods API saw only the calls it serves, within what the README grants the orchestrator; a
 runner killed in its pod is told from a live one (``runner status`` over ``exec``) and
-replaced on the re-delivered item.
+replaced on the re-delivered item. The pods are made from the runner pod template
+(``component: runner``, the runner NetworkPolicy's), and the orchestrator refuses the
+agents' template.
 
 The stand-in's pods share this machine's filesystem and user, so a pod here could read
 another's files by their host path; what it cannot do in a cluster is not shown here.
@@ -33,6 +35,8 @@ from hosting.sandboxes import launch
 from hosting.sandboxes.kubernetes import pod_name
 from tests.conftest import wait_for
 from tests.environments_standin import EnvironmentStandIn, OrchestratorProcess, orchestrator_env, serve
+from hosting.config import ConfigError
+from hosting.environments.settings import EnvironmentSettings
 from tests.k8s_standin import POD_TAG, POD_TEMPLATE, PodsApiStandIn, running_standin
 from tests.test_environments import ENVIRONMENT_KEY, TOOLS, TURN_SECONDS, assert_every_tool_ran
 
@@ -42,6 +46,7 @@ NAMESPACE = "agents"
 ORCHESTRATOR_GRANTS = {*((verb, "pods") for verb in ("create", "get", "list", "patch", "delete")),
                        ("get", "pods/exec"), ("create", "pods/exec")}
 """What hosting/environments/README.md says the orchestrator's service account needs."""
+RUNNER_POD_TEMPLATE = POD_TEMPLATE.with_name("runner-pod-template.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +70,7 @@ def orchestrator(standin: EnvironmentStandIn, pods: PodsApiStandIn,
     key_file.write_text(ENVIRONMENT_KEY)
     env = orchestrator_env(standin, root / "data", key_file, f"tk{secrets.token_hex(4)}",
                            ENVIRONMENT_BACKEND="kubernetes", ENVIRONMENT_KUBERNETES_NAMESPACE=NAMESPACE,
-                           ENVIRONMENT_KUBERNETES_POD_TEMPLATE=str(POD_TEMPLATE),
+                           ENVIRONMENT_KUBERNETES_POD_TEMPLATE=str(RUNNER_POD_TEMPLATE),
                            ENVIRONMENT_KUBECONFIG=str(pods.kubeconfig(root / "kubeconfig")))
     process = OrchestratorProcess(env, root / "orchestrator.log")
     try:
@@ -128,6 +133,7 @@ def test_sessions_run_in_their_own_pods_without_the_key(standin: EnvironmentStan
     assert {first_pod, second_pod} <= pods.pod_names() and first_pod != second_pod
     for session, name in ((first, first_pod), (second, second_pod)):
         assert (pods.pod(name) or {})["metadata"]["annotations"]["research-agent/session-id"] == session
+        assert (pods.pod(name) or {})["metadata"]["labels"]["app.kubernetes.io/component"] == "runner"
     assert data_dir(pods, first_pod) != data_dir(pods, second_pod)
 
     assert_every_tool_ran(standin, first, home)
@@ -185,3 +191,13 @@ def test_a_runner_killed_in_its_pod_is_replaced(standin: EnvironmentStandIn, pod
     assert pods.verbs <= ORCHESTRATOR_GRANTS
     assert pods.unexpected == []
 
+
+
+def test_the_orchestrator_refuses_the_agents_pod_template() -> None:
+    """Runner pods labelled as agent pods would reach the egress proxy's key port: the
+    orchestrator does not start with a template whose pods are not ``component: runner``."""
+    env = {"ANTHROPIC_ENVIRONMENT_ID": "env_01", "ANTHROPIC_ENVIRONMENT_KEY": "k", "ENVIRONMENT_BACKEND": "kubernetes"}
+    with pytest.raises(ConfigError, match="ENVIRONMENT_KUBERNETES_POD_TEMPLATE: .*component: runner .*'sandbox'"):
+        EnvironmentSettings.from_env({**env, "ENVIRONMENT_KUBERNETES_POD_TEMPLATE": str(POD_TEMPLATE)})
+    settings = EnvironmentSettings.from_env({**env, "ENVIRONMENT_KUBERNETES_POD_TEMPLATE": str(RUNNER_POD_TEMPLATE)})
+    assert settings.sandboxes.kubernetes_pod_template == RUNNER_POD_TEMPLATE

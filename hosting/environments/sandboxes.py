@@ -15,11 +15,15 @@ import hashlib
 import json
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from hosting.sandboxes.base import Sandbox, SandboxBackend, SandboxError, SandboxSpec
 
 RUNNER = ("python3", "-m", "hosting.environments.runner")
+RUNNER_COMPONENT = ("app.kubernetes.io/component", "runner")
+"""The label of a runner's pod: the runner NetworkPolicy lets it reach the egress proxy's
+runner port only. Agent pods' ``sandbox`` label would open the key port to the model's commands."""
 RunnerState = Literal["none", "running", "exited", "dead"]
 SERVER_ENV = {
     "ANTHROPIC_API_KEY": "unused-the-sandbox-server-takes-no-turns",
@@ -79,6 +83,24 @@ class RunnerLaunch:
         if self.api_base_url:
             env["ANTHROPIC_BASE_URL"] = self.api_base_url
         return env
+
+
+def runner_pod_template_error(path: Path) -> str | None:
+    """Why the kubernetes pod template at ``path`` must not start runners (``None``: it may).
+    An unreadable or malformed file is left to the backend, which names what is wrong."""
+    import yaml  # the kubernetes extra's, as the backend that reads the template
+
+    try:
+        template = yaml.safe_load(path.read_text())
+        labels = template["metadata"]["labels"] or {}
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    name, value = RUNNER_COMPONENT
+    if labels.get(name) != value:
+        return (f"the pod template {path} must label runner pods {name}: {value} (it has {labels.get(name)!r}): "
+                "use hosting/kubernetes/base/runner-pod-template.yaml, not the agents' template, whose pods reach the "
+                "egress proxy's key port")
+    return None
 
 
 def sandbox_name(environment_id: str, session_id: str) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from hosting.config import ConfigError, float_setting, int_setting, optional_setting
+from hosting.environments.sandboxes import runner_pod_template_error
 from hosting.sandboxes.settings import BackendSettings
 
 Mode = Literal["poll", "webhook"]
@@ -138,4 +139,8 @@ class EnvironmentSettings:
                               "ENVIRONMENT_WEBHOOK_SECRET (whsec_...)")
         if settings.janitor_seconds <= 0:
             raise ConfigError("ENVIRONMENT_JANITOR_SECONDS must be > 0")
+        if settings.sandboxes.backend == "kubernetes":
+            template_error = runner_pod_template_error(settings.sandboxes.kubernetes_pod_template)
+            if template_error:
+                raise ConfigError(f"ENVIRONMENT_KUBERNETES_POD_TEMPLATE: {template_error}")
         return settings
