@@ -17,6 +17,7 @@ import functools
 import hashlib
 import importlib.metadata
 import ipaddress
+import itertools
 import json
 import re
 import shutil
@@ -74,10 +75,19 @@ def rendered(request: pytest.FixtureRequest) -> tuple[str, list[Obj]]:
     return request.param, render(OVERLAYS[request.param])
 
 
-def pod_template_of(objects: list[Obj]) -> Obj:
-    """The agent pod template, as the gateway reads it from its ConfigMap."""
-    (config_map,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("agent-pod-template")]
-    return yaml.safe_load(config_map["data"]["agent-pod-template.yaml"])
+def pod_template_of(objects: list[Obj], name: str = "agent-pod-template") -> Obj:
+    """The agent pod template, as the gateway reads it from its ConfigMap (``runner-pod-template``:
+    the runner pod template, as a Managed Agents orchestrator reads it from its own)."""
+    (config_map,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith(f"{name}-")]
+    return yaml.safe_load(config_map["data"][f"{name}.yaml"])
+
+
+def pod_templates_of(objects: list[Obj]) -> dict[str, Obj]:
+    """Both pod templates, by what their pods run, named as the backend names each pod."""
+    templates = {"agent": pod_template_of(objects), "runner": pod_template_of(objects, "runner-pod-template")}
+    for template in templates.values():
+        template["metadata"]["name"] = "agent-x"
+    return templates
 
 
 def pod_spec(obj: Obj) -> Obj | None:
@@ -88,12 +98,13 @@ def pod_spec(obj: Obj) -> Obj | None:
 
 
 def workloads(objects: list[Obj]) -> Iterator[tuple[str, Obj]]:
-    """(``Kind/name``, pod spec) of every workload, the agent pod template included."""
+    """(``Kind/name``, pod spec) of every workload, the agent and runner pod templates included."""
     for obj in objects:
         spec = pod_spec(obj)
         if spec is not None:
             yield f"{obj['kind']}/{obj['metadata']['name']}", spec
-    yield "Pod/agent (template)", pod_template_of(objects)["spec"]
+    for kind, template in pod_templates_of(objects).items():
+        yield f"Pod/{kind} (template)", template["spec"]
 
 
 # --- checkers: each returns its findings, empty when the object is fine ---------------
@@ -375,16 +386,14 @@ def test_the_pinned_kubectl_renders(rendered):
 
 def test_every_object_passes_the_strict_schema(rendered):
     _, objects = rendered
-    pod = pod_template_of(objects)
-    pod["metadata"]["name"] = "agent-x"  # the backend names each pod
-    assert [error for obj in [*objects, pod] for error in schema_errors(obj)] == []
+    pods = pod_templates_of(objects).values()
+    assert [error for obj in [*objects, *pods] for error in schema_errors(obj)] == []
 
 
 def test_names_and_labels_are_valid(rendered):
     _, objects = rendered
-    template = pod_template_of(objects)
-    template["metadata"]["name"] = "agent-x"
-    assert [e for obj in [*objects, template] for e in name_errors(obj) + label_errors(obj)] == []
+    templates = pod_templates_of(objects).values()
+    assert [e for obj in [*objects, *templates] for e in name_errors(obj) + label_errors(obj)] == []
 
 
 def test_every_pod_is_locked_down_with_requests_and_limits(rendered):
@@ -395,13 +404,17 @@ def test_every_pod_is_locked_down_with_requests_and_limits(rendered):
     for where, spec in workloads(objects):
         found += pod_security_errors(where, spec, claims.get(where.split("/", 1)[1], ()))
     assert found == []
-    assert len(list(workloads(objects))) == 4  # gateway, redis, egress proxy, agent template
+    assert len(list(workloads(objects))) == 5  # gateway, redis, egress proxy, agent and runner templates
 
 
 def test_agent_pods_hold_no_credential_and_only_the_proxy_reads_the_key(rendered):
     _, objects = rendered
     template = pod_template_of(objects)
     assert agent_credential_errors(template["spec"]) == []
+    runner_template = pod_template_of(objects, "runner-pod-template")
+    assert agent_credential_errors(runner_template["spec"]) == []
+    (runner,) = [c for c in runner_template["spec"]["containers"] if c["name"] == "server"]
+    assert not {e["name"] for e in runner["env"]} & {"ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY"}
     (server,) = [c for c in template["spec"]["containers"] if c["name"] == "server"]
     env = {e["name"]: e.get("value") for e in server["env"]}
     assert env["ANTHROPIC_BASE_URL"] == "http://egress-proxy:8080"
@@ -461,7 +474,7 @@ def test_the_gateway_reads_its_volume_mode_and_the_role_matches_it(rendered):
 
 
 def test_the_pods_and_claims_the_backend_makes_pass_the_schema_and_the_checkers(tmp_path):
-    """What the backend sends the API (the template plus a sandbox's parts; in ``pvc`` mode
+    """What the backend sends the API (either template plus a sandbox's parts; in ``pvc`` mode
     with the session's claim at /data, and the claim itself), checked as the manifests are:
     the strict schema, names and labels, the pod's security settings."""
     from hosting.sandboxes import SandboxSpec
@@ -469,14 +482,14 @@ def test_the_pods_and_claims_the_backend_makes_pass_the_schema_and_the_checkers(
 
     kubeconfig = tmp_path / "kubeconfig"  # never used: the checks need no API
     kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
-    template = tmp_path / "agent-pod-template.yaml"  # as the gateway reads it from the ConfigMap
-    template.write_text(yaml.safe_dump(pod_template_of(render(OVERLAYS["base"]))))
     longest_volume = "V_" + "x." * 31  # 64 characters, upper case, ends in "."
     spec = SandboxSpec("sbx-0123456789abcdef", longest_volume, "token", {}, "A_" + "b-" * 31, "Tenant.One")
-    for volumes in ("emptydir", "pvc"):
+    for name, volumes in itertools.product(("agent-pod-template", "runner-pod-template"), ("emptydir", "pvc")):
+        template = tmp_path / f"{name}.yaml"  # as the gateway (or an orchestrator) reads it from the ConfigMap
+        template.write_text(yaml.safe_dump(pod_template_of(render(OVERLAYS["base"]), name)))
         backend = KubernetesBackend(template, "research-agent", "default", kubeconfig=kubeconfig, volumes=volumes)
         pod = backend.manifest(spec)
-        found = schema_errors(pod) + name_errors(pod) + label_errors(pod) + pod_security_errors("agent", pod["spec"])
+        found = schema_errors(pod) + name_errors(pod) + label_errors(pod) + pod_security_errors(name, pod["spec"])
         data = next(v for v in pod["spec"]["volumes"] if v["name"] == "data")
         assert ("persistentVolumeClaim" in data) == (volumes == "pvc") and ("emptyDir" in data) == (volumes == "emptydir")
         if volumes == "pvc":
@@ -507,7 +520,7 @@ def test_network_policies_deny_by_default_and_dns_goes_only_to_kube_dns(rendered
 def _pods(namespace: str) -> dict[str, Peer]:
     name = "research-agent"
     return {component: Peer.pod(namespace, **{"app.kubernetes.io/name": name, "app.kubernetes.io/component": component})
-            for component in ("gateway", "sandbox", "redis", "egress-proxy")}
+            for component in ("gateway", "sandbox", "runner", "redis", "egress-proxy")}
 
 
 def test_network_policies_let_through_exactly_the_intended_connections(rendered):
@@ -524,10 +537,28 @@ def test_network_policies_let_through_exactly_the_intended_connections(rendered)
     template_labels = pod_template_of(objects)["metadata"]["labels"]
     sandbox = Peer.pod("research-agent", **template_labels)
     assert sandbox == pods["sandbox"]
+    # A Managed Agents tool runner (the runner template's labels): the runner port and DNS out; nothing in.
+    runner = Peer.pod("research-agent", **pod_template_of(objects, "runner-pod-template")["metadata"]["labels"])
+    assert runner == pods["runner"]
     expected = {
-        (sandbox, pods["egress-proxy"], 8080, "TCP"): True,
-        (sandbox, pods["egress-proxy"], 8082, "TCP"): True,  # a Managed Agents runner's own token
+        (sandbox, pods["egress-proxy"], 8080, "TCP"): True,  # the key port: the model calls
+        (sandbox, pods["egress-proxy"], 8082, "TCP"): False,  # the runner port: runners only
         (sandbox, pods["egress-proxy"], 8081, "TCP"): False,
+        (runner, pods["egress-proxy"], 8082, "TCP"): True,
+        (runner, pods["egress-proxy"], 8080, "TCP"): False,  # never the key
+        (runner, pods["egress-proxy"], 8081, "TCP"): False,
+        (runner, kube_dns, 53, "UDP"): True,
+        (runner, kube_dns, 53, "TCP"): True,
+        (runner, resolver, 53, "UDP"): False,
+        (runner, model_api, 443, "TCP"): False,
+        (runner, internal, 443, "TCP"): False,
+        (runner, api_server, 6443, "TCP"): False,
+        (runner, pods["redis"], 6379, "TCP"): False,
+        (runner, pods["gateway"], 8080, "TCP"): False,
+        (runner, sandbox, 8000, "TCP"): False,
+        (sandbox, runner, 8000, "TCP"): False,
+        (pods["gateway"], runner, 8000, "TCP"): False,
+        (other_pod, runner, 8000, "TCP"): False,
         (sandbox, kube_dns, 53, "UDP"): True,
         (sandbox, kube_dns, 53, "TCP"): True,
         (sandbox, resolver, 53, "UDP"): False,
