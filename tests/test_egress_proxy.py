@@ -4,15 +4,22 @@
     10.231.1.2 ── veth ── 10.231.1.1 | 10.231.2.1 ── veth ── 10.231.2.2
     the agent, the CLI,       Debian's nginx started by the        TLS stand-in: the local model,
     a placeholder key         project's entrypoint.sh and          the environment stand-in and
-    (the pod template's env); template; the key from a file        a recorder of every request's
-    a Managed Agents runner   (model port, runner port)            headers
+    (the pod template's env)  template; the key from a file        a recorder of every request's
+                              (key port, runner port)              headers
+    runner netns                         |
+    10.231.3.2 ── veth ── 10.231.3.1 ────┘
+    a Managed Agents runner
     with its item's token
 
-No netns has a default route, so the sandbox can address only the proxy's subnet, and the
-proxy netns does not forward. The upstream's certificate comes from a CA made here, which
-the proxy trusts through ``EGRESS_CA_FILE``; names resolve through ``/etc/netns/<ns>/hosts``
-(``ip netns exec`` mounts them over ``/etc/hosts``). The proxy runs as its own uid, the
-sandbox as another, as in the cluster. Needs root (namespaces); everything is removed at
+No netns has a default route, so the sandbox and the runner can address only the proxy's
+subnet, and the proxy netns does not forward. The proxy netns filters what comes in from
+each of them by the rendered NetworkPolicies (``network_policy_rules``): the sandbox, an
+agent pod, reaches the key port only; the runner, a runner pod, the runner port only.
+
+The upstream's certificate comes from a CA made here, which the proxy trusts through
+``EGRESS_CA_FILE``; names resolve through ``/etc/netns/<ns>/hosts`` (``ip netns exec``
+mounts them over ``/etc/hosts``). The proxy runs as its own uid, the sandbox and the
+runner as another, as in the cluster. Needs root (namespaces); everything is removed at
 the end, also when a test fails.
 """
 
@@ -53,13 +60,17 @@ PROXY_DIR = ROOT / "hosting/kubernetes/egress-proxy"
 POD_TEMPLATE = ROOT / "hosting/kubernetes/base/agent-pod-template.yaml"
 UPSTREAM_HOST = "api.anthropic.test"
 SANDBOX_IP, PROXY_IP, PROXY_UPSTREAM_SIDE_IP, UPSTREAM_IP = "10.231.1.2", "10.231.1.1", "10.231.2.1", "10.231.2.2"
+RUNNER_IP, PROXY_RUNNER_SIDE_IP = "10.231.3.2", "10.231.3.1"
 PROXY_PORT, HEALTH_PORT, RUNNER_PORT = 8080, 8081, 8082
 UNTRUSTING_PORT, UNTRUSTING_HEALTH_PORT, UNTRUSTING_RUNNER_PORT = 8090, 8091, 8092
+# Each proxy's ports by the names the egress proxy's Deployment gives them (the policies' ports).
+PROXY_INSTANCES = ({"http": PROXY_PORT, "health": HEALTH_PORT, "runner": RUNNER_PORT},
+                   {"http": UNTRUSTING_PORT, "health": UNTRUSTING_HEALTH_PORT, "runner": UNTRUSTING_RUNNER_PORT})
 PROXY_UID, SANDBOX_UID = 10002, 10001  # the egress proxy image's user, the agent image's user
 CLONE_NEWNET = 0x40000000
 ENVIRONMENT_KEY = f"envkey-{secrets.token_hex(16)}"  # the environment stand-in's; never given to the sandbox
-# A path that streams, on each forwarding port (the runner port forwards only the runner's calls).
-STREAM_PATHS = {PROXY_PORT: "/v1/test/stream", RUNNER_PORT: "/v1/sessions/sesn_stream/events/stream"}
+# A call that streams (the stand-in holds its last event), on each forwarding port: each forwards only its own calls.
+STREAM_CALLS = {PROXY_PORT: ("POST", "/v1/messages"), RUNNER_PORT: ("GET", "/v1/sessions/sesn_stream/events/stream")}
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nginx", path="/usr/sbin"),
                                 reason="needs root (network namespaces), iproute2 and nginx: scripts/install-test-tools.sh")
@@ -189,9 +200,10 @@ def environments_app(key: str) -> Callable[..., Any]:
 
 
 def upstream_app() -> Callable[..., Any]:
-    """The local model behind a recorder: every request's path and headers are appended to
-    ``$EGRESS_TEST_RECORD``. The stream paths send one SSE event, then wait for the file
-    ``$EGRESS_TEST_RELEASE`` before the last, so a test can tell streaming from buffering.
+    """The local model behind a recorder: every request's method, path and headers are appended
+    to ``$EGRESS_TEST_RECORD``. A request with ``x-test-stream: hold`` gets one SSE event, then
+    waits for the file ``$EGRESS_TEST_RELEASE`` before the last, so a test can tell streaming
+    from buffering.
     Requests with the Managed Agents beta header, and ``/test/environments/``, go to the
     environment stand-in (``environments_app``)."""
     from hosting.local_model import create_app
@@ -215,8 +227,8 @@ def upstream_app() -> Callable[..., Any]:
         if scope["type"] == "http":
             headers = [[k.decode("latin-1").lower(), v.decode("latin-1")] for k, v in scope["headers"]]
             with record.open("a") as out:
-                out.write(json.dumps({"path": scope["path"], "headers": headers}) + "\n")
-            if scope["path"] in STREAM_PATHS.values():
+                out.write(json.dumps({"method": scope["method"], "path": scope["path"], "headers": headers}) + "\n")
+            if ["x-test-stream", "hold"] in headers:
                 await stream(send)
                 return
             if scope["path"].startswith("/test/environments/") or any(
@@ -247,6 +259,7 @@ class Upstream:
 @dataclass
 class Topology:
     sandbox: str
+    runner: str
     proxy: str
     upstream: str
     workdir: Path
@@ -261,10 +274,42 @@ def _write_netns_files(netns: str, hosts: str) -> None:
     (folder / "resolv.conf").write_text("nameserver 127.0.0.1\n")  # no DNS: names come from hosts
 
 
+def policy_reach() -> dict[str, set[str]]:
+    """Which of the egress proxy's ports (by name) an agent pod and a runner pod may open, as
+    the rendered NetworkPolicies say (the pods' labels from their templates, both sides'
+    policies evaluated by tests/test_kubernetes_manifests.py's ``allowed``)."""
+    from tests.test_kubernetes_manifests import OVERLAYS, Peer, allowed, pod_template_of, render
+
+    objects = render(OVERLAYS["base"])
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "egress-proxy"]
+    namespace = deployment["metadata"]["namespace"]
+    proxy = Peer.pod(namespace, **deployment["spec"]["template"]["metadata"]["labels"])
+    ports = {p["name"]: p["containerPort"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    pods = {"agent": pod_template_of(objects), "runner": pod_template_of(objects, "runner-pod-template")}
+    return {kind: {name for name, port in ports.items()
+                   if allowed(policies, Peer.pod(namespace, **pod["metadata"]["labels"]), proxy, port)}
+            for kind, pod in pods.items()}
+
+
+def network_policy_rules() -> list[list[str]]:
+    """iptables rules for the proxy netns that let in from each veth what ``policy_reach``
+    allows its pod, on each proxy's ports of those names, and reset every other connection
+    (a reset, not a drop, so a refusal is told at once; a CNI drops)."""
+    reach = policy_reach()
+    rules = []
+    for kind, device in (("agent", "to-sandbox"), ("runner", "to-runner")):
+        rules += [["-A", "INPUT", "-i", device, "-p", "tcp", "--dport", str(instance[name]), "-j", "ACCEPT"]
+                  for name in sorted(reach[kind]) for instance in PROXY_INSTANCES]
+        rules += [["-A", "INPUT", "-i", device, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"],
+                  ["-A", "INPUT", "-i", device, "-j", "DROP"]]
+    return rules
+
+
 @pytest.fixture(scope="module")
 def topology() -> Iterator[Topology]:
     run = uuid.uuid4().hex[:8]
-    names = {role: f"egress-{role}-{run}" for role in ("sb", "px", "up")}
+    names = {role: f"egress-{role}-{run}" for role in ("sb", "rn", "px", "up")}
     workdir = Path(tempfile.mkdtemp(prefix="egress-test-"))
     workdir.chmod(0o755)
     made_etc_netns = not Path("/etc/netns").exists()
@@ -272,18 +317,23 @@ def topology() -> Iterator[Topology]:
         for netns in names.values():
             ip("netns", "add", netns)
             ip("-n", netns, "link", "set", "lo", "up")
-        sb, px, up = names["sb"], names["px"], names["up"]
+        sb, rn, px, up = names["sb"], names["rn"], names["px"], names["up"]
         ip("-n", px, "link", "add", "to-sandbox", "type", "veth", "peer", "name", "eth0", "netns", sb)
+        ip("-n", px, "link", "add", "to-runner", "type", "veth", "peer", "name", "eth0", "netns", rn)
         ip("-n", px, "link", "add", "to-upstream", "type", "veth", "peer", "name", "eth0", "netns", up)
         for netns, device, address in ((sb, "eth0", f"{SANDBOX_IP}/24"), (px, "to-sandbox", f"{PROXY_IP}/24"),
+                                       (rn, "eth0", f"{RUNNER_IP}/24"), (px, "to-runner", f"{PROXY_RUNNER_SIDE_IP}/24"),
                                        (px, "to-upstream", f"{PROXY_UPSTREAM_SIDE_IP}/24"), (up, "eth0", f"{UPSTREAM_IP}/24")):
             ip("-n", netns, "addr", "add", address, "dev", device)
             ip("-n", netns, "link", "set", device, "up")
         subprocess.run(["ip", "netns", "exec", px, "sysctl", "-qw", "net.ipv4.ip_forward=0"], check=True, timeout=30)
+        for rule in network_policy_rules():
+            subprocess.run(["ip", "netns", "exec", px, "iptables", *rule], check=True, capture_output=True, timeout=30)
         _write_netns_files(sb, f"{PROXY_IP} egress-proxy")
+        _write_netns_files(rn, f"{PROXY_RUNNER_SIDE_IP} egress-proxy")
         _write_netns_files(px, f"{UPSTREAM_IP} {UPSTREAM_HOST}")
         _write_netns_files(up, f"{UPSTREAM_IP} {UPSTREAM_HOST}")
-        yield Topology(sb, px, up, workdir, f"sk-ant-egress-{secrets.token_urlsafe(24)}", make_pki(workdir))
+        yield Topology(sb, rn, px, up, workdir, f"sk-ant-egress-{secrets.token_urlsafe(24)}", make_pki(workdir))
     finally:
         for netns in names.values():
             subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=30)
@@ -387,9 +437,9 @@ def proxy(topology: Topology, upstream: Upstream) -> Iterator[None]:
         processes.stop()
 
 
-def raw_request(request: bytes, port: int = PROXY_PORT) -> int:
+def raw_request(request: bytes, port: int = PROXY_PORT, address: str = PROXY_IP) -> int:
     """Send bytes as they are (no client normalises the path or the Host); the status."""
-    with socket.create_connection((PROXY_IP, port), timeout=10) as conn:
+    with socket.create_connection((address, port), timeout=10) as conn:
         conn.sendall(request)
         status_line = conn.makefile("rb").readline().decode()
     return int(status_line.split()[1])
@@ -405,7 +455,7 @@ def sandbox_client() -> httpx.Client:
 def runner_client(token: str) -> httpx.Client:
     """What a Managed Agents tool runner does: its work item's sessions token as the Bearer
     credential (the SDK sends no x-api-key then; this sends the placeholder anyway)."""
-    return httpx.Client(base_url=f"http://{PROXY_IP}:{RUNNER_PORT}", timeout=10,
+    return httpx.Client(base_url=f"http://{PROXY_RUNNER_SIDE_IP}:{RUNNER_PORT}", timeout=10,
                         headers={"host": f"egress-proxy:{RUNNER_PORT}", "authorization": f"Bearer {token}",
                                  "x-api-key": PLACEHOLDER})
 
@@ -422,19 +472,34 @@ PLACEHOLDER = template_env()["ANTHROPIC_API_KEY"] if POD_TEMPLATE.exists() else 
 
 # --- the tests -------------------------------------------------------------------------------
 
-def test_the_sandbox_reaches_the_proxy_and_nothing_else(topology, proxy):
-    def probe() -> dict[str, Any]:
-        found: dict[str, Any] = {"proxy": httpx.get(f"http://{PROXY_IP}:{HEALTH_PORT}/healthz", timeout=5).status_code}
-        for address in (UPSTREAM_IP, PROXY_UPSTREAM_SIDE_IP):
-            try:
-                socket.create_connection((address, 443), timeout=3).close()
-                found[address] = "connected"
-            except OSError as exc:
-                found[address] = exc.errno
-        return found
+def test_each_namespace_reaches_only_its_port_as_the_rendered_policies_say(topology, proxy):
+    """The rendered NetworkPolicies let an agent pod open the key port only and a runner pod
+    the runner port only (never health, which only the kubelet probes); the proxy netns
+    enforces that, and neither namespace has a way to the upstream."""
+    assert policy_reach() == {"agent": {"http"}, "runner": {"runner"}}
 
-    assert in_netns(topology.sandbox, probe) == {"proxy": 200, UPSTREAM_IP: errno.ENETUNREACH,
-                                                 PROXY_UPSTREAM_SIDE_IP: errno.ENETUNREACH}
+    def probe(address: str) -> Callable[[], dict[Any, Any]]:
+        def run() -> dict[Any, Any]:
+            found: dict[Any, Any] = {}
+            for target in [*((address, port) for instance in PROXY_INSTANCES for port in instance.values()),
+                           (UPSTREAM_IP, 443), (PROXY_UPSTREAM_SIDE_IP, 443)]:
+                try:
+                    socket.create_connection(target, timeout=3).close()
+                    found[target[1] if target[0] == address else target[0]] = "connected"
+                except OSError as exc:
+                    found[target[1] if target[0] == address else target[0]] = errno.errorcode[exc.errno or 0]
+            return found
+        return run
+
+    refused, unreachable = "ECONNREFUSED", "ENETUNREACH"
+    assert in_netns(topology.sandbox, probe(PROXY_IP)) == {
+        PROXY_PORT: "connected", HEALTH_PORT: refused, RUNNER_PORT: refused,
+        UNTRUSTING_PORT: "connected", UNTRUSTING_HEALTH_PORT: refused, UNTRUSTING_RUNNER_PORT: refused,
+        UPSTREAM_IP: unreachable, PROXY_UPSTREAM_SIDE_IP: unreachable}
+    assert in_netns(topology.runner, probe(PROXY_RUNNER_SIDE_IP)) == {
+        PROXY_PORT: refused, HEALTH_PORT: refused, RUNNER_PORT: "connected",
+        UNTRUSTING_PORT: refused, UNTRUSTING_HEALTH_PORT: refused, UNTRUSTING_RUNNER_PORT: "connected",
+        UPSTREAM_IP: unreachable, PROXY_UPSTREAM_SIDE_IP: unreachable}
 
 
 def test_the_upstream_sees_the_real_key_and_never_the_placeholder(topology, upstream, proxy):
@@ -452,24 +517,83 @@ def test_the_upstream_sees_the_real_key_and_never_the_placeholder(topology, upst
     assert PLACEHOLDER not in json.dumps(upstream.requests())
 
 
-def test_other_hosts_and_paths_outside_v1_are_refused(topology, upstream, proxy):
+def send_raw(requests: dict[str, bytes], port: int = PROXY_PORT, address: str = PROXY_IP) -> dict[str, tuple[int, bytes]]:
+    """Each request on its own connection, as bytes (no client normalises the request line):
+    each answer's status and whole response."""
+    answers = {}
+    for name, data in requests.items():
+        with socket.create_connection((address, port), timeout=10) as conn:
+            conn.sendall(data)
+            reply = conn.makefile("rb").read()
+        answers[name] = (int(reply.split()[1]), reply)
+    return answers
+
+
+def test_other_hosts_are_refused(topology, upstream, proxy):
     requests = {
-        "other host": b"GET /v1/models HTTP/1.1\r\nHost: api.anthropic.com\r\nx-test-id: refused\r\n\r\n",
-        "absolute URL": b"GET https://example.org/v1/models HTTP/1.1\r\nHost: egress-proxy\r\nx-test-id: refused\r\n\r\n",
-        "no host": b"GET /v1/models HTTP/1.0\r\nx-test-id: refused\r\n\r\n",
-        "outside /v1/": b"GET /local/requests HTTP/1.1\r\nHost: egress-proxy\r\nx-test-id: refused\r\n\r\n",
-        "dot segments": b"GET /v1/../local/requests HTTP/1.1\r\nHost: egress-proxy\r\nx-test-id: refused\r\n\r\n",
-        "encoded dots": b"GET /v1/%2e%2e/local/requests HTTP/1.1\r\nHost: egress-proxy\r\nx-test-id: refused\r\n\r\n",
-        "root": b"GET / HTTP/1.1\r\nHost: egress-proxy\r\nx-test-id: refused\r\n\r\n",
+        "other host": b"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nx-test-id: refused\r\n\r\n",
+        "absolute URL": b"POST https://example.org/v1/messages HTTP/1.1\r\nHost: egress-proxy\r\nx-test-id: refused\r\n\r\n",
+        "no host": b"POST /v1/messages HTTP/1.0\r\nx-test-id: refused\r\n\r\n",
     }
     statuses = in_netns(topology.sandbox, lambda: {name: raw_request(data) for name, data in requests.items()})
-    assert statuses == {"other host": 421, "absolute URL": 421, "no host": 421, "outside /v1/": 404,
-                        "dot segments": 404, "encoded dots": 404, "root": 404}
+    assert statuses == {"other host": 421, "absolute URL": 421, "no host": 421}
     assert upstream.requests_tagged("refused") == []
-    # The same request, addressed properly, does go through: the refusals above are the rules.
-    allowed = b"GET /v1/models HTTP/1.1\r\nHost: egress-proxy\r\nx-test-id: allowed\r\nConnection: close\r\n\r\n"
-    assert in_netns(topology.sandbox, lambda: raw_request(allowed)) == 404  # the local model has no /v1/models
-    assert len(upstream.requests_tagged("allowed")) == 1
+
+
+MODEL_CALLS = [("POST", "/v1/messages?beta=true"), ("POST", "/v1/messages/count_tokens?beta=true"),
+               ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens")]
+NOT_MODEL_CALLS = [
+    # other methods on the model paths
+    "GET /v1/messages", "PUT /v1/messages", "DELETE /v1/messages", "PATCH /v1/messages", "OPTIONS /v1/messages",
+    "HEAD /v1/messages", "GET /v1/messages/count_tokens",
+    # the rest of the API, which the key would open
+    "GET /v1/models", "POST /v1/files", "GET /v1/files/file_01/content", "POST /v1/messages/batches",
+    "GET /v1/messages/batches/msgbatch_01/results", "POST /v1/complete", "POST /v1/sessions", "POST /v1/agents",
+    "POST /v1/skills", "GET /v1/organizations/me", "POST /api/oauth/token", "GET /",
+    # a runner's calls and the orchestrator's: the runner port's, with a runner's own token
+    "GET /v1/sessions/sesn_01", "POST /v1/sessions/sesn_01/events", "GET /v1/sessions/sesn_01/events/stream",
+    "POST /v1/environments/env_01/work/work_01/heartbeat", "GET /v1/environments/env_01/work/poll",
+    "POST /v1/environments/env_01/work/work_01/ack",
+    # paths that a server could read as another one, or as the model call they look like
+    "POST /x/%2e%2e/v1/files", "POST /x/%2E%2E/v1/messages", "POST /v1/messages/%2e%2e/files",
+    "POST /v1/messages/../files", "POST /v1/../v1/files", "POST /v1/./messages", "POST /./v1/messages",
+    "POST /v1/messages/./count_tokens", "POST //v1/messages", "POST /v1//messages", "POST /v1/messages//count_tokens",
+    "POST /v1/messages%2fcount_tokens", "POST /v1/messages%2F..%2Ffiles", "POST /v1/%6dessages", "POST /V1/MESSAGES",
+    "POST /v1/messages/", "POST /v1/messages/count_tokens/x", "POST /v1/messagesx", "POST /v1/messages;x",
+    "POST /v1/messages%3Fbeta=true", "POST /v1/messages%00", "POST /v1/messages\\..\\files",
+    "POST http://egress-proxy/v1/files", "POST * ",
+]
+
+
+def test_the_key_port_forwards_the_model_calls_only(topology, upstream, proxy):
+    """The two model calls (any query string) reach the upstream with the key. Every other
+    request line, sent as bytes, is answered by the proxy itself: the stand-in, which records
+    every request it gets, gets none of them, and no answer carries the key."""
+
+    def request(line: str, tag: str) -> bytes:
+        body = b'{"model": "claude-test", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}'
+        return (f"{line} HTTP/1.1\r\nHost: egress-proxy\r\nx-api-key: {PLACEHOLDER}\r\nx-test-id: {tag}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+    before = len(upstream.requests())
+    refused = in_netns(topology.sandbox, lambda: send_raw({line: request(line, "not-a-model-call")
+                                                           for line in NOT_MODEL_CALLS}))
+    assert [(r["method"], r["path"]) for r in upstream.requests()[before:]] == []
+    assert {line: status for line, (status, _) in refused.items() if status not in (400, 404)} == {}
+    detail = {"detail": "the key port forwards only POST /v1/messages and POST /v1/messages/count_tokens"}
+    assert json.loads(refused["POST /v1/files"][1].split(b"\r\n\r\n", 1)[1]) == detail
+    assert sum(status == 404 for status, _ in refused.values()) >= 15  # refused by the rule, not only by nginx's parser
+    assert not [line for line, (_, reply) in refused.items() if topology.real_key.encode() in reply]
+
+    allowed = in_netns(topology.sandbox, lambda: send_raw({f"{m} {p}": request(f"{m} {p}", f"model {p}")
+                                                          for m, p in MODEL_CALLS}))
+    assert {line: status for line, (status, _) in allowed.items()} == {f"{m} {p}": 200 for m, p in MODEL_CALLS}
+    assert not [line for line, (_, reply) in allowed.items() if topology.real_key.encode() in reply]
+    for method, path in MODEL_CALLS:
+        (seen,) = upstream.requests_tagged(f"model {path}")
+        assert (seen["method"], seen["path"]) == (method, path.split("?")[0])
+        assert [v for k, v in seen["headers"] if k == "x-api-key"] == [topology.real_key]
+    assert topology.real_key not in (topology.workdir / "proxy.log").read_text()
 
 
 # Every call anthropic 2.14.0's EnvironmentWorker.handle_item makes (the runner in an agent pod).
@@ -501,7 +625,7 @@ def test_the_runner_port_passes_the_runners_own_token_and_never_the_key(topology
             return [client.request(method, path, headers={"x-test-id": f"runner {method} {path}"}).status_code
                     for method, path in RUNNER_CALLS]
 
-    statuses = in_netns(topology.sandbox, call)
+    statuses = in_netns(topology.runner, call)
     assert 421 not in statuses and 502 not in statuses, statuses
     for method, path in RUNNER_CALLS:
         (seen,) = upstream.requests_tagged(f"runner {method} {path}")
@@ -543,23 +667,15 @@ def test_the_runner_port_refuses_everything_else_and_sends_nothing(topology, ups
         "absolute URL": request("GET https://example.org/v1/sessions/sesn_01"),
     }
 
-    def send_all() -> dict[str, tuple[int, bytes]]:
-        answers = {}
-        for name, data in requests.items():
-            with socket.create_connection((PROXY_IP, RUNNER_PORT), timeout=10) as conn:
-                conn.sendall(data)
-                reply = conn.makefile("rb").read()
-            answers[name] = (int(reply.split()[1]), reply.split(b"\r\n\r\n", 1)[1])
-        return answers
-
-    answers = in_netns(topology.sandbox, send_all)
+    answers = in_netns(topology.runner, lambda: send_raw(requests, RUNNER_PORT, PROXY_RUNNER_SIDE_IP))
     refused = {name: status for name, (status, _) in answers.items()}
     assert refused == {name: 421 if name in ("other host", "absolute URL") else 404 for name in requests}
-    assert json.loads(answers["messages"][1]) == {"detail": "the runner port forwards only the calls of a Managed Agents runner"}
+    assert json.loads(answers["messages"][1].split(b"\r\n\r\n", 1)[1]) == {
+        "detail": "the runner port forwards only the calls of a Managed Agents runner"}
     assert upstream.requests_tagged("runner-refused") == []
     # The same request, for a runner's call, goes through: the refusals above are the rules.
     allowed = request("GET /v1/sessions/sesn_01").replace(b"runner-refused", b"runner-allowed")
-    assert in_netns(topology.sandbox, lambda: raw_request(allowed, RUNNER_PORT)) == 404  # the local model's answer
+    assert in_netns(topology.runner, lambda: raw_request(allowed, RUNNER_PORT, PROXY_RUNNER_SIDE_IP)) == 404
     assert len(upstream.requests_tagged("runner-allowed")) == 1
 
 
@@ -573,7 +689,8 @@ def test_server_sent_events_are_not_buffered(topology, upstream, proxy, port):
     def stream() -> list[str]:
         events = []
         client = sandbox_client() if port == PROXY_PORT else runner_client("sst_stream")
-        with client, client.stream("GET", STREAM_PATHS[port], headers={"x-test-id": f"sse-{port}"}) as response:
+        method, path = STREAM_CALLS[port]
+        with client, client.stream(method, path, headers={"x-test-id": f"sse-{port}", "x-test-stream": "hold"}) as response:
             for line in response.iter_lines():
                 if line.startswith("event:"):
                     events.append(line.split(":", 1)[1].strip())
@@ -581,21 +698,22 @@ def test_server_sent_events_are_not_buffered(topology, upstream, proxy, port):
                         upstream.release.touch()
         return events
 
-    assert in_netns(topology.sandbox, stream) == ["first", "last"]
+    assert in_netns(topology.sandbox if port == PROXY_PORT else topology.runner, stream) == ["first", "last"]
 
 
 def test_the_proxy_verifies_the_upstreams_certificate(topology, upstream, proxy):
     """A proxy that trusts another CA refuses the stand-in's certificate on both ports: nothing is sent."""
 
-    def call() -> tuple[int, int]:
-        with httpx.Client(base_url=f"http://{PROXY_IP}", timeout=10,
-                          headers={"host": "egress-proxy", "x-test-id": "untrusted"}) as client:
-            model = client.post(f"http://{PROXY_IP}:{UNTRUSTING_PORT}/v1/messages/count_tokens", json={"messages": []})
-            runner = client.get(f"http://{PROXY_IP}:{UNTRUSTING_RUNNER_PORT}/v1/sessions/sesn_untrusted",
-                                headers={"authorization": "Bearer sst_untrusted"})
-            return model.status_code, runner.status_code
+    def call(method: str, url: str, **kwargs: Any) -> Callable[[], int]:
+        def run() -> int:
+            with httpx.Client(timeout=10, headers={"host": "egress-proxy", "x-test-id": "untrusted"}) as client:
+                return client.request(method, url, **kwargs).status_code
+        return run
 
-    assert in_netns(topology.sandbox, call) == (502, 502)
+    model = call("POST", f"http://{PROXY_IP}:{UNTRUSTING_PORT}/v1/messages/count_tokens", json={"messages": []})
+    runner = call("GET", f"http://{PROXY_RUNNER_SIDE_IP}:{UNTRUSTING_RUNNER_PORT}/v1/sessions/sesn_untrusted",
+                  headers={"authorization": "Bearer sst_untrusted"})
+    assert (in_netns(topology.sandbox, model), in_netns(topology.runner, runner)) == (502, 502)
     assert upstream.requests_tagged("untrusted") == []
 
 
@@ -637,10 +755,18 @@ def test_the_real_cli_makes_a_turn_through_the_proxy_and_the_sandbox_holds_no_ke
     assert json.loads(seen.stdout) == {"in_env": False, "key_file_readable": False}, seen.stderr
 
     before = len(upstream.requests())
+    proxy_log = topology.workdir / "proxy.log"
+    log_before = len(proxy_log.read_text().splitlines())
     turn = subprocess.run([*sandbox, sys.executable, "-m", "hosting.run_once"], cwd=ROOT, capture_output=True, text=True,
                           timeout=180, env={**env, "PROMPT": "What do otters eat?"})
     assert turn.returncode == 0, turn.stderr
     assert turn.stdout.startswith("Local model answer to: What do otters eat?")
+    # Everything the CLI asked the key port for was a model call, and forwarded: the allowlist
+    # leaves out nothing the CLI needs (the access log has no query string: "$request_method $uri").
+    asked = [line.split('"')[1:3] for line in proxy_log.read_text().splitlines()[log_before:]
+             if line.startswith(f"{SANDBOX_IP} ")]
+    assert asked and {(request, status.split()[0]) for request, status in asked} <= {
+        ("POST /v1/messages", "200"), ("POST /v1/messages/count_tokens", "200")}, asked
     messages = [r for r in upstream.requests()[before:] if r["path"] == "/v1/messages"]
     assert messages, "the turn did not reach the upstream"
     for request in messages:
@@ -676,7 +802,7 @@ def test_the_real_runner_serves_its_work_item_through_the_runner_port(topology, 
            "ANTHROPIC_WORK_ID": item["work_id"], "ANTHROPIC_SESSION_ID": item["session_id"],
            "ANTHROPIC_WORK_SECRET": item["secret"]}
     before = len(upstream.requests())
-    runner = subprocess.run(["ip", "netns", "exec", topology.sandbox, "setpriv", f"--reuid={SANDBOX_UID}",
+    runner = subprocess.run(["ip", "netns", "exec", topology.runner, "setpriv", f"--reuid={SANDBOX_UID}",
                              f"--regid={SANDBOX_UID}", "--clear-groups", "--", sys.executable, "-m",
                              "hosting.environments.runner", "run"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
@@ -731,8 +857,10 @@ def test_the_proxy_image_runs_as_the_pod_runs_it(tmp_path):
             if not state["Running"] or time.monotonic() > deadline:
                 raise AssertionError(f"the proxy did not start:\n{docker('logs', name, check=False).stderr}")
             time.sleep(0.2)
-        assert ask(PROXY_PORT, "GET /v1/models HTTP/1.1\\r\\nHost: egress-proxy\\r\\n\\r\\n").split()[1] == "502"
-        assert ask(PROXY_PORT, "GET /v1/models HTTP/1.1\\r\\nHost: example.org\\r\\n\\r\\n").split()[1] == "421"
+        model_call = "POST /v1/messages HTTP/1.1\\r\\nContent-Length: 0\\r\\nHost: "
+        assert ask(PROXY_PORT, model_call + "egress-proxy\\r\\n\\r\\n").split()[1] == "502"
+        assert ask(PROXY_PORT, model_call + "example.org\\r\\n\\r\\n").split()[1] == "421"
+        assert ask(PROXY_PORT, "GET /v1/models HTTP/1.1\\r\\nHost: egress-proxy\\r\\n\\r\\n").split()[1] == "404"
         assert ask(RUNNER_PORT, "GET /v1/sessions/sesn_01 HTTP/1.1\\r\\nHost: egress-proxy\\r\\n\\r\\n").split()[1] == "502"
         assert ask(RUNNER_PORT, "GET /v1/models HTTP/1.1\\r\\nHost: egress-proxy\\r\\n\\r\\n").split()[1] == "404"
         assert docker("exec", name, "id", "-u").stdout.strip() == str(PROXY_UID)
