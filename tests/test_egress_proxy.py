@@ -309,7 +309,7 @@ def network_policy_rules() -> list[list[str]]:
 @pytest.fixture(scope="module")
 def topology() -> Iterator[Topology]:
     run = uuid.uuid4().hex[:8]
-    names = {role: f"egress-{role}-{run}" for role in ("sb", "rn", "px", "up")}
+    names = {role: f"proxy-egress-{role}-{run}" for role in ("sb", "rn", "px", "up")}
     workdir = Path(tempfile.mkdtemp(prefix="egress-test-"))
     workdir.chmod(0o755)
     made_etc_netns = not Path("/etc/netns").exists()
@@ -840,7 +840,7 @@ def test_the_proxy_image_runs_as_the_pod_runs_it(tmp_path):
     (key_dir / "api-key").write_text("sk-ant-image-test\n")
     (key_dir / "api-key").chmod(0o400)
     os.chown(key_dir / "api-key", PROXY_UID, PROXY_UID)
-    name = f"egress-proxy-test-{uuid.uuid4().hex[:8]}"
+    name = f"proxy-egress-image-test-{uuid.uuid4().hex[:8]}"
     try:
         docker("run", "-d", "--name", name, "--network", "none", "--add-host", "api.anthropic.com:127.0.0.1",
                "--read-only", "--tmpfs", "/tmp:size=16m", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
