@@ -17,6 +17,8 @@ from typing import Protocol
 import uvicorn
 from starlette.types import ASGIApp
 
+from hosting.http_limits import HttpLimits, LimitedConfig
+
 logger = logging.getLogger("hosting.draining")
 
 
@@ -39,11 +41,12 @@ class DrainingServer(uvicorn.Server):
     exits 0. A second signal exits at once.
     """
 
-    def __init__(self, app: ASGIApp, host: str, port: int, work: Drainable, grace_seconds: float) -> None:
+    def __init__(self, app: ASGIApp, host: str, port: int, work: Drainable, grace_seconds: float,
+                 limits: HttpLimits) -> None:
         # uvicorn's access line is off: the app writes its own once a response has ended
         # (hosting.telemetry.access), not while a turn streams.
-        super().__init__(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=5, log_config=None,
-                                        access_log=False))
+        super().__init__(LimitedConfig(app, limits, host=host, port=port, timeout_graceful_shutdown=5, log_config=None,
+                                       access_log=False))
         self._work = work
         self._grace_seconds = grace_seconds
         self._loop: asyncio.AbstractEventLoop | None = None
