@@ -38,7 +38,8 @@ class DrainingServer(uvicorn.Server):
     On the first SIGTERM/SIGINT the listener stays open and new turns get 503
     with ``Retry-After`` while running turns finish (up to the grace period);
     then uvicorn shuts down as usual and the lifespan cleans up. The process
-    exits 0. A second signal exits at once.
+    exits 0. A second signal exits at once. Connections are served under ``limits``
+    (:mod:`hosting.http_limits`: header deadline and size, keep-alive).
     """
 
     def __init__(self, app: ASGIApp, host: str, port: int, work: Drainable, grace_seconds: float,

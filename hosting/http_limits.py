@@ -99,9 +99,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         was_in_head = self._in_head
         super().data_received(data)
         # httptools keeps an unfinished header field in memory, so an endless one is cut
-        # here. Bytes are counted only while a head was being read before and after this
-        # read, when all of them are the head's (a read that starts one may hold the end of
-        # the previous body too): the cap may be passed by one read, never more.
+        # here. A read is counted only if a head was being read before and after it, when
+        # all its bytes are the head's (one that starts a head may end the previous body):
+        # a head may pass the cap by what two reads bring (256 KiB each), never more.
         if was_in_head and self._in_head:
             self._head_bytes += len(data)
             if self._head_bytes > self._limits.max_header_bytes:
