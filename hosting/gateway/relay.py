@@ -44,11 +44,11 @@ END_AFTER_DONE_SECONDS = 2.0
 """How long the end of a sandbox's body may follow its ``done`` (it follows at once) before
 the connection is closed rather than reused."""
 CONNECT_TIMEOUT_SECONDS = 5.0
+"""The only timeout of a relayed request: a turn may think for minutes; heartbeats keep proxies happy."""
 MAX_EVENT_BYTES = 16 * 2**20
 """Most bytes of one SSE event from a sandbox. Events are JSON of a model's output or a
 tool's result (an image read whole is a few MiB in base64); past this the sandbox is
 treated as lost."""
-"""The only timeout of a relayed request: a turn may think for minutes; heartbeats keep proxies happy."""
 
 
 class SandboxUnreachable(Exception):
