@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from hosting.contract import MAX_BODY_BYTES
+from hosting.http_limits import HttpLimits
 from hosting.server.box import (
     CLI_BYTES,
     CLI_SHARED_BYTES,
@@ -114,6 +115,8 @@ class Settings:
     anthropic_api_key: str | None = field(default=None, repr=False)
     claude_code_oauth_token: str | None = field(default=None, repr=False)
     max_body_bytes: int = MAX_BODY_BYTES
+    http: HttpLimits = field(default_factory=HttpLimits)
+    """Header deadline and size, keep-alive (``AGENT_HTTP_*``)."""
     heartbeat_seconds: float = 15.0
     warm_sessions: int = MAX_WARM_SESSIONS
     prewarm: int = MAX_PREWARM
@@ -149,6 +152,7 @@ class Settings:
             anthropic_base_url=optional_setting(env, "ANTHROPIC_BASE_URL"),
             anthropic_api_key=optional_setting(env, "ANTHROPIC_API_KEY"),
             claude_code_oauth_token=optional_setting(env, "CLAUDE_CODE_OAUTH_TOKEN"),
+            http=HttpLimits.from_env(env, "AGENT_"),
             heartbeat_seconds=float_setting(env, "AGENT_HEARTBEAT_SECONDS", cls.heartbeat_seconds),
             warm_sessions=int_setting(env, "AGENT_WARM_SESSIONS", fit.warm_sessions(prewarm)),
             prewarm=prewarm,

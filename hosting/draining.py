@@ -17,6 +17,8 @@ from typing import Protocol
 import uvicorn
 from starlette.types import ASGIApp
 
+from hosting.http_limits import HttpLimits, LimitedConfig
+
 logger = logging.getLogger("hosting.draining")
 
 
@@ -36,14 +38,16 @@ class DrainingServer(uvicorn.Server):
     On the first SIGTERM/SIGINT the listener stays open and new turns get 503
     with ``Retry-After`` while running turns finish (up to the grace period);
     then uvicorn shuts down as usual and the lifespan cleans up. The process
-    exits 0. A second signal exits at once.
+    exits 0. A second signal exits at once. Connections are served under ``limits``
+    (:mod:`hosting.http_limits`: header deadline and size, keep-alive).
     """
 
-    def __init__(self, app: ASGIApp, host: str, port: int, work: Drainable, grace_seconds: float) -> None:
+    def __init__(self, app: ASGIApp, host: str, port: int, work: Drainable, grace_seconds: float,
+                 limits: HttpLimits) -> None:
         # uvicorn's access line is off: the app writes its own once a response has ended
         # (hosting.telemetry.access), not while a turn streams.
-        super().__init__(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=5, log_config=None,
-                                        access_log=False))
+        super().__init__(LimitedConfig(app, limits, host=host, port=port, timeout_graceful_shutdown=5, log_config=None,
+                                       access_log=False))
         self._work = work
         self._grace_seconds = grace_seconds
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -28,6 +28,7 @@ from hosting.environments.locks import MemoryLocks, RedisLocks, SessionLocks
 from hosting.environments.sandboxes import SessionSandboxes
 from hosting.environments.settings import EnvironmentSettings
 from hosting.environments.webhook import create_app
+from hosting.http_limits import LimitedConfig
 from hosting.sandboxes.base import SandboxError
 from hosting.sandboxes.settings import open_backend
 
@@ -50,7 +51,8 @@ async def serve(settings: EnvironmentSettings) -> None:
     if settings.mode == "webhook":
         assert settings.webhook_secret is not None
         app = create_app(api, settings.webhook_secret, dispatcher)
-        server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+        server = uvicorn.Server(LimitedConfig(app, settings.http, host=settings.host, port=settings.port,
+                                              log_level="warning"))
         dispatcher.drain_requested.set()  # drain what queued while no orchestrator ran
         jobs += [dispatcher.drain_forever(), server.serve()]
     else:

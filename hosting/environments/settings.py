@@ -20,6 +20,7 @@ from typing import Literal
 
 from hosting.config import ConfigError, float_setting, int_setting, optional_setting
 from hosting.environments.sandboxes import runner_pod_template_error
+from hosting.http_limits import HttpLimits
 from hosting.sandboxes.settings import BackendSettings
 
 Mode = Literal["poll", "webhook"]
@@ -92,6 +93,8 @@ class EnvironmentSettings:
     """Webhook mode drains the queue this often even without a delivery (the safety net)."""
     host: str = "0.0.0.0"
     port: int = 8090
+    http: HttpLimits = field(default_factory=HttpLimits)
+    """The webhook receiver's header deadline and size, keep-alive (``ENVIRONMENT_HTTP_*``)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> EnvironmentSettings:
@@ -129,6 +132,7 @@ class EnvironmentSettings:
             webhook_drain_seconds=float_setting(env, "ENVIRONMENT_WEBHOOK_DRAIN_SECONDS", cls.webhook_drain_seconds),
             host=env.get("HOST", "").strip() or cls.host,
             port=int_setting(env, "PORT", cls.port, minimum=1),
+            http=HttpLimits.from_env(env, "ENVIRONMENT_"),
         )
         if settings.block_ms > MAX_BLOCK_MS:
             raise ConfigError(f"ENVIRONMENT_POLL_BLOCK_MS must be at most {MAX_BLOCK_MS} (the API's limit)")

@@ -4,6 +4,9 @@
 (``client.beta.webhooks.unwrap`` and the environment's signing secret) and, only then,
 wakes the drain in the background and answers 202 at once: the service does not wait
 for sandboxes. A bad or missing signature is refused with 400 and starts nothing.
+Its body limit is the contract's (:class:`hosting.contract.BodySizeLimit`, as on the
+server and the gateway): a declared length over it is refused before a byte is read, a
+chunked body the moment it passes it, with 413; nothing is buffered beyond the limit.
 ``GET /health`` answers liveness.
 """
 
@@ -16,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from hosting.contract import MAX_BODY_BYTES
+from hosting.contract import MAX_BODY_BYTES, BodySizeLimit
 from hosting.environments.dispatch import Dispatcher
 
 logger = logging.getLogger("hosting.environments.webhook")
@@ -24,6 +27,7 @@ logger = logging.getLogger("hosting.environments.webhook")
 
 def create_app(api: AsyncAnthropic, signing_secret: str, dispatcher: Dispatcher) -> FastAPI:
     app = FastAPI(title="agent-environment-orchestrator", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -31,9 +35,7 @@ def create_app(api: AsyncAnthropic, signing_secret: str, dispatcher: Dispatcher)
 
     @app.post("/webhooks")
     async def webhook(request: Request) -> Response:
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return JSONResponse({"detail": "webhook body too large"}, status_code=413)
+        body = await request.body()  # within the limit: BodySizeLimit answered 413 otherwise
         try:
             event = api.beta.webhooks.unwrap(body.decode(errors="replace"), headers=dict(request.headers),
                                              key=signing_secret)

@@ -445,4 +445,5 @@ def main() -> None:
         print(f"agent-gateway: {exc}", file=sys.stderr)
         sys.exit(2)
     app = create_app(settings, backend)
-    DrainingServer(app, settings.host, settings.port, app.state.relay, settings.shutdown_grace_seconds).run()
+    DrainingServer(app, settings.host, settings.port, app.state.relay, settings.shutdown_grace_seconds,
+                   settings.http).run()

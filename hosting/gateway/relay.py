@@ -5,7 +5,9 @@ The relay never parses or re-encodes a turn: chunks go out as they come in
 watches the lines go by to know the last event id and whether ``done`` was
 seen, so that a sandbox dying mid-stream ends the client's stream properly:
 an ``error`` event (``sandbox_lost``, retryable) and ``done``, with ids that
-continue the sandbox's.
+continue the sandbox's. An event without end (a line, or lines, past
+:data:`MAX_EVENT_BYTES` with no blank line) ends the stream the same way: the watcher
+holds an event's unfinished line, so one without end would grow the gateway's memory.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ END_AFTER_DONE_SECONDS = 2.0
 the connection is closed rather than reused."""
 CONNECT_TIMEOUT_SECONDS = 5.0
 """The only timeout of a relayed request: a turn may think for minutes; heartbeats keep proxies happy."""
+MAX_EVENT_BYTES = 16 * 2**20
+"""Most bytes of one SSE event from a sandbox. Events are JSON of a model's output or a
+tool's result (an image read whole is a few MiB in base64); past this the sandbox is
+treated as lost."""
 
 
 class SandboxUnreachable(Exception):
@@ -218,24 +224,38 @@ class StreamWatcher:
     and (for an ``observer``) each event as it completes. The one SSE reader of the gateway."""
 
     def __init__(self, observer: EventObserver | None = None) -> None:
-        self._partial = b""
+        self._partial: list[bytes] = []  # the unfinished line, in the pieces it came in
+        self._partial_bytes = 0
         self._observer = observer
         self._kind = b""
         self._data: list[bytes] = []
+        self._event_bytes = 0
         self.last_id: str | None = None
         self.done = False
 
+    @property
+    def unfinished(self) -> int:
+        """Bytes of the event in progress (its whole lines and its unfinished one)."""
+        return self._event_bytes + self._partial_bytes
+
     def feed(self, chunk: bytes) -> None:
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()
+        self._partial.append(chunk)
+        if b"\n" not in chunk:  # the line goes on: not copied again with each piece
+            self._partial_bytes += len(chunk)
+            return
+        lines = b"".join(self._partial).split(b"\n")
+        last = lines.pop()
+        self._partial, self._partial_bytes = ([last], len(last)) if last else ([], 0)
         for line in lines:
             line = line.rstrip(b"\r")
             if not line:  # an event is whole at its blank line, ``done`` too
                 self.done = self.done or self._kind == b"done"
                 if self._observer is not None and self._kind and self._data:
                     self._observer(self._kind.decode(errors="replace"), b"\n".join(self._data))
-                self._kind, self._data = b"", []
-            elif line.startswith(b"id:"):
+                self._kind, self._data, self._event_bytes = b"", [], 0
+                continue
+            self._event_bytes += len(line) + 1
+            if line.startswith(b"id:"):
                 self.last_id = line[3:].strip().decode(errors="replace")
             elif line.startswith(b"event:"):
                 self._kind = line[6:].strip()
@@ -332,6 +352,10 @@ class Relay:
                 if moved.is_set():  # not one more byte from a sandbox the session left
                     break
                 watcher.feed(chunk)
+                if watcher.unfinished > MAX_EVENT_BYTES:
+                    logger.warning("session %s: sandbox %s sent an event over %d bytes; its stream is cut",
+                                   route.session_id, route.sandbox_id, MAX_EVENT_BYTES)
+                    break
                 if watcher.done and on_end is not None:
                     end, on_end = on_end, None
                     await end()
@@ -357,6 +381,8 @@ class Relay:
                 logger.warning("session %s: moved off sandbox %s mid-stream; its stream is cut", route.session_id,
                                route.sandbox_id)
             ending = lost_stream(watcher.last_id, "the sandbox serving this session stopped mid-turn; send the turn again")
+            if watcher.unfinished:  # end the event cut short, so that the ending's events stand apart
+                ending = b"\n\n" + ending
             watcher.feed(ending)  # the observer sees the ending too
             yield ending, True
 

@@ -27,6 +27,13 @@ so the sandbox does not close it just as a request is written to it."""
 PAUSE_READING_BYTES = 256 * 1024
 """Unread bytes past which the sandbox's socket is not read until the relay catches up
 (a slow client slows its sandbox rather than the gateway's memory)."""
+MAX_HEAD_BYTES = 64 * 1024
+"""Most bytes of an answer's status line and headers (httptools keeps an unfinished
+header in memory): past it the connection is broken off."""
+MAX_ANSWER_BYTES = 16 * 2**20
+"""Most bytes of an answer read whole (:meth:`SandboxAnswer.read`, a non-streaming
+answer): a sandbox's answer is small JSON, so one without end is broken off here rather
+than held by the gateway. Streams are read piecewise and capped per event by the relay."""
 
 
 class ConnectFailed(Exception):
@@ -65,6 +72,7 @@ class SandboxConnection(asyncio.Protocol):
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._paused = False
+        self._head_bytes = 0
         self._error: str | None = None
         self.status: int | None = None
         self.headers: dict[str, str] = {}
@@ -83,6 +91,11 @@ class SandboxConnection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._break(f"unreadable answer: {exc}")
+            return
+        if self.status is None:  # still in the head: every byte read so far is the head's
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self.close(f"answer headers larger than {MAX_HEAD_BYTES} bytes")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -129,7 +142,7 @@ class SandboxConnection(asyncio.Protocol):
 
     def send(self, request: bytes) -> None:
         assert self._transport is not None
-        self._chunks, self._buffered, self.status, self.headers = [], 0, None, {}
+        self._chunks, self._buffered, self._head_bytes, self.status, self.headers = [], 0, 0, None, {}
         self.complete = self._keep_alive = False
         self._transport.write(request)
 
@@ -156,10 +169,10 @@ class SandboxConnection(asyncio.Protocol):
     def keep_alive(self) -> bool:
         return self.complete and self._keep_alive
 
-    def close(self) -> None:
+    def close(self, reason: str = "closed by the gateway") -> None:
         if self._transport is not None:
             self._transport.close()
-        self._break("closed by the gateway")
+        self._break(reason)
 
     def _raise_if_broken(self) -> None:
         if self._error is not None:
@@ -197,8 +210,14 @@ class SandboxAnswer:
         return await self._connection.read_any()
 
     async def read(self) -> bytes:
-        chunks = []
+        """The whole body; :class:`ConnectionBroken` past :data:`MAX_ANSWER_BYTES`."""
+        chunks, size = [], 0
         while chunk := await self._connection.read_any():
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                reason = f"answer larger than {MAX_ANSWER_BYTES} bytes"
+                self._connection.close(reason)
+                raise ConnectionBroken(reason)
             chunks.append(chunk)
         return b"".join(chunks)
 

@@ -25,6 +25,7 @@ from hosting.gateway.tenants import (
     load_tenant_tokens,
     usd_amount,
 )
+from hosting.http_limits import HttpLimits
 from hosting.sandboxes.settings import BackendSettings
 from hosting.telemetry.settings import TelemetrySettings, telemetry_sandbox_env
 
@@ -95,6 +96,8 @@ class GatewaySettings:
     shutdown_grace_seconds: float = 30.0
     admin_token: str | None = field(default=None, repr=False)
     max_body_bytes: int = MAX_BODY_BYTES
+    http: HttpLimits = field(default_factory=HttpLimits)
+    """Header deadline and size, keep-alive (``GATEWAY_HTTP_*``)."""
     sandbox_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     tenant_max_sandboxes: int = TenantLimits.max_sandboxes
     """Live sandboxes per tenant (``GATEWAY_TENANT_MAX_SANDBOXES``; 0 = unlimited)."""
@@ -158,6 +161,7 @@ class GatewaySettings:
             provision_timeout_seconds=provision_timeout_seconds,
             shutdown_grace_seconds=float_setting(env, "GATEWAY_SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),
             admin_token=optional_setting(env, "GATEWAY_ADMIN_TOKEN"),
+            http=HttpLimits.from_env(env, "GATEWAY_"),
             sandbox_env=_sandbox_env(env),
             telemetry=TelemetrySettings.from_env(env, default_service="agent-gateway",
                                                  metrics_token_variable="GATEWAY_METRICS_TOKEN"),

@@ -212,5 +212,6 @@ def main() -> None:
     except (ConfigError, MissingStoreDriver, OSError) as exc:
         print(f"agent-server: {exc}", file=sys.stderr)
         sys.exit(2)
-    DrainingServer(app, settings.host, settings.port, app.state.sessions, settings.shutdown_grace_seconds).run()
+    DrainingServer(app, settings.host, settings.port, app.state.sessions, settings.shutdown_grace_seconds,
+                   settings.http).run()
 
