@@ -32,8 +32,15 @@ import yaml
 
 from tests.conftest import BASE_IMAGE, ROOT, docker, free_port, post_turn, wait_for
 
-pytestmark = [pytest.mark.docker, pytest.mark.e2e,
-              pytest.mark.skipif(shutil.which("docker-compose") is None, reason="needs docker-compose")]
+DEPLOYED = [pytest.mark.docker, pytest.mark.e2e,
+            pytest.mark.skipif(shutil.which("docker-compose") is None, reason="needs docker-compose")]
+"""The marks of every test of the deployment (the settings' unit tests at the end need none)."""
+
+
+def deployed(test: Any) -> Any:
+    for mark in DEPLOYED:
+        test = mark(test)
+    return test
 
 COMPOSE_FILE = ROOT / "hosting/docker/gateway-compose.yml"
 AGENT_IMAGE = "confined-agent:test"
@@ -88,7 +95,9 @@ def inspect(container: str) -> dict[str, Any]:
 
 
 def python_in(container: str, code: str, *args: str) -> str:
-    return docker("exec", container, "python3", "-c", code, *args).stdout.strip()
+    # A name nothing answers for waits out the resolver's retries: one try of one second each.
+    return docker("exec", "-e", "RES_OPTIONS=timeout:1 attempts:1", container, "python3", "-c", code,
+                  *args).stdout.strip()
 
 
 def _build_images() -> None:
@@ -225,6 +234,7 @@ def _sandbox(deployed: Deployment) -> str:
     return str(first)
 
 
+@deployed
 def test_a_turn_with_recall_through_the_gateways_published_port(deployment: Deployment) -> None:
     """The whole path: host → gateway (127.0.0.1) → sandbox by name → proxy → the model API."""
     headers = {"authorization": f"Bearer {TOKEN}"}
@@ -238,6 +248,7 @@ def test_a_turn_with_recall_through_the_gateways_published_port(deployment: Depl
     assert route["address"] == f"http://agent-{route['sandbox_id']}:8000"  # by name, on the internal network
 
 
+@deployed
 def test_the_host_reaches_only_the_gateways_port_on_loopback(deployment: Deployment) -> None:
     published = {}
     for name, container in {**_project_containers(deployment), "sandbox": _sandbox(deployment)}.items():
@@ -249,6 +260,7 @@ def test_the_host_reaches_only_the_gateways_port_on_loopback(deployment: Deploym
     assert all(not ports for ports in published.values()), published
 
 
+@deployed
 def test_the_sandbox_network_is_internal_and_holds_only_gateway_proxy_and_sandboxes(deployment: Deployment) -> None:
     (network,) = json.loads(docker("network", "inspect", deployment.network).stdout)
     assert network["Internal"] is True
@@ -262,6 +274,7 @@ def test_the_sandbox_network_is_internal_and_holds_only_gateway_proxy_and_sandbo
     assert store["Internal"] is True and set(store["Containers"]) == {containers["gateway"], containers["redis"]}
 
 
+@deployed
 def test_a_sandbox_has_no_default_route_no_published_port_and_no_key(deployment: Deployment) -> None:
     sandbox = _sandbox(deployment)
     attrs = inspect(sandbox)
@@ -289,6 +302,7 @@ def test_a_sandbox_has_no_default_route_no_published_port_and_no_key(deployment:
     assert not any(m["Source"].endswith("docker.sock") for m in attrs["Mounts"])
 
 
+@deployed
 def test_the_model_is_reachable_from_a_sandbox_only_through_the_proxy(deployment: Deployment) -> None:
     sandbox = _sandbox(deployment)
     model = _project_containers(deployment)["model-api"]
@@ -312,6 +326,7 @@ def test_the_model_is_reachable_from_a_sandbox_only_through_the_proxy(deployment
     assert f"0.0.0.0/0 via {egress_gateway}" in routes(proxy)
 
 
+@deployed
 def test_the_key_is_only_in_the_proxy_container(deployment: Deployment) -> None:
     containers = _project_containers(deployment)
     proxy = containers.pop("egress-proxy")
@@ -321,3 +336,31 @@ def test_the_key_is_only_in_the_proxy_container(deployment: Deployment) -> None:
         environ = docker("exec", container, "cat", "/proc/1/environ").stdout
         assert deployment.key not in environ, name
         assert docker("exec", container, "test", "-e", "/run/secrets/model-key", check=False).returncode != 0, name
+
+
+@pytest.mark.parametrize("value", ["confined-sandboxes", "agent_sandboxes.2"])
+def test_a_user_defined_docker_network_is_a_setting(value: str) -> None:
+    from hosting.sandboxes.settings import BackendSettings
+
+    settings = BackendSettings.from_env({"GATEWAY_DOCKER_NETWORK": value}, "GATEWAY_", data_dir=Path("d"),
+                                        installation="default", modal_app="m", start_timeout_seconds=1)
+    assert settings.docker_network == value
+
+
+@pytest.mark.parametrize("value", ["none", "container:abc", "-x", "a b", "x" * 129])
+def test_a_docker_network_that_cannot_hold_sandboxes_is_refused(value: str) -> None:
+    from hosting.config import ConfigError
+    from hosting.sandboxes.settings import BackendSettings
+
+    with pytest.raises(ConfigError, match="GATEWAY_DOCKER_NETWORK must be bridge, host or the name of a Docker network"):
+        BackendSettings.from_env({"GATEWAY_DOCKER_NETWORK": value}, "GATEWAY_", data_dir=Path("d"),
+                                 installation="default", modal_app="m", start_timeout_seconds=1)
+
+
+def test_a_sandbox_on_a_user_defined_network_is_addressed_by_its_container_name() -> None:
+    from hosting.sandboxes.docker import _sandbox
+
+    labels = {"research-agent.sandbox": "sb-1", "research-agent.volume": "v", "research-agent.session": "s",
+              "research-agent.tenant": "acme", "research-agent.created-at": "1.0", "research-agent.port": "8000"}
+    assert _sandbox(labels, "confined-sandboxes", {}).address == "http://agent-sb-1:8000"
+    assert _sandbox(labels, "bridge", {8000: 41234}).address == "http://127.0.0.1:41234"
