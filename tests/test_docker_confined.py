@@ -126,6 +126,7 @@ def _override(workdir: Path) -> Path:
     override = {"services": {
         "egress-proxy": {
             "environment": {"EGRESS_CA_FILE": "/etc/test-ca/ca.pem"},
+            "depends_on": ["model-api"],  # nginx resolves its upstream once, at start
             "volumes": [f"{workdir / 'ca.pem'}:/etc/test-ca/ca.pem:ro"],
         },
         "model-api": {
@@ -195,15 +196,18 @@ def _tear_down(deployed: Deployment) -> None:
                     deployed.env["CONFINED_OVERRIDE"], "rm", "-sf", "gateway"],
                    capture_output=True, timeout=120, env=deployed.env)
     label = f"label=research-agent.installation={deployed.installation}"
-    containers = docker("ps", "-aq", "--filter", label, check=False).stdout.split()
-    if containers:
-        docker("rm", "-f", *containers, check=False)
-    volumes = docker("volume", "ls", "-q", "--filter", label, check=False).stdout.split()
-    if volumes:
-        docker("volume", "rm", "-f", *volumes, check=False)
-    subprocess.run(["docker-compose", "-p", deployed.project, "-f", str(COMPOSE_FILE), "-f",
-                    deployed.env["CONFINED_OVERRIDE"], "down", "-v", "--remove-orphans", "-t", "5"],
-                   capture_output=True, timeout=300, env=deployed.env)
+    for _ in range(2):  # again if a create the gateway had asked for landed after the first pass
+        containers = docker("ps", "-aq", "--filter", label, check=False).stdout.split()
+        if containers:
+            docker("rm", "-f", *containers, check=False)
+        volumes = docker("volume", "ls", "-q", "--filter", label, check=False).stdout.split()
+        if volumes:
+            docker("volume", "rm", "-f", *volumes, check=False)
+        subprocess.run(["docker-compose", "-p", deployed.project, "-f", str(COMPOSE_FILE), "-f",
+                        deployed.env["CONFINED_OVERRIDE"], "down", "-v", "--remove-orphans", "-t", "5"],
+                       capture_output=True, timeout=300, env=deployed.env)
+        if docker("network", "inspect", deployed.network, check=False).returncode != 0:
+            return
 
 
 def routes(container: str) -> list[str]:
