@@ -33,7 +33,8 @@ import yaml
 from tests.conftest import BASE_IMAGE, ROOT, docker, free_port, post_turn, wait_for
 
 DEPLOYED = [pytest.mark.docker, pytest.mark.e2e,
-            pytest.mark.skipif(shutil.which("docker-compose") is None, reason="needs docker-compose")]
+            pytest.mark.skipif(shutil.which("docker-compose") is None, reason="needs docker-compose"),
+            pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the key file is handed to the proxy's uid")]
 """The marks of every test of the deployment (the settings' unit tests at the end need none)."""
 
 
