@@ -277,6 +277,11 @@ def test_the_sandbox_network_is_internal_and_holds_only_gateway_proxy_and_sandbo
                           for c in others)  # sandboxes only: not Redis, not the model API
     (store,) = json.loads(docker("network", "inspect", f"{deployment.project}_store").stdout)
     assert store["Internal"] is True and set(store["Containers"]) == {containers["gateway"], containers["redis"]}
+    host_addresses = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=True).stdout
+    for internal in (network, store):  # the host has no foot on either
+        assert internal["Options"].get("com.docker.network.bridge.inhibit_ipv4") == "true"
+        ((gateway,),) = [[c["Gateway"]] for c in internal["IPAM"]["Config"]]
+        assert f" {gateway}/" not in host_addresses
 
 
 @deployed
