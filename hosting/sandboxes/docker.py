@@ -22,6 +22,13 @@ Networks:
 - ``host``: the container shares the host's network; the server listens on
   127.0.0.1 and a free port, chosen as the local backend does (a lost race is
   retried on another port), and ``create`` returns once it answers.
+- any other name: a user-defined network, made beforehand (the confined tier makes it
+  ``internal``, with the egress proxy as its only way out). The container joins it,
+  publishes no port, and is addressed as ``http://agent-<sandbox_id>:8000`` through the
+  engine's DNS on that network, so the gateway must be on it too (it runs in a container
+  beside the sandboxes: ``hosting/docker/gateway-compose.yml``).
+
+``bridge`` and ``host`` are development modes: nothing stops a sandbox's egress there.
 
 Commands in a sandbox (:meth:`DockerBackend.run_command`, ``start_command``) are
 ``docker exec`` in its container, as its user, in ``/data``; they end with it.
@@ -36,7 +43,7 @@ import builtins
 import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from hosting.sandboxes._shared import BIND_ATTEMPTS, await_serving, finish_or_delete, free_loopback_port, tail
 from hosting.sandboxes.base import (
@@ -86,15 +93,15 @@ class DockerBackend(SandboxBackend):
 
     name = "docker"
 
-    def __init__(self, image: str, installation: str = "default", network: Literal["host", "bridge"] = "bridge",
+    def __init__(self, image: str, installation: str = "default", network: str = "bridge",
                  memory_bytes: int | None = None, nano_cpus: int | None = None, client: Any = None, *,
                  start_timeout: float = 90.0, stop_timeout: int = 5) -> None:
         """``client`` is a ``docker.DockerClient`` (default: from the environment, closed
         by :meth:`aclose`). Raises :class:`SandboxError` without the SDK or the engine."""
         if not _HAVE_SDK:
             raise SandboxError(SDK_MISSING)
-        if network not in ("host", "bridge"):
-            raise ValueError(f"network must be 'host' or 'bridge', not {network!r}")
+        if not network or network == "none" or ":" in network:
+            raise ValueError(f"network must be 'host', 'bridge' or a user-defined network's name, not {network!r}")
         try:
             self._client = client if client is not None else docker.from_env()
         except DockerException as exc:
@@ -123,6 +130,8 @@ class DockerBackend(SandboxBackend):
     async def _create(self, spec: SandboxSpec) -> Sandbox:
         name = container_name(spec.sandbox_id)
         await self._call(self._check_image)
+        if self.network not in ("host", "bridge"):
+            await self._call(self._check_network)
         if await self._call(self._named, name):  # before the cleanup below could remove it
             raise SandboxError(f"sandbox {spec.sandbox_id} exists already")
         made_volume = await self._call(self._ensure_volume, spec.volume)
@@ -147,7 +156,7 @@ class DockerBackend(SandboxBackend):
         attrs = await self._call(self._run, spec, spec.server_env(host=host, port=port, data_dir=DATA_DIR), port)
         sandbox = _sandbox(attrs["Config"]["Labels"], attrs["HostConfig"]["NetworkMode"],
                            _published(attrs["NetworkSettings"]["Ports"] or {}))
-        if self.network == "bridge":
+        if self.network != "host":
             return sandbox
 
         async def exited() -> str | None:
@@ -163,6 +172,13 @@ class DockerBackend(SandboxBackend):
             raise SandboxError(f"image {self.image!r} is not on the Docker engine: build hosting/Dockerfile") from None
         if (config.get("User") or "root").split(":")[0] in ("root", "0"):
             raise SandboxError(f"image {self.image!r} runs as root: a sandbox runs as the image's non-root user")
+
+    def _check_network(self) -> None:
+        try:
+            self._client.api.inspect_network(self.network)
+        except NotFound:
+            raise SandboxError(f"docker network {self.network!r} does not exist: create it, or start "
+                               "hosting/docker/gateway-compose.yml, which does") from None
 
     def _named(self, name: str) -> bool:
         """Whether a container of that name exists, in any state or installation."""
@@ -193,7 +209,8 @@ class DockerBackend(SandboxBackend):
         }
         network: dict[str, Any] = (
             {"network_mode": "host"} if self.network == "host"
-            else {"ports": {f"{SERVER_PORT}/tcp": ("127.0.0.1",)}}
+            else {"ports": {f"{SERVER_PORT}/tcp": ("127.0.0.1",)}} if self.network == "bridge"
+            else {"network": self.network}  # no port published: reached by name on that network
         )
         try:
             container = self._client.containers.create(
@@ -343,10 +360,13 @@ def _published(ports: dict[str, Any]) -> dict[int, int]:
 
 def _sandbox(labels: dict[str, str], network_mode: str, published: dict[int, int]) -> Sandbox:
     """The sandbox a container's labels describe. A bridge container that is created
-    but not started has no host port yet: its address is empty until it runs."""
+    but not started has no host port yet: its address is empty until it runs. On a
+    user-defined network it is its container's name, which the engine's DNS resolves there."""
     if network_mode == "host":
         address = f"http://127.0.0.1:{labels[PORT_LABEL]}"
-    else:
+    elif network_mode in ("bridge", "default"):
         address = f"http://127.0.0.1:{published[SERVER_PORT]}" if SERVER_PORT in published else ""
+    else:
+        address = f"http://{container_name(labels[SANDBOX_LABEL])}:{labels[PORT_LABEL]}"
     return Sandbox(labels[SANDBOX_LABEL], DockerBackend.name, address, labels[VOLUME_LABEL],
                    labels[SESSION_LABEL] or None, labels[TENANT_LABEL] or None, float(labels[CREATED_LABEL]))

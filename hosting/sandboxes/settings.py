@@ -19,8 +19,8 @@ from hosting.sandboxes.base import SandboxBackend
 
 BackendName = Literal["local", "docker", "kubernetes", "modal"]
 BACKENDS: tuple[BackendName, ...] = ("local", "docker", "kubernetes", "modal")
-DockerNetwork = Literal["bridge", "host"]
-DOCKER_NETWORKS: tuple[DockerNetwork, ...] = ("bridge", "host")
+_DOCKER_NETWORK_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")
+"""A network name as the engine accepts one (``none`` and ``container:<id>`` are refused apart)."""
 KubernetesVolumes = Literal["emptydir", "pvc"]
 KUBERNETES_VOLUMES: tuple[KubernetesVolumes, ...] = ("emptydir", "pvc")
 _QUANTITY = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[KMGTPE]i|[kMGTPE])?")
@@ -48,6 +48,15 @@ def _volume_size(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+def _docker_network(env: Mapping[str, str], name: str) -> str:
+    """``bridge`` (unset), ``host``, or the name of a user-defined network; ``none`` would leave
+    the gateway no way to reach its sandboxes."""
+    raw = env.get(name, "").strip() or "bridge"
+    if raw == "none" or not _DOCKER_NETWORK_NAME.fullmatch(raw):
+        raise ConfigError(f"{name} must be bridge, host or the name of a Docker network, got {raw!r}")
+    return raw
+
+
 def _storage_class(env: Mapping[str, str], name: str) -> str | None:
     raw = optional_setting(env, name)
     if raw is not None and not (len(raw) <= 253 and _DNS_SUBDOMAIN.fullmatch(raw)):
@@ -67,7 +76,11 @@ class BackendSettings:
     start_timeout_seconds: float = 120.0
     """How long a local sandbox may take to answer (the host's provisioning timeout)."""
     docker_image: str = "research-agent"
-    docker_network: DockerNetwork = "bridge"
+    docker_network: str = "bridge"
+    """``DOCKER_NETWORK``: ``bridge`` publishes each sandbox on 127.0.0.1 and ``host`` shares the
+    host's network (both development modes); any other name is a user-defined network the
+    sandboxes join with no published port, addressed by container name (the confined tier,
+    hosting/docker/gateway-compose.yml)."""
     kubernetes_namespace: str = "default"
     """``KUBERNETES_NAMESPACE``: where sandbox pods are made."""
     kubernetes_pod_template: Path = Path("/etc/agent-gateway/agent-pod-template.yaml")
@@ -104,7 +117,7 @@ class BackendSettings:
             installation=optional_setting(env, f"{prefix}INSTALLATION") or installation,
             start_timeout_seconds=start_timeout_seconds,
             docker_image=optional_setting(env, f"{prefix}DOCKER_IMAGE") or cls.docker_image,
-            docker_network=_choice(env, f"{prefix}DOCKER_NETWORK", DOCKER_NETWORKS),
+            docker_network=_docker_network(env, f"{prefix}DOCKER_NETWORK"),
             kubernetes_namespace=optional_setting(env, f"{prefix}KUBERNETES_NAMESPACE") or cls.kubernetes_namespace,
             kubernetes_pod_template=Path(optional_setting(env, f"{prefix}KUBERNETES_POD_TEMPLATE")
                                          or cls.kubernetes_pod_template),
