@@ -154,6 +154,20 @@ def test_the_watcher_follows_lines_split_across_chunks() -> None:
     assert watcher.done
 
 
+def test_the_watcher_relays_whole_events_only_whatever_the_chunks() -> None:
+    whole = b'event: text\r\nid: 4\r\ndata: {"v": 1}\r\n\r\n: ping\n\nevent: text\nid: 5\ndata: {"v": 2}\n\n'
+    cut_short = b'event: text\r\nid: 6\r\ndata: {"v": 3, "te'
+    for size in (1, 2, 5, 7, len(whole) + len(cut_short)):
+        watcher, relayed = StreamWatcher(), []
+        stream = whole + cut_short
+        for i in range(0, len(stream), size):
+            relayed.append(watcher.feed(stream[i:i + size]))
+            assert all(part.endswith((b"\n\n", b"\n\r\n")) for part in relayed if part), "whole events only"
+        assert b"".join(relayed) == whole and watcher.unfinished == len(cut_short)
+        watcher.drop_unfinished()
+        assert watcher.feed(lost_stream(watcher.last_id, "gone")) == lost_stream("6", "gone")
+
+
 def test_the_watcher_hands_each_whole_event_to_its_observer() -> None:
     seen: list[tuple[str, bytes]] = []
     watcher = StreamWatcher(lambda kind, data: seen.append((kind, data)))

@@ -1,13 +1,13 @@
 """Passing requests to a sandbox and its SSE bytes back, unchanged.
 
-The relay never parses or re-encodes a turn: chunks go out as they come in
-(heartbeat comments included), so the gateway adds no buffering. It only
-watches the lines go by to know the last event id and whether ``done`` was
-seen, so that a sandbox dying mid-stream ends the client's stream properly:
-an ``error`` event (``sandbox_lost``, retryable) and ``done``, with ids that
-continue the sandbox's. An event without end (a line, or lines, past
-:data:`MAX_EVENT_BYTES` with no blank line) ends the stream the same way: the watcher
-holds an event's unfinished line, so one without end would grow the gateway's memory.
+The relay never parses or re-encodes a turn: bytes go out as their events
+complete (heartbeat comments included), so the gateway adds no buffering beyond
+the event in progress. It watches the lines go by to know the last event id and
+whether ``done`` was seen, so that a sandbox dying mid-stream ends the client's
+stream properly: an ``error`` event (``sandbox_lost``, retryable) and ``done``,
+with ids that continue the sandbox's, and never half an event before them. An
+event without end (past :data:`MAX_EVENT_BYTES` with no blank line) ends the
+stream the same way, rather than growing the gateway's memory.
 """
 
 from __future__ import annotations
@@ -221,46 +221,68 @@ EventObserver = Callable[[str, bytes], None]
 
 class StreamWatcher:
     """Follows SSE lines across chunk boundaries: the last ``id:``, whether ``done`` came whole,
-    and (for an ``observer``) each event as it completes. The one SSE reader of the gateway."""
+    and (for an ``observer``) each event as it completes. The one SSE reader of the gateway.
+
+    :meth:`feed` hands back only bytes that end whole events and holds the event in progress,
+    so a stream cut short (a sandbox lost, an event past :data:`MAX_EVENT_BYTES`) never
+    leaves a client half an event before the ``sandbox_lost`` ending."""
 
     def __init__(self, observer: EventObserver | None = None) -> None:
-        self._partial: list[bytes] = []  # the unfinished line, in the pieces it came in
-        self._partial_bytes = 0
+        self._held: list[bytes] = []  # the event in progress, in the pieces it came in
+        self._held_bytes = 0
+        self._line: list[bytes] = []  # its unfinished line
+        self._line_bytes = 0
         self._observer = observer
         self._kind = b""
         self._data: list[bytes] = []
-        self._event_bytes = 0
         self.last_id: str | None = None
         self.done = False
 
     @property
     def unfinished(self) -> int:
-        """Bytes of the event in progress (its whole lines and its unfinished one)."""
-        return self._event_bytes + self._partial_bytes
+        """Bytes of the event in progress, held back."""
+        return self._held_bytes
 
-    def feed(self, chunk: bytes) -> None:
-        self._partial.append(chunk)
+    def drop_unfinished(self) -> None:
+        """Forget the event in progress (the stream that was sending it is cut)."""
+        self._held, self._held_bytes, self._line, self._line_bytes = [], 0, [], 0
+        self._kind, self._data = b"", []
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take the next chunk; the bytes to relay now (the whole events it completes)."""
+        self._held.append(chunk)
+        self._held_bytes += len(chunk)
         if b"\n" not in chunk:  # the line goes on: not copied again with each piece
-            self._partial_bytes += len(chunk)
-            return
-        lines = b"".join(self._partial).split(b"\n")
+            self._line.append(chunk)
+            self._line_bytes += len(chunk)
+            return b""
+        before = self._line_bytes
+        lines = b"".join([*self._line, chunk]).split(b"\n")
         last = lines.pop()
-        self._partial, self._partial_bytes = ([last], len(last)) if last else ([], 0)
-        for line in lines:
-            line = line.rstrip(b"\r")
+        self._line, self._line_bytes = ([last], len(last)) if last else ([], 0)
+        offset, boundary = 0, 0
+        for raw in lines:
+            offset += len(raw) + 1
+            line = raw.rstrip(b"\r")
             if not line:  # an event is whole at its blank line, ``done`` too
+                boundary = offset
                 self.done = self.done or self._kind == b"done"
                 if self._observer is not None and self._kind and self._data:
                     self._observer(self._kind.decode(errors="replace"), b"\n".join(self._data))
-                self._kind, self._data, self._event_bytes = b"", [], 0
-                continue
-            self._event_bytes += len(line) + 1
-            if line.startswith(b"id:"):
+                self._kind, self._data = b"", []
+            elif line.startswith(b"id:"):
                 self.last_id = line[3:].strip().decode(errors="replace")
             elif line.startswith(b"event:"):
                 self._kind = line[6:].strip()
             elif self._observer is not None and line.startswith(b"data:"):
                 self._data.append(line[5:].strip())
+        if not boundary:
+            return b""
+        cut = boundary - before  # the blank line's end, in this chunk
+        whole = b"".join([*self._held[:-1], chunk[:cut]])
+        self._held = [chunk[cut:]] if cut < len(chunk) else []
+        self._held_bytes = len(chunk) - cut
+        return whole
 
 
 class Relay:
@@ -351,7 +373,7 @@ class Relay:
             while chunk := await response.read_any():
                 if moved.is_set():  # not one more byte from a sandbox the session left
                     break
-                watcher.feed(chunk)
+                whole = watcher.feed(chunk)
                 if watcher.unfinished > MAX_EVENT_BYTES:
                     logger.warning("session %s: sandbox %s sent an event over %d bytes; its stream is cut",
                                    route.session_id, route.sandbox_id, MAX_EVENT_BYTES)
@@ -359,7 +381,8 @@ class Relay:
                 if watcher.done and on_end is not None:
                     end, on_end = on_end, None
                     await end()
-                yield chunk, watcher.done
+                if whole:
+                    yield whole, watcher.done
                 if watcher.done:
                     with contextlib.suppress(SandboxLost, TimeoutError):
                         async with asyncio.timeout(END_AFTER_DONE_SECONDS):
@@ -381,8 +404,7 @@ class Relay:
                 logger.warning("session %s: moved off sandbox %s mid-stream; its stream is cut", route.session_id,
                                route.sandbox_id)
             ending = lost_stream(watcher.last_id, "the sandbox serving this session stopped mid-turn; send the turn again")
-            if watcher.unfinished:  # end the event cut short, so that the ending's events stand apart
-                ending = b"\n\n" + ending
+            watcher.drop_unfinished()  # held back: the client never sees half an event
             watcher.feed(ending)  # the observer sees the ending too
             yield ending, True
 

@@ -59,7 +59,7 @@ from hosting.sandboxes.base import (
 
 try:
     import docker
-    from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+    from docker.errors import APIError, ContainerError, DockerException, ImageNotFound, NotFound
 except ImportError:
     _HAVE_SDK = False
 else:
@@ -233,7 +233,27 @@ class DockerBackend(SandboxBackend):
             output = container.logs().decode(errors="replace")
             container.remove(force=True)
             raise SandboxError(f"sandbox {spec.sandbox_id} exited at once:\n{tail(output)}")
+        if self.network not in ("host", "bridge"):
+            try:
+                self._drop_default_route(container.id)
+            except BaseException:
+                container.remove(force=True)
+                raise
         return attrs
+
+    def _drop_default_route(self, container_id: str) -> None:
+        """Remove the sandbox's default route before it serves anything (see
+        :mod:`hosting.sandboxes.no_default_route`): a short-lived container of the same image
+        in the sandbox's network namespace, root with ``CAP_NET_ADMIN`` only. A sandbox that
+        keeps a route out is not handed out."""
+        try:
+            self._client.containers.run(
+                self.image, entrypoint=["python3", "-m", "hosting.sandboxes.no_default_route"],
+                network_mode=f"container:{container_id}", user="0", cap_drop=["ALL"], cap_add=["NET_ADMIN"],
+                security_opt=["no-new-privileges"], remove=True)
+        except ContainerError as exc:
+            output = (exc.stderr or b"").decode(errors="replace")
+            raise SandboxError(f"the sandbox's default route could not be removed: {tail(output)}") from None
 
     def _output_if_exited(self, name: str) -> str | None:
         try:
