@@ -20,6 +20,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
@@ -154,6 +155,9 @@ class RequestSpans:
         token = request_context.set(context)
         method = scope["method"]
         parent, links = self._parent(headers)
+        # Current for the whole request, not only as the span's parent: the span alone would
+        # carry the trace on, but not the baggage.
+        attached = otel_context.attach(parent)
         try:
             with self.tracer.start_as_current_span(f"{method} {route}", context=parent, kind=SpanKind.SERVER,
                                                    links=links) as span:
@@ -174,4 +178,5 @@ class RequestSpans:
                 if context.tenant is not None:
                     span.set_attribute("agent.tenant", context.tenant)
         finally:
+            otel_context.detach(attached)
             request_context.reset(token)
