@@ -2,10 +2,11 @@
 
 FastAPI's own ``/docs`` and ``/redoc`` fetch their scripts from a CDN, on the chat page's
 origin: whoever serves that script could act with the page's token. Here Swagger UI's
-script, stylesheet and icon come from the ``swagger-ui-bundle`` package (a maintained
-wheel of Swagger UI's release files) and are served by the app itself, and the page's
-Content-Security-Policy lets it load and call its own origin only. ReDoc stays off: no
-maintained package ships its script, and Swagger UI shows the same schema.
+script, stylesheet and icon come from the ``fastapi-offline`` package (Swagger UI 5's release
+files, for FastAPI; ``swagger-ui-bundle`` ships Swagger UI 4, which cannot read the
+OpenAPI 3.1 schema FastAPI writes) and are served by the app itself, and the page's
+Content-Security-Policy lets it load and call its own origin only. ReDoc stays off: one
+page shows the schema, and ReDoc's search needs workers from ``blob:`` URLs.
 ``/openapi.json`` is served either way.
 """
 
@@ -14,16 +15,17 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Awaitable, Callable
+from importlib.resources import files
 
 from fastapi import FastAPI
 from fastapi.responses import Response
-from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]  # ships no py.typed; the one name used is a Path
 
+ASSET_DIR = files("fastapi_offline") / "static"
 DOCS_PATH = "/docs"
 ASSETS = {
     f"{DOCS_PATH}/swagger-ui-bundle.js": ("swagger-ui-bundle.js", "text/javascript; charset=utf-8"),
     f"{DOCS_PATH}/swagger-ui.css": ("swagger-ui.css", "text/css; charset=utf-8"),
-    f"{DOCS_PATH}/favicon.png": ("favicon-32x32.png", "image/png"),
+    f"{DOCS_PATH}/favicon.png": ("favicon.png", "image/png"),
 }
 PAGE = f"""<!DOCTYPE html>
 <html lang="en">
@@ -65,7 +67,7 @@ def install_api_docs(app: FastAPI) -> None:
         DOCS_PATH: (PAGE.format(title=html.escape(app.title)).encode(), "text/html; charset=utf-8"),
         f"{DOCS_PATH}/start.js": (START.format(openapi_url=json.dumps(app.openapi_url)).encode(),
                                   "text/javascript; charset=utf-8"),
-        **{path: ((swagger_ui_path / name).read_bytes(), media_type) for path, (name, media_type) in ASSETS.items()},
+        **{path: ((ASSET_DIR / name).read_bytes(), media_type) for path, (name, media_type) in ASSETS.items()},
     }
     for path, (body, media_type) in files.items():
         app.add_api_route(path, _responder(body, media_type), methods=["GET", "HEAD"], include_in_schema=False)
