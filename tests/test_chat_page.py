@@ -424,3 +424,8 @@ def test_the_api_page_renders_from_its_own_origin(server: ServerProcess, watched
     expect(watched.page.locator(".opblock-summary-path", has_text="/sessions/{session_id}/messages")).to_have_count(1)
     assert requested and all(url.startswith(f"{server.base_url}/") for url in requested), requested
     assert f"{server.base_url}/openapi.json" in requested and violations == []
+
+
+def test_the_gateway_serves_no_api_page_from_another_origin(gateway_url: str) -> None:
+    for path in ("/docs", "/redoc"):
+        assert httpx.get(f"{gateway_url}{path}").status_code == 404, path
