@@ -27,7 +27,8 @@ from hosting.server.box import (
     read_box,
     usable_cpus,
 )
-from hosting.telemetry.settings import TelemetrySettings, cli_telemetry_env
+from hosting.server.loopback import is_loopback
+from hosting.telemetry.settings import TelemetrySettings, cli_telemetry_env, flag_setting
 from research_agent.options import DEFAULT_MODEL
 
 _N = TypeVar("_N", int, float)
@@ -110,6 +111,10 @@ class Settings:
     port: int = 8000
     data_dir: Path = Path("/data")
     auth_token: str | None = field(default=None, repr=False)
+    allow_unauthenticated: bool = False
+    """``AGENT_ALLOW_UNAUTHENTICATED=1``: serve without a token on a non-loopback address, on purpose."""
+    api_docs: bool = False
+    """``AGENT_API_DOCS=1``: serve the interactive API page at ``/docs`` (same-origin assets only)."""
     model: str = DEFAULT_MODEL
     anthropic_base_url: str | None = None
     anthropic_api_key: str | None = field(default=None, repr=False)
@@ -148,6 +153,8 @@ class Settings:
             port=int_setting(env, "PORT", cls.port, minimum=1),
             data_dir=Path(env.get("AGENT_DATA_DIR", "").strip() or cls.data_dir),
             auth_token=optional_setting(env, "AGENT_AUTH_TOKEN"),
+            allow_unauthenticated=flag_setting(env, "AGENT_ALLOW_UNAUTHENTICATED"),
+            api_docs=flag_setting(env, "AGENT_API_DOCS"),
             model=env.get("MODEL", "").strip() or DEFAULT_MODEL,
             anthropic_base_url=optional_setting(env, "ANTHROPIC_BASE_URL"),
             anthropic_api_key=optional_setting(env, "ANTHROPIC_API_KEY"),
@@ -201,6 +208,21 @@ class Settings:
                 "No model credentials: set ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN "
                 "(for the offline local model any non-empty value works, with "
                 "ANTHROPIC_BASE_URL pointing at it)."
+            )
+
+    @property
+    def on_loopback(self) -> bool:
+        """Listening on a loopback address: only this machine can connect, so no token is needed,
+        and requests must name a loopback host (:mod:`hosting.server.loopback`)."""
+        return is_loopback(self.host)
+
+    def require_auth_off_loopback(self) -> None:
+        """Never open to a network by accident: off loopback, a token or an explicit opt-out."""
+        if not (self.on_loopback or self.auth_token or self.allow_unauthenticated):
+            raise ConfigError(
+                f"HOST={self.host} is reachable from other machines and AGENT_AUTH_TOKEN is not set: set "
+                "AGENT_AUTH_TOKEN to require a bearer token, or AGENT_ALLOW_UNAUTHENTICATED=1 to serve without one "
+                "on purpose (or HOST=127.0.0.1)"
             )
 
     def cli_env(self) -> dict[str, str]:

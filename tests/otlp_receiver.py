@@ -49,6 +49,8 @@ class ReceivedSpan:
     span_id: str
     parent_span_id: str
     attributes: dict[str, Any]
+    links: tuple[tuple[str, str], ...] = ()
+    """(trace id, span id) of each span it links to."""
 
 
 @dataclass(frozen=True)
@@ -128,8 +130,9 @@ class OtlpReceiver:
                 service = _attributes(resource_spans.resource.attributes).get("service.name", "")
                 for scope_spans in resource_spans.scope_spans:
                     for span in scope_spans.spans:
+                        links = tuple((link.trace_id.hex(), link.span_id.hex()) for link in span.links)
                         self.spans.append(ReceivedSpan(service, span.name, span.trace_id.hex(), span.span_id.hex(),
-                                                       span.parent_span_id.hex(), _attributes(span.attributes)))
+                                                       span.parent_span_id.hex(), _attributes(span.attributes), links))
 
     def _metrics(self, body: bytes) -> None:
         request = ExportMetricsServiceRequest.FromString(body)

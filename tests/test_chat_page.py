@@ -43,7 +43,9 @@ class Front:
 @pytest.fixture(scope="module")
 def server(local_model: LocalModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     data_dir = tmp_path_factory.mktemp("chat-server") / "data"
-    process = ServerProcess(agent_env(local_model, data_dir, AGENT_AUTH_TOKEN=SERVER_TOKEN, AGENT_PREWARM="1"), data_dir)
+    # AGENT_API_DOCS: the API page is tried in this browser too (test_the_api_page_renders_from_its_own_origin).
+    process = ServerProcess(agent_env(local_model, data_dir, AGENT_AUTH_TOKEN=SERVER_TOKEN, AGENT_PREWARM="1",
+                                      AGENT_API_DOCS="1"), data_dir)
     try:
         yield process.start()
     finally:
@@ -407,3 +409,23 @@ def test_dropped_connection_reattaches_and_shows_the_answer_once(front: Front, w
         assert reattached is not None, "the page re-attached with GET .../events"
         assert re.search(rb"(?im)^last-event-id: \S+", reattached.group(1)), "from the last event it had seen"
         watched.shot(f"reattached-{front.name}")
+
+
+def test_the_api_page_renders_from_its_own_origin(server: ServerProcess, watched: Watched) -> None:
+    """``AGENT_API_DOCS=1``: Swagger UI renders the server's schema under the page's policy,
+    and the browser asks nothing of any other origin."""
+    requested: list[str] = []
+    violations: list[str] = []
+    watched.page.on("request", lambda request: requested.append(request.url))
+    watched.page.on("console", lambda message: violations.append(message.text)
+                    if "Content Security Policy" in message.text else None)
+    watched.page.goto(f"{server.base_url}/docs")
+    expect(watched.page.locator(".swagger-ui .info .title")).to_contain_text("Research agent server")
+    expect(watched.page.locator(".opblock-summary-path", has_text="/sessions/{session_id}/messages")).to_have_count(1)
+    assert requested and all(url.startswith(f"{server.base_url}/") for url in requested), requested
+    assert f"{server.base_url}/openapi.json" in requested and violations == []
+
+
+def test_the_gateway_serves_no_api_page_from_another_origin(gateway_url: str) -> None:
+    for path in ("/docs", "/redoc"):
+        assert httpx.get(f"{gateway_url}{path}").status_code == 404, path

@@ -14,6 +14,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from tests.conftest import API_KEY, BASE_IMAGE, ROOT, docker, free_port, healthy, post_turn, wait_for
@@ -107,13 +108,20 @@ def test_compose_up_recall_down(image):
     port = free_port()
     env = {**os.environ, "AGENT_IMAGE": image, "AGENT_PORT": str(port), "ANTHROPIC_API_KEY": "local",
            "ANTHROPIC_BASE_URL": "http://local-model:8787"}
+    env.pop("AGENT_AUTH_TOKEN", None)
     compose = ["docker-compose", "-f", str(ROOT / "hosting/docker/docker-compose.yml"), "-p", project, "--profile", "local"]
+    # The compose file requires a token: without one nothing starts, with a clear message.
+    refused = subprocess.run([*compose, "up", "-d", "--no-build"], env=env, timeout=300, capture_output=True, text=True)
+    assert refused.returncode != 0 and "set AGENT_AUTH_TOKEN" in refused.stderr, refused.stderr
+    env["AGENT_AUTH_TOKEN"] = token = "compose-token-5e2a"
+    bearer = {"authorization": f"Bearer {token}"}
     try:
         subprocess.run([*compose, "up", "-d", "--no-build"], env=env, check=True, timeout=300, capture_output=True)
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: healthy(base), timeout=90)
-        post_turn(base, "composed", "Remember this value: comp5")
-        assert "You asked me to remember comp5." in post_turn(base, "composed", RECALL).text
+        assert httpx.get(f"{base}/ready").status_code == 401
+        post_turn(base, "composed", "Remember this value: comp5", headers=bearer)
+        assert "You asked me to remember comp5." in post_turn(base, "composed", RECALL, headers=bearer).text
     finally:
         subprocess.run([*compose, "down", "-v"], env=env, timeout=300, capture_output=True)
     assert docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={project}").stdout.strip() == ""

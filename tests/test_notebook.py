@@ -104,7 +104,8 @@ def executed(agent_image: str) -> Iterator[Executed]:
         yield Executed(notebook, failure, processes_left, containers_left)
     finally:  # whatever the notebook's teardown missed
         subprocess.run(["docker-compose", "-f", str(ROOT / "hosting/docker/docker-compose.yml"), "-p", run_id,
-                        "--profile", "local", "down", "-v"], capture_output=True, timeout=300)
+                        "--profile", "local", "down", "-v"], capture_output=True, timeout=300,
+                       env={**os.environ, "AGENT_AUTH_TOKEN": "teardown"})  # the file requires one
         for cid in containers_of(labels):
             docker("rm", "-f", cid, check=False)
 
@@ -132,7 +133,7 @@ def test_the_agent_and_the_batch_tier(executed: Executed) -> None:
 def test_recall_on_every_tier(executed: Executed) -> None:
     """The follow-up recalls the first turn: on compose (also after a restart), through the
     Modal tunnel, and through the gateway (curl and the Python client)."""
-    compose = executed.output('wt.turn(SERVER, "demo", "Remember this value: 42", raw=True)')
+    compose = executed.output('wt.turn(SERVER, "demo", "Remember this value: 42", raw=True,')
     assert "event: session" in compose and "event: done" in compose and RECALLED in compose
     assert RECALLED in executed.output("restart agent")
     assert "down -v" in executed.output('wt.undo("compose")')

@@ -20,13 +20,19 @@ import pytest
 from conftest import API_KEY, LocalModel, post_turn, wait_for
 from gateway_fixtures import ADMIN, ALICE, BOB, GatewayProcess, Gateways, auth
 from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from hosting.config import ConfigError, Settings
+from hosting.gateway.settings import GatewaySettings
 from hosting.server.box import Box
 from hosting.telemetry.settings import TelemetrySettings, telemetry_sandbox_env
-from hosting.telemetry.tracing import inject_trace_context, open_tracer, session_label
+from hosting.telemetry.tracing import RequestSpans, inject_trace_context, open_tracer, session_label
 
 pytestmark = pytest.mark.e2e
 
@@ -141,6 +147,85 @@ def test_one_turn_through_the_gateway_is_one_trace_across_both_processes(observe
     # The same instruments reach OTLP and /metrics.
     wait_for(lambda: any(m.service == "agent-gateway" and m.name == "agent.gateway.turns" for m in receiver.metrics))
     wait_for(lambda: any(m.service == "agent-server" and m.name == "agent.turns" for m in receiver.metrics))
+
+
+CLIENT_TRACE_ID, CLIENT_SPAN_ID = "5eed" * 8, "c1ea" * 4
+CLIENT_TRACE = {"traceparent": f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01", "baggage": "tenant=forged,plan=free"}
+"""What a client of the gateway may send: a trace to join and baggage to pass on."""
+
+
+@pytest.fixture(scope="module")
+def trusting(observed: ObservedGateway, local_model: LocalModel,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """A gateway told to trust its clients' trace context, exporting to the same receiver."""
+    gateways = Gateways(local_model, tmp_path_factory.mktemp("trusting"), "local", None)
+    try:
+        # No warm pool: its one turn starts its one sandbox, and nothing refills behind it.
+        yield gateways.start(wait_pool=False, **otlp_env(observed.receiver), GATEWAY_TRUST_CLIENT_TRACE="1",
+                             GATEWAY_WARM_POOL="0")
+    finally:
+        gateways.cleanup()
+
+
+def traced_turn(gateway: GatewayProcess, receiver: OtlpReceiver, session_id: str) -> tuple[ReceivedSpan, ReceivedSpan]:
+    """A turn sent with :data:`CLIENT_TRACE`: the gateway's request span and the sandbox's."""
+    post_turn(gateway.base_url, session_id, "Hello", headers={**auth(ALICE), **CLIENT_TRACE})
+    label = session_label(session_id)
+
+    def request_span(spans: list[ReceivedSpan], service: str) -> ReceivedSpan | None:
+        return next((s for s in spans if s.service == service and s.name == "POST /sessions/{session_id}/messages"
+                     and s.attributes.get("agent.session") == label), None)
+
+    spans = receiver.wait_for_spans(lambda spans: all(request_span(spans, name) for name in ("agent-gateway",
+                                                                                             "agent-server")))
+    gateway_span, sandbox_span = (request_span(spans, name) for name in ("agent-gateway", "agent-server"))
+    assert gateway_span is not None and sandbox_span is not None
+    return gateway_span, sandbox_span
+
+
+def test_by_default_the_gateway_starts_its_own_trace_and_links_the_clients(observed: ObservedGateway) -> None:
+    gateway_span, sandbox_span = traced_turn(observed.gateway, observed.receiver, "obs-untrusted")
+    assert gateway_span.trace_id != CLIENT_TRACE_ID and gateway_span.parent_span_id == ""
+    assert gateway_span.links == ((CLIENT_TRACE_ID, CLIENT_SPAN_ID),)
+    assert sandbox_span.trace_id == gateway_span.trace_id  # the sandbox joins the gateway's trace
+    assert not [s for s in observed.receiver.spans if s.trace_id == CLIENT_TRACE_ID]
+
+
+def test_with_trust_the_sandboxes_spans_join_the_clients_trace(observed: ObservedGateway,
+                                                               trusting: GatewayProcess) -> None:
+    gateway_span, sandbox_span = traced_turn(trusting, observed.receiver, "obs-trusted")
+    assert (gateway_span.trace_id, gateway_span.parent_span_id) == (CLIENT_TRACE_ID, CLIENT_SPAN_ID)
+    assert gateway_span.links == ()
+    assert sandbox_span.trace_id == CLIENT_TRACE_ID
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted", "trusted"])
+async def test_client_baggage_reaches_a_sandbox_only_from_a_trusted_client(trusted: bool) -> None:
+    """What the gateway's relay sends a sandbox (:func:`inject_trace_context`, in the request's
+    span as :class:`RequestSpans` starts it) carries the client's baggage only when trusted."""
+
+    async def to_the_sandbox(request: Request) -> JSONResponse:
+        headers: dict[str, str] = {}
+        inject_trace_context(headers)
+        return JSONResponse(headers)
+
+    app = RequestSpans(Starlette(routes=[Route("/sessions/s1/messages", to_the_sandbox, methods=["POST"])]),
+                       TracerProvider().get_tracer("test"), raw_session_ids=False, trust_caller=trusted)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gateway") as client:
+        sent = (await client.post("/sessions/s1/messages", headers=CLIENT_TRACE)).json()
+    assert (sent["traceparent"].split("-")[1] == CLIENT_TRACE_ID) is trusted
+    assert sent.get("baggage") == (CLIENT_TRACE["baggage"] if trusted else None)
+
+
+def test_the_gateway_trusts_client_traces_only_when_told() -> None:
+    env = {"GATEWAY_TENANTS": "t:alice", "ANTHROPIC_API_KEY": "x"}
+    assert not GatewaySettings.from_env(env).telemetry.trust_client_trace
+    assert not GatewaySettings(tenants={}).telemetry.trust_client_trace
+    assert GatewaySettings.from_env({**env, "GATEWAY_TRUST_CLIENT_TRACE": "1"}).telemetry.trust_client_trace
+    server = Settings.from_env({}, box=Box(machine_memory=2**30, cpus=1))
+    assert server.telemetry.trust_client_trace  # a server trusts its caller: its gateway
+    with pytest.raises(ConfigError, match="GATEWAY_TRUST_CLIENT_TRACE must be 1 or 0"):
+        GatewaySettings.from_env({**env, "GATEWAY_TRUST_CLIENT_TRACE": "maybe"})
 
 
 def test_gateway_metrics_count_turns_tokens_and_claims_by_tenant(observed: ObservedGateway) -> None:

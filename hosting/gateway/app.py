@@ -183,7 +183,9 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
                 await conversations.aclose()
             telemetry.shutdown()
 
-    app = FastAPI(title="Research agent gateway", version="1", lifespan=lifespan, telemetry=FASTAPI_TELEMETRY)
+    # No /docs or /redoc: FastAPI's load scripts from a CDN on the chat page's origin (hosting/server/api_docs.py).
+    app = FastAPI(title="Research agent gateway", version="1", lifespan=lifespan, telemetry=FASTAPI_TELEMETRY,
+                  docs_url=None, redoc_url=None)
 
     async def post_message(request: Request) -> Response:
         session_id = path_session_id(request.path_params["session_id"])

@@ -113,8 +113,10 @@ class GatewaySettings:
     """US dollars per tenant per UTC calendar month (``GATEWAY_TENANT_USD_PER_MONTH``; 0 = unlimited)."""
     tenant_budget_overrides: TenantBudgetOverrides = field(default_factory=dict)
     """Per-tenant budgets from ``GATEWAY_TENANTS_FILE`` (``tokens_per_day=N usd_per_month=X`` after a digest)."""
-    telemetry: TelemetrySettings = field(default_factory=lambda: TelemetrySettings(service_name="agent-gateway"))
-    """Traces, metrics and logs (``OTEL_*``, ``AGENT_LOG_FORMAT``, ``GATEWAY_METRICS_TOKEN``)."""
+    telemetry: TelemetrySettings = field(
+        default_factory=lambda: TelemetrySettings(service_name="agent-gateway", trust_client_trace=False))
+    """Traces, metrics and logs (``OTEL_*``, ``AGENT_LOG_FORMAT``, ``GATEWAY_METRICS_TOKEN``); clients' trace
+    context only with ``GATEWAY_TRUST_CLIENT_TRACE=1`` (tenants must not join or pollute each other's traces)."""
 
     @property
     def tenant_limits(self) -> TenantLimits:
@@ -164,7 +166,8 @@ class GatewaySettings:
             http=HttpLimits.from_env(env, "GATEWAY_"),
             sandbox_env=_sandbox_env(env),
             telemetry=TelemetrySettings.from_env(env, default_service="agent-gateway",
-                                                 metrics_token_variable="GATEWAY_METRICS_TOKEN"),
+                                                 metrics_token_variable="GATEWAY_METRICS_TOKEN",
+                                                 trust_variable="GATEWAY_TRUST_CLIENT_TRACE"),
         )
         if not settings.tenants:
             raise ConfigError(

@@ -103,7 +103,7 @@ async def deploy(options: Options) -> tuple[str, str, str]:
         if not isinstance(token, str):
             raise DeployError(f"sandbox {sandbox.object_id} runs but its token is lost: run again with --replace")
     else:
-        token = secrets.token_urlsafe(32)
+        token = secrets.token_urlsafe(32)  # the server listens on 0.0.0.0 behind the tunnel: always a token
         try:
             sandbox = await create_agent_sandbox(
                 app, name=options.name, volume=options.volume, token=token, env={}, secrets=[options.secret],

@@ -36,9 +36,11 @@ from hosting.contract import (
     unauthorized,
 )
 from hosting.draining import DrainingServer
+from hosting.server.api_docs import install_api_docs
 from hosting.server.dari import install_runtime
 from hosting.server.disk import StorageFull
 from hosting.server.durable import StoreUnavailable
+from hosting.server.loopback import LoopbackHostOnly
 from hosting.server.sessions import NoRoom, NotAccepting, SessionBusy, SessionManager, WrongNamespace
 from hosting.server.turns import Numbered, ReplayGone, Turn
 from hosting.server.workspaces import WorkspaceStore
@@ -97,9 +99,13 @@ def create_app(settings: Settings) -> FastAPI:
         if token is None or not tokens_equal(token, settings.auth_token):
             raise unauthorized()
 
-    app = FastAPI(title="Research agent server", version="1", lifespan=lifespan, telemetry=FASTAPI_TELEMETRY)
+    # FastAPI's own /docs and /redoc load scripts from a CDN: off; AGENT_API_DOCS=1 serves a same-origin page.
+    app = FastAPI(title="Research agent server", version="1", lifespan=lifespan, telemetry=FASTAPI_TELEMETRY,
+                  docs_url=None, redoc_url=None)
     install_json_errors(app, settings.max_body_bytes)
     mount_chat_page(app)
+    if settings.api_docs:
+        install_api_docs(app)
     app.state.sessions = sessions
     async def serve_namespace(request: Request) -> None:
         try:
@@ -192,6 +198,8 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(404, f"no session {session_id!r}")
         return Response(status_code=204)
 
+    if settings.on_loopback:  # outermost: a misdirected request reaches nothing
+        app.add_middleware(LoopbackHostOnly)
     return app
 
 
@@ -209,6 +217,7 @@ def main() -> None:
         settings.require_credentials()
         WorkspaceStore(settings.data_dir).ensure_writable()
         app = create_app(settings)
+        settings.require_auth_off_loopback()
     except (ConfigError, MissingStoreDriver, OSError) as exc:
         print(f"agent-server: {exc}", file=sys.stderr)
         sys.exit(2)

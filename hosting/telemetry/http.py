@@ -32,7 +32,8 @@ def install_telemetry(app: FastAPI, settings: TelemetrySettings, tracer: Tracer,
                       methods=["GET"], include_in_schema=False)
     app.add_middleware(AccessLog, raw_session_ids=settings.raw_session_ids)
     if settings.export_traces or settings.log_format == "json":
-        app.add_middleware(RequestSpans, tracer=tracer, raw_session_ids=settings.raw_session_ids)
+        app.add_middleware(RequestSpans, tracer=tracer, raw_session_ids=settings.raw_session_ids,
+                           trust_caller=settings.trust_client_trace)
 
 
 def metrics_endpoint(metrics: MetricsExport, tokens: list[str | None], *,

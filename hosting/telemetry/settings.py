@@ -33,7 +33,8 @@ def _invalid(message: str) -> Exception:
     return ConfigError(message)
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
+def flag_setting(env: Mapping[str, str], name: str) -> bool:
+    """A yes/no variable: unset or 0/false/no/off, or 1/true/yes/on; anything else is refused."""
     raw = env.get(name, "").strip().lower()
     if raw in ("", "0", "false", "no", "off"):
         return False
@@ -44,7 +45,7 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
 
 def _exporter(env: Mapping[str, str], signal: str) -> bool:
     """Whether ``signal`` (traces, metrics) goes out over OTLP, per the standard variables."""
-    if _flag(env, "OTEL_SDK_DISABLED"):
+    if flag_setting(env, "OTEL_SDK_DISABLED"):
         return False
     name = f"OTEL_{signal.upper()}_EXPORTER"
     chosen = env.get(name, "").strip().lower() or "otlp"
@@ -75,6 +76,11 @@ class TelemetrySettings:
       process's usual credentials), for a scraper that should not hold them.
     - ``cli_telemetry``: ``CLAUDE_CODE_ENABLE_TELEMETRY=1``: the Claude Code CLI exports
       its own telemetry with the ``OTEL_*`` settings it is handed.
+    - ``trust_client_trace``: a request's ``traceparent`` and ``baggage`` are adopted. A
+      server trusts its caller (its gateway, or the one client of a lone server); the
+      gateway's clients are tenants, so it adopts theirs only when told to
+      (``GATEWAY_TRUST_CLIENT_TRACE=1``), else starts a trace of its own (see
+      :class:`~hosting.telemetry.tracing.RequestSpans`).
     """
 
     service_name: str
@@ -84,9 +90,12 @@ class TelemetrySettings:
     log_format: LogFormat = "text"
     metrics_token: str | None = field(default=None, repr=False)
     cli_telemetry: bool = False
+    trust_client_trace: bool = True
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], *, default_service: str, metrics_token_variable: str) -> TelemetrySettings:
+    def from_env(cls, env: Mapping[str, str], *, default_service: str, metrics_token_variable: str,
+                 trust_variable: str | None = None) -> TelemetrySettings:
+        """``trust_variable``: the flag that lets clients' trace context in (unset: always trusted)."""
         log_format = env.get("AGENT_LOG_FORMAT", "").strip().lower() or "text"
         if log_format not in ("text", "json"):
             raise _invalid(f"AGENT_LOG_FORMAT must be text or json, got {log_format!r}")
@@ -94,10 +103,11 @@ class TelemetrySettings:
             service_name=_optional(env, "OTEL_SERVICE_NAME") or default_service,
             export_traces=_exporter(env, "traces"),
             export_metrics=_exporter(env, "metrics"),
-            raw_session_ids=_flag(env, "AGENT_TELEMETRY_RAW_SESSION_IDS"),
+            raw_session_ids=flag_setting(env, "AGENT_TELEMETRY_RAW_SESSION_IDS"),
             log_format="json" if log_format == "json" else "text",
             metrics_token=_optional(env, metrics_token_variable),
-            cli_telemetry=_flag(env, CLI_TELEMETRY_VARIABLE),
+            cli_telemetry=flag_setting(env, CLI_TELEMETRY_VARIABLE),
+            trust_client_trace=trust_variable is None or flag_setting(env, trust_variable),
         )
 
 

@@ -20,9 +20,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hosting.telemetry.settings import TelemetrySettings
@@ -116,18 +117,33 @@ def _route_of(path: str) -> tuple[str, str | None]:
 
 
 class RequestSpans:
-    """ASGI middleware: a server span per HTTP request, continuing the caller's trace
-    (``traceparent``), current while the request runs (dependencies, the route, and a
-    streamed body to its end), with a :class:`RequestContext` for the logs.
+    """ASGI middleware: a server span per HTTP request, current while the request runs
+    (dependencies, the route, and a streamed body to its end), with a
+    :class:`RequestContext` for the logs.
+
+    A trusted caller's trace is continued (``traceparent``, and its ``baggage`` goes on
+    to whatever the request calls). An untrusted one's (``trust_caller`` false: the
+    gateway's tenants) is not: the span starts a trace of its own, with a link to the
+    caller's span, so one tenant can neither join nor pollute another's traces, and the
+    caller's baggage is dropped, so it never reaches a sandbox.
 
     Pure ASGI rather than ``opentelemetry-instrumentation-asgi``: that one names spans
     after raw paths and adds a span per message sent, which would put session ids in
     span names and a span per SSE event in every trace."""
 
-    def __init__(self, app: ASGIApp, tracer: Tracer, raw_session_ids: bool) -> None:
+    def __init__(self, app: ASGIApp, tracer: Tracer, raw_session_ids: bool, trust_caller: bool = True) -> None:
         self.app = app
         self.tracer = tracer
         self.raw = raw_session_ids
+        self.trust_caller = trust_caller
+
+    def _parent(self, headers: Mapping[str, str]) -> tuple[Context, list[Link]]:
+        """The context the request's span starts in, and its links (see the class doc)."""
+        caller = propagate.extract(headers)
+        if self.trust_caller:
+            return caller, []
+        caller_span = trace.get_current_span(caller).get_span_context()
+        return Context(), [Link(caller_span)] if caller_span.is_valid else []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -138,9 +154,13 @@ class RequestSpans:
         context = RequestContext(self.raw, session_label(session_id, self.raw) if session_id else None)
         token = request_context.set(context)
         method = scope["method"]
+        parent, links = self._parent(headers)
+        # Current for the whole request, not only as the span's parent: the span alone would
+        # carry the trace on, but not the baggage.
+        attached = otel_context.attach(parent)
         try:
-            with self.tracer.start_as_current_span(f"{method} {route}", context=propagate.extract(headers),
-                                                   kind=SpanKind.SERVER) as span:
+            with self.tracer.start_as_current_span(f"{method} {route}", context=parent, kind=SpanKind.SERVER,
+                                                   links=links) as span:
                 span.set_attribute("http.request.method", method)
                 span.set_attribute("http.route", route)
                 if context.session is not None:
@@ -158,4 +178,5 @@ class RequestSpans:
                 if context.tenant is not None:
                     span.set_attribute("agent.tenant", context.tenant)
         finally:
+            otel_context.detach(attached)
             request_context.reset(token)
