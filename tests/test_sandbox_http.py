@@ -223,6 +223,44 @@ async def test_idle_connections_are_reused_only_while_fresh_and_dropped_when_the
         assert sandboxes._idle == {}, "a connection the sandbox closed stayed pooled"
 
 
+async def test_a_reused_connection_that_breaks_before_any_answer_is_tried_once_more_on_a_new_one() -> None:
+    """A sandbox that closed (or died) while its connection sat in the pool, before the
+    close was seen here: the request goes on a new connection, not to the client as lost.
+    One that broke after answering something is not sent again."""
+    answers = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answers
+        await read_request(reader)
+        answers += 1
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        await read_request(reader)  # the next request on this connection is never answered
+        writer.transport.abort()
+
+    async with serving(handler) as (address, accepted):
+        sandboxes = client()
+        (await sandboxes.request(address, "GET", "/health", {})).release()
+        assert (await sandboxes.request(address, "POST", "/sessions/s/messages", {}, b"{}")).status == 204
+        assert len(accepted) == 2 and answers == 2
+
+    async def half_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 O")
+        await writer.drain()
+        writer.transport.abort()
+
+    async with serving(half_answer) as (address, accepted):
+        sandboxes = client()
+        (await sandboxes.request(address, "GET", "/health", {})).release()
+        with pytest.raises(ConnectionBroken):
+            await sandboxes.request(address, "POST", "/sessions/s/messages", {}, b"{}")
+        assert len(accepted) == 1
+
+
 async def test_the_relay_ends_the_clients_body_with_done_and_reuses_the_sandbox_connection() -> None:
     """``done`` goes out with the end of the client's body (one that stops reading at done
     finds its response complete); the sandbox's own end of body, which follows, is read,

@@ -73,6 +73,7 @@ class SandboxConnection(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self._head_bytes = 0
+        self._answered = False
         self._error: str | None = None
         self.status: int | None = None
         self.headers: dict[str, str] = {}
@@ -87,6 +88,7 @@ class SandboxConnection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
 
     def data_received(self, data: bytes) -> None:
+        self._answered = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -137,13 +139,18 @@ class SandboxConnection(asyncio.Protocol):
         return "content-length" not in self.headers and "chunked" not in self.headers.get("transfer-encoding", "")
 
     @property
+    def answer_started(self) -> bool:
+        """Whether any byte came since the last request was sent."""
+        return self._answered
+
+    @property
     def open(self) -> bool:
         return self._transport is not None and not self._transport.is_closing() and self._error is None
 
     def send(self, request: bytes) -> None:
         assert self._transport is not None
         self._chunks, self._buffered, self._head_bytes, self.status, self.headers = [], 0, 0, None, {}
-        self.complete = self._keep_alive = False
+        self.complete = self._keep_alive = self._answered = False
         self._transport.write(request)
 
     async def headers_received(self) -> None:
@@ -245,14 +252,27 @@ class SandboxClient:
         it broke after the request was written (the sandbox may have acted on it)."""
         origin = origin_of(address)
         request = _request_bytes(origin, method, path, headers, body)
-        connection = self._pooled(address) or await self._connect(origin)
+        pooled = self._pooled(address)
+        try:
+            connection = await self._exchange(pooled or await self._connect(origin), request)
+        except ConnectionBroken:
+            # A reused connection that broke before one byte of answer: the sandbox had closed
+            # it (or died) before the close was seen here, so it never took the request. Once
+            # more on a new connection, which fails to connect if the sandbox is gone.
+            if pooled is None or pooled.answer_started:
+                raise
+            connection = await self._exchange(await self._connect(origin), request)
+        return SandboxAnswer(self, address, connection)
+
+    @staticmethod
+    async def _exchange(connection: SandboxConnection, request: bytes) -> SandboxConnection:
         connection.send(request)
         try:
             await connection.headers_received()
         except BaseException:
             connection.close()
             raise
-        return SandboxAnswer(self, address, connection)
+        return connection
 
     def _pooled(self, address: str) -> SandboxConnection | None:
         idle = self._idle.get(address)
