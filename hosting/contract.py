@@ -30,7 +30,7 @@ STORAGE_RETRY_AFTER_SECONDS = "30"
 
 EPOCH_HEADER = "x-agent-epoch"
 """Sent by the gateway with every request to a sandbox: the epoch of the session's
-assignment to it (see ``hosting.stores.DurableSessionStore`` on fencing)."""
+assignment to it (see ``hosting.stores.protocol.DurableSessionStore`` on fencing)."""
 NAMESPACE_HEADER = "x-agent-namespace"
 """Sent by the gateway with every session request to a sandbox: ``<installation>/<tenant>``,
 whose session ids the sandbox serves. Session ids are per tenant, so a stored

@@ -8,9 +8,9 @@ import sys
 import pytest
 from modal._utils.name_utils import is_valid_object_name
 
-from hosting.config import ConfigError
 from hosting.gateway.settings import GatewaySettings
 from hosting.sandboxes.modal import volume_name
+from hosting.settings_env import ConfigError
 from tests.conftest import ROOT
 from tests.modal_fixtures import modal_env, modal_standin  # noqa: F401 - fixtures
 from tests.modal_standin import ModalStandIn

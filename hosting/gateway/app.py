@@ -25,7 +25,6 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
-from hosting.config import ConfigError
 from hosting.contract import (
     RETRY_AFTER_SECONDS,
     SESSION_ID_PARAMETER,
@@ -64,10 +63,11 @@ from hosting.gateway.routes import (
 )
 from hosting.gateway.runtime import install_runtime
 from hosting.gateway.settings import GatewaySettings
+from hosting.gateway.telemetry import GatewayTelemetry, GatewayTurn, ObservedProvisioner
 from hosting.gateway.tenants import Authenticator, TokenAuthenticator
 from hosting.sandboxes.base import SandboxBackend, SandboxError
 from hosting.sandboxes.settings import open_backend
-from hosting.telemetry.gateway import GatewayTelemetry, GatewayTurn, ObservedProvisioner
+from hosting.settings_env import ConfigError
 from hosting.telemetry.http import FASTAPI_TELEMETRY
 from hosting.telemetry.logs import configure_logging
 from hosting.web import mount_chat_page
