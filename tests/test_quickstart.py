@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,18 @@ def test_serve_keeps_the_chat_page_up_until_ctrl_c_stops_everything(tmp_path, qu
             proc.wait(30)
         for pid in alive(children):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_serve_on_a_taken_port_says_so_before_anything_else(tmp_path):
+    """Someone else's server on the port would pass the health checks: refuse at once, with the hint."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        venv = tmp_path / "venv"
+        proc = subprocess.run(["sh", "scripts/quickstart.sh", "--serve"], cwd=ROOT, capture_output=True, text=True,
+                              env=quickstart_env(tmp_path, venv, PORT=str(port)), timeout=60)
+    assert proc.returncode != 0 and proc.stdout == "", proc.stdout
+    assert proc.stderr.strip() == (f"quickstart: cannot listen on 127.0.0.1:{port} (Address already in use): is another "
+                                   "server there? Choose another port: PORT=8001 ./scripts/quickstart.sh --serve")
+    assert not venv.exists(), "nothing installed"
