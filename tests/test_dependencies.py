@@ -74,6 +74,6 @@ def test_the_modal_backend_without_modal_credentials_refuses_to_start(tmp_path: 
 
 def test_the_docker_readme_names_the_extras_the_image_installs() -> None:
     installed = re.search(r'pip install [^\n]*"\.\[([a-z,]+)\]"', (ROOT / "hosting/Dockerfile").read_text())
-    said = re.search(r"with the (.*?) extras", (ROOT / "hosting/docker/README.md").read_text(), flags=re.DOTALL)
+    said = re.search(r"with the ((?:`\w+`(?:,\s+|\s+and\s+)?)+) extras", (ROOT / "hosting/docker/README.md").read_text())
     assert installed and said
     assert set(re.findall(r"`(\w+)`", said.group(1))) == set(installed.group(1).split(","))
