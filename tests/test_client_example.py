@@ -31,5 +31,6 @@ def test_the_client_example_runs_against_a_server(start_server) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[:2] == ["Noted: I will remember 42.", "You asked me to remember 42."], proc.stdout
-    # The local model answers fast, so the interrupt may arrive after the turn: both are fine.
-    assert lines[2:] in (["interrupt sent", "the turn ended with interrupted"], ["the turn had ended already"]), proc.stdout
+    # The local model answers fast: the interrupt may arrive after the turn, or as it ends.
+    assert lines[2:] in (["interrupt sent", "the turn ended with interrupted"], ["interrupt sent"],
+                         ["the turn had ended already"]), proc.stdout
