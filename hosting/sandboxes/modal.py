@@ -95,6 +95,7 @@ def require_credentials() -> None:
         return
     raise SandboxError(NO_CREDENTIALS)
 
+
 MAX_NAME = 64
 """Modal object names: at most 64 of ``[A-Za-z0-9_.-]``."""
 
