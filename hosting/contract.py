@@ -166,6 +166,18 @@ def unauthorized(detail: str = "missing or invalid bearer token") -> HTTPExcepti
     return HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
+NO_TURN_RUNNING = "no_turn_running"
+"""The ``code`` of the answer to ``POST /sessions/{id}/interrupt`` when no turn is running."""
+
+
+def no_turn_running(session_id: str) -> JSONResponse:
+    """409 with ``"code": "no_turn_running"`` and no ``Retry-After``: told apart from the 409 of a
+    turn already running (``Retry-After``, no code), and still 409, which v1 clients (the chat
+    page among them) read from an interrupt as "nothing to stop"."""
+    return JSONResponse({"detail": f"no turn is running on session {session_id!r}", "code": NO_TURN_RUNNING},
+                        status_code=409)
+
+
 def install_json_errors(app: FastAPI, max_body_bytes: int = MAX_BODY_BYTES) -> None:
     """Body limit in front of ``app`` and JSON ``{"detail": ...}`` for validation errors."""
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)

@@ -28,6 +28,7 @@ from hosting.contract import (
     bearer_token,
     install_json_errors,
     message_body,
+    no_turn_running,
     request_epoch,
     request_namespace,
     tokens_equal,
@@ -171,10 +172,11 @@ def create_app(settings: Settings) -> FastAPI:
         return EventSourceResponse(_sse(events), ping=settings.heartbeat_seconds)
 
     @app.post("/sessions/{session_id}/interrupt", dependencies=scoped)
-    async def interrupt(session_id: SessionId) -> dict[str, Any]:
+    async def interrupt(session_id: SessionId) -> Any:
         if not await sessions.interrupt(session_id):
-            known = workspaces.get(session_id) is not None
-            raise HTTPException(409 if known else 404, f"no turn is running on session {session_id!r}")
+            if workspaces.get(session_id) is None:
+                raise HTTPException(404, f"no session {session_id!r}")
+            return no_turn_running(session_id)
         return {"session_id": session_id, "interrupted": True}
 
     @app.get("/sessions/{session_id}", dependencies=scoped)
