@@ -246,7 +246,7 @@ class Server:
 def effective_knobs(env: Mapping[str, str]) -> tuple[int, int]:
     """``(warm_sessions, prewarm)`` as the server will read them: from its own Settings,
     so "default config" is recorded as the numbers actually in force."""
-    from hosting.config import Settings
+    from hosting.server.settings import Settings
 
     settings = Settings.from_env(env)
     return settings.warm_sessions, getattr(settings, "prewarm", 0)

@@ -63,6 +63,11 @@ class SessionBusyError(AgentClientError):
     """409: a turn is already running on the session; retry after ``retry_after``."""
 
 
+NO_TURN_RUNNING = "no_turn_running"
+"""The ``code`` of the 409 an interrupt gets when no turn is running (``hosting.contract``);
+:meth:`AgentClient.interrupt` returns ``False`` for it rather than raising."""
+
+
 class PayloadTooLargeError(AgentClientError):
     """413: the body is over the server's limit."""
 
@@ -220,6 +225,15 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+def _error_code(response: httpx.Response) -> str | None:
+    """The ``code`` of a JSON error body, if it has one."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body.get("code") if isinstance(body, dict) else None
+
+
 async def _raise_for_status(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
@@ -324,9 +338,17 @@ class AgentClient:
                 text.append(event.text)
         return final if final is not None else "".join(text)
 
-    async def interrupt(self, *, session_id: str | None = None) -> None:
-        """Stop the session's running turn (its stream ends with an ``interrupted`` error)."""
-        await self._call("POST", f"/sessions/{session_id or self.session_id}/interrupt")
+    async def interrupt(self, *, session_id: str | None = None) -> bool:
+        """Stop the session's running turn (its stream ends with an ``interrupted`` error).
+
+        ``True`` if a turn was stopped, ``False`` if none was running (it may just have ended:
+        a race that is no error, as with :meth:`asyncio.Task.cancel`). An unknown session raises
+        :class:`SessionNotFoundError`."""
+        response = await self._http.post(f"/sessions/{session_id or self.session_id}/interrupt")
+        if response.status_code == 409 and _error_code(response) == NO_TURN_RUNNING:
+            return False
+        await _raise_for_status(response)
+        return True
 
     async def get_session(self, *, session_id: str | None = None) -> dict[str, Any]:
         return (await self._call("GET", f"/sessions/{session_id or self.session_id}")).json()

@@ -30,7 +30,7 @@ STORAGE_RETRY_AFTER_SECONDS = "30"
 
 EPOCH_HEADER = "x-agent-epoch"
 """Sent by the gateway with every request to a sandbox: the epoch of the session's
-assignment to it (see ``hosting.stores.DurableSessionStore`` on fencing)."""
+assignment to it (see ``hosting.stores.protocol.DurableSessionStore`` on fencing)."""
 NAMESPACE_HEADER = "x-agent-namespace"
 """Sent by the gateway with every session request to a sandbox: ``<installation>/<tenant>``,
 whose session ids the sandbox serves. Session ids are per tenant, so a stored
@@ -164,6 +164,18 @@ def tokens_equal(given: str, expected: str) -> bool:
 
 def unauthorized(detail: str = "missing or invalid bearer token") -> HTTPException:
     return HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+NO_TURN_RUNNING = "no_turn_running"
+"""The ``code`` of the answer to ``POST /sessions/{id}/interrupt`` when no turn is running."""
+
+
+def no_turn_running(session_id: str) -> JSONResponse:
+    """409 with ``"code": "no_turn_running"`` and no ``Retry-After``: told apart from the 409 of a
+    turn already running (``Retry-After``, no code), and still 409, which v1 clients (the chat
+    page among them) read from an interrupt as "nothing to stop"."""
+    return JSONResponse({"detail": f"no turn is running on session {session_id!r}", "code": NO_TURN_RUNNING},
+                        status_code=409)
 
 
 def install_json_errors(app: FastAPI, max_body_bytes: int = MAX_BODY_BYTES) -> None:

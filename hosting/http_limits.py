@@ -29,6 +29,8 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from hosting.settings_env import ConfigError, float_setting, int_setting
+
 logger = logging.getLogger("hosting.http_limits")
 
 
@@ -50,9 +52,6 @@ class HttpLimits:
     @classmethod
     def from_env(cls, env: Mapping[str, str], prefix: str) -> HttpLimits:
         """``prefix`` is the process's own: ``AGENT_``, ``GATEWAY_`` or ``ENVIRONMENT_``."""
-        # Imported here: hosting.config's own Settings holds an HttpLimits.
-        from hosting.config import ConfigError, float_setting, int_setting
-
         limits = cls(
             header_timeout_seconds=float_setting(env, f"{prefix}HTTP_HEADER_TIMEOUT_SECONDS", cls.header_timeout_seconds),
             keep_alive_seconds=int_setting(env, f"{prefix}HTTP_KEEP_ALIVE_SECONDS", cls.keep_alive_seconds, minimum=1),

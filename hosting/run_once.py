@@ -14,7 +14,8 @@ from pathlib import Path
 import anyio
 from claude_agent_sdk import ClaudeSDKError
 
-from hosting.config import ConfigError, Settings
+from hosting.server.settings import Settings
+from hosting.settings_env import ConfigError
 from research_agent.agent import AgentError, send_query
 from research_agent.options import build_options
 

@@ -15,6 +15,20 @@ SERVE=false
 if [ "${1:-}" = "--serve" ]; then
     SERVE=true
     shift
+    # Before anything else: a server already on the port would answer our health checks, and the
+    # banner would point at someone else's server. SO_REUSEADDR, as uvicorn binds: only a listener
+    # makes the port taken, not a connection that has just closed.
+    "$PYTHON" -c 'import socket, sys
+port = sys.argv[1]
+try:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", int(port)))
+except (ValueError, OverflowError):
+    sys.exit(f"quickstart: PORT must be a port number, got {port!r}")
+except OSError as exc:
+    sys.exit(f"quickstart: cannot listen on 127.0.0.1:{port} ({exc.strerror}): is another server there? "
+             "Choose another port: PORT=8001 ./scripts/quickstart.sh --serve")' "${PORT:-8000}"
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -2,7 +2,8 @@
 # The whole test suite. As root it first installs the system services the tests
 # drive for real (Redis, PostgreSQL, Docker); then it installs the package with
 # its test extra into ./.venv (or $VENV), lints (ruff), type-checks (mypy; the
-# gateway and the sandbox backends with --strict) and runs pytest. Extra args go
+# gateway and the sandbox backends with --strict), checks the layers (lint-imports,
+# pyproject.toml's [tool.importlinter]) and runs pytest. Extra args go
 # to pytest.
 set -eu
 cd "$(dirname "$0")/.."
@@ -20,6 +21,7 @@ fi
 "$VENV/bin/python" -m ruff check --quiet .
 "$VENV/bin/python" -m mypy
 "$VENV/bin/python" -m mypy --strict hosting/gateway hosting/sandboxes
+"$VENV/bin/lint-imports" --no-cache
 
 status=0
 "$VENV/bin/python" -m pytest "$@" || status=$?

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hosting.config import Settings
 from hosting.server.box import MEMORY_SHARE, Box, SpareCpu, read_box
+from hosting.server.settings import Settings
 
 GiB = 2**30
 MACHINE_KIB = 24 * 2**20  # a 24 GiB machine in /proc/meminfo

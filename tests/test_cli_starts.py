@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from claude_agent_sdk import ClaudeSDKClient, ResultMessage
 
-from hosting.config import Settings
 from hosting.server.box import Box
 from hosting.server.sessions import EVICTION_GRACE_SECONDS, LiveSession, NoRoom, NotAccepting, SessionManager
+from hosting.server.settings import Settings
 from hosting.server.workspaces import WorkspaceStore
 
 ONE_GIB_BOX = Box(machine_memory=24 * 2**30, cpus=2, memory_limit=2**30)  # fits 3 CLIs

@@ -24,13 +24,14 @@ from claude_agent_sdk import InMemorySessionStore
 
 import hosting.server.sessions as sessions_module
 from hosting.client import AgentClient, StorageFullError
-from hosting.config import ConfigError, Settings
 from hosting.contract import durable_session_id
 from hosting.server.disk import FULL_BELOW_BYTES, MIN_FREE_BYTES, Disk, DiskState, StorageFull, free_floor, out_of_space
 from hosting.server.durable import store_holds, store_key
 from hosting.server.retention import Due, Retention
 from hosting.server.sessions import SessionManager
+from hosting.server.settings import Settings
 from hosting.server.workspaces import WorkspaceStore, drop_torn_tail, turn_recorded
+from hosting.settings_env import ConfigError
 from tests.test_cli_starts import ONE_GIB_BOX, manager, replies, run_turn, starts  # noqa: F401 - fixtures
 
 MiB = 2**20

@@ -355,8 +355,8 @@ def test_a_user_defined_docker_network_is_a_setting(value: str) -> None:
 
 @pytest.mark.parametrize("value", ["none", "container:abc", "-x", "a b", "x" * 129])
 def test_a_docker_network_that_cannot_hold_sandboxes_is_refused(value: str) -> None:
-    from hosting.config import ConfigError
     from hosting.sandboxes.settings import BackendSettings
+    from hosting.settings_env import ConfigError
 
     with pytest.raises(ConfigError, match="GATEWAY_DOCKER_NETWORK must be bridge, host or the name of a Docker network"):
         BackendSettings.from_env({"GATEWAY_DOCKER_NETWORK": value}, "GATEWAY_", data_dir=Path("d"),

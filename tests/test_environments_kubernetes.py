@@ -30,11 +30,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from hosting.config import ConfigError
 from hosting.environments.sandboxes import sandbox_name
 from hosting.environments.settings import EnvironmentSettings
 from hosting.sandboxes import launch
 from hosting.sandboxes.kubernetes import pod_name
+from hosting.settings_env import ConfigError
 from tests.conftest import wait_for
 from tests.environments_standin import EnvironmentStandIn, OrchestratorProcess, orchestrator_env, serve
 from tests.k8s_standin import POD_TAG, POD_TEMPLATE, PodsApiStandIn, running_standin

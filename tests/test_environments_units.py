@@ -15,7 +15,6 @@ import pytest
 from anthropic import APIStatusError
 from anthropic.types.beta.environments import BetaSelfHostedWork
 
-from hosting.config import ConfigError
 from hosting.environments.archive import ArchivedSessions, FileArchive, RedisArchive
 from hosting.environments.credentials import sessions_token
 from hosting.environments.lifecycle import is_fatal, is_newer
@@ -24,6 +23,7 @@ from hosting.environments.runner import status, workspace
 from hosting.environments.sandboxes import RunnerLaunch, RunnerStatus, sandbox_name
 from hosting.environments.settings import EnvironmentSettings
 from hosting.sandboxes.base import SANDBOX_ID_PATTERN, VOLUME_PATTERN, SandboxError
+from hosting.settings_env import ConfigError
 from tests.stores_fixtures import redis_url  # noqa: F401 - a fixture of the redis archive
 
 BASE = {"ANTHROPIC_ENVIRONMENT_ID": "env_01", "ANTHROPIC_ENVIRONMENT_KEY": "key-1"}

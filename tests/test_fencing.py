@@ -31,7 +31,8 @@ from stores_fixtures import postgres_url, redis_url  # noqa: F401 - fixtures
 
 from hosting.contract import durable_session_id
 from hosting.server.durable import store_key
-from hosting.stores import DurableSessionStore, Fenced, open_session_store
+from hosting.stores import Fenced, open_session_store
+from hosting.stores.protocol import DurableSessionStore
 
 pytestmark = pytest.mark.stores
 

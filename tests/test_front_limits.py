@@ -28,9 +28,9 @@ import pytest
 from conftest import LocalModel, ServerProcess, agent_env, free_port, healthy, wait_for
 from gateway_fixtures import Gateways
 
-from hosting.config import ConfigError
 from hosting.contract import MAX_BODY_BYTES
 from hosting.http_limits import HttpLimits
+from hosting.settings_env import ConfigError
 from tests.environments_standin import EnvironmentStandIn, OrchestratorProcess, orchestrator_env, serve
 
 HEADER_TIMEOUT = "1"

@@ -41,6 +41,12 @@ def _answers(url: str, session_id: str, token: str) -> list[tuple[str, int, str,
     return answers
 
 
+def assert_no_turn_running(url: str, session_id: str) -> None:
+    """Interrupt with no turn running: 409 told apart from a busy session's by its code."""
+    idle = httpx.post(f"{url}/sessions/{session_id}/interrupt", headers=auth(ALICE), timeout=30)
+    assert (idle.status_code, idle.json()["code"], "retry-after" in idle.headers) == (409, "no_turn_running", False)
+
+
 def test_two_tenants_on_one_id_have_two_conversations_and_cannot_see_each_other(gateways: Gateways) -> None:
     gateway = gateways.start()
     url = gateway.base_url
@@ -57,6 +63,7 @@ def test_two_tenants_on_one_id_have_two_conversations_and_cannot_see_each_other(
     assert "9090" in (recalled := turn(url, "trip-1", RECALL, token=BOB).text) and "4471" not in recalled
     assert "4471" in (recalled := turn(url, "trip-1", RECALL).text) and "9090" not in recalled
 
+    assert_no_turn_running(url, "trip-1")  # the sandbox's answer, relayed
     described = httpx.get(f"{url}/sessions/trip-1", headers=auth(ALICE), timeout=30)
     assert described.status_code == 200 and described.json()["has_history"] is True
     both = gateway.admin("sessions/trip-1")
@@ -260,6 +267,7 @@ def test_the_reaper_removes_idle_sandboxes_but_never_a_streaming_one(gateways: G
     assert route is not None
     wait_for(lambda: (gateway.route("r-1") or {}).get("state") == "released", timeout=30, interval=0.2)
     wait_for(lambda: not gateways.sandbox_alive(route["sandbox_id"], route.get("pid")), timeout=30)
+    assert_no_turn_running(url, "r-1")  # the gateway's own answer: no sandbox, so no turn
     assert "6061" in turn(url, "r-1", RECALL).text
 
     started = time.monotonic()

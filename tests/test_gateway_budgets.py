@@ -29,7 +29,6 @@ from gateway_fixtures import ADMIN, ALICE, BOB, Gateways, auth, local_gateways  
 from stores_fixtures import redis_url  # noqa: F401 - fixture
 
 from hosting.client import AgentClient, RateLimitedError
-from hosting.config import ConfigError, Settings
 from hosting.gateway.app import create_app
 from hosting.gateway.budgets import (
     _CALENDAR,
@@ -46,15 +45,17 @@ from hosting.gateway.budgets import (
     utc_windows,
 )
 from hosting.gateway.quotas import Quotas, TenantLimits
-from hosting.gateway.relay import StreamWatcher, encode
+from hosting.gateway.relay import StreamWatcher
 from hosting.gateway.routes import MemoryRouteStore, RedisRouteStore, RouteStoreUnavailable
 from hosting.gateway.settings import GatewaySettings
+from hosting.gateway.telemetry import GatewayTelemetry, GatewayTurn
 from hosting.gateway.tenants import load_tenant_budgets, load_tenant_overrides, load_tenant_tokens
 from hosting.sandboxes.memory import MemoryBackend
-from hosting.server.wire import WireEvent
-from hosting.telemetry.gateway import GatewayTelemetry, GatewayTurn
+from hosting.server.settings import Settings
+from hosting.settings_env import ConfigError
 from hosting.telemetry.settings import TelemetrySettings
 from hosting.telemetry.turns import TurnRecord
+from hosting.wire import WireEvent, encode
 
 BASE_ENV = {"GATEWAY_TENANTS": "tok-a:alice", "ANTHROPIC_API_KEY": "sk-x"}
 

@@ -32,7 +32,6 @@ from gateway_fixtures import (  # noqa: F401
 )
 from stores_fixtures import redis_url  # noqa: F401 - fixture
 
-from hosting.config import ConfigError
 from hosting.gateway.provisioning import Provisioner, ProvisioningFailed
 from hosting.gateway.quotas import QuotaExceeded, Quotas, TenantLimits
 from hosting.gateway.reaper import Reaper
@@ -41,6 +40,7 @@ from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.tenants import load_tenant_overrides, load_tenant_tokens
 from hosting.sandboxes.base import Sandbox, SandboxSpec
 from hosting.sandboxes.memory import MemoryBackend
+from hosting.settings_env import ConfigError
 
 pytestmark = pytest.mark.e2e
 

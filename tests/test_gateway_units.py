@@ -13,12 +13,12 @@ from gateway_fixtures import store  # noqa: F401 - fixture
 from starlette.requests import Request
 from stores_fixtures import redis_url  # noqa: F401 - fixture
 
-from hosting.config import ConfigError
 from hosting.gateway.relay import StreamWatcher, lost_stream, next_event_id
 from hosting.gateway.routes import PoolEntry, Route, RouteStore
 from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.tenants import TokenAuthenticator, load_tenant_tokens
 from hosting.sandboxes.base import Sandbox
+from hosting.settings_env import ConfigError
 
 BASE_ENV = {"GATEWAY_TENANTS": "tok-a:alice", "ANTHROPIC_API_KEY": "sk-x"}
 

@@ -32,7 +32,6 @@ import pytest
 import yaml
 from kubernetes.aio.client import ApiClient, Configuration
 
-from hosting.config import ConfigError
 from hosting.gateway.provisioning import Provisioner
 from hosting.gateway.reconcile import reconcile
 from hosting.gateway.routes import MemoryRouteStore, PoolEntry, Route
@@ -52,6 +51,7 @@ from hosting.sandboxes.kubernetes import (
     volume_label,
 )
 from hosting.sandboxes.settings import open_backend
+from hosting.settings_env import ConfigError
 from tests.conftest import API_KEY, ROOT, LocalModel, free_port, post_turn
 from tests.gateway_fixtures import ALICE, Gateways, auth
 from tests.k8s_standin import JSON_PATCH, POD_TEMPLATE, PodsApiStandIn, label_errors, running_standin

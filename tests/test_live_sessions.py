@@ -81,7 +81,8 @@ def test_interrupt_stops_a_slow_stream_and_the_session_stays_usable(start_server
     base = server.base_url
     assert httpx.post(f"{base}/sessions/never/interrupt").status_code == 404
     post_turn(base, "intr", "Remember this value: i5")
-    assert httpx.post(f"{base}/sessions/intr/interrupt").status_code == 409  # nothing running
+    idle = httpx.post(f"{base}/sessions/intr/interrupt")  # nothing running: not the 409 of a busy session
+    assert (idle.status_code, idle.json()["code"], "retry-after" in idle.headers) == (409, "no_turn_running", False)
 
     events: list[str] = []
     interrupted = False
@@ -216,10 +217,11 @@ def test_python_client_against_a_live_server(start_server):
             with pytest.raises(SessionBusyError) as busy:
                 await agent.arun("again")
             assert busy.value.retry_after is not None
-            await agent.interrupt()
+            assert await agent.interrupt() is True
             with pytest.raises(TurnError) as interrupted:
                 await slow
             assert interrupted.value.event.code == "interrupted"
+            assert await agent.interrupt() is False, "no turn running: not SessionBusyError"
             with pytest.raises(PayloadTooLargeError):
                 await agent.arun("x" * 300_000)
             assert (await agent.get_session())["has_history"] is True

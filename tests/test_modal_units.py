@@ -8,9 +8,9 @@ import sys
 import pytest
 from modal._utils.name_utils import is_valid_object_name
 
-from hosting.config import ConfigError
 from hosting.gateway.settings import GatewaySettings
 from hosting.sandboxes.modal import volume_name
+from hosting.settings_env import ConfigError
 from tests.conftest import ROOT
 from tests.modal_fixtures import modal_env, modal_standin  # noqa: F401 - fixtures
 from tests.modal_standin import ModalStandIn
@@ -55,7 +55,7 @@ def test_modal_backend_without_the_client_says_how_to_install_it() -> None:
             "from hosting.sandboxes.modal import ModalBackend\n"
             "try:\n    ModalBackend()\nexcept SandboxError as exc:\n    print(exc)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.stdout.strip() == 'the modal backend needs the Modal client: pip install "research-agent-hosting[modal]"'
+    assert proc.stdout.strip() == 'the Modal client is not installed: pip install "research-agent-hosting[modal]"'
 
 
 @pytest.mark.modal

@@ -28,9 +28,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from hosting.config import ConfigError, Settings
 from hosting.gateway.settings import GatewaySettings
 from hosting.server.box import Box
+from hosting.server.settings import Settings
+from hosting.settings_env import ConfigError
 from hosting.telemetry.settings import TelemetrySettings, telemetry_sandbox_env
 from hosting.telemetry.tracing import RequestSpans, inject_trace_context, open_tracer, session_label
 

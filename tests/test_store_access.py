@@ -34,7 +34,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 from stores_fixtures import free_port, running_postgres, running_redis
 
 from hosting.server.durable import STORE_PROJECT_KEY
-from hosting.stores import DurableSessionStore, Fenced, StoreUnavailableError, open_session_store
+from hosting.stores import Fenced, StoreUnavailableError, open_session_store
 from hosting.stores.access import (
     PROJECT_KEY,
     SandboxStoreAccess,
@@ -45,6 +45,7 @@ from hosting.stores.access import (
     sandbox_user,
 )
 from hosting.stores.postgres_store import PostgresSessionStore
+from hosting.stores.protocol import DurableSessionStore
 
 pytestmark = pytest.mark.stores
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from claude_agent_sdk import AssistantMessage, ResultMessage, StreamEvent, TextBlock, ToolUseBlock
 
-from hosting.config import ConfigError, Settings
 from hosting.contract import InvalidSessionId, validate_session_id
 from hosting.server.box import Box
+from hosting.server.settings import Settings
 from hosting.server.wire import Redactor, TurnTranslator, classify_api_error
 from hosting.server.workspaces import WorkspaceStore
+from hosting.settings_env import ConfigError
 
 
 def test_settings_defaults_and_overrides():

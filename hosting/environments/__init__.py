@@ -16,5 +16,5 @@ Modules:
 - ``dispatch``: claiming items, by long-polling or by draining
 - ``webhook``: the webhook receiver
 - ``janitor``: idle sandboxes, ended sessions, failed runners
-- ``app``: the console script
+- ``app``: the orchestrator (``__main__`` is the console script: it checks the extra first)
 """

@@ -19,7 +19,6 @@ import sys
 import uvicorn
 from anthropic import APIStatusError, AsyncAnthropic
 
-from hosting.config import ConfigError
 from hosting.environments.archive import ArchivedSessions, FileArchive, RedisArchive
 from hosting.environments.dispatch import Dispatcher
 from hosting.environments.janitor import Janitor
@@ -31,6 +30,7 @@ from hosting.environments.webhook import create_app
 from hosting.http_limits import LimitedConfig
 from hosting.sandboxes.base import SandboxError
 from hosting.sandboxes.settings import open_backend
+from hosting.settings_env import ConfigError
 
 logger = logging.getLogger("hosting.environments")
 

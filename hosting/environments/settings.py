@@ -1,7 +1,7 @@
 """Every setting of the orchestrator, typed, read once at start-up.
 
 Like :mod:`hosting.gateway.settings`: nothing else in the orchestrator reads
-``os.environ``. Bad values raise :class:`~hosting.config.ConfigError` naming the
+``os.environ``. Bad values raise :class:`~hosting.settings_env.ConfigError` naming the
 variable; ``agent-environment-orchestrator`` prints it and exits with status 2.
 
 The environment key is the orchestrator's standing credential: it polls, acks and
@@ -18,22 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from hosting.config import ConfigError, float_setting, int_setting, optional_setting
 from hosting.environments.sandboxes import runner_pod_template_error
 from hosting.http_limits import HttpLimits
 from hosting.sandboxes.settings import BackendSettings
+from hosting.settings_env import ConfigError, choice_setting, float_setting, int_setting, optional_setting
 
 Mode = Literal["poll", "webhook"]
+MODES: tuple[Mode, ...] = ("poll", "webhook")
 
 MAX_BLOCK_MS = 999
 """The API holds an empty poll open for at most this long (``block_ms`` is 1-999)."""
-
-
-def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
-    raw = env.get(name, "").strip() or default
-    if raw not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
-    return raw
 
 
 def _secret(env: Mapping[str, str], name: str) -> str | None:
@@ -107,13 +101,12 @@ class EnvironmentSettings:
             raise ConfigError("the environment key is required: set ANTHROPIC_ENVIRONMENT_KEY_FILE or "
                               "ANTHROPIC_ENVIRONMENT_KEY")
         api = _url(env, "ANTHROPIC_BASE_URL")
-        mode = _choice(env, "ENVIRONMENT_MODE", cls.mode, ("poll", "webhook"))
         settings = cls(
             environment_id=environment_id,
             environment_key=key,
             api_base_url=api,
             sandbox_api_base_url=_url(env, "ENVIRONMENT_SANDBOX_API_BASE_URL") or api,
-            mode="webhook" if mode == "webhook" else "poll",
+            mode=choice_setting(env, "ENVIRONMENT_MODE", MODES),
             sandboxes=BackendSettings.from_env(env, "ENVIRONMENT_", data_dir=Path("environment-data"),
                                                installation="environments", modal_app="research-agent-environments",
                                                start_timeout_seconds=120.0),

@@ -25,7 +25,6 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
-from hosting.config import ConfigError
 from hosting.contract import (
     RETRY_AFTER_SECONDS,
     SESSION_ID_PARAMETER,
@@ -33,6 +32,7 @@ from hosting.contract import (
     bearer_token,
     install_json_errors,
     message_body,
+    no_turn_running,
     path_session_id,
     tokens_equal,
     unauthorized,
@@ -64,10 +64,11 @@ from hosting.gateway.routes import (
 )
 from hosting.gateway.runtime import install_runtime
 from hosting.gateway.settings import GatewaySettings
+from hosting.gateway.telemetry import GatewayTelemetry, GatewayTurn, ObservedProvisioner
 from hosting.gateway.tenants import Authenticator, TokenAuthenticator
 from hosting.sandboxes.base import SandboxBackend, SandboxError
 from hosting.sandboxes.settings import open_backend
-from hosting.telemetry.gateway import GatewayTelemetry, GatewayTurn, ObservedProvisioner
+from hosting.settings_env import ConfigError
 from hosting.telemetry.http import FASTAPI_TELEMETRY
 from hosting.telemetry.logs import configure_logging
 from hosting.web import mount_chat_page
@@ -359,14 +360,14 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
     async def interrupt(session_id: SessionId, tenant: Tenant, request: Request) -> Response:
         route = await owned_route(session_id, tenant)
         if route.sandbox_id is None:
-            raise HTTPException(409, f"no turn is running on session {session_id!r}")
+            return no_turn_running(session_id)
         try:
             response = await relay.send(route, "POST", f"/sessions/{session_id}/interrupt", request.headers)
             body = await response.aread()
             await response.aclose()
         except (SandboxUnreachable, SandboxLost):
-            raise HTTPException(409, f"no turn is running on session {session_id!r}") from None
-        return _relayed(response, body)
+            return no_turn_running(session_id)  # a sandbox that is gone runs no turn
+        return _relayed(response, body)  # the sandbox's own answer: 200, or 409 no_turn_running
 
     @app.get("/sessions/{session_id}")
     async def get_session(session_id: SessionId, tenant: Tenant, request: Request) -> Response:

@@ -435,7 +435,7 @@ class Budgets:
 
 class TurnCharge:
     """One turn's spend: recorded as its ``result`` event is relayed (:meth:`result`, told
-    by :class:`hosting.telemetry.gateway.GatewayTurn`), then waited for before the turn's
+    by :class:`hosting.gateway.telemetry.GatewayTurn`), then waited for before the turn's
     last event goes out (:meth:`settled`) when the tenant has a budget."""
 
     def __init__(self, budgets: Budgets, tenant: str, session_id: str) -> None:

@@ -20,9 +20,9 @@ import contextlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import httpx
-from claude_agent_sdk.types import SessionKey
 
 from hosting.contract import STORE_PROJECT_KEY, durable_session_id
 from hosting.sandboxes.base import (
@@ -35,6 +35,9 @@ from hosting.sandboxes.base import (
 )
 from hosting.stores import open_session_store
 from hosting.stores.access import SandboxStoreAccess, StoreAccessError, open_sandbox_access
+
+if TYPE_CHECKING:  # a TypedDict: the gateway never loads the agent SDK at run time
+    from claude_agent_sdk.types import SessionKey
 
 logger = logging.getLogger("hosting.gateway.conversations")
 

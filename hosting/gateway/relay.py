@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import anyio
 import httpx
-from sse_starlette import ServerSentEvent
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from hosting.contract import EPOCH_HEADER, NAMESPACE_HEADER
 from hosting.gateway.routes import Route, RouteStore, RouteStoreUnavailable
 from hosting.gateway.sandbox_http import ConnectFailed, ConnectionBroken, SandboxAnswer, SandboxClient
-from hosting.server.wire import WireEvent, error_event
 from hosting.telemetry.tracing import inject_trace_context
+from hosting.wire import WireEvent, encode, error_event
 
 logger = logging.getLogger("hosting.gateway.relay")
 
@@ -110,10 +108,6 @@ def next_event_id(last: str | None) -> str:
     if tail.isdigit():
         return f"{head}{sep}{int(tail) + 1}"
     return f"{last}-1"
-
-
-def encode(event: WireEvent, event_id: str) -> bytes:
-    return ServerSentEvent(data=json.dumps(event.payload()), event=event.type, id=event_id).encode()
 
 
 def lost_stream(last_id: str | None, message: str) -> bytes:

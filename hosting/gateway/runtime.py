@@ -28,8 +28,8 @@ from hosting.gateway.relay import (
     shielded,
 )
 from hosting.gateway.routes import Route
+from hosting.gateway.telemetry import GatewayTelemetry
 from hosting.runtime_api import ADVANCE_PATH, State, advance_body, new_session_id
-from hosting.telemetry.gateway import GatewayTelemetry
 from hosting.telemetry.tracing import tag_session
 
 Send = Callable[[Route, Request, str, bytes], Awaitable[tuple[Route, SandboxResponse]]]

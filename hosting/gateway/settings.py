@@ -1,7 +1,7 @@
 """Every setting of the gateway, typed, read once at start-up.
 
-Like :mod:`hosting.config` for the server: nothing else in the gateway reads
-``os.environ``. Bad values raise :class:`~hosting.config.ConfigError` naming the
+Like :mod:`hosting.server.settings` for the server: nothing else in the gateway reads
+``os.environ``. Bad values raise :class:`~hosting.settings_env.ConfigError` naming the
 variable, and ``agent-gateway`` turns that into one line and exit status 2.
 """
 
@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hosting.config import ConfigError, float_setting, int_setting, optional_setting, store_url_setting
 from hosting.contract import MAX_BODY_BYTES
 from hosting.gateway.budgets import TenantBudget
 from hosting.gateway.quotas import TenantLimits
@@ -27,6 +26,8 @@ from hosting.gateway.tenants import (
 )
 from hosting.http_limits import HttpLimits
 from hosting.sandboxes.settings import BackendSettings
+from hosting.settings_env import ConfigError, float_setting, int_setting, optional_setting
+from hosting.stores import store_url_setting
 from hosting.telemetry.settings import TelemetrySettings, telemetry_sandbox_env
 
 SANDBOX_ENV_ALLOWLIST = (

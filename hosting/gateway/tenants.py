@@ -20,8 +20,8 @@ from typing import Protocol
 
 from starlette.requests import Request
 
-from hosting.config import ConfigError
 from hosting.contract import bearer_token
+from hosting.settings_env import ConfigError
 
 TenantTokens = Mapping[bytes, str]
 """SHA-256 digest of a token → tenant name."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import secrets
 import shlex
 import sys
@@ -27,11 +28,13 @@ import time
 from dataclasses import dataclass
 
 import httpx
-import modal
-import modal.exception
 
 from hosting.sandboxes.base import SandboxError
-from hosting.sandboxes.modal import create_agent_sandbox, tunnel_url
+from hosting.sandboxes.modal import create_agent_sandbox, require_client, tunnel_url
+
+with contextlib.suppress(ImportError):  # the modal extra; without it main() says so in one line
+    import modal
+    import modal.exception
 
 DEPLOY_TAG = "research-agent.deploy"
 """Tag naming the deployment a sandbox belongs to; how a second run finds the first's sandbox."""
@@ -151,6 +154,10 @@ async def wait_ready(sandbox: modal.Sandbox, url: str, token: str, timeout: floa
 
 def main(argv: list[str] | None = None) -> None:
     options = parse(argv)
+    try:
+        require_client()
+    except SandboxError as exc:
+        sys.exit(f"modal_app: {exc}")
     try:
         sandbox_id, url, token = asyncio.run(deploy(options))
     except modal.exception.AuthError as exc:

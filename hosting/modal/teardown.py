@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 
-import modal
-import modal.exception
+from hosting.sandboxes.base import SandboxError
+from hosting.sandboxes.modal import require_client
+
+with contextlib.suppress(ImportError):  # the modal extra; without it main() says so in one line
+    import modal
+    import modal.exception
 
 
 async def teardown(app_name: str, volume: str) -> list[str]:
@@ -41,6 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--app", default="research-agent", help="Modal app name (default: %(default)s)")
     parser.add_argument("--volume", default="research-agent-data", help="Modal Volume to delete (default: %(default)s)")
     args = parser.parse_args(argv)
+    try:
+        require_client()
+    except SandboxError as exc:
+        sys.exit(f"teardown: {exc}")
     try:
         removed = asyncio.run(teardown(args.app, args.volume))
     except modal.exception.AuthError as exc:

@@ -32,6 +32,7 @@ import builtins
 import contextlib
 import hashlib
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from pathlib import Path
@@ -51,13 +52,15 @@ from hosting.sandboxes.base import (
 
 try:
     import modal
+    import modal.config
     import modal.exception
 except ImportError:
     _HAVE_SDK = False
 else:
     _HAVE_SDK = True
 
-SDK_MISSING = 'the modal backend needs the Modal client: pip install "research-agent-hosting[modal]"'
+SDK_MISSING = 'the Modal client is not installed: pip install "research-agent-hosting[modal]"'
+NO_CREDENTIALS = "no Modal credentials: run `modal setup` or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET"
 DOCKERFILE = Path(__file__).resolve().parents[1] / "Dockerfile"
 COMMAND = ("/app/hosting/entrypoint.sh", "serve")
 """The whole command: whether Modal keeps a Dockerfile's ENTRYPOINT for a sandbox or not, this starts the server."""
@@ -71,6 +74,27 @@ TENANT_TAG = "research-agent.tenant"
 CREATED_TAG = "research-agent.created-at"
 
 _T = TypeVar("_T")
+
+
+def require_client() -> None:
+    """:class:`SandboxError` saying how to install the Modal client if it is not: the one check
+    the gateway's backend, ``modal_app.py`` and ``teardown.py`` make before any Modal call."""
+    if not _HAVE_SDK:
+        raise SandboxError(SDK_MISSING)
+
+
+def require_credentials() -> None:
+    """:class:`SandboxError` if the Modal client has no credentials to use. The client resolves
+    them only at its first call (``modal.Client.from_env``), where a gateway would fail call after
+    call in the background; this reads the same settings (``MODAL_TOKEN_*`` or the ``modal setup``
+    profile, OAuth settings, or a Modal container's own) without contacting Modal."""
+    config = modal.config.config
+    if os.environ.get("MODAL_IS_REMOTE") == "1":  # inside a Modal container: the container's identity
+        return
+    if (config.get("token_id") and config.get("token_secret")) or config.get("oauth_refresh_token"):
+        return
+    raise SandboxError(NO_CREDENTIALS)
+
 
 MAX_NAME = 64
 """Modal object names: at most 64 of ``[A-Za-z0-9_.-]``."""
@@ -137,9 +161,9 @@ class ModalBackend(SandboxBackend):
         """``secrets``: Modal secrets every sandbox gets (e.g. the model credential).
         ``sandbox_timeout``: Modal's hard lifetime cap; the gateway's reaper removes idle ones
         long before. ``memory_bytes``, ``cpus``: each sandbox's limits (see :func:`create_agent_sandbox`).
-        Raises :class:`SandboxError` without the Modal client or ``hosting/Dockerfile``."""
-        if not _HAVE_SDK:
-            raise SandboxError(SDK_MISSING)
+        Raises :class:`SandboxError` without the Modal client, its credentials or ``hosting/Dockerfile``."""
+        require_client()
+        require_credentials()
         self.app_name = app_name
         self.installation = installation
         self._secrets = tuple(secrets)

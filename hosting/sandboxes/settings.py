@@ -12,10 +12,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
-from hosting.config import ConfigError, float_setting, int_setting, optional_setting
 from hosting.sandboxes.base import SandboxBackend
+from hosting.settings_env import ConfigError, choice_setting, float_setting, int_setting, optional_setting
 
 BackendName = Literal["local", "docker", "kubernetes", "modal"]
 BACKENDS: tuple[BackendName, ...] = ("local", "docker", "kubernetes", "modal")
@@ -26,18 +26,6 @@ KUBERNETES_VOLUMES: tuple[KubernetesVolumes, ...] = ("emptydir", "pvc")
 _QUANTITY = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[KMGTPE]i|[kMGTPE])?")
 """A storage quantity as the API reads one: a decimal number and a binary or decimal suffix."""
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-
-
-Choice = TypeVar("Choice", bound=str)
-
-
-def _choice(env: Mapping[str, str], name: str, choices: tuple[Choice, ...]) -> Choice:
-    """The variable's value if it is one of ``choices`` (unset: the first); ConfigError otherwise."""
-    raw = env.get(name, "").strip() or choices[0]
-    for choice in choices:
-        if raw == choice:
-            return choice
-    raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
 
 
 def _volume_size(env: Mapping[str, str], name: str, default: str) -> str:
@@ -112,7 +100,7 @@ class BackendSettings:
         """Read ``<prefix>BACKEND`` and the rest; the keyword arguments are this host's defaults."""
         kubeconfig = optional_setting(env, f"{prefix}KUBECONFIG")
         settings = cls(
-            backend=_choice(env, f"{prefix}BACKEND", BACKENDS),
+            backend=choice_setting(env, f"{prefix}BACKEND", BACKENDS),
             data_dir=Path(optional_setting(env, f"{prefix}DATA_DIR") or data_dir),
             installation=optional_setting(env, f"{prefix}INSTALLATION") or installation,
             start_timeout_seconds=start_timeout_seconds,
@@ -123,7 +111,7 @@ class BackendSettings:
                                          or cls.kubernetes_pod_template),
             kubeconfig=Path(kubeconfig) if kubeconfig else None,
             kubernetes_image=optional_setting(env, f"{prefix}KUBERNETES_IMAGE"),
-            kubernetes_volumes=_choice(env, f"{prefix}KUBERNETES_VOLUMES", KUBERNETES_VOLUMES),
+            kubernetes_volumes=choice_setting(env, f"{prefix}KUBERNETES_VOLUMES", KUBERNETES_VOLUMES),
             kubernetes_volume_size=_volume_size(env, f"{prefix}KUBERNETES_VOLUME_SIZE", cls.kubernetes_volume_size),
             kubernetes_storage_class=_storage_class(env, f"{prefix}KUBERNETES_STORAGE_CLASS"),
             modal_app=optional_setting(env, f"{prefix}MODAL_APP") or modal_app,

@@ -11,7 +11,6 @@ model and leaves nothing on disk.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -22,7 +21,6 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from hosting.config import ConfigError, Settings
 from hosting.contract import (
     RETRY_AFTER_SECONDS,
     STORAGE_RETRY_AFTER_SECONDS,
@@ -30,6 +28,7 @@ from hosting.contract import (
     bearer_token,
     install_json_errors,
     message_body,
+    no_turn_running,
     request_epoch,
     request_namespace,
     tokens_equal,
@@ -42,13 +41,16 @@ from hosting.server.disk import StorageFull
 from hosting.server.durable import StoreUnavailable
 from hosting.server.loopback import LoopbackHostOnly
 from hosting.server.sessions import NoRoom, NotAccepting, SessionBusy, SessionManager, WrongNamespace
+from hosting.server.settings import Settings
+from hosting.server.telemetry import ServerTelemetry
 from hosting.server.turns import Numbered, ReplayGone, Turn
 from hosting.server.workspaces import WorkspaceStore
+from hosting.settings_env import ConfigError
 from hosting.stores import MissingStoreDriver, open_session_store
 from hosting.telemetry.http import FASTAPI_TELEMETRY
 from hosting.telemetry.logs import configure_logging
-from hosting.telemetry.server import ServerTelemetry
 from hosting.web import mount_chat_page
+from hosting.wire import server_sent
 
 logger = logging.getLogger("hosting.server")
 
@@ -170,10 +172,11 @@ def create_app(settings: Settings) -> FastAPI:
         return EventSourceResponse(_sse(events), ping=settings.heartbeat_seconds)
 
     @app.post("/sessions/{session_id}/interrupt", dependencies=scoped)
-    async def interrupt(session_id: SessionId) -> dict[str, Any]:
+    async def interrupt(session_id: SessionId) -> Any:
         if not await sessions.interrupt(session_id):
-            known = workspaces.get(session_id) is not None
-            raise HTTPException(409 if known else 404, f"no turn is running on session {session_id!r}")
+            if workspaces.get(session_id) is None:
+                raise HTTPException(404, f"no session {session_id!r}")
+            return no_turn_running(session_id)
         return {"session_id": session_id, "interrupted": True}
 
     @app.get("/sessions/{session_id}", dependencies=scoped)
@@ -205,8 +208,7 @@ def create_app(settings: Settings) -> FastAPI:
 
 async def _sse(events: AsyncIterator[Numbered]) -> AsyncIterator[ServerSentEvent]:
     async for numbered in events:
-        event = numbered.event
-        yield ServerSentEvent(data=json.dumps(event.payload()), event=event.type, id=numbered.id)
+        yield server_sent(numbered.event, numbered.id)
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from claude_agent_sdk.types import SessionKey, SessionStoreEntry
 
 from hosting.contract import STORE_PROJECT_KEY
 from hosting.server.workspaces import Workspace
-from hosting.stores import DurableSessionStore
+from hosting.stores.protocol import DurableSessionStore
 
 CATCH_UP_BATCH = 500
 

@@ -38,17 +38,18 @@ from typing import Any
 
 from claude_agent_sdk import AssistantMessage, ClaudeAgentOptions, ClaudeSDKClient, MirrorErrorMessage
 
-from hosting.config import Settings
 from hosting.contract import durable_session_id
 from hosting.server.box import SpareCpu
 from hosting.server.cli import guarded_cli
 from hosting.server.disk import Disk, StorageFull, out_of_space
 from hosting.server.durable import MirrorOnly, StoreUnavailable, catch_up, restore, store_key
 from hosting.server.retention import Retention, Upkeep
+from hosting.server.settings import Settings
 from hosting.server.turns import Numbered, Turn, TurnLog
-from hosting.server.wire import Redactor, TurnTranslator, error_event
+from hosting.server.wire import Redactor, TurnTranslator
 from hosting.server.workspaces import SessionRecord, Workspace, WorkspaceStore, drop_torn_tail, turn_recorded
-from hosting.stores import DurableSessionStore
+from hosting.stores.protocol import DurableSessionStore
+from hosting.wire import error_event
 from research_agent.options import build_options
 
 logger = logging.getLogger("hosting.server.sessions")

@@ -22,7 +22,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from hosting.server.wire import WireEvent
+from hosting.wire import WireEvent
 
 MAX_TURN_EVENTS = 20_000
 """Events kept per turn for re-attaching; a longer turn keeps its newest ones only."""

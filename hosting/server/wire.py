@@ -1,12 +1,8 @@
-"""Wire format v1: what a client sees of a turn, independent of the SDK's types.
+"""The SDK's messages as wire events (:mod:`hosting.wire`): the server's side of the format.
 
-Clients parse these events, never SDK messages, so an SDK upgrade cannot break
-them. Every event carries ``"v": 1``; the SSE layer adds ``event:`` and ``id:``.
-
-Event types, in the order they can appear:
-``session`` (first), ``text`` / ``thinking`` (deltas), ``tool_use``,
-``tool_result``, ``result`` (final numbers), ``error``, ``done`` (always last).
-``raw`` (the SDK message itself) only when a request opts in.
+Clients parse wire events, never SDK messages, so an SDK upgrade cannot break
+them; this is the one module that knows both. ``raw`` events (the SDK message
+itself) are added only when a request opts in.
 """
 
 from __future__ import annotations
@@ -14,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from claude_agent_sdk import (
@@ -29,23 +24,9 @@ from claude_agent_sdk import (
     UserMessage,
 )
 
-WIRE_VERSION = 1
+from hosting.wire import WireEvent, error_event
+
 REDACTED = "[redacted]"
-
-
-@dataclass(frozen=True)
-class WireEvent:
-    """One event of a turn's stream."""
-
-    type: str
-    data: dict[str, Any] = field(default_factory=dict)
-
-    def payload(self) -> dict[str, Any]:
-        return {"v": WIRE_VERSION, **self.data}
-
-
-def error_event(code: str, message: str, *, retryable: bool) -> WireEvent:
-    return WireEvent("error", {"code": code, "message": message, "retryable": retryable})
 
 
 def classify_api_error(status: int | None) -> tuple[str, bool]:

@@ -12,18 +12,23 @@ Retention is the adapter's job (the SDK never deletes on its own): both take
 has seen no append for that long; see each adapter for how.
 
 The drivers are the optional ``stores`` extra, so they are imported only for
-the scheme actually used.
+the scheme actually used; this module imports neither them nor the SDK (the
+protocol is :mod:`hosting.stores.protocol`), so the gateway can name a store
+without loading the agent SDK.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from claude_agent_sdk import SessionStore
-from claude_agent_sdk.types import SessionKey, SessionStoreEntry
+from hosting.settings_env import ConfigError, optional_setting
 
-__all__ = ["DurableSessionStore", "Fenced", "MissingStoreDriver", "StoreUnavailableError", "open_session_store"]
+if TYPE_CHECKING:
+    from hosting.stores.protocol import DurableSessionStore
+
+__all__ = ["Fenced", "MissingStoreDriver", "StoreUnavailableError", "open_session_store", "store_url_setting"]
 
 _REDIS_SCHEMES = frozenset({"redis", "rediss"})
 _POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
@@ -41,31 +46,15 @@ class Fenced(Exception):
     """A write carried an epoch older than the session's: the writer was replaced."""
 
 
-class DurableSessionStore(SessionStore, Protocol):
-    """A ``SessionStore`` with the lifecycle hooks a server needs, and fencing.
+STORE_SCHEMES = ("redis://", "rediss://", "postgresql://", "postgres://")
 
-    Fencing: each assignment of a session to a sandbox has an *epoch* (a number that
-    only grows, handed out by the gateway). :meth:`fence` raises the session's epoch
-    in the store; an append carrying ``epoch=`` lands only if no newer epoch was seen,
-    checked and written in one atomic step, and raises :class:`Fenced` otherwise. So
-    once a new sandbox has fenced the session, the replaced one cannot write to it.
-    """
 
-    async def append(self, key: SessionKey, entries: list[SessionStoreEntry], *, epoch: int | None = None) -> None:
-        """The protocol's append; with ``epoch``, refused (:class:`Fenced`) if a newer one was seen."""
-        ...
-
-    async def fence(self, key: SessionKey, epoch: int) -> bool:
-        """Raise the session's epoch to ``epoch``; ``False`` (nothing changed) if it is newer already."""
-        ...
-
-    async def ping(self) -> None:
-        """Round-trip to the server; raise :class:`StoreUnavailableError` if down."""
-        ...
-
-    async def aclose(self) -> None:
-        """Release connections; the store is unusable afterwards."""
-        ...
+def store_url_setting(env: Mapping[str, str]) -> str | None:
+    """``AGENT_SESSION_STORE``, read by the server and the gateway alike."""
+    url = optional_setting(env, "AGENT_SESSION_STORE")
+    if url is not None and not url.startswith(STORE_SCHEMES):
+        raise ConfigError(f"AGENT_SESSION_STORE must start with one of {', '.join(STORE_SCHEMES)}")
+    return url
 
 
 def validate_ttl(ttl_seconds: int | None) -> int | None:

@@ -4,7 +4,7 @@ The OpenTelemetry SDK reads its own standard ``OTEL_*`` variables (endpoint, hea
 sampler, timeouts, resource attributes); this module only reads enough of them to
 decide *whether* to export, so that with none set no exporter, thread or span
 processor exists at all. Values the project itself cannot honour (a gRPC protocol, an
-exporter other than OTLP) are refused here with :class:`~hosting.config.ConfigError`
+exporter other than OTLP) are refused here with :class:`~hosting.settings_env.ConfigError`
 rather than failing on the first span.
 """
 
@@ -14,33 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from hosting.settings_env import ConfigError, flag_setting, optional_setting
+
 LogFormat = Literal["text", "json"]
 
 CLI_TELEMETRY_VARIABLE = "CLAUDE_CODE_ENABLE_TELEMETRY"
 
 PASSED_TO_SANDBOXES = ("AGENT_LOG_FORMAT", "AGENT_TELEMETRY_RAW_SESSION_IDS", CLI_TELEMETRY_VARIABLE)
 """Telemetry variables a gateway hands its sandboxes, besides ``OTEL_*`` (see :func:`sandbox_env`)."""
-
-
-def _optional(env: Mapping[str, str], name: str) -> str | None:
-    return env.get(name, "").strip() or None
-
-
-def _invalid(message: str) -> Exception:
-    # Imported here: hosting.config imports this module for its Settings, and must be able to.
-    from hosting.config import ConfigError
-
-    return ConfigError(message)
-
-
-def flag_setting(env: Mapping[str, str], name: str) -> bool:
-    """A yes/no variable: unset or 0/false/no/off, or 1/true/yes/on; anything else is refused."""
-    raw = env.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise _invalid(f"{name} must be 1 or 0 (true/false), got {raw!r}")
 
 
 def _exporter(env: Mapping[str, str], signal: str) -> bool:
@@ -52,13 +33,13 @@ def _exporter(env: Mapping[str, str], signal: str) -> bool:
     if chosen == "none":
         return False
     if chosen != "otlp":
-        raise _invalid(f"{name} must be otlp or none, got {chosen!r}")
+        raise ConfigError(f"{name} must be otlp or none, got {chosen!r}")
     for protocol_name in (f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
         protocol = env.get(protocol_name, "").strip()
         if protocol and protocol != "http/protobuf":
-            raise _invalid(f"{protocol_name} must be http/protobuf (the exporter this image ships), got {protocol!r}")
-    return bool(_optional(env, "OTEL_EXPORTER_OTLP_ENDPOINT")
-                or _optional(env, f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT"))
+            raise ConfigError(f"{protocol_name} must be http/protobuf (the exporter this image ships), got {protocol!r}")
+    return bool(optional_setting(env, "OTEL_EXPORTER_OTLP_ENDPOINT")
+                or optional_setting(env, f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT"))
 
 
 @dataclass(frozen=True)
@@ -98,14 +79,14 @@ class TelemetrySettings:
         """``trust_variable``: the flag that lets clients' trace context in (unset: always trusted)."""
         log_format = env.get("AGENT_LOG_FORMAT", "").strip().lower() or "text"
         if log_format not in ("text", "json"):
-            raise _invalid(f"AGENT_LOG_FORMAT must be text or json, got {log_format!r}")
+            raise ConfigError(f"AGENT_LOG_FORMAT must be text or json, got {log_format!r}")
         return cls(
-            service_name=_optional(env, "OTEL_SERVICE_NAME") or default_service,
+            service_name=optional_setting(env, "OTEL_SERVICE_NAME") or default_service,
             export_traces=_exporter(env, "traces"),
             export_metrics=_exporter(env, "metrics"),
             raw_session_ids=flag_setting(env, "AGENT_TELEMETRY_RAW_SESSION_IDS"),
             log_format="json" if log_format == "json" else "text",
-            metrics_token=_optional(env, metrics_token_variable),
+            metrics_token=optional_setting(env, metrics_token_variable),
             cli_telemetry=flag_setting(env, CLI_TELEMETRY_VARIABLE),
             trust_client_trace=trust_variable is None or flag_setting(env, trust_variable),
         )

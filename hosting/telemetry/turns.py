@@ -1,29 +1,21 @@
-"""What one server turn tells the operator: a span and the turn metrics, from its wire events.
+"""What one turn tells the operator: the turn metrics and span attributes, from its wire events.
 
-The observer reads the turn's events like any client (a turn's events can be read by
-several readers at once, see :mod:`hosting.server.turns`) but in a task of its own, so
-the span and the counts are complete even when the client went away mid-turn. It sees
-only what the wire format says: counts, usage, cost, error codes; never text.
+Shared by the server (:mod:`hosting.server.telemetry`) and the gateway
+(:mod:`hosting.gateway.telemetry`). It sees only what the wire format says: counts,
+usage, cost, error codes; never text.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import HTTPException
-from opentelemetry import trace
 from opentelemetry.metrics import Meter
-from opentelemetry.trace import Span, Status, StatusCode, Tracer
+from opentelemetry.trace import Span, Status, StatusCode
 
-from hosting.server.turns import Turn
-from hosting.server.wire import WireEvent
 from hosting.telemetry.metrics import LATENCY_BUCKETS_SECONDS
-from hosting.telemetry.tracing import session_label
+from hosting.wire import WireEvent
 
 REFUSAL_CODES = {409: "session_busy", 410: "session_gone", 503: "unavailable", 507: "storage_full"}
 """Error codes of turns refused before they started, by HTTP status."""
@@ -110,67 +102,3 @@ class TurnRecord:
             span.set_attribute("agent.duration_ms", self.result["duration_ms"])
         if isinstance(self.result.get("num_turns"), int):
             span.set_attribute("agent.model_calls", self.result["num_turns"])
-
-
-class TurnObserver:
-    """Starts a turn's span before the turn is admitted and follows the turn to ``done``."""
-
-    def __init__(self, tracer: Tracer, metrics: TurnMetrics, model: str, raw_session_ids: bool) -> None:
-        self._tracer = tracer
-        self._metrics = metrics
-        self._model = model
-        self._raw = raw_session_ids
-        self._following: set[asyncio.Task[None]] = set()
-
-    @contextmanager
-    def starting(self, session_id: str) -> Iterator[TurnStart]:
-        """Wrap the admission of a turn: the span is current meanwhile (the turn's task,
-        created inside, inherits it, and so do its log lines); a refusal (an
-        :class:`HTTPException`) is counted and ends the span; else :meth:`TurnStart.follow`
-        hands the started turn over."""
-        span = self._tracer.start_span("agent.turn", attributes={
-            "agent.session": session_label(session_id, self._raw), "gen_ai.request.model": self._model})
-        start = TurnStart(self, span, TurnRecord(time.monotonic()))
-        try:
-            with trace.use_span(span, end_on_exit=False):
-                yield start
-        except HTTPException as exc:
-            code = REFUSAL_CODES.get(exc.status_code, f"http_{exc.status_code}")
-            self._metrics.turns.add(1, {"outcome": "refused", "error_code": code})
-            span.set_attribute("agent.outcome", "refused")
-            span.set_attribute("agent.error_code", code)
-            span.set_status(Status(StatusCode.ERROR, code))
-            span.end()
-            raise
-        except BaseException:
-            span.end()
-            raise
-        if not start.followed:
-            span.end()
-
-    def follow(self, turn: Turn, span: Span, record: TurnRecord) -> None:
-        task = asyncio.create_task(self._watch(turn, span, record), name=f"observe:{turn.session_id}")
-        self._following.add(task)
-        task.add_done_callback(self._following.discard)
-
-    async def _watch(self, turn: Turn, span: Span, record: TurnRecord) -> None:
-        try:
-            async for numbered in turn.events():
-                record.see(numbered.event)
-            record.record(self._metrics, span)
-        finally:
-            span.end()
-
-
-@dataclass
-class TurnStart:
-    """A turn being admitted: its span, and how to follow it once it started."""
-
-    observer: TurnObserver
-    span: Span
-    record: TurnRecord
-    followed: bool = False
-
-    def follow(self, turn: Turn) -> None:
-        self.followed = True
-        self.observer.follow(turn, self.span, self.record)

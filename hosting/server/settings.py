@@ -1,6 +1,6 @@
-"""Every setting the hosting layer reads, in one typed place, read once at start-up.
+"""Every setting of the agent server (and run-once), in one typed place, read once at start-up.
 
-Nothing else in the package reads ``os.environ``: the server, run-once and the
+Nothing else in the server reads ``os.environ``: the server, run-once and the
 tests build a :class:`Settings` and pass it down, so what a process does is
 decided by one object that can be printed, compared and faked.
 """
@@ -12,7 +12,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 from hosting.contract import MAX_BODY_BYTES
 from hosting.http_limits import HttpLimits
@@ -28,39 +27,10 @@ from hosting.server.box import (
     usable_cpus,
 )
 from hosting.server.loopback import is_loopback
-from hosting.telemetry.settings import TelemetrySettings, cli_telemetry_env, flag_setting
+from hosting.settings_env import ConfigError, flag_setting, float_setting, int_setting, optional_setting
+from hosting.stores import store_url_setting
+from hosting.telemetry.settings import TelemetrySettings, cli_telemetry_env
 from research_agent.options import DEFAULT_MODEL
-
-_N = TypeVar("_N", int, float)
-
-
-class ConfigError(ValueError):
-    """The environment cannot produce a working server. Raised at start-up."""
-
-
-def _number(env: Mapping[str, str], name: str, default: _N, kind: type[_N], minimum: _N) -> _N:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def int_setting(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
-    return _number(env, name, default, int, minimum)
-
-
-def float_setting(env: Mapping[str, str], name: str, default: float) -> float:
-    return _number(env, name, default, float, 0.0)
-
-
-def optional_setting(env: Mapping[str, str], name: str) -> str | None:
-    return env.get(name, "").strip() or None
 
 
 def _max_budget_usd(env: Mapping[str, str]) -> float | None:
@@ -74,16 +44,6 @@ def _max_budget_usd(env: Mapping[str, str]) -> float | None:
     if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"AGENT_MAX_BUDGET_USD must be a number of US dollars > 0 (unset: no limit), got {raw!r}")
     return value
-
-
-STORE_SCHEMES = ("redis://", "rediss://", "postgresql://", "postgres://")
-
-
-def store_url_setting(env: Mapping[str, str]) -> str | None:
-    url = optional_setting(env, "AGENT_SESSION_STORE")
-    if url is not None and not url.startswith(STORE_SCHEMES):
-        raise ConfigError(f"AGENT_SESSION_STORE must start with one of {', '.join(STORE_SCHEMES)}")
-    return url
 
 
 CLI_RUNTIME_DEFAULTS: Mapping[str, str] = {"BUN_JSC_useDFGJIT": "0", "BUN_GC_TIMER_DISABLE": "1"}
@@ -169,7 +129,7 @@ class Settings:
             shutdown_grace_seconds=float_setting(env, "AGENT_SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),
             session_store_url=store_url_setting(env),
             session_ttl_seconds=int_setting(env, "AGENT_SESSION_TTL_SECONDS", cls.session_ttl_seconds or 0) or None,
-            session_sweep_seconds=_number(env, "AGENT_SESSION_SWEEP_SECONDS", cls.session_sweep_seconds, float, 0.1),
+            session_sweep_seconds=float_setting(env, "AGENT_SESSION_SWEEP_SECONDS", cls.session_sweep_seconds, minimum=0.1),
             local_cache_seconds=int_setting(env, "AGENT_LOCAL_CACHE_SECONDS", cls.local_cache_seconds or 0) or None,
             disk_budget_bytes=int_setting(env, "AGENT_DISK_BUDGET_BYTES", 0) or None,
             max_budget_usd=_max_budget_usd(env),

@@ -29,12 +29,12 @@ from hosting.gateway.quotas import QuotaExceeded, Quotas
 from hosting.gateway.routes import PoolEntry, Route, RouteStore, RouteStoreUnavailable
 from hosting.gateway.tenants import Authenticator
 from hosting.sandboxes.base import Sandbox, SandboxBackend, SandboxSpec
-from hosting.server.wire import WireEvent
 from hosting.telemetry.http import install_telemetry
 from hosting.telemetry.metrics import LATENCY_BUCKETS_SECONDS, MetricsExport
 from hosting.telemetry.settings import TelemetrySettings
 from hosting.telemetry.tracing import open_tracer, request_context, session_label
 from hosting.telemetry.turns import REFUSAL_CODES, TurnMetrics, TurnRecord
+from hosting.wire import WireEvent
 
 GATEWAY_REFUSALS: dict[type[Exception], str] = {QuotaExceeded: "over_quota", BudgetExhausted: "over_budget",
                                                  ProvisioningFailed: "no_sandbox",
