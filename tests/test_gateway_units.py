@@ -18,7 +18,8 @@ from starlette.requests import Request
 from stores_fixtures import redis_url  # noqa: F401 - fixture
 
 from hosting.gateway.relay import StreamWatcher, lost_stream, next_event_id
-from hosting.gateway.routes import PoolEntry, Route, RouteStore
+from hosting.gateway.routing.protocols import RoutingStore
+from hosting.gateway.routing.records import PoolEntry, Route
 from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.tenants import TokenAuthenticator, load_tenant_tokens
 from hosting.locks import Locks, MemoryLocks, RedisLocks, holding
@@ -95,7 +96,7 @@ def pooled(n: int) -> PoolEntry:
 
 
 @pytest.mark.stores
-async def test_route_round_trip_touch_and_compare_and_release(store: RouteStore) -> None:
+async def test_route_round_trip_touch_and_compare_and_release(store: RoutingStore) -> None:
     route = Route("s1", "alice", "vol-1").with_sandbox(Sandbox("sbx-1", "local", "http://a", "vol-1", pid=7), "tk")
     await store.put(route)
     assert route.key == "alice/s1" and await store.get("alice/s1") == route
@@ -115,17 +116,17 @@ async def test_route_round_trip_touch_and_compare_and_release(store: RouteStore)
 
 
 @pytest.mark.stores
-async def test_a_lock_is_released_only_by_its_holder_and_expires(store: RouteStore) -> None:
-    token = await store.acquire("provision:s1", 0.3)
+async def test_a_lock_is_released_only_by_its_holder_and_expires(store: RoutingStore) -> None:
+    token = await store.locks.acquire("provision:s1", 0.3)
     assert token is not None
-    assert await store.acquire("provision:s1", 0.3) is None
-    assert not await store.release_lock("provision:s1", "not-the-holder")
-    assert await store.acquire("provision:s1", 0.3) is None
+    assert await store.locks.acquire("provision:s1", 0.3) is None
+    assert not await store.locks.release("provision:s1", "not-the-holder")
+    assert await store.locks.acquire("provision:s1", 0.3) is None
     await asyncio.sleep(0.4)
-    newer = await store.acquire("provision:s1", 5)
+    newer = await store.locks.acquire("provision:s1", 5)
     assert newer is not None
-    assert not await store.release_lock("provision:s1", token), "an expired holder must not release the new one"
-    assert await store.release_lock("provision:s1", newer)
+    assert not await store.locks.release("provision:s1", token), "an expired holder must not release the new one"
+    assert await store.locks.release("provision:s1", newer)
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.stores)])
@@ -195,7 +196,7 @@ async def test_holding_leaves_alone_a_lock_taken_after_its_own_lapsed(locks: Loc
 
 
 @pytest.mark.stores
-async def test_each_pooled_sandbox_goes_to_one_taker(store: RouteStore) -> None:
+async def test_each_pooled_sandbox_goes_to_one_taker(store: RoutingStore) -> None:
     for n in range(5):
         await store.pool_put(pooled(n))
     taken = await asyncio.gather(*(store.pool_take() for _ in range(12)))
