@@ -26,7 +26,9 @@ import pytest
 from conftest import ROOT, LocalModel, agent_env, free_port
 from httpx_sse import ServerSentEvent, connect_sse
 
-from hosting.gateway.routes import MemoryRouteStore, RedisRouteStore, RouteStore
+from hosting.gateway.routing.memory import MemoryRoutingStore
+from hosting.gateway.routing.protocols import RoutingStore
+from hosting.gateway.routing.redis import RedisRoutingStore
 
 ALICE, BOB, ADMIN = "alice-token-1f9e", "bob-token-77c2", "admin-token-5d0a"
 TENANTS = f"{ALICE}:alice,{BOB}:bob"
@@ -260,12 +262,12 @@ def local_gateways(local_model: LocalModel, tmp_path: Path) -> Iterator[Gateways
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.stores)])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[RouteStore]:
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[RoutingStore]:
     """Each routing store: in memory, and Redis for real (own key prefix per test)."""
     if request.param == "memory":
-        yield MemoryRouteStore()
+        yield MemoryRoutingStore()
         return
-    redis_store = RedisRouteStore(request.getfixturevalue("redis_url"), installation=f"t{secrets.token_hex(4)}")
+    redis_store = RedisRoutingStore(request.getfixturevalue("redis_url"), installation=f"t{secrets.token_hex(4)}")
     yield redis_store
     await redis_store.aclose()
 

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import httpx2
 import pytest
+import redis.asyncio as aioredis
 from anthropic import APIStatusError
 from anthropic.types.beta.environments import BetaSelfHostedWork
 
 from hosting.environments.archive import ArchivedSessions, FileArchive, RedisArchive
 from hosting.environments.credentials import sessions_token
 from hosting.environments.lifecycle import is_fatal, is_newer
-from hosting.environments.locks import MemoryLocks
+from hosting.environments.locks import open_session_locks
 from hosting.environments.runner import status, workspace
 from hosting.environments.sandboxes import RunnerLaunch, RunnerStatus, sandbox_name
 from hosting.environments.settings import EnvironmentSettings
@@ -139,17 +140,30 @@ def test_a_runner_record_without_its_lock_holder_reads_dead(tmp_path: Path, monk
         workspace("../escape")
 
 
-async def test_memory_locks_exclude_and_release_only_for_their_holder() -> None:
-    locks = MemoryLocks(ttl_seconds=60)
-    token = await locks.acquire("s")
-    assert token is not None and await locks.acquire("s") is None
-    await locks.release("s", "not-the-token")
-    assert await locks.acquire("s") is None
-    await locks.release("s", token)
-    async with locks.holding("s", wait_seconds=0.1) as held:
-        assert held
-        async with locks.holding("s", wait_seconds=0.1) as again:
-            assert not again
+@pytest.mark.parametrize("where", ["memory", pytest.param("redis", marks=pytest.mark.stores)])
+async def test_session_locks_exclude_per_session_under_the_environment_s_keys(
+        request: pytest.FixtureRequest, where: str) -> None:
+    environment = f"env_{secrets.token_hex(4)}"
+    url = request.getfixturevalue("redis_url") if where == "redis" else None
+    locks = open_session_locks(url, environment, ttl_seconds=60)
+    # Another orchestrator of the environment (with Redis; in memory there is only one).
+    other = open_session_locks(url, environment, ttl_seconds=60) if url else locks
+    try:
+        async with locks.holding("s", wait_seconds=0.1) as held:
+            assert held
+            async with other.holding("s", wait_seconds=0.1) as again:
+                assert not again
+            async with other.holding("t", wait_seconds=0) as elsewhere:
+                assert elsewhere, "another session"
+            if url is not None:
+                connection = aioredis.Redis.from_url(url)
+                assert await connection.exists(f"agent-environments:{environment}:lock:s")
+                await connection.aclose()
+        async with other.holding("s", wait_seconds=0) as after:
+            assert after
+    finally:
+        await locks.aclose()
+        await other.aclose()
 
 
 @pytest.fixture(params=["file", pytest.param("redis", marks=pytest.mark.stores)])

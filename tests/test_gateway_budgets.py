@@ -46,7 +46,9 @@ from hosting.gateway.budgets import (
 )
 from hosting.gateway.quotas import Quotas, TenantLimits
 from hosting.gateway.relay import StreamWatcher
-from hosting.gateway.routes import MemoryRouteStore, RedisRouteStore, RouteStoreUnavailable
+from hosting.gateway.routing.memory import MemoryRoutingStore
+from hosting.gateway.routing.protocols import RoutingStoreUnavailable
+from hosting.gateway.routing.redis import RedisRoutingStore
 from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.telemetry import GatewayTelemetry, GatewayTurn
 from hosting.gateway.tenants import load_tenant_budgets, load_tenant_overrides, load_tenant_tokens
@@ -134,7 +136,7 @@ async def test_tokens_and_cost_are_summed_from_result_events() -> None:
 
 async def test_a_spent_budget_is_refused_until_its_window_ends_and_others_go_on() -> None:
     clock = Clock("2026-03-14T18:00:00")
-    store = MemoryRouteStore()
+    store = MemoryRoutingStore()
     budgets = Budgets(MemoryBudgetLedger(clock), TenantBudget(tokens_per_day=1000),
                       {"carol": {"tokens_per_day": 0, "usd_per_month": 25.0}})
     quotas = Quotas(store, TenantLimits(max_turns=5, turns_per_minute=10))
@@ -210,10 +212,10 @@ class DownLedger(MemoryBudgetLedger):
     """A ledger whose store cannot be reached."""
 
     async def add(self, tenant: str, session_id: str, reported: Reported) -> Spend:
-        raise RouteStoreUnavailable("routing store unreachable: ConnectionError")
+        raise RoutingStoreUnavailable("routing store unreachable: ConnectionError")
 
     async def spent(self, tenant: str) -> Spent:
-        raise RouteStoreUnavailable("routing store unreachable: ConnectionError")
+        raise RoutingStoreUnavailable("routing store unreachable: ConnectionError")
 
 
 async def test_a_store_outage_neither_refuses_turns_nor_breaks_their_streams(caplog: pytest.LogCaptureFixture) -> None:
@@ -292,7 +294,7 @@ def test_the_server_takes_a_per_turn_budget() -> None:
 
 async def test_the_gateway_answers_429_before_provisioning_and_the_client_raises_it() -> None:
     clock = Clock("2026-03-14T18:00:00")
-    backend, store = MemoryBackend(), MemoryRouteStore()
+    backend, store = MemoryBackend(), MemoryRoutingStore()
     settings = GatewaySettings(tenants={hashlib.sha256(ALICE.encode()).digest(): "alice",
                                         hashlib.sha256(BOB.encode()).digest(): "bob"},
                                admin_token=ADMIN, warm_pool=0)
@@ -325,7 +327,7 @@ async def test_the_gateway_answers_429_before_provisioning_and_the_client_raises
 # --- the Redis ledger ------------------------------------------------------------------------
 
 
-async def redis_now(store: RedisRouteStore) -> float:
+async def redis_now(store: RedisRoutingStore) -> float:
     seconds, micros = await store.redis.time()
     return float(seconds) + micros / 1e6
 
@@ -333,11 +335,11 @@ async def redis_now(store: RedisRouteStore) -> float:
 @pytest.mark.stores
 async def test_the_redis_ledger_counts_on_redis_clock_and_replicas_share_it(redis_url: str) -> None:
     installation = f"t{secrets.token_hex(4)}"
-    one, two = RedisRouteStore(redis_url, installation), RedisRouteStore(redis_url, installation)
+    one, two = RedisRoutingStore(redis_url, installation), RedisRoutingStore(redis_url, installation)
     try:
         ledgers = [open_budget_ledger(one), open_budget_ledger(two)]
         assert all(isinstance(ledger, RedisBudgetLedger) for ledger in ledgers)
-        assert isinstance(open_budget_ledger(MemoryRouteStore()), MemoryBudgetLedger)
+        assert isinstance(open_budget_ledger(MemoryRoutingStore()), MemoryBudgetLedger)
         first = ledgers[0]
         assert isinstance(first, RedisBudgetLedger)
         await asyncio.gather(*(ledgers[n % 2].add("alice", f"s{n}", Reported(10, 0.01 * (n + 1))) for n in range(40)))
@@ -371,7 +373,7 @@ async def test_the_redis_ledger_counts_on_redis_clock_and_replicas_share_it(redi
 
 @pytest.mark.stores
 async def test_the_lua_calendar_agrees_with_python(redis_url: str) -> None:
-    store = RedisRouteStore(redis_url, f"t{secrets.token_hex(4)}")
+    store = RedisRoutingStore(redis_url, f"t{secrets.token_hex(4)}")
     try:
         script = store.redis.register_script(
             _CALENDAR + "local out = {} for i, s in ipairs(ARGV) do local a, b, c, d = windows(tonumber(s)) "

@@ -21,7 +21,9 @@ from hosting.gateway.pool import WarmPool
 from hosting.gateway.provisioning import Provisioner, ProvisioningFailed, new_spec, provisioning_lock
 from hosting.gateway.reaper import Reaper, SessionRetention
 from hosting.gateway.reconcile import reconcile
-from hosting.gateway.routes import MemoryRouteStore, PoolEntry, RouteStore
+from hosting.gateway.routing.memory import MemoryRoutingStore
+from hosting.gateway.routing.protocols import RoutingStore
+from hosting.gateway.routing.records import PoolEntry
 from hosting.sandboxes.base import Health, Sandbox, SandboxSpec
 from hosting.sandboxes.memory import MemoryBackend
 from hosting.stores.access import sandbox_user
@@ -37,11 +39,11 @@ class SlowBackend(MemoryBackend):
         return await super().create(spec)
 
 
-def provisioner(backend: MemoryBackend, store: RouteStore, wake: asyncio.Event | None = None) -> Provisioner:
+def provisioner(backend: MemoryBackend, store: RoutingStore, wake: asyncio.Event | None = None) -> Provisioner:
     return Provisioner(backend, store, ENV, timeout_seconds=10, on_claim=wake)
 
 
-async def test_concurrent_first_requests_make_one_sandbox_per_tenant(store: RouteStore) -> None:
+async def test_concurrent_first_requests_make_one_sandbox_per_tenant(store: RoutingStore) -> None:
     backend = SlowBackend()
     routes = await asyncio.gather(*(provisioner(backend, store).ensure("s1", tenant)
                                     for _ in range(10) for tenant in ("alice", "bob")))
@@ -53,7 +55,7 @@ async def test_concurrent_first_requests_make_one_sandbox_per_tenant(store: Rout
     assert {s.tenant for s in await backend.list()} == {"alice", "bob"}
 
 
-async def test_a_failed_start_leaves_nothing_and_says_so(store: RouteStore) -> None:
+async def test_a_failed_start_leaves_nothing_and_says_so(store: RoutingStore) -> None:
     backend = MemoryBackend()
     backend.fail_next_create("engine said no")
     with pytest.raises(ProvisioningFailed, match="engine said no"):
@@ -62,7 +64,7 @@ async def test_a_failed_start_leaves_nothing_and_says_so(store: RouteStore) -> N
     assert (await provisioner(backend, store).ensure("s1", "alice")).sandbox_id is not None
 
 
-async def test_claims_skip_pooled_sandboxes_that_are_not_ready(store: RouteStore) -> None:
+async def test_claims_skip_pooled_sandboxes_that_are_not_ready(store: RoutingStore) -> None:
     backend = MemoryBackend()
     wake = asyncio.Event()
     pool = WarmPool(backend, store, provisioner(backend, store, wake), ENV, target=3, lock_seconds=30, wake=wake)
@@ -80,7 +82,7 @@ async def test_claims_skip_pooled_sandboxes_that_are_not_ready(store: RouteStore
     assert await pool.refill() == 3
 
 
-async def test_pools_of_two_replicas_never_exceed_the_target(store: RouteStore) -> None:
+async def test_pools_of_two_replicas_never_exceed_the_target(store: RoutingStore) -> None:
     backend = SlowBackend()
     pools = [WarmPool(backend, store, provisioner(backend, store), ENV, target=2, lock_seconds=30,
                       wake=asyncio.Event()) for _ in range(2)]
@@ -92,7 +94,7 @@ async def test_pools_of_two_replicas_never_exceed_the_target(store: RouteStore) 
     assert len(await store.pool_entries()) == 2 and backend.creates == 7
 
 
-async def test_a_lost_sandbox_is_replaced_on_the_same_volume_once(store: RouteStore) -> None:
+async def test_a_lost_sandbox_is_replaced_on_the_same_volume_once(store: RoutingStore) -> None:
     backend = MemoryBackend()
     route = await provisioner(backend, store).ensure("s1", "alice")
     assert route.sandbox_id is not None
@@ -103,7 +105,7 @@ async def test_a_lost_sandbox_is_replaced_on_the_same_volume_once(store: RouteSt
     assert backend.creates == 2
 
 
-async def test_the_reaper_removes_idle_sandboxes_once_and_keeps_volumes(store: RouteStore) -> None:
+async def test_the_reaper_removes_idle_sandboxes_once_and_keeps_volumes(store: RoutingStore) -> None:
     backend = MemoryBackend()
     idle = await provisioner(backend, store).ensure("idle", "alice")
     busy = await provisioner(backend, store).ensure("busy", "alice")
@@ -120,7 +122,7 @@ async def test_the_reaper_removes_idle_sandboxes_once_and_keeps_volumes(store: R
     assert again.volume == idle.volume and again.sandbox_id not in (None, idle.sandbox_id)
 
 
-async def test_reconcile_readopts_known_removes_orphans_and_releases_the_lost(store: RouteStore) -> None:
+async def test_reconcile_readopts_known_removes_orphans_and_releases_the_lost(store: RoutingStore) -> None:
     backend = MemoryBackend()
     known = await provisioner(backend, store).ensure("known", "alice")
     lost = await provisioner(backend, store).ensure("lost", "alice")
@@ -130,7 +132,7 @@ async def test_reconcile_readopts_known_removes_orphans_and_releases_the_lost(st
     busy_orphan = await backend.create(new_spec(ENV, "being-provisioned", "bob"))
     pooled = new_spec(ENV)
     await store.pool_put(PoolEntry(await backend.create(pooled), pooled.token))
-    lock = await store.acquire(provisioning_lock("bob", "being-provisioned"), 30)
+    lock = await store.locks.acquire(provisioning_lock("bob", "being-provisioned"), 30)
     assert lock is not None
     result = await reconcile(backend, store)
     assert sorted(result.adopted) == sorted([known.sandbox_id, pooled.sandbox_id])
@@ -142,7 +144,7 @@ async def test_reconcile_readopts_known_removes_orphans_and_releases_the_lost(st
 
 
 async def test_retention_deletes_unused_sessions_whole_once_and_a_bounded_number_per_sweep(
-        store: RouteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: RoutingStore, monkeypatch: pytest.MonkeyPatch) -> None:
     backend = MemoryBackend()
     routes = [await provisioner(backend, store).ensure(f"old{i}", "alice") for i in range(3)]
     fresh = await provisioner(backend, store).ensure("fresh", "alice")
@@ -167,7 +169,7 @@ async def test_each_sandbox_gets_a_store_credential_granted_its_session_on_assig
     conversations = StoredConversations(redis_url, installation)
     backend = MemoryBackend()
     credentialed = CredentialedBackend(backend, conversations)
-    store = MemoryRouteStore()
+    store = MemoryRoutingStore()
     admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
         wake = asyncio.Event()
@@ -206,7 +208,7 @@ async def test_without_the_store_no_sandbox_starts_and_nothing_is_left() -> None
     credentialed = CredentialedBackend(backend, conversations)
     try:
         with pytest.raises(ProvisioningFailed, match="session store"):
-            await provisioner(credentialed, MemoryRouteStore()).ensure("s1", "alice")
+            await provisioner(credentialed, MemoryRoutingStore()).ensure("s1", "alice")
         assert await backend.list() == [] and backend.creates == 0
     finally:
         await conversations.aclose()

@@ -28,7 +28,9 @@ from stores_fixtures import RestartableServer, restartable_redis
 from hosting.gateway.pool import WarmPool
 from hosting.gateway.provisioning import Provisioner
 from hosting.gateway.quotas import QuotaExceeded, Quotas, TenantLimits
-from hosting.gateway.routes import RedisRouteStore, Route, RouteStoreUnavailable
+from hosting.gateway.routing.protocols import RoutingStoreUnavailable
+from hosting.gateway.routing.records import Route
+from hosting.gateway.routing.redis import RedisRoutingStore
 from hosting.sandboxes.base import Sandbox, SandboxSpec
 from hosting.sandboxes.memory import MemoryBackend
 
@@ -88,7 +90,7 @@ class OutageBackend(MemoryBackend):
 async def test_known_routes_are_served_through_an_outage_and_redis_keeps_everything(
         redis_server: RestartableServer) -> None:
     installation = f"t{secrets.token_hex(4)}"
-    here, there = RedisRouteStore(redis_server.url, installation), RedisRouteStore(redis_server.url, installation)
+    here, there = RedisRoutingStore(redis_server.url, installation), RedisRoutingStore(redis_server.url, installation)
     written, read = routed("w1"), routed("r1")
     await here.put(written)
     await there.put(read)
@@ -99,20 +101,20 @@ async def test_known_routes_are_served_through_an_outage_and_redis_keeps_everyth
     changed = await here.get("alice/c1")
     assert changed is not None and changed.sandbox_id is None, "a successful read refreshes the cache"
     await there.put(routed("other"))
-    lock = await here.acquire("provision:x", 60)
+    lock = await here.locks.acquire("provision:x", 60)
     assert lock is not None
 
     await down(redis_server)
     assert await here.get("alice/w1") == written and await here.get("alice/r1") == read and await here.get("alice/c1") == changed
-    for attempt in (here.get("alice/other"), here.put(routed("n1")), here.acquire("provision:n1", 5), here.ping(),
+    for attempt in (here.get("alice/other"), here.put(routed("n1")), here.locks.acquire("provision:n1", 5), here.ping(),
                     here.routes(), here.pool_take(), here.reserve_sandbox("alice", "n1", 5, 5)):
-        with pytest.raises(RouteStoreUnavailable):
+        with pytest.raises(RoutingStoreUnavailable):
             await attempt
-    with pytest.raises(RouteStoreUnavailable):
-        await here.release_lock("provision:x", lock)
+    with pytest.raises(RoutingStoreUnavailable):
+        await here.locks.release("provision:x", lock)
 
     await up(redis_server)
-    assert await here.acquire("provision:x", 60) is not None, "the lock whose release failed was released"
+    assert await here.locks.acquire("provision:x", 60) is not None, "the lock whose release failed was released"
     assert sorted(r.session_id for r in await there.routes()) == ["c1", "other", "r1", "w1"], "AOF kept every route"
     other = await there.get("alice/other")
     assert other is not None and other.sandbox_id == "sbx-other"
@@ -122,7 +124,7 @@ async def test_known_routes_are_served_through_an_outage_and_redis_keeps_everyth
 
 
 async def test_the_cache_holds_the_most_recently_used_routes_only(redis_server: RestartableServer) -> None:
-    store = RedisRouteStore(redis_server.url, f"t{secrets.token_hex(4)}", cache_size=2)
+    store = RedisRoutingStore(redis_server.url, f"t{secrets.token_hex(4)}", cache_size=2)
     for name in ("a", "b", "c"):
         await store.put(routed(name))
     await store.get("alice/b")  # now c, b are the two most recent
@@ -132,7 +134,7 @@ async def test_the_cache_holds_the_most_recently_used_routes_only(redis_server: 
     await down(redis_server)
     assert (await store.get("alice/b")) is not None and (await store.get("alice/d")) is not None
     for gone in ("a", "c"):  # evicted, and deleted
-        with pytest.raises(RouteStoreUnavailable):
+        with pytest.raises(RoutingStoreUnavailable):
             await store.get(f"alice/{gone}")
     await up(redis_server)
     await store.aclose()
@@ -140,7 +142,7 @@ async def test_the_cache_holds_the_most_recently_used_routes_only(redis_server: 
 
 async def test_a_provisioning_cut_by_an_outage_leaves_nothing_and_blocks_nothing(
         redis_server: RestartableServer) -> None:
-    store = RedisRouteStore(redis_server.url, f"t{secrets.token_hex(4)}")
+    store = RedisRoutingStore(redis_server.url, f"t{secrets.token_hex(4)}")
     backend = OutageBackend()
     backend.outage = lambda: down(redis_server)
     provisioner = Provisioner(backend, store, ENV, timeout_seconds=30,
@@ -148,7 +150,7 @@ async def test_a_provisioning_cut_by_an_outage_leaves_nothing_and_blocks_nothing
     pool = WarmPool(backend, store, provisioner, ENV, target=1, lock_seconds=40, wake=asyncio.Event())
 
     backend.during = "create"  # Redis dies while the session's sandbox starts
-    with pytest.raises(RouteStoreUnavailable):
+    with pytest.raises(RoutingStoreUnavailable):
         await provisioner.ensure("s1", "alice")
     assert await backend.list() == [] and backend.creates == 1, "the sandbox nobody could route to was removed"
     await up(redis_server)
@@ -159,7 +161,7 @@ async def test_a_provisioning_cut_by_an_outage_leaves_nothing_and_blocks_nothing
     assert await store.count_sandboxes("alice") == 1
 
     backend.during = "create"  # ... while a pool sandbox starts
-    with pytest.raises(RouteStoreUnavailable):
+    with pytest.raises(RoutingStoreUnavailable):
         await pool.refill()
     assert [s.sandbox_id for s in await backend.list()] == [first.sandbox_id]
     await up(redis_server)
@@ -167,7 +169,7 @@ async def test_a_provisioning_cut_by_an_outage_leaves_nothing_and_blocks_nothing
     (pooled,) = [entry.sandbox for entry in await store.pool_entries()]
 
     backend.during = "claim"  # ... right after a pooled sandbox was claimed for a session
-    with pytest.raises(RouteStoreUnavailable):
+    with pytest.raises(RoutingStoreUnavailable):
         await provisioner.ensure("s2", "bob")
     assert [s.sandbox_id for s in await backend.list()] == [first.sandbox_id], "the claimed sandbox was removed"
     assert pooled.volume not in backend.volumes
@@ -180,7 +182,7 @@ async def test_a_provisioning_cut_by_an_outage_leaves_nothing_and_blocks_nothing
 
 
 async def test_turn_quotas_hold_per_replica_through_an_outage(redis_server: RestartableServer) -> None:
-    store = RedisRouteStore(redis_server.url, f"t{secrets.token_hex(4)}")
+    store = RedisRoutingStore(redis_server.url, f"t{secrets.token_hex(4)}")
     quotas = Quotas(store, TenantLimits(max_sandboxes=5, max_turns=2, turns_per_minute=0), slot_ttl_seconds=1.0)
     before = await quotas.admit_turn("alice")
     await down(redis_server)
@@ -191,7 +193,7 @@ async def test_turn_quotas_hold_per_replica_through_an_outage(redis_server: Rest
     for permit in during:
         await permit.release()
     await (await quotas.admit_turn("alice")).release()
-    with pytest.raises(RouteStoreUnavailable):
+    with pytest.raises(RoutingStoreUnavailable):
         await quotas.reserve_sandbox("alice", "s1")  # a new sandbox needs the store: 503
     await up(redis_server)
     await asyncio.sleep(1.1)

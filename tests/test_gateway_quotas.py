@@ -35,7 +35,9 @@ from stores_fixtures import redis_url  # noqa: F401 - fixture
 from hosting.gateway.provisioning import Provisioner, ProvisioningFailed
 from hosting.gateway.quotas import QuotaExceeded, Quotas, TenantLimits
 from hosting.gateway.reaper import Reaper
-from hosting.gateway.routes import RedisRouteStore, Route, RouteStore
+from hosting.gateway.routing.protocols import RoutingStore
+from hosting.gateway.routing.records import Route
+from hosting.gateway.routing.redis import RedisRoutingStore
 from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.tenants import load_tenant_overrides, load_tenant_tokens
 from hosting.sandboxes.base import Sandbox, SandboxSpec
@@ -100,7 +102,7 @@ def routed(session_id: str, tenant: str = "alice") -> Route:
         Sandbox(f"sbx-{session_id}", "memory", f"http://{session_id}", f"vol-{session_id}"), "tk")
 
 
-async def test_slots_are_limited_released_and_lapse_unless_refreshed(store: RouteStore) -> None:
+async def test_slots_are_limited_released_and_lapse_unless_refreshed(store: RoutingStore) -> None:
     first, second = await store.take_slot("turns:a", 2, 0.6), await store.take_slot("turns:a", 2, 0.6)
     assert first and second and await store.take_slot("turns:a", 2, 0.6) is None
     assert await store.take_slot("turns:b", 2, 0.6), "each name counts on its own"
@@ -116,7 +118,7 @@ async def test_slots_are_limited_released_and_lapse_unless_refreshed(store: Rout
     assert await store.take_slot("turns:a", 2, 0.6) is not None
 
 
-async def test_the_window_counts_refunds_and_says_when_to_retry(store: RouteStore) -> None:
+async def test_the_window_counts_refunds_and_says_when_to_retry(store: RoutingStore) -> None:
     tokens = [(await store.take_rate("rate:a", 3, 1.0))[0] for _ in range(3)]
     assert all(tokens)
     refused, wait = await store.take_rate("rate:a", 3, 1.0)
@@ -130,7 +132,7 @@ async def test_the_window_counts_refunds_and_says_when_to_retry(store: RouteStor
     assert (await store.take_rate("rate:a", 3, 1.0))[0] is not None
 
 
-async def test_sandbox_counts_follow_the_routes(store: RouteStore) -> None:
+async def test_sandbox_counts_follow_the_routes(store: RoutingStore) -> None:
     assert await store.reserve_sandbox("alice", "s1", 2, 30)
     assert await store.reserve_sandbox("alice", "s2", 2, 30)
     assert await store.reserve_sandbox("alice", "s1", 2, 30), "a session already counted is not counted twice"
@@ -158,7 +160,7 @@ class SlowBackend(MemoryBackend):
         return await super().create(spec)
 
 
-async def test_the_sandbox_quota_is_checked_before_provisioning(store: RouteStore) -> None:
+async def test_the_sandbox_quota_is_checked_before_provisioning(store: RoutingStore) -> None:
     backend = MemoryBackend()
     quotas = Quotas(store, TenantLimits(max_sandboxes=2, max_turns=0, turns_per_minute=0))
     provisioner = Provisioner(backend, store, ENV, timeout_seconds=10, quotas=quotas)
@@ -183,7 +185,7 @@ async def test_the_sandbox_quota_is_checked_before_provisioning(store: RouteStor
                                                                               "turns_per_minute": 0}}
 
 
-async def test_a_failed_provisioning_gives_its_sandbox_back(store: RouteStore) -> None:
+async def test_a_failed_provisioning_gives_its_sandbox_back(store: RoutingStore) -> None:
     backend = MemoryBackend()
     quotas = Quotas(store, TenantLimits(max_sandboxes=1))
     provisioner = Provisioner(backend, store, ENV, timeout_seconds=10, quotas=quotas)
@@ -197,7 +199,7 @@ async def test_a_failed_provisioning_gives_its_sandbox_back(store: RouteStore) -
 @pytest.mark.stores
 async def test_replicas_racing_for_sandboxes_never_pass_the_limit(redis_url: str) -> None:
     installation = f"t{secrets.token_hex(4)}"
-    stores = [RedisRouteStore(redis_url, installation) for _ in range(2)]
+    stores = [RedisRoutingStore(redis_url, installation) for _ in range(2)]
     backend = SlowBackend()
     provisioners = [Provisioner(backend, s, ENV, timeout_seconds=10,
                                 quotas=Quotas(s, TenantLimits(max_sandboxes=3))) for s in stores]
@@ -209,7 +211,7 @@ async def test_replicas_racing_for_sandboxes_never_pass_the_limit(redis_url: str
         await s.aclose()
 
 
-async def test_turn_admission_counts_what_runs_and_refunds_what_was_refused(store: RouteStore) -> None:
+async def test_turn_admission_counts_what_runs_and_refunds_what_was_refused(store: RoutingStore) -> None:
     quotas = Quotas(store, TenantLimits(max_turns=2, turns_per_minute=3), window_seconds=2.0)
     one, two = await quotas.admit_turn("alice"), await quotas.admit_turn("alice")
     with pytest.raises(QuotaExceeded) as refused:
@@ -240,7 +242,7 @@ async def test_turn_admission_counts_what_runs_and_refunds_what_was_refused(stor
 @pytest.mark.stores
 async def test_a_held_slot_is_kept_alive_and_a_crashed_replicas_lapses(redis_url: str) -> None:
     installation = f"t{secrets.token_hex(4)}"
-    live, crashed = RedisRouteStore(redis_url, installation), RedisRouteStore(redis_url, installation)
+    live, crashed = RedisRoutingStore(redis_url, installation), RedisRoutingStore(redis_url, installation)
     limits = TenantLimits(max_turns=2, turns_per_minute=0)
     here = Quotas(live, limits, slot_ttl_seconds=0.6)
     held = await here.admit_turn("alice")

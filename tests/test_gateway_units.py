@@ -1,4 +1,4 @@
-"""The gateway's pure logic: tenants, settings, the routing store's atomic steps, the relay's
+"""The gateway's pure logic: tenants, settings, the routing store's atomic steps, locks, the relay's
 stream watching. The routing store runs against both implementations, Redis for real."""
 
 from __future__ import annotations
@@ -6,17 +6,23 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import secrets
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from gateway_fixtures import store  # noqa: F401 - fixture
 from starlette.requests import Request
 from stores_fixtures import redis_url  # noqa: F401 - fixture
 
 from hosting.gateway.relay import StreamWatcher, lost_stream, next_event_id
-from hosting.gateway.routes import PoolEntry, Route, RouteStore
+from hosting.gateway.routing.protocols import RoutingStore
+from hosting.gateway.routing.records import PoolEntry, Route
 from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.tenants import TokenAuthenticator, load_tenant_tokens
+from hosting.locks import Locks, MemoryLocks, RedisLocks, holding
 from hosting.sandboxes.base import Sandbox
 from hosting.settings_env import ConfigError
 
@@ -90,7 +96,7 @@ def pooled(n: int) -> PoolEntry:
 
 
 @pytest.mark.stores
-async def test_route_round_trip_touch_and_compare_and_release(store: RouteStore) -> None:
+async def test_route_round_trip_touch_and_compare_and_release(store: RoutingStore) -> None:
     route = Route("s1", "alice", "vol-1").with_sandbox(Sandbox("sbx-1", "local", "http://a", "vol-1", pid=7), "tk")
     await store.put(route)
     assert route.key == "alice/s1" and await store.get("alice/s1") == route
@@ -110,21 +116,87 @@ async def test_route_round_trip_touch_and_compare_and_release(store: RouteStore)
 
 
 @pytest.mark.stores
-async def test_a_lock_is_released_only_by_its_holder_and_expires(store: RouteStore) -> None:
-    token = await store.acquire("provision:s1", 0.3)
+async def test_a_lock_is_released_only_by_its_holder_and_expires(store: RoutingStore) -> None:
+    token = await store.locks.acquire("provision:s1", 0.3)
     assert token is not None
-    assert await store.acquire("provision:s1", 0.3) is None
-    assert not await store.release_lock("provision:s1", "not-the-holder")
-    assert await store.acquire("provision:s1", 0.3) is None
+    assert await store.locks.acquire("provision:s1", 0.3) is None
+    assert not await store.locks.release("provision:s1", "not-the-holder")
+    assert await store.locks.acquire("provision:s1", 0.3) is None
     await asyncio.sleep(0.4)
-    newer = await store.acquire("provision:s1", 5)
+    newer = await store.locks.acquire("provision:s1", 5)
     assert newer is not None
-    assert not await store.release_lock("provision:s1", token), "an expired holder must not release the new one"
-    assert await store.release_lock("provision:s1", newer)
+    assert not await store.locks.release("provision:s1", token), "an expired holder must not release the new one"
+    assert await store.locks.release("provision:s1", newer)
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.stores)])
+async def locks(request: pytest.FixtureRequest) -> AsyncIterator[Locks]:
+    """Each lock implementation: in memory, and Redis for real (own key prefix per test)."""
+    if request.param == "memory":
+        yield MemoryLocks()
+        return
+    connection = aioredis.Redis.from_url(request.getfixturevalue("redis_url"))
+    yield RedisLocks(connection, f"t{secrets.token_hex(4)}:lock:")
+    await connection.aclose()
+
+
+async def test_holding_tells_whether_it_holds_and_releases_however_the_block_ends(locks: Locks) -> None:
+    async with holding(locks, "l", 5) as held:
+        assert held
+        async with holding(locks, "l", 5) as again:
+            assert not again, "held elsewhere: one try"
+    with pytest.raises(RuntimeError):
+        async with holding(locks, "l", 5) as held:
+            assert held, "released on the way out"
+            raise RuntimeError
+    entered = asyncio.Event()
+
+    async def hold_until_cancelled() -> None:
+        async with holding(locks, "l", 5) as held:
+            assert held, "released when the block raised"
+            entered.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(hold_until_cancelled())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    token = await locks.acquire("l", 5)
+    assert token is not None, "released when the block was cancelled"
+    assert await locks.release("l", token)
+
+
+async def test_holding_waits_up_to_wait_seconds_for_the_holder(locks: Locks) -> None:
+    token = await locks.acquire("w", 5)
+    assert token is not None
+    started = time.monotonic()
+    async with holding(locks, "w", 5, wait_seconds=0.3) as held:
+        assert not held
+    assert 0.1 <= time.monotonic() - started < 2, "asked again, then gave up"
+
+    async def release_soon() -> None:
+        await asyncio.sleep(0.2)
+        assert await locks.release("w", token)
+
+    releasing = asyncio.create_task(release_soon())
+    async with holding(locks, "w", 5, wait_seconds=5) as held:
+        assert held, "taken once its holder let go"
+    await releasing
+
+
+async def test_holding_leaves_alone_a_lock_taken_after_its_own_lapsed(locks: Locks) -> None:
+    async with holding(locks, "x", 0.2) as held:
+        assert held
+        await asyncio.sleep(0.3)
+        newer = await locks.acquire("x", 5)
+        assert newer is not None, "lapsed"
+    assert await locks.acquire("x", 5) is None, "the newer holder still holds it"
+    assert await locks.release("x", newer)
 
 
 @pytest.mark.stores
-async def test_each_pooled_sandbox_goes_to_one_taker(store: RouteStore) -> None:
+async def test_each_pooled_sandbox_goes_to_one_taker(store: RoutingStore) -> None:
     for n in range(5):
         await store.pool_put(pooled(n))
     taken = await asyncio.gather(*(store.pool_take() for _ in range(12)))

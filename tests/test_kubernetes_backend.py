@@ -34,7 +34,8 @@ from kubernetes.aio.client import ApiClient, Configuration
 
 from hosting.gateway.provisioning import Provisioner
 from hosting.gateway.reconcile import reconcile
-from hosting.gateway.routes import MemoryRouteStore, PoolEntry, Route
+from hosting.gateway.routing.memory import MemoryRoutingStore
+from hosting.gateway.routing.records import PoolEntry, Route
 from hosting.gateway.settings import GatewaySettings
 from hosting.sandboxes import Health, SandboxError, SandboxSpec
 from hosting.sandboxes.kubernetes import (
@@ -250,7 +251,7 @@ async def test_a_claim_conflict_moves_the_gateway_on_to_the_next_pod(
     behind this gateway's routing store, as one sharing the engine but not the store
     would. The provisioner's claim of it fails at the API, and it takes the second."""
     specs = [spec(), spec()]
-    store = MemoryRouteStore()
+    store = MemoryRoutingStore()
     pooled = await asyncio.gather(*(backend.create(made) for made in specs))
     for sandbox, made in zip(pooled, specs, strict=True):
         await store.pool_put(PoolEntry(sandbox, made.token))
@@ -304,7 +305,7 @@ async def test_reconcile_by_labels_adopts_removes_orphans_and_releases_the_lost(
     """The gateway's start-up reconciliation through this backend: a routed pod is
     adopted, a pod nobody routes to is removed, and a route whose pod crashed (phase
     Failed: not listed) is released; deleting the crashed pod leaves nothing."""
-    store = MemoryRouteStore()
+    store = MemoryRoutingStore()
     routed_spec, orphan_spec, crashed_spec = spec("routed-1"), spec("orphan-1"), spec("crashed-1")
     routed, orphan, crashed = await asyncio.gather(*(backend.create(made) for made in (routed_spec, orphan_spec,
                                                                                        crashed_spec)))

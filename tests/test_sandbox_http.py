@@ -12,7 +12,8 @@ import pytest
 
 from hosting.gateway import sandbox_http
 from hosting.gateway.relay import Relay, RelayedStream
-from hosting.gateway.routes import MemoryRouteStore, Route
+from hosting.gateway.routing.memory import MemoryRoutingStore
+from hosting.gateway.routing.records import Route
 from hosting.gateway.sandbox_http import ConnectFailed, ConnectionBroken, SandboxClient
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -278,7 +279,7 @@ async def test_the_relay_ends_the_clients_body_with_done_and_reuses_the_sandbox_
             await asyncio.sleep(0.1)
             writer.write(b"0\r\n\r\n")
 
-    store = MemoryRouteStore()
+    store = MemoryRoutingStore()
     async with serving(handler) as (address, accepted):
         route = Route("s", "alice", "vol", sandbox_id="sb", address=address, token="t")
         await store.put(route)

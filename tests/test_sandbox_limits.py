@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from hosting.gateway.relay import MAX_EVENT_BYTES, Relay, RelayedStream, SandboxLost
-from hosting.gateway.routes import MemoryRouteStore, Route
+from hosting.gateway.routing.memory import MemoryRoutingStore
+from hosting.gateway.routing.records import Route
 from hosting.gateway.sandbox_http import MAX_ANSWER_BYTES, MAX_HEAD_BYTES
 from tests.test_sandbox_http import read_request, serving
 
@@ -70,7 +71,7 @@ async def relayed(relay: Relay, route: Route) -> list[bytes]:
 
 async def with_relay(handler: Endless, use: Callable[[Relay, Route], Awaitable[object]]) -> object:
     async with serving(handler) as (address, _):
-        store = MemoryRouteStore()
+        store = MemoryRoutingStore()
         route = Route("s", "alice", "vol", sandbox_id="sb", address=address, token="t")
         await store.put(route)
         relay = Relay(store, "default", stamp_interval_seconds=60)

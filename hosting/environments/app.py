@@ -23,7 +23,7 @@ from hosting.environments.archive import ArchivedSessions, FileArchive, RedisArc
 from hosting.environments.dispatch import Dispatcher
 from hosting.environments.janitor import Janitor
 from hosting.environments.lifecycle import Lifecycle
-from hosting.environments.locks import MemoryLocks, RedisLocks, SessionLocks
+from hosting.environments.locks import open_session_locks
 from hosting.environments.sandboxes import SessionSandboxes
 from hosting.environments.settings import EnvironmentSettings
 from hosting.environments.webhook import create_app
@@ -40,8 +40,7 @@ async def serve(settings: EnvironmentSettings) -> None:
     backend = open_backend(settings.sandboxes)
     # Explicit credentials: the client reads no ANTHROPIC_API_KEY; only the environment key is used.
     api = AsyncAnthropic(auth_token=settings.environment_key, base_url=settings.api_base_url)
-    locks: SessionLocks = (RedisLocks(settings.redis_url, settings.environment_id, settings.lock_seconds)
-                           if settings.redis_url else MemoryLocks(settings.lock_seconds))
+    locks = open_session_locks(settings.redis_url, settings.environment_id, settings.lock_seconds)
     archive: ArchivedSessions = (RedisArchive(settings.redis_url, settings.environment_id) if settings.redis_url
                                  else FileArchive(settings.sandboxes.data_dir / "archived-sessions.json"))
     lifecycle = Lifecycle(settings, api, SessionSandboxes(backend, settings.environment_id), locks, archive)

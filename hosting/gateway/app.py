@@ -54,14 +54,10 @@ from hosting.gateway.relay import (
     lost_stream,
     shielded,
 )
-from hosting.gateway.routes import (
-    MemoryRouteStore,
-    Route,
-    RouteStore,
-    RouteStoreUnavailable,
-    open_route_store,
-    route_key,
-)
+from hosting.gateway.routing import open_routing_store
+from hosting.gateway.routing.memory import MemoryRoutingStore
+from hosting.gateway.routing.protocols import RoutingStore, RoutingStoreUnavailable
+from hosting.gateway.routing.records import Route, route_key
 from hosting.gateway.runtime import install_runtime
 from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.telemetry import GatewayTelemetry, GatewayTurn, ObservedProvisioner
@@ -130,10 +126,10 @@ async def _tenant_or_admin(request: Request) -> None:
         await _tenant_of(request)
 
 
-def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteStore | None = None,
+def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RoutingStore | None = None,
                authenticator: Authenticator | None = None, budgets: Budgets | None = None) -> FastAPI:
     """Build the gateway. ``store``, ``authenticator`` and ``budgets`` default to the settings'."""
-    store = store or open_route_store(settings.redis_url, settings.sandboxes.installation)
+    store = store or open_routing_store(settings.redis_url, settings.sandboxes.installation)
     conversations = (StoredConversations(settings.session_store_url, settings.sandboxes.installation)
                      if settings.session_store_url else None)
     if conversations is not None:
@@ -162,7 +158,7 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
             await reconcile(backend, store)
             if isinstance(backend, CredentialedBackend):
                 await backend.remove_orphan_credentials()
-        except (RouteStoreUnavailable, SandboxError, ConnectionError) as exc:
+        except (RoutingStoreUnavailable, SandboxError, ConnectionError) as exc:
             logger.warning("could not reconcile sandboxes at start-up: %s", exc)
         tasks = [asyncio.create_task(pool.run(), name="warm-pool"), asyncio.create_task(reaper.run(), name="reaper"),
                  asyncio.create_task(retention.run(), name="retention")]
@@ -174,7 +170,7 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            if isinstance(store, MemoryRouteStore):
+            if isinstance(store, MemoryRoutingStore):
                 await _remove_everything(backend, store, pool)
             await relay.aclose()
             await budgets.drain()
@@ -262,8 +258,8 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
     telemetry.install(app, [settings.admin_token, settings.telemetry.metrics_token], pool)
     telemetry.observe_running(lambda: relay.running_streams)
 
-    @app.exception_handler(RouteStoreUnavailable)
-    async def _store_down(request: Request, exc: RouteStoreUnavailable) -> JSONResponse:
+    @app.exception_handler(RoutingStoreUnavailable)
+    async def _store_down(request: Request, exc: RoutingStoreUnavailable) -> JSONResponse:
         logger.warning("%s", exc)
         telemetry.store_failures.add(1)
         return JSONResponse({"detail": "the routing store is unavailable; nothing was changed"}, status_code=503,
@@ -327,11 +323,11 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
                                 headers={"Retry-After": RETRY_AFTER_SECONDS})
         try:
             await store.ping()
-        except RouteStoreUnavailable:
+        except RoutingStoreUnavailable:
             return JSONResponse({"ready": False, "reason": "routing store unreachable"}, status_code=503,
                                 headers={"Retry-After": RETRY_AFTER_SECONDS})
         return JSONResponse({"ready": True, "backend": backend.name, "running_streams": relay.running_streams,
-                             "routing": "memory" if isinstance(store, MemoryRouteStore) else "redis",
+                             "routing": "memory" if isinstance(store, MemoryRoutingStore) else "redis",
                              "pool": await pool.status()})
 
     @app.get("/sessions/{session_id}/events")
@@ -427,7 +423,7 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: RouteS
     return app
 
 
-async def _remove_everything(backend: SandboxBackend, store: RouteStore, pool: WarmPool) -> None:
+async def _remove_everything(backend: SandboxBackend, store: RoutingStore, pool: WarmPool) -> None:
     """With an in-memory store nothing could find these sandboxes again: remove them.
     Session volumes stay on disk (a restarted gateway does not know them either)."""
     await pool.drain()

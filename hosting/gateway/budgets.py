@@ -53,11 +53,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from hosting.gateway.quotas import TurnPermit
 from hosting.gateway.relay import shielded
-from hosting.gateway.routes import RedisRouteStore, RouteStore, RouteStoreUnavailable
+from hosting.gateway.routing.protocols import RoutingStore, RoutingStoreUnavailable
+from hosting.gateway.routing.redis import RedisRoutingStore, or_unavailable
 
 logger = logging.getLogger("hosting.gateway.budgets")
 
@@ -177,7 +177,7 @@ class BudgetLedger(abc.ABC):
     current UTC month) and reads what the current windows hold, on its own clock; limits
     and refusals are :class:`Budgets`' business.
 
-    Both methods raise :class:`~hosting.gateway.routes.RouteStoreUnavailable` when the
+    Both methods raise :class:`~hosting.gateway.routing.protocols.RoutingStoreUnavailable` when the
     store cannot be reached, having changed nothing."""
 
     @abc.abstractmethod
@@ -322,26 +322,21 @@ class RedisBudgetLedger(BudgetLedger):
         """The last running cost reported for the tenant's session."""
         return f"{self._prefix}budget:session_cost:{tenant}/{session_id}"
 
-    async def _call(self, awaitable: Any) -> Any:
-        try:
-            return await awaitable
-        except (TimeoutError, RedisError, OSError) as exc:
-            raise RouteStoreUnavailable(f"routing store unreachable: {type(exc).__name__}") from None
-
     async def add(self, tenant: str, session_id: str, reported: Reported) -> Spend:
-        usd = await self._call(self._add(keys=[*self.keys(tenant), self.session_key(tenant, session_id)],
-                                         args=[reported.tokens, repr(reported.session_cost_usd), SESSION_COST_TTL_SECONDS]))
+        usd = await or_unavailable(self._add(keys=[*self.keys(tenant), self.session_key(tenant, session_id)],
+                                              args=[reported.tokens, repr(reported.session_cost_usd),
+                                                    SESSION_COST_TTL_SECONDS]))
         return Spend(reported.tokens, float(usd))
 
     async def spent(self, tenant: str) -> Spent:
-        now, tokens, usd, day, day_ends, month, month_ends = await self._call(self._spent(keys=self.keys(tenant)))
+        now, tokens, usd, day, day_ends, month, month_ends = await or_unavailable(self._spent(keys=self.keys(tenant)))
         return Spent(float(now), int(tokens), float(usd), day, float(day_ends), month, float(month_ends))
 
 
-def open_budget_ledger(store: RouteStore) -> BudgetLedger:
+def open_budget_ledger(store: RoutingStore) -> BudgetLedger:
     """The ledger beside the routing store: in Redis (its connection and key prefix) for
-    :class:`RedisRouteStore`, else in this process."""
-    if isinstance(store, RedisRouteStore):
+    :class:`RedisRoutingStore`, else in this process."""
+    if isinstance(store, RedisRoutingStore):
         return RedisBudgetLedger(store.redis, store.prefix)
     return MemoryBudgetLedger()
 
@@ -372,7 +367,7 @@ class Budgets:
             return
         try:
             spent = await self.ledger.spent(tenant)
-        except RouteStoreUnavailable:
+        except RoutingStoreUnavailable:
             logger.warning("tenant %s: routing store down, budgets not checked", tenant)
             return
         exhausted = []
@@ -407,7 +402,7 @@ class Budgets:
     async def record(self, tenant: str, session_id: str, reported: Reported) -> None:
         try:
             await self.ledger.add(tenant, session_id, reported)
-        except RouteStoreUnavailable:
+        except RoutingStoreUnavailable:
             logger.warning("tenant %s: could not count a turn's spend (%d tokens; session cost %.6f USD so far): "
                            "routing store down", tenant, reported.tokens, reported.session_cost_usd)
         except Exception:

@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from hosting.gateway.provisioning import Provisioner, ProvisioningFailed, new_spec
 from hosting.gateway.relay import shielded
-from hosting.gateway.routes import PoolEntry, RouteStore, RouteStoreUnavailable
+from hosting.gateway.routing.protocols import Locking, RoutingStoreUnavailable, WarmPoolLedger
+from hosting.gateway.routing.records import PoolEntry
+from hosting.locks import holding
 from hosting.sandboxes.base import Sandbox, SandboxBackend, SandboxError
 
 logger = logging.getLogger("hosting.gateway.pool")
@@ -26,12 +28,18 @@ WARM_TIMEOUT_SECONDS = 60.0
 """How long a new pooled sandbox may take to pre-start its CLI before it is pooled anyway."""
 REFILL_CHECK_SECONDS = 5.0
 """How often the pool looks at its size when nothing woke it (another replica's claims)."""
+REFILL_LOCK = "pool-refill"
+"""The lock one replica holds while it refills the pool."""
+
+
+class PoolStore(WarmPoolLedger, Locking, Protocol):
+    """What the warm pool needs of the routing store: its ledger, and the refill lock."""
 
 
 class WarmPool:
     """Keeps ``target`` ready, unclaimed sandboxes."""
 
-    def __init__(self, backend: SandboxBackend, store: RouteStore, provisioner: Provisioner,
+    def __init__(self, backend: SandboxBackend, store: PoolStore, provisioner: Provisioner,
                  sandbox_env: Mapping[str, str], target: int, lock_seconds: float, wake: asyncio.Event) -> None:
         self._backend = backend
         self._store = store
@@ -49,11 +57,11 @@ class WarmPool:
             try:
                 await self.refill()
                 backoff = 1.0
-            except (ProvisioningFailed, RouteStoreUnavailable) as exc:
+            except (ProvisioningFailed, RoutingStoreUnavailable) as exc:
                 logger.warning("warm pool: could not refill (%s); retrying in %.0f s", exc, backoff)
                 await asyncio.sleep(backoff)
                 # A store outage is retried often (cheap, and the pool should be back soon after).
-                backoff = min(backoff * 2, 5.0 if isinstance(exc, RouteStoreUnavailable) else 60.0)
+                backoff = min(backoff * 2, 5.0 if isinstance(exc, RoutingStoreUnavailable) else 60.0)
                 continue
             self._wake.clear()
             try:
@@ -65,11 +73,10 @@ class WarmPool:
         """Start sandboxes until the pool holds ``target``; how many were added."""
         if self.target == 0:
             return 0
-        lock = await self._store.acquire("pool-refill", self._lock_seconds)
-        if lock is None:
-            return 0
-        added = 0
-        try:
+        async with holding(self._store.locks, REFILL_LOCK, self._lock_seconds) as held:
+            if not held:
+                return 0
+            added = 0
             while len(await self._store.pool_entries()) < self.target:
                 spec = new_spec(self._env)
                 self.starting += 1
@@ -88,9 +95,7 @@ class WarmPool:
                 finally:
                     self.starting -= 1
                 added += 1
-        finally:
-            await self._store.release_lock("pool-refill", lock)
-        return added
+            return added
 
     async def _discard(self, sandbox: Sandbox) -> None:
         with contextlib.suppress(SandboxError):

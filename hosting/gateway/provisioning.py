@@ -21,9 +21,12 @@ import logging
 import secrets
 import time
 from collections.abc import Mapping
+from typing import Protocol
 
 from hosting.gateway.quotas import Quotas
-from hosting.gateway.routes import PoolEntry, Route, RouteStore, route_key
+from hosting.gateway.routing.protocols import Locking, Routes, WarmPoolLedger
+from hosting.gateway.routing.records import PoolEntry, Route, route_key
+from hosting.locks import holding
 from hosting.sandboxes.base import Health, Sandbox, SandboxBackend, SandboxError, SandboxSpec
 
 logger = logging.getLogger("hosting.gateway.provisioning")
@@ -31,6 +34,11 @@ logger = logging.getLogger("hosting.gateway.provisioning")
 
 class ProvisioningFailed(Exception):
     """No sandbox could be made ready for the session (HTTP 503)."""
+
+
+class ProvisioningStore(Routes, WarmPoolLedger, Locking, Protocol):
+    """What provisioning needs of the routing store: the routes it writes, the pool it
+    claims from, and the session's lock."""
 
 
 def provisioning_lock(tenant: str, session_id: str) -> str:
@@ -53,7 +61,7 @@ def new_spec(env: Mapping[str, str], session_id: str | None = None, tenant: str 
 class Provisioner:
     """Finds or makes the sandbox of a session; the only writer of new routes."""
 
-    def __init__(self, backend: SandboxBackend, store: RouteStore, sandbox_env: Mapping[str, str],
+    def __init__(self, backend: SandboxBackend, store: ProvisioningStore, sandbox_env: Mapping[str, str],
                  timeout_seconds: float, on_claim: asyncio.Event | None = None, quotas: Quotas | None = None) -> None:
         self._backend = backend
         self._store = store
@@ -73,7 +81,7 @@ class Provisioner:
 
         Raises :class:`ProvisioningFailed`,
         :class:`~hosting.gateway.quotas.QuotaExceeded` or
-        :class:`~hosting.gateway.routes.RouteStoreUnavailable`.
+        :class:`~hosting.gateway.routing.protocols.RoutingStoreUnavailable`.
         """
         if known is not None and known.sandbox_id is not None:
             return known
@@ -84,12 +92,9 @@ class Provisioner:
             route = await self.route(session_id, tenant)
             if route is not None and route.sandbox_id is not None:
                 return route
-            lock = await self._store.acquire(lock_name, self._timeout + 10)
-            if lock is not None:
-                try:
+            async with holding(self._store.locks, lock_name, self._timeout + 10) as held:
+                if held:
                     return await self._provision_locked(session_id, tenant)
-                finally:
-                    await self._store.release_lock(lock_name, lock)
             if time.monotonic() + delay > deadline:
                 raise ProvisioningFailed(f"timed out waiting for session {session_id!r} to get a sandbox")
             # Another request (maybe on another replica) is provisioning: wait for its route.

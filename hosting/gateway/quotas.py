@@ -19,7 +19,7 @@ store down) is not counted: what it took is given back. A limit of 0 means
 unlimited.
 
 When Redis cannot be reached, turns on sessions this replica knows still run
-(see :class:`~hosting.gateway.routes.RedisRouteStore`): their turn quotas are
+(see :class:`~hosting.gateway.routing.redis.RedisRoutingStore`): their turn quotas are
 then counted in this replica's memory, so each replica still enforces the limits
 on its own until Redis is back.
 """
@@ -31,9 +31,10 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
-from hosting.gateway.routes import MemoryRouteStore, RouteStore, RouteStoreUnavailable
+from hosting.gateway.routing.memory import MemoryRoutingStore
+from hosting.gateway.routing.protocols import RateWindows, RoutingStoreUnavailable, SandboxReservations, TurnSlots
 
 logger = logging.getLogger("hosting.gateway.quotas")
 
@@ -44,6 +45,14 @@ CONCURRENT_RETRY_AFTER_SECONDS = 5
 """Turns end at their own pace: suggest trying again soon."""
 SANDBOX_RETRY_AFTER_SECONDS = 30
 """Sandboxes are freed by deleting a session or by the idle reaper: not within seconds."""
+
+
+class TurnCounters(TurnSlots, RateWindows, Protocol):
+    """Where a tenant's turns are counted: its running turns (slots), its recent ones (a window)."""
+
+
+class QuotaCounters(TurnCounters, SandboxReservations, Protocol):
+    """What the quotas count in: a tenant's turns, and its sandboxes."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +87,7 @@ class QuotaExceeded(Exception):
 class TurnPermit:
     """What an admitted turn holds: its concurrent-turn slot and its count in the window."""
 
-    def __init__(self, store: RouteStore, tenant: str, slot: str | None, rate: str | None,
+    def __init__(self, store: TurnCounters, tenant: str, slot: str | None, rate: str | None,
                  slot_ttl_seconds: float) -> None:
         self._store = store
         self.tenant = tenant
@@ -100,7 +109,7 @@ class TurnPermit:
                 return
             try:
                 await self._store.refresh_slot(_turns(self.tenant), slot, self._ttl)
-            except RouteStoreUnavailable:
+            except RoutingStoreUnavailable:
                 logger.warning("tenant %s: could not refresh a turn slot (routing store down)", self.tenant)
 
     async def release(self) -> None:
@@ -109,7 +118,7 @@ class TurnPermit:
         if slot is not None:
             try:
                 await self._store.release_slot(_turns(self.tenant), slot)
-            except RouteStoreUnavailable:
+            except RoutingStoreUnavailable:
                 logger.warning("tenant %s: could not free a turn slot; it lapses in %.0f s", self.tenant, self._ttl)
 
     async def refund(self) -> None:
@@ -119,7 +128,7 @@ class TurnPermit:
         if rate is not None:
             try:
                 await self._store.refund_rate(_rate(self.tenant), rate)
-            except RouteStoreUnavailable:
+            except RoutingStoreUnavailable:
                 logger.warning("tenant %s: could not uncount a refused turn (routing store down)", self.tenant)
 
 
@@ -134,12 +143,12 @@ def _rate(tenant: str) -> str:
 class Quotas:
     """The gateway's quota checks, over the routing store's counters."""
 
-    def __init__(self, store: RouteStore, defaults: TenantLimits,
+    def __init__(self, store: QuotaCounters, defaults: TenantLimits,
                  overrides: Mapping[str, Mapping[str, int]] | None = None, *,
                  reservation_ttl_seconds: float = 130.0, slot_ttl_seconds: float = SLOT_TTL_SECONDS,
                  window_seconds: float = RATE_WINDOW_SECONDS) -> None:
         self._store = store
-        self._fallback = MemoryRouteStore()
+        self._fallback: TurnCounters = MemoryRoutingStore()
         self.defaults = defaults
         self._overrides = {tenant: defaults.with_overrides(limits) for tenant, limits in (overrides or {}).items()}
         self._reservation_ttl = reservation_ttl_seconds
@@ -155,11 +164,11 @@ class Quotas:
         while the routing store is down."""
         try:
             return await self._admit(self._store, tenant)
-        except RouteStoreUnavailable:
+        except RoutingStoreUnavailable:
             logger.warning("tenant %s: routing store down, counting the turn in this replica only", tenant)
             return await self._admit(self._fallback, tenant)
 
-    async def _admit(self, store: RouteStore, tenant: str) -> TurnPermit:
+    async def _admit(self, store: TurnCounters, tenant: str) -> TurnPermit:
         limits = self.limits(tenant)
         slot = rate = None
         if limits.max_turns:
@@ -192,7 +201,7 @@ class Quotas:
     async def cancel_sandbox(self, tenant: str, session_id: str) -> None:
         try:
             await self._store.cancel_sandbox_reservation(tenant, session_id)
-        except RouteStoreUnavailable:
+        except RoutingStoreUnavailable:
             logger.warning("session %s: could not cancel its sandbox reservation; it lapses", session_id)
 
     async def usage(self, tenant: str) -> dict[str, Any]:

@@ -20,16 +20,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Protocol
 
 from hosting.gateway.conversations import StoredConversations
 from hosting.gateway.provisioning import provisioning_lock
-from hosting.gateway.routes import Route, RouteStore, RouteStoreUnavailable
+from hosting.gateway.routing.protocols import Locking, Routes, RoutingStoreUnavailable
+from hosting.gateway.routing.records import Route
+from hosting.locks import holding
 from hosting.sandboxes.base import SandboxBackend, SandboxError
 
 logger = logging.getLogger("hosting.gateway.reaper")
 
 RETENTION_BATCH = 100
 """Sessions one retention sweep deletes at most (the rest wait for the next sweep)."""
+
+
+class SweepStore(Routes, Locking, Protocol):
+    """What the reaper and retention need of the routing store: the routes, and locks."""
 
 
 async def turn_running(backend: SandboxBackend, route: Route) -> bool:
@@ -43,7 +50,7 @@ async def turn_running(backend: SandboxBackend, route: Route) -> bool:
         return False
 
 
-async def forget_session(backend: SandboxBackend, store: RouteStore, conversations: StoredConversations | None,
+async def forget_session(backend: SandboxBackend, store: Routes, conversations: StoredConversations | None,
                          route: Route) -> None:
     """Delete a session whole: its sandbox, its volume, its stored conversation, its route.
     The route goes last, so a failure part-way leaves something to retry from."""
@@ -59,7 +66,7 @@ async def forget_session(backend: SandboxBackend, store: RouteStore, conversatio
 class Reaper:
     """Removes sandboxes idle for longer than ``idle_timeout_seconds``."""
 
-    def __init__(self, backend: SandboxBackend, store: RouteStore, idle_timeout_seconds: float) -> None:
+    def __init__(self, backend: SandboxBackend, store: SweepStore, idle_timeout_seconds: float) -> None:
         self._backend = backend
         self._store = store
         self.idle_timeout = idle_timeout_seconds
@@ -70,7 +77,7 @@ class Reaper:
             await asyncio.sleep(self.interval)
             try:
                 await self.sweep()
-            except RouteStoreUnavailable as exc:
+            except RoutingStoreUnavailable as exc:
                 logger.warning("reaper: %s", exc)
 
     async def sweep(self) -> list[str]:
@@ -85,11 +92,9 @@ class Reaper:
         return time.time() - route.last_activity > self.idle_timeout
 
     async def _reap(self, route: Route) -> bool:
-        lock_name = provisioning_lock(route.tenant, route.session_id)
-        lock = await self._store.acquire(lock_name, 60)
-        if lock is None:
-            return False
-        try:
+        async with holding(self._store.locks, provisioning_lock(route.tenant, route.session_id), 60) as held:
+            if not held:
+                return False
             current = await self._store.get(route.key)
             if current is None or current.sandbox_id != route.sandbox_id or not self._idle(current):
                 return False
@@ -105,16 +110,12 @@ class Reaper:
                 logger.warning("reaper: could not remove sandbox %s: %s", current.sandbox_id, exc)
             logger.info("session %s: reaped idle sandbox %s", current.session_id, current.sandbox_id)
             return True
-        finally:
-            await self._store.release_lock(lock_name, lock)
-
-
 
 
 class SessionRetention:
     """Deletes sessions unused for longer than ``ttl_seconds`` (0: never)."""
 
-    def __init__(self, backend: SandboxBackend, store: RouteStore, conversations: StoredConversations | None,
+    def __init__(self, backend: SandboxBackend, store: SweepStore, conversations: StoredConversations | None,
                  ttl_seconds: float) -> None:
         self._backend = backend
         self._store = store
@@ -127,7 +128,7 @@ class SessionRetention:
             await asyncio.sleep(self.interval)
             try:
                 await self.sweep()
-            except (RouteStoreUnavailable, SandboxError, ConnectionError) as exc:
+            except (RoutingStoreUnavailable, SandboxError, ConnectionError) as exc:
                 logger.warning("retention: %s", exc)
 
     def _expired(self, route: Route) -> bool:
@@ -137,25 +138,20 @@ class SessionRetention:
         """Delete up to :data:`RETENTION_BATCH` expired sessions; their route keys."""
         if not self.ttl:
             return []
-        lock = await self._store.acquire("retention-sweep", 600)
-        if lock is None:  # another replica is sweeping
-            return []
-        deleted = []
-        try:
+        async with holding(self._store.locks, "retention-sweep", 600) as held:
+            if not held:  # another replica is sweeping
+                return []
+            deleted = []
             expired = [route for route in await self._store.routes() if self._expired(route)]
             for route in expired[:RETENTION_BATCH]:
                 if await self._delete_if_unused(route):
                     deleted.append(route.key)
-        finally:
-            await self._store.release_lock("retention-sweep", lock)
-        return deleted
+            return deleted
 
     async def _delete_if_unused(self, route: Route) -> bool:
-        lock_name = provisioning_lock(route.tenant, route.session_id)
-        lock = await self._store.acquire(lock_name, 60)
-        if lock is None:  # being provisioned or reaped right now: in use
-            return False
-        try:
+        async with holding(self._store.locks, provisioning_lock(route.tenant, route.session_id), 60) as held:
+            if not held:  # being provisioned or reaped right now: in use
+                return False
             current = await self._store.get(route.key)
             if current is None or not self._expired(current):
                 return False
@@ -165,5 +161,3 @@ class SessionRetention:
             await forget_session(self._backend, self._store, self._conversations, current)
             logger.info("session of tenant %s unused for %.0f s: deleted", current.tenant, self.ttl)
             return True
-        finally:
-            await self._store.release_lock(lock_name, lock)

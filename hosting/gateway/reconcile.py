@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from hosting.gateway.conversations import StoredConversations
+from hosting.gateway.pool import REFILL_LOCK
 from hosting.gateway.provisioning import provisioning_lock
-from hosting.gateway.routes import RouteStore
+from hosting.gateway.routing.protocols import Locking, Routes, WarmPoolLedger
+from hosting.locks import holding
 from hosting.sandboxes.base import Sandbox, SandboxBackend, SandboxError
 
 logger = logging.getLogger("hosting.gateway.reconcile")
+
+
+class ReconcileStore(Routes, WarmPoolLedger, Locking, Protocol):
+    """What reconciliation needs of the routing store: the routes, the pool, and the locks
+    of the sandboxes being provisioned or pooled."""
 
 
 @dataclass
@@ -36,10 +44,10 @@ class Reconciled:
 def _lock_name(sandbox: Sandbox) -> str:
     if sandbox.session_id and sandbox.tenant:
         return provisioning_lock(sandbox.tenant, sandbox.session_id)
-    return "pool-refill"
+    return REFILL_LOCK
 
 
-async def reconcile(backend: SandboxBackend, store: RouteStore) -> Reconciled:
+async def reconcile(backend: SandboxBackend, store: ReconcileStore) -> Reconciled:
     result = Reconciled()
     sandboxes = await backend.list()
     routes = await store.routes()
@@ -50,17 +58,14 @@ async def reconcile(backend: SandboxBackend, store: RouteStore) -> Reconciled:
         if sandbox.sandbox_id in known:
             result.adopted.append(sandbox.sandbox_id)
             continue
-        lock = await store.acquire(_lock_name(sandbox), 60)
-        if lock is None:
-            continue
-        try:
+        async with holding(store.locks, _lock_name(sandbox), 60) as held:
+            if not held:
+                continue
             if await _known_now(store, sandbox):
                 result.adopted.append(sandbox.sandbox_id)
                 continue
             await backend.delete(sandbox.sandbox_id)
             result.removed.append(sandbox.sandbox_id)
-        finally:
-            await store.release_lock(_lock_name(sandbox), lock)
     for route in routes:
         if route.sandbox_id and route.sandbox_id not in existing and await store.release(route.key, route.sandbox_id):
             result.released.append(route.sandbox_id)
@@ -74,7 +79,7 @@ async def reconcile(backend: SandboxBackend, store: RouteStore) -> Reconciled:
     return result
 
 
-async def adopt_legacy_routes(backend: SandboxBackend, store: RouteStore,
+async def adopt_legacy_routes(backend: SandboxBackend, store: Routes,
                               conversations: StoredConversations | None) -> list[str]:
     """Move routes keyed by the session id alone under their tenant's key, copy their
     stored conversations to the tenant's stored id, and retire their sandboxes (started
@@ -95,7 +100,7 @@ async def adopt_legacy_routes(backend: SandboxBackend, store: RouteStore,
     return moved
 
 
-async def _known_now(store: RouteStore, sandbox: Sandbox) -> bool:
+async def _known_now(store: ReconcileStore, sandbox: Sandbox) -> bool:
     """Re-read under the lock: a replica may have recorded it since the snapshot (a
     claimed pool sandbox still carries no session on engines that cannot relabel)."""
     if any(route.sandbox_id == sandbox.sandbox_id for route in await store.routes()):

@@ -24,7 +24,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from hosting.contract import EPOCH_HEADER, NAMESPACE_HEADER
-from hosting.gateway.routes import Route, RouteStore, RouteStoreUnavailable
+from hosting.gateway.routing.protocols import Routes, RoutingStoreUnavailable
+from hosting.gateway.routing.records import Route
 from hosting.gateway.sandbox_http import ConnectFailed, ConnectionBroken, SandboxAnswer, SandboxClient
 from hosting.telemetry.tracing import inject_trace_context
 from hosting.wire import WireEvent, encode, error_event
@@ -286,7 +287,7 @@ class Relay:
     :meth:`begin_turn`), so a draining gateway (SIGTERM) can refuse new turns and
     wait for the running ones (:class:`hosting.draining.Drainable`)."""
 
-    def __init__(self, store: RouteStore, installation: str, stamp_interval_seconds: float) -> None:
+    def __init__(self, store: Routes, installation: str, stamp_interval_seconds: float) -> None:
         self._store = store
         self._installation = installation
         self._stamp_interval = stamp_interval_seconds
@@ -405,7 +406,7 @@ class Relay:
     async def touch(self, key: str) -> None:
         try:
             await self._store.touch(key)
-        except RouteStoreUnavailable:
+        except RoutingStoreUnavailable:
             logger.warning("could not stamp a session's activity (routing store down)")
 
     async def _stamp_while_streaming(self, route: Route, response: SandboxResponse, moved: asyncio.Event) -> None:
@@ -414,7 +415,7 @@ class Relay:
         while True:
             try:
                 current = await self._store.touch(route.key)
-            except RouteStoreUnavailable:
+            except RoutingStoreUnavailable:
                 logger.warning("session %s: could not stamp activity (routing store down)", route.session_id)
             else:
                 if current != route.sandbox_id:

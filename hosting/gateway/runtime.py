@@ -27,7 +27,7 @@ from hosting.gateway.relay import (
     SandboxUnreachable,
     shielded,
 )
-from hosting.gateway.routes import Route
+from hosting.gateway.routing.records import Route
 from hosting.gateway.telemetry import GatewayTelemetry
 from hosting.runtime_api import ADVANCE_PATH, State, advance_body, new_session_id
 from hosting.telemetry.tracing import tag_session

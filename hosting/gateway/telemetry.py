@@ -24,9 +24,10 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from hosting.gateway.budgets import BudgetExhausted
 from hosting.gateway.pool import WarmPool
-from hosting.gateway.provisioning import Provisioner, ProvisioningFailed
+from hosting.gateway.provisioning import Provisioner, ProvisioningFailed, ProvisioningStore
 from hosting.gateway.quotas import QuotaExceeded, Quotas
-from hosting.gateway.routes import PoolEntry, Route, RouteStore, RouteStoreUnavailable
+from hosting.gateway.routing.protocols import RoutingStoreUnavailable
+from hosting.gateway.routing.records import PoolEntry, Route
 from hosting.gateway.tenants import Authenticator
 from hosting.sandboxes.base import Sandbox, SandboxBackend, SandboxSpec
 from hosting.telemetry.http import install_telemetry
@@ -38,7 +39,7 @@ from hosting.wire import WireEvent
 
 GATEWAY_REFUSALS: dict[type[Exception], str] = {QuotaExceeded: "over_quota", BudgetExhausted: "over_budget",
                                                  ProvisioningFailed: "no_sandbox",
-                                                 RouteStoreUnavailable: "route_store_unavailable"}
+                                                 RoutingStoreUnavailable: "route_store_unavailable"}
 
 
 def refusal_code(exc: BaseException) -> str | None:
@@ -203,7 +204,7 @@ class ObservedProvisioner(Provisioner):
     """The provisioner, its steps as spans (route lookup, provisioning, pool claim, sandbox
     start) and its numbers as metrics (claims, provisioning time)."""
 
-    def __init__(self, telemetry: GatewayTelemetry, backend: SandboxBackend, store: RouteStore,
+    def __init__(self, telemetry: GatewayTelemetry, backend: SandboxBackend, store: ProvisioningStore,
                  sandbox_env: Mapping[str, str], timeout_seconds: float, on_claim: asyncio.Event | None,
                  quotas: Quotas | None) -> None:
         super().__init__(backend, store, sandbox_env, timeout_seconds, on_claim, quotas)
