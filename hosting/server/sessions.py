@@ -36,13 +36,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from claude_agent_sdk import AssistantMessage, ClaudeAgentOptions, ClaudeSDKClient, MirrorErrorMessage
+from claude_agent_sdk import AssistantMessage, MirrorErrorMessage
 
 from hosting.contract import durable_session_id
 from hosting.server.box import SpareCpu
-from hosting.server.cli import guarded_cli
 from hosting.server.disk import Disk, StorageFull, out_of_space
-from hosting.server.durable import MirrorOnly, StoreUnavailable, catch_up, restore, store_key
+from hosting.server.durable import StoreUnavailable, catch_up, restore, store_key
+from hosting.server.live import CliFactory, LiveSession
 from hosting.server.retention import Retention, Upkeep
 from hosting.server.settings import Settings
 from hosting.server.turns import Numbered, Turn, TurnLog
@@ -50,7 +50,6 @@ from hosting.server.wire import Redactor, TurnTranslator
 from hosting.server.workspaces import SessionRecord, Workspace, WorkspaceStore, drop_torn_tail, turn_recorded
 from hosting.stores.protocol import DurableSessionStore
 from hosting.wire import error_event
-from research_agent.options import build_options
 
 logger = logging.getLogger("hosting.server.sessions")
 
@@ -90,47 +89,6 @@ class NoRoom(Exception):
     """No CLI could be started within the memory budget in time (HTTP 503)."""
 
 
-class LiveSession:
-    """A CLI process connected for one workspace, owning the workspace's lock."""
-
-    def __init__(self, workspace: Workspace, options: ClaudeAgentOptions, lock_fd: int,
-                 mirror: MirrorOnly | None) -> None:
-        self.workspace = workspace
-        self.client = ClaudeSDKClient(options)
-        self.mirror = mirror
-        """What the SDK writes the store through (``None`` without a store); carries the turn's epoch."""
-        self._lock_fd: int | None = lock_fd
-        self.connected = False
-        self.healthy = True
-        self.mirror_gap = False
-        self.last_used = time.monotonic()
-
-    async def connect(self) -> None:
-        await self.client.connect()
-        self.connected = True
-
-    async def prime(self) -> None:
-        """Run the CLI's first-request code paths (building the system prompt and tool
-        list) now instead of in the session's first turn; no model call is made.
-        Only an optimisation: a CLI that cannot answer is still usable."""
-        try:
-            await self.client.get_context_usage()
-        except Exception:  # noqa: BLE001
-            logger.debug("could not prime the CLI of %s", self.workspace.sdk_session_id, exc_info=True)
-
-    async def close(self) -> None:
-        try:
-            if self.connected:
-                await self.client.disconnect()
-        except Exception:  # noqa: BLE001 - a dying CLI must not block shutdown
-            logger.warning("error closing the CLI of %s", self.workspace.sdk_session_id, exc_info=True)
-        finally:
-            self.connected = False
-            if self._lock_fd is not None:
-                Workspace.unlock(self._lock_fd)
-                self._lock_fd = None
-
-
 @dataclass
 class _Running:
     turn: Turn
@@ -162,7 +120,7 @@ class SessionManager:
         self._store = store
         self.store_failures = 0
         self._redact = Redactor([settings.anthropic_api_key, settings.claude_code_oauth_token, settings.auth_token])
-        self._cli_path, self._cli_env = guarded_cli()
+        self._cli_factory = CliFactory(settings, store)
         self._idle: OrderedDict[str, LiveSession] = OrderedDict()
         self._running: dict[str, _Running] = {}
         self._turns = TurnLog()
@@ -172,9 +130,7 @@ class SessionManager:
         first request (:meth:`serve_namespace`); ``None`` for a lone server."""
         self._pool: deque[LiveSession] = deque()
         self._pool_wanted = asyncio.Event()
-        self._starting = asyncio.Semaphore(settings.max_starting_clis)
         self._spare_cpu = SpareCpu(settings.box)
-        self._turns_starting = 0
         self._clis = 0  # budget slots held: live CLIs, CLIs starting, turns about to start one
         self._queue: deque[object] = deque()  # turns waiting for a slot, oldest first
         self._room_changed = asyncio.Event()  # replaced on each signal: a broadcast
@@ -475,13 +431,15 @@ class SessionManager:
                 closing = self._closing.get(record.workspace.sdk_session_id)
                 if closing is not None:
                     await closing.wait()
-                running.live = self._open(record.workspace)
+                running.live = self._cli_factory.open(record.workspace)
+                if running.live is None:
+                    raise SessionBusy(record.workspace.sdk_session_id)
                 running.slot = False  # the CLI holds it now
             live = running.live
             if live.mirror is not None:
                 live.mirror.epoch = running.epoch
             if not live.connected:
-                await self._connect(live, for_turn=True)
+                await self._cli_factory.connect(live, for_turn=True)
             elif live.mirror_gap:
                 live.mirror_gap = not await self._catch_up(record.workspace, running.epoch)
             if turn.interrupt_requested:
@@ -629,46 +587,6 @@ class SessionManager:
         except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
             raise StoreUnavailable(str(exc)) from exc
 
-    def _open(self, workspace: Workspace) -> LiveSession:
-        lock_fd = workspace.try_lock()
-        if lock_fd is None:
-            raise SessionBusy(workspace.sdk_session_id)
-        mirror = MirrorOnly(self._store) if self._store is not None else None  # type: ignore[abstract]
-        return LiveSession(workspace, self._options(workspace, mirror), lock_fd, mirror)
-
-    def _options(self, workspace: Workspace, mirror: MirrorOnly | None) -> ClaudeAgentOptions:
-        env = {
-            **self._settings.cli_env(),
-            **self._cli_env,
-            "HOME": str(workspace.root),
-            "CLAUDE_CONFIG_DIR": str(workspace.config_dir),
-            "TMPDIR": str(workspace.root),
-        }
-        if workspace.has_history():
-            session: dict[str, str] = {"resume": workspace.sdk_session_id}
-        else:
-            session = {"session_id": workspace.sdk_session_id}
-        return build_options(
-            model=self._settings.model,
-            cwd=workspace.work_dir,
-            env=env,
-            cli_path=self._cli_path,
-            include_partial_messages=True,
-            max_budget_usd=self._settings.max_budget_usd,
-            session_store=mirror,
-            stderr=lambda line: logger.debug("cli %s: %s", workspace.sdk_session_id, line),
-            **session,
-        )
-
-    async def _connect(self, live: LiveSession, *, for_turn: bool) -> None:
-        """Start a CLI once one of the ``max_starting_clis`` slots is free."""
-        self._turns_starting += for_turn
-        try:
-            async with self._starting:
-                await live.connect()
-        finally:
-            self._turns_starting -= for_turn
-
     async def _release(self, session_id: str, live: LiveSession) -> list[LiveSession]:
         """Keep the CLI warm if allowed (else close it now, before the session's next turn
         can start); return the least recently used ones past the cap, for the caller to
@@ -694,19 +612,13 @@ class SessionManager:
                 if not await self._room_to_start():
                     continue
                 self._clis += 1
-                workspace: Workspace | None = None
-                try:
-                    workspace = self._workspaces.new_workspace()
-                    live = self._open(workspace)
-                except OSError as exc:  # a full disk, say: retry later
-                    if workspace is not None:
-                        self._workspaces.discard(workspace)
+                live = self._open_prestarted()
+                if live is None:  # retry later
                     self._free_slot()
-                    logger.warning("could not pre-start a CLI: %s", exc)
                     await asyncio.sleep(5)
                     continue
                 try:
-                    await self._connect(live, for_turn=False)
+                    await self._cli_factory.connect(live, for_turn=False)
                     await live.prime()
                 except BaseException as exc:
                     await self._close(live, pooled=True)
@@ -718,13 +630,29 @@ class SessionManager:
                 self._pool.append(live)
                 self._signal_room()  # a queued turn of a new session may take it
 
+    def _open_prestarted(self) -> LiveSession | None:
+        """A CLI in a new workspace, not started yet; ``None`` (logged) if it cannot be made."""
+        workspace: Workspace | None = None
+        try:
+            workspace = self._workspaces.new_workspace()
+            live = self._cli_factory.open(workspace)
+        except OSError as exc:  # a full disk, say
+            if workspace is not None:
+                self._workspaces.discard(workspace)
+            logger.warning("could not pre-start a CLI: %s", exc)
+            return None
+        if live is None:  # another process holds a workspace made just now: not ours to remove
+            logger.warning("could not pre-start a CLI: workspace %s is locked by another process",
+                           workspace.sdk_session_id)
+        return live
+
     async def _room_to_start(self) -> bool:
         """Whether the pool may start a CLI now: a slot of the budget is free and no turn
         queues for one, and see :data:`REFILL_WINDOW_SECONDS`."""
         self._spare_cpu.cores()  # start a fresh window
         await asyncio.sleep(REFILL_WINDOW_SECONDS)
         spare = self._spare_cpu.cores()
-        if self._turns_starting or self._queue or self._clis >= self._settings.cli_budget:
+        if self._cli_factory.turns_starting or self._queue or self._clis >= self._settings.cli_budget:
             return False
         if self._disk.state().over:  # its workspace would take room that sessions need
             return False
