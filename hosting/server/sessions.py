@@ -41,13 +41,13 @@ from claude_agent_sdk import AssistantMessage, MirrorErrorMessage
 from hosting.contract import durable_session_id
 from hosting.server.box import SpareCpu
 from hosting.server.disk import Disk, StorageFull, out_of_space
-from hosting.server.durable import StoreUnavailable, catch_up, restore, store_key
+from hosting.server.durable import DurableSessions, StoreUnavailable, cut_torn_tail, turn_saved
 from hosting.server.live import CliFactory, LiveSession
 from hosting.server.retention import Retention, Upkeep
 from hosting.server.settings import Settings
 from hosting.server.turns import Numbered, Turn, TurnLog
 from hosting.server.wire import Redactor, TurnTranslator
-from hosting.server.workspaces import SessionRecord, Workspace, WorkspaceStore, drop_torn_tail, turn_recorded
+from hosting.server.workspaces import SessionRecord, Workspace, WorkspaceStore
 from hosting.stores.protocol import DurableSessionStore
 from hosting.wire import error_event
 
@@ -65,13 +65,6 @@ goes first): clients often send a session's next turn at once, and closing its C
 cost that turn a fresh start. Under 1 GiB, a burst of 25 new sessions of two turns each
 took 31 s with 19 refusals (503) instead of 67 s with 47."""
 
-
-TRANSCRIPT_SETTLE_SECONDS = 0.5
-"""The CLI does not report a failed transcript write, so on a full volume (only: a check
-that misfired would fail every turn) a turn's transcript is read back, and a turn it
-lacks is looked at once more after this long before it is reported as ``storage_full``.
-The CLI writes the transcript before it reports the result (measured), so the second look
-only guards against a slower flush."""
 
 STORAGE_FULL_MESSAGE = ("The data volume is full: this turn could not be saved to the session's history. "
                         "Retry once there is room.")
@@ -118,16 +111,15 @@ class SessionManager:
         self._settings = settings
         self._workspaces = workspaces
         self._store = store
-        self.store_failures = 0
         self._redact = Redactor([settings.anthropic_api_key, settings.claude_code_oauth_token, settings.auth_token])
         self._cli_factory = CliFactory(settings, store)
         self._idle: OrderedDict[str, LiveSession] = OrderedDict()
         self._running: dict[str, _Running] = {}
         self._turns = TurnLog()
-        self._fenced: dict[str, int] = {}  # session -> the epoch this process fenced it with
         self.namespace: str | None = None
         """``<installation>/<tenant>`` whose sessions this server serves, fixed by the gateway's
         first request (:meth:`serve_namespace`); ``None`` for a lone server."""
+        self._durable = DurableSessions(store, self._durable_id)
         self._pool: deque[LiveSession] = deque()
         self._pool_wanted = asyncio.Event()
         self._spare_cpu = SpareCpu(settings.box)
@@ -141,6 +133,11 @@ class SessionManager:
         retention = Retention(settings.session_ttl_seconds,
                               settings.local_cache_seconds if store is not None else None)
         self._upkeep = Upkeep(workspaces, self._disk, store, retention, settings.session_sweep_seconds, self._in_use)
+
+    @property
+    def store_failures(self) -> int:
+        """Session store writes or reads that failed (the local transcript stayed authoritative)."""
+        return self._durable.failures
 
     def serve_namespace(self, namespace: str | None) -> None:
         """Check a session request's namespace (:data:`hosting.contract.NAMESPACE_HEADER`).
@@ -226,7 +223,7 @@ class SessionManager:
     async def describe(self, session_id: str) -> dict[str, Any] | None:
         record = self._workspaces.get(session_id)
         if record is None:
-            if await self._stored(session_id):
+            if await self._durable.stored(session_id):
                 return {"session_id": session_id, "created_at": None, "updated_at": None,
                         "has_history": True, "busy": False, "live": False}
             return None
@@ -423,9 +420,10 @@ class SessionManager:
         turn = running.turn
         translator = TurnTranslator(self._redact, include_raw=include_raw)
         try:
-            await self._fence(turn.session_id, running.epoch)
+            if not await self._durable.fence(turn.session_id, running.epoch):
+                raise Superseded(turn.session_id)
             if running.live is None:
-                await self._prepare_durable(record.workspace, running.epoch)
+                await self._durable.prepare(record.workspace, running.epoch)
             turn.announce(resumed=record.workspace.has_history())
             if running.live is None:
                 closing = self._closing.get(record.workspace.sdk_session_id)
@@ -441,7 +439,7 @@ class SessionManager:
             if not live.connected:
                 await self._cli_factory.connect(live, for_turn=True)
             elif live.mirror_gap:
-                live.mirror_gap = not await self._catch_up(record.workspace, running.epoch)
+                live.mirror_gap = not await self._durable.catch_up_store(record.workspace, running.epoch)
             if turn.interrupt_requested:
                 turn.emit(error_event("interrupted", "The turn was interrupted before it started.", retryable=True))
                 return
@@ -452,7 +450,7 @@ class SessionManager:
                 await live.client.interrupt()
             async for message in live.client.receive_response():
                 if isinstance(message, MirrorErrorMessage):
-                    self._count_store_failure(message.error)
+                    self._durable.count_failure(message.error)
                     live.mirror_gap = True
                     record.workspace.mirror_gap_marker.touch()
                 elif isinstance(message, AssistantMessage) and message.parent_tool_use_id is None:
@@ -467,7 +465,7 @@ class SessionManager:
                 # once it is reached: the session's next turn gets a new CLI, with a new allowance.
                 live.healthy = False
             elif (not translator.result.is_error and self._disk.state().full
-                  and not await self._recorded(record.workspace, recorded_from, last_entry)):
+                  and not await turn_saved(record.workspace, recorded_from, last_entry)):
                 live.healthy = False  # its next turn resumes from what the transcript really holds
                 running.torn = True
                 logger.warning("session %s: the turn could not be saved to its transcript (%d MiB free on the data "
@@ -507,26 +505,10 @@ class SessionManager:
                 self._free_slot()
             evicted = await self._release(turn.session_id, running.live) if running.live is not None else []
             if running.torn:
-                self._drop_torn_tail(record.workspace)  # its CLI is closed: nothing appends meanwhile
+                cut_torn_tail(record.workspace)  # its CLI is closed: nothing appends meanwhile
             turn.finish()
             for live in evicted:
                 await self._close(live)
-
-    async def _recorded(self, workspace: Workspace, offset: int, entry_uuid: str | None) -> bool:
-        """Whether the turn reached the transcript whole (see :data:`TRANSCRIPT_SETTLE_SECONDS`)."""
-        if turn_recorded(workspace.transcript(), offset, entry_uuid):
-            return True
-        await asyncio.sleep(TRANSCRIPT_SETTLE_SECONDS)
-        return turn_recorded(workspace.transcript(), offset, entry_uuid)
-
-    @staticmethod
-    def _drop_torn_tail(workspace: Workspace) -> None:
-        transcript = workspace.transcript()
-        try:
-            if transcript is not None:
-                drop_torn_tail(transcript)
-        except OSError as exc:
-            logger.warning("could not cut the torn end of %s: %s", transcript, exc)
 
     async def _forget_if_empty(self, running: _Running, record: SessionRecord) -> None:
         """A session whose turn recorded nothing leaves nothing behind: its CLI is closed,
@@ -537,55 +519,6 @@ class SessionManager:
             live, running.live = running.live, None
             await self._close(live)
         self._workspaces.delete(running.turn.session_id)
-
-    async def _fence(self, session_id: str, epoch: int | None) -> None:
-        """Before a turn the gateway sent under ``epoch``: raise the session's epoch in the
-        store, so that no sandbox it replaced can write to the session any more.
-        :class:`Superseded` if a newer one is there (this sandbox was replaced)."""
-        if epoch is None or self._store is None or self._fenced.get(session_id) == epoch:
-            return
-        try:
-            current = await self._store.fence(store_key(self._durable_id(session_id)), epoch)
-        except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
-            raise StoreUnavailable(str(exc)) from exc
-        if not current:
-            raise Superseded(session_id)
-        self._fenced[session_id] = epoch
-
-    async def _prepare_durable(self, workspace: Workspace, epoch: int | None) -> None:
-        """Before a CLI starts: restore the transcript from the store, or bring the store up to date."""
-        if self._store is None:
-            return
-        if not workspace.has_history():
-            await restore(self._store, workspace)
-        elif workspace.mirror_gap_marker.exists():
-            await self._catch_up(workspace, epoch)
-
-    async def _catch_up(self, workspace: Workspace, epoch: int | None) -> bool:
-        transcript = workspace.transcript()
-        if self._store is None or transcript is None:
-            return True
-        try:
-            await catch_up(self._store, transcript, workspace.sdk_session_id, epoch)
-        except StoreUnavailable as exc:
-            self._count_store_failure(str(exc))
-            workspace.mirror_gap_marker.touch()
-            return False
-        workspace.mirror_gap_marker.unlink(missing_ok=True)
-        return True
-
-    def _count_store_failure(self, error: str) -> None:
-        self.store_failures += 1
-        logger.warning("session store mirror failed (%d so far); the local transcript stays authoritative: %s",
-                       self.store_failures, error)
-
-    async def _stored(self, session_id: str) -> bool:
-        if self._store is None:
-            return False
-        try:
-            return bool(await self._store.load(store_key(self._durable_id(session_id))))
-        except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
-            raise StoreUnavailable(str(exc)) from exc
 
     async def _release(self, session_id: str, live: LiveSession) -> list[LiveSession]:
         """Keep the CLI warm if allowed (else close it now, before the session's next turn
@@ -691,14 +624,7 @@ class SessionManager:
         """
         if session_id in self._running:
             raise SessionBusy(session_id)
-        stored = False
-        if self._store is not None:
-            stored = await self._stored(session_id)
-            if stored:
-                try:
-                    await self._store.delete(store_key(self._durable_id(session_id)))
-                except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
-                    raise StoreUnavailable(str(exc)) from exc
+        stored = await self._durable.delete(session_id)
         self._turns.forget(session_id)
         live = self._idle.pop(session_id, None)
         if live is not None:
