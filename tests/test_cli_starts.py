@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from claude_agent_sdk import ClaudeSDKClient, ResultMessage
 
+from hosting.server.admission import EVICTION_GRACE_SECONDS
 from hosting.server.box import Box
 from hosting.server.live import LiveSession
-from hosting.server.sessions import EVICTION_GRACE_SECONDS, NoRoom, NotAccepting, SessionManager
+from hosting.server.sessions import NoRoom, NotAccepting, SessionManager
 from hosting.server.settings import Settings
 from hosting.server.workspaces import WorkspaceStore
 

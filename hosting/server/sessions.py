@@ -18,7 +18,7 @@ A *live session* is a connected ``ClaudeSDKClient`` bound to one workspace.
   ``cli_budget`` slots sized to the box's memory. A turn that needs a new CLI
   when none is free queues instead of pushing the box into reclaim: in arrival
   order it takes the slot of an idle CLI (least recently used first, then a
-  pre-started one; see :data:`EVICTION_GRACE_SECONDS`), and past
+  pre-started one; see ``admission.py``), and past
   ``queue_timeout_seconds`` it is refused (HTTP 503) before anything is created.
 - The data volume has a budget (``disk.py``, ``retention.py``): a new session that
   finds it over budget is refused (HTTP 507) before anything is created, after
@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +38,7 @@ from typing import Any
 from claude_agent_sdk import AssistantMessage, MirrorErrorMessage
 
 from hosting.contract import durable_session_id
+from hosting.server.admission import Admission, Verdict
 from hosting.server.box import SpareCpu
 from hosting.server.disk import Disk, StorageFull, out_of_space
 from hosting.server.durable import DurableSessions, StoreUnavailable, cut_torn_tail, turn_saved
@@ -57,14 +57,6 @@ REFILL_WINDOW_SECONDS = 0.25
 """The pool starts a CLI only if a whole core (or, on a machine or quota of less than two,
 half of it) was spare over the last window of this length, and never while a turn waits
 for its CLI (it must not take a turn's start slot)."""
-
-
-EVICTION_GRACE_SECONDS = 0.5
-"""A queued turn closes an idle CLI only once it has been idle this long (a pre-started one
-goes first): clients often send a session's next turn at once, and closing its CLI would
-cost that turn a fresh start. Under 1 GiB, a burst of 25 new sessions of two turns each
-took 31 s with 19 refusals (503) instead of 67 s with 47."""
-
 
 STORAGE_FULL_MESSAGE = ("The data volume is full: this turn could not be saved to the session's history. "
                         "Retry once there is room.")
@@ -112,27 +104,27 @@ class SessionManager:
         self._workspaces = workspaces
         self._store = store
         self._redact = Redactor([settings.anthropic_api_key, settings.claude_code_oauth_token, settings.auth_token])
-        self._cli_factory = CliFactory(settings, store)
-        self._idle: OrderedDict[str, LiveSession] = OrderedDict()
         self._running: dict[str, _Running] = {}
         self._turns = TurnLog()
         self.namespace: str | None = None
         """``<installation>/<tenant>`` whose sessions this server serves, fixed by the gateway's
         first request (:meth:`serve_namespace`); ``None`` for a lone server."""
         self._durable = DurableSessions(store, self._durable_id)
+        self._disk = Disk(settings.data_dir, settings.disk_budget_bytes)
+        self._cli_factory = CliFactory(settings, store)
+        self._admission = Admission(settings)
         self._pool: deque[LiveSession] = deque()
         self._pool_wanted = asyncio.Event()
         self._spare_cpu = SpareCpu(settings.box)
-        self._clis = 0  # budget slots held: live CLIs, CLIs starting, turns about to start one
-        self._queue: deque[object] = deque()  # turns waiting for a slot, oldest first
-        self._room_changed = asyncio.Event()  # replaced on each signal: a broadcast
-        self._closing: dict[str, asyncio.Event] = {}  # workspaces whose CLI is being closed
         self._background: list[asyncio.Task[None]] = []
-        self.accepting = True
-        self._disk = Disk(settings.data_dir, settings.disk_budget_bytes)
         retention = Retention(settings.session_ttl_seconds,
                               settings.local_cache_seconds if store is not None else None)
         self._upkeep = Upkeep(workspaces, self._disk, store, retention, settings.session_sweep_seconds, self._in_use)
+
+    @property
+    def accepting(self) -> bool:
+        """``False`` once the server is shutting down: no turn starts any more."""
+        return self._admission.accepting
 
     @property
     def store_failures(self) -> int:
@@ -160,14 +152,13 @@ class SessionManager:
             logger.warning("%s: new sessions are refused until there is room%s", state.describe(), hint)
         self._background = [
             asyncio.create_task(self._fill_pool(), name="prewarm-pool"),
-            asyncio.create_task(self._reap_idle(), name="idle-reaper"),
+            asyncio.create_task(self._admission.reap_idle(), name="idle-reaper"),
             asyncio.create_task(self._upkeep.run(), name="disk-upkeep"),
         ]
         self._pool_wanted.set()
 
     def stop_accepting(self) -> None:
-        self.accepting = False
-        self._signal_room()  # queued turns are refused at once
+        self._admission.stop()  # queued turns are refused at once
 
     async def wait_for_running_turns(self, timeout: float) -> bool:
         """Wait until no turn runs; ``False`` if some were still running at the timeout."""
@@ -188,10 +179,9 @@ class SessionManager:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        while self._idle:
-            await self._close(self._idle.popitem()[1])
+        await self._admission.close_warm()
         while self._pool:
-            await self._close(self._pool.popleft(), pooled=True)
+            await self._close_prestarted(self._pool.popleft())
 
     # -- state -----------------------------------------------------------
 
@@ -201,7 +191,7 @@ class SessionManager:
             "accepting": self.accepting,
             "prewarmed": len(self._pool),
             "prewarm_target": self._settings.prewarm,
-            "live_sessions": len(self._idle) + sum(1 for r in self._running.values() if r.live is not None),
+            "live_sessions": self._admission.warm_count + sum(1 for r in self._running.values() if r.live is not None),
             "running_turns": len(self._running),
             "warm_sessions_cap": self._settings.warm_sessions,
             "session_store": self._store is not None,
@@ -210,8 +200,8 @@ class SessionManager:
             "memory_budget_bytes": box.memory_budget,
             "cpu_cores": box.cores,
             "cli_budget": self._settings.cli_budget,
-            "live_clis": self._clis,
-            "queued_turns": len(self._queue),
+            "live_clis": self._admission.slots_held,
+            "queued_turns": self._admission.queued,
             **self._disk.state().report(),
         }
 
@@ -234,7 +224,7 @@ class SessionManager:
             "updated_at": transcript.stat().st_mtime if transcript else None,
             "has_history": transcript is not None,
             "busy": session_id in self._running,
-            "live": session_id in self._idle or session_id in self._running,
+            "live": self._admission.is_warm(session_id) or session_id in self._running,
         }
 
     # -- turns -----------------------------------------------------------
@@ -262,7 +252,7 @@ class SessionManager:
         except BaseException:
             del self._running[session_id]
             if running.slot:
-                self._free_slot()
+                self._admission.free_slot()
             raise
         running.task = asyncio.create_task(self._run(running, record, prompt, include_raw), name=f"turn:{session_id}")
         self._turns.started(turn)
@@ -284,93 +274,29 @@ class SessionManager:
     def _in_use(self, session_id: str | None, sdk_session_id: str) -> bool:
         """Whether retention must leave a session (``None``: an unbound workspace) alone: a turn
         runs on it, or a CLI of this process holds its workspace or is closing."""
-        if session_id is not None and (session_id in self._running or session_id in self._idle):
+        if session_id is not None and (session_id in self._running or self._admission.is_warm(session_id)):
             return True
-        return sdk_session_id in self._closing or any(
+        return self._admission.being_closed(sdk_session_id) is not None or any(
             r.record is not None and r.record.workspace.sdk_session_id == sdk_session_id
             for r in self._running.values())
 
     def _needs_cli(self, session_id: str) -> bool:
         """Whether the session's next turn must start a CLI: it has no warm one, and it is not
         a new session that a pre-started CLI can serve (never with a store: see :meth:`_bind`)."""
-        if session_id in self._idle:
+        if self._admission.is_warm(session_id):
             return False
         return not (self._pool and self._store is None and self._workspaces.get(session_id) is None)
 
     async def _admit(self, session_id: str) -> bool:
-        """Wait for room for the session's CLI; ``True`` if a budget slot was taken for it.
-
-        Turns that need a slot queue in arrival order. The first in line takes a free
-        slot, or closes an idle CLI to free one (:meth:`_evict_one`); the others wait.
-        Past ``queue_timeout_seconds``: :class:`NoRoom`.
-        """
-        if not self._needs_cli(session_id):
-            return False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.queue_timeout_seconds
-        ticket = object()
-        self._queue.append(ticket)
-        try:
-            while True:
-                if not self.accepting:
-                    raise NotAccepting("the server is shutting down")
-                if not self._needs_cli(session_id):
-                    return False
-                retry_in = float("inf")
-                if self._queue[0] is ticket:
-                    if self._clis < self._settings.cli_budget:
-                        self._clis += 1
-                        return True
-                    retry_in = await self._evict_one()
-                    if not retry_in:
-                        continue
-                changed = self._room_changed
-                try:
-                    await asyncio.wait_for(changed.wait(), min(retry_in, deadline - loop.time()))
-                except TimeoutError:
-                    if loop.time() >= deadline:
-                        raise NoRoom(f"all {self._settings.cli_budget} CLIs that fit in this server's memory "
-                                     "are busy; retry shortly") from None
-        finally:
-            self._queue.remove(ticket)
-            self._signal_room()  # the next in line may act now
-
-    async def _evict_one(self) -> float:
-        """Close the least recently used idle CLI if it has been idle for
-        :data:`EVICTION_GRACE_SECONDS`, else a pre-started one. ``0`` when one was closed,
-        else how long until the idle one may be (infinite: none is idle)."""
-        oldest = next(iter(self._idle.values()), None)
-        age = time.monotonic() - oldest.last_used if oldest is not None else 0.0
-        if oldest is not None and age >= EVICTION_GRACE_SECONDS:
-            await self._close(self._idle.popitem(last=False)[1])
-        elif self._pool:
-            await self._close(self._pool.popleft(), pooled=True)
-            self._pool_wanted.set()
-        else:
-            return EVICTION_GRACE_SECONDS - age if oldest is not None else float("inf")
-        return 0.0
-
-    def _signal_room(self) -> None:
-        """Wake every waiter: a slot was freed, a CLI went idle, or the server is closing."""
-        self._room_changed.set()
-        self._room_changed = asyncio.Event()
-
-    def _free_slot(self) -> None:
-        self._clis -= 1
-        self._signal_room()
-
-    async def _close(self, live: LiveSession, *, pooled: bool = False) -> None:
-        """Close a CLI and free its slot. Until it has exited its workspace stays locked,
-        so a turn of the same session waits for it (see :meth:`_run`)."""
-        closed = self._closing[live.workspace.sdk_session_id] = asyncio.Event()
-        try:
-            await live.close()
-        finally:
-            del self._closing[live.workspace.sdk_session_id]
-            closed.set()
-            if pooled:
-                self._workspaces.discard(live.workspace)
-            self._free_slot()
+        """Wait for room for the session's CLI (:meth:`Admission.admit`); ``True`` if a budget
+        slot was taken for it. Past ``queue_timeout_seconds``: :class:`NoRoom`."""
+        verdict = await self._admission.admit(lambda: self._needs_cli(session_id), self._give_up_prestarted)
+        if verdict is Verdict.SHUTTING_DOWN:
+            raise NotAccepting("the server is shutting down")
+        if verdict is Verdict.NO_ROOM:
+            raise NoRoom(f"all {self._settings.cli_budget} CLIs that fit in this server's memory "
+                         "are busy; retry shortly")
+        return verdict is Verdict.SLOT_TAKEN
 
     def _bind(self, running: _Running) -> SessionRecord:
         """The session's record; ``running.live`` becomes its connected CLI if one is ready
@@ -380,7 +306,7 @@ class SessionManager:
         so pre-started CLIs (whose ids are fixed at spawn) are not used.
         """
         session_id = running.turn.session_id
-        running.live = self._idle.pop(session_id, None)
+        running.live = self._admission.take_warm(session_id)
         record = self._workspaces.get(session_id)
         if record is not None and self._store is not None and running.live is None \
                 and record.workspace.sdk_session_id != self._durable_id(session_id):
@@ -426,7 +352,7 @@ class SessionManager:
                 await self._durable.prepare(record.workspace, running.epoch)
             turn.announce(resumed=record.workspace.has_history())
             if running.live is None:
-                closing = self._closing.get(record.workspace.sdk_session_id)
+                closing = self._admission.being_closed(record.workspace.sdk_session_id)
                 if closing is not None:
                     await closing.wait()
                 running.live = self._cli_factory.open(record.workspace)
@@ -502,13 +428,13 @@ class SessionManager:
             self._workspaces.stamp(turn.session_id)  # the session's last turn, for retention
             del self._running[turn.session_id]
             if running.slot:
-                self._free_slot()
-            evicted = await self._release(turn.session_id, running.live) if running.live is not None else []
+                self._admission.free_slot()
+            evicted = await self._admission.release(turn.session_id, running.live) if running.live is not None else []
             if running.torn:
                 cut_torn_tail(record.workspace)  # its CLI is closed: nothing appends meanwhile
             turn.finish()
             for live in evicted:
-                await self._close(live)
+                await self._admission.close(live)
 
     async def _forget_if_empty(self, running: _Running, record: SessionRecord) -> None:
         """A session whose turn recorded nothing leaves nothing behind: its CLI is closed,
@@ -517,25 +443,10 @@ class SessionManager:
             return
         if running.live is not None:
             live, running.live = running.live, None
-            await self._close(live)
+            await self._admission.close(live)
         self._workspaces.delete(running.turn.session_id)
 
-    async def _release(self, session_id: str, live: LiveSession) -> list[LiveSession]:
-        """Keep the CLI warm if allowed (else close it now, before the session's next turn
-        can start); return the least recently used ones past the cap, for the caller to
-        close once its turn has ended."""
-        if not (live.healthy and self.accepting and self._settings.warm_sessions > 0):
-            await self._close(live)
-            return []
-        live.last_used = time.monotonic()
-        self._idle[session_id] = live
-        self._signal_room()  # a queued turn may take its slot
-        evicted = []
-        while len(self._idle) > self._settings.warm_sessions:
-            evicted.append(self._idle.popitem(last=False)[1])
-        return evicted
-
-    # -- background ------------------------------------------------------
+    # -- the pool of pre-started CLIs ------------------------------------
 
     async def _fill_pool(self) -> None:
         while True:
@@ -544,24 +455,24 @@ class SessionManager:
             while self.accepting and len(self._pool) < self._settings.prewarm:
                 if not await self._room_to_start():
                     continue
-                self._clis += 1
+                self._admission.take_slot()
                 live = self._open_prestarted()
                 if live is None:  # retry later
-                    self._free_slot()
+                    self._admission.free_slot()
                     await asyncio.sleep(5)
                     continue
                 try:
                     await self._cli_factory.connect(live, for_turn=False)
                     await live.prime()
                 except BaseException as exc:
-                    await self._close(live, pooled=True)
+                    await self._close_prestarted(live)
                     if not isinstance(exc, Exception):  # cancelled: the server is closing
                         raise
                     logger.exception("could not pre-start a CLI")  # retry later; turns fall back to spawning
                     await asyncio.sleep(5)
                     continue
                 self._pool.append(live)
-                self._signal_room()  # a queued turn of a new session may take it
+                self._admission.signal_room()  # a queued turn of a new session may take it
 
     def _open_prestarted(self) -> LiveSession | None:
         """A CLI in a new workspace, not started yet; ``None`` (logged) if it cannot be made."""
@@ -585,21 +496,25 @@ class SessionManager:
         self._spare_cpu.cores()  # start a fresh window
         await asyncio.sleep(REFILL_WINDOW_SECONDS)
         spare = self._spare_cpu.cores()
-        if self._cli_factory.turns_starting or self._queue or self._clis >= self._settings.cli_budget:
+        if self._cli_factory.turns_starting or not self._admission.spare_room():
             return False
         if self._disk.state().over:  # its workspace would take room that sessions need
             return False
         return spare is None or spare >= min(1.0, self._spare_cpu.capacity / 2)
 
-    async def _reap_idle(self) -> None:
-        timeout = self._settings.idle_timeout_seconds
-        while True:
-            await asyncio.sleep(max(0.05, min(timeout / 4, 30.0)))
-            cutoff = time.monotonic() - timeout
-            for session_id in [sid for sid, live in self._idle.items() if live.last_used < cutoff]:
-                live = self._idle.pop(session_id, None)  # a turn may have taken it meanwhile
-                if live is not None:
-                    await self._close(live)
+    async def _give_up_prestarted(self) -> bool:
+        """Close the oldest pre-started CLI, freeing its slot for a queued turn; ``False`` if there is none."""
+        if not self._pool:
+            return False
+        await self._close_prestarted(self._pool.popleft())
+        self._pool_wanted.set()
+        return True
+
+    async def _close_prestarted(self, live: LiveSession) -> None:
+        try:
+            await self._admission.close(live)
+        finally:
+            self._workspaces.discard(live.workspace)
 
     # -- control ---------------------------------------------------------
 
@@ -626,9 +541,9 @@ class SessionManager:
             raise SessionBusy(session_id)
         stored = await self._durable.delete(session_id)
         self._turns.forget(session_id)
-        live = self._idle.pop(session_id, None)
+        live = self._admission.take_warm(session_id)
         if live is not None:
-            await self._close(live)
+            await self._admission.close(live)
         removed = self._workspaces.unbind(session_id)
         if removed is not None:
             await self._upkeep.discard(removed)
