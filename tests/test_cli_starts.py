@@ -149,7 +149,7 @@ async def test_at_most_the_configured_number_of_clis_start_at_once(tmp_path, sta
 
 async def test_the_pool_waits_for_spare_cpu(tmp_path, starts):
     sessions, _ = manager(tmp_path, prewarm=2)
-    sessions._spare_cpu = spare = FixedSpareCpu(0.5)
+    sessions._prestart._spare_cpu = spare = FixedSpareCpu(0.5)
     await sessions.start()
     try:
         await asyncio.sleep(1.0)
@@ -166,7 +166,7 @@ async def test_the_pool_waits_for_spare_cpu(tmp_path, starts):
 
 async def test_the_pool_never_takes_a_start_slot_from_a_waiting_turn(tmp_path, starts):
     sessions, store = manager(tmp_path, prewarm=1, max_starting_clis=1)
-    sessions._spare_cpu = FixedSpareCpu(2.0)
+    sessions._prestart._spare_cpu = FixedSpareCpu(2.0)
     first, second = (sessions._cli_factory.open(store.new_workspace()) for _ in range(2))
     starts.release.clear()  # the first turn's CLI start hangs, holding the only slot
     turns = [asyncio.create_task(sessions._cli_factory.connect(first, for_turn=True))]
@@ -276,7 +276,7 @@ async def until(predicate: Any, timeout: float = 5.0) -> None:
 
 async def test_the_pool_stays_within_the_budget_and_gives_way_to_turns(tmp_path, replies, starts):
     sessions, _ = manager(tmp_path, box=ONE_GIB_BOX, warm_sessions=1, prewarm=2)
-    sessions._spare_cpu = FixedSpareCpu(2.0)
+    sessions._prestart._spare_cpu = FixedSpareCpu(2.0)
     await sessions.start()
     try:
         await until(lambda: sessions.status()["prewarmed"] == 2)

@@ -45,7 +45,7 @@ class Admission:
     CLIs (the ones that give theirs up), and the CLIs being closed.
 
     A CLI that gives up its slot is closed through it (:meth:`close`), since that close is
-    what frees the slot and wakes the queue; the pool of pre-started CLIs takes
+    what frees the slot and wakes the queue; the pre-started pool (``prestart.py``) takes
     and frees its slots through it too.
     """
 

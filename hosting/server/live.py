@@ -3,7 +3,7 @@
 A *live session* is a connected ``ClaudeSDKClient`` bound to one workspace: the
 workspace is the CLI's home, config dir and working directory, so no session's CLI
 starts in, or records to, another's. Which CLIs may be alive, and for how long, is
-the session manager's business; this module only makes and starts them.
+``admission.py``'s business; this module only makes and starts them.
 """
 
 from __future__ import annotations

@@ -1,36 +1,29 @@
-"""Sessions: one turn at a time each, CLIs kept warm between turns and started ahead.
+"""Sessions: one turn at a time each, on a CLI kept warm between turns or started ahead.
 
-A *live session* is a connected ``ClaudeSDKClient`` bound to one workspace.
+:class:`SessionManager` is the one object the HTTP front talks to. It runs each turn
+(binding the session to a workspace and a CLI, streaming the CLI's messages as wire
+events, ending every turn with ``done``) and composes the parts that decide around it:
 
-- After a turn it stays connected, up to ``warm_sessions`` of them (least
-  recently used evicted first, idle ones closed after ``idle_timeout_seconds``),
-  so a follow-up turn skips spawning the CLI and reloading the transcript. An
-  evicted session loses nothing: its next turn resumes from its transcript.
-- At most ``max_starting_clis`` CLIs start at once; the rest queue. A start is
-  CPU-bound, and two dozen at once on two cores each cost over twice the CPU of
-  one alone (caches thrash), so queueing finishes a burst of new sessions sooner.
-- ``prewarm`` fresh CLIs wait in a pool, each in its own new workspace, so the
-  first turn of a new session skips the spawn too. The pool refills one CLI at a
-  time, with spare CPU only and never while a turn waits for its CLI, so
-  refilling does not compete with turns in flight. A pre-started CLI is primed
-  (asked for its context usage, no model call) before it joins the pool.
-- Every live CLI (warm, running, pre-started or starting) holds one of the
-  ``cli_budget`` slots sized to the box's memory. A turn that needs a new CLI
-  when none is free queues instead of pushing the box into reclaim: in arrival
-  order it takes the slot of an idle CLI (least recently used first, then a
-  pre-started one; see ``admission.py``), and past
-  ``queue_timeout_seconds`` it is refused (HTTP 503) before anything is created.
-- The data volume has a budget (``disk.py``, ``retention.py``): a new session that
-  finds it over budget is refused (HTTP 507) before anything is created, after
-  evicting idle local copies of stored sessions if there is a store. A write that
-  fails for want of room ends the turn with ``storage_full``, never a silent success.
+- ``live.py``: a CLI connected for one workspace (:class:`~hosting.server.live.LiveSession`),
+  and how one is made and started, at most ``max_starting_clis`` at once;
+- ``admission.py``: the CLI budget sized to the box's memory, the turns queued for a slot,
+  the warm CLIs kept between turns, and which idle CLI gives way;
+- ``prestart.py``: the pool of pre-started CLIs for new sessions;
+- ``durable.py``: the session store (fencing, restore, catch-up, failures) and whether a
+  turn reached its transcript on a full volume;
+- ``disk.py``, ``retention.py``: the data volume's budget. A new session that finds it
+  over budget is refused (HTTP 507) before anything is created, after evicting idle local
+  copies of stored sessions if there is a store. A write that fails for want of room ends
+  the turn with ``storage_full``, never a silent success.
+
+What a refusal means to a request (the exceptions below) is decided here; the parts
+report what happened and leave that to the session manager.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,10 +32,10 @@ from claude_agent_sdk import AssistantMessage, MirrorErrorMessage
 
 from hosting.contract import durable_session_id
 from hosting.server.admission import Admission, Verdict
-from hosting.server.box import SpareCpu
 from hosting.server.disk import Disk, StorageFull, out_of_space
 from hosting.server.durable import DurableSessions, StoreUnavailable, cut_torn_tail, turn_saved
 from hosting.server.live import CliFactory, LiveSession
+from hosting.server.prestart import PrestartPool
 from hosting.server.retention import Retention, Upkeep
 from hosting.server.settings import Settings
 from hosting.server.turns import Numbered, Turn, TurnLog
@@ -52,11 +45,6 @@ from hosting.stores.protocol import DurableSessionStore
 from hosting.wire import error_event
 
 logger = logging.getLogger("hosting.server.sessions")
-
-REFILL_WINDOW_SECONDS = 0.25
-"""The pool starts a CLI only if a whole core (or, on a machine or quota of less than two,
-half of it) was spare over the last window of this length, and never while a turn waits
-for its CLI (it must not take a turn's start slot)."""
 
 STORAGE_FULL_MESSAGE = ("The data volume is full: this turn could not be saved to the session's history. "
                         "Retry once there is room.")
@@ -113,9 +101,7 @@ class SessionManager:
         self._disk = Disk(settings.data_dir, settings.disk_budget_bytes)
         self._cli_factory = CliFactory(settings, store)
         self._admission = Admission(settings)
-        self._pool: deque[LiveSession] = deque()
-        self._pool_wanted = asyncio.Event()
-        self._spare_cpu = SpareCpu(settings.box)
+        self._prestart = PrestartPool(settings, workspaces, self._cli_factory, self._admission, self._disk)
         self._background: list[asyncio.Task[None]] = []
         retention = Retention(settings.session_ttl_seconds,
                               settings.local_cache_seconds if store is not None else None)
@@ -151,11 +137,10 @@ class SessionManager:
             hint = "" if state.budget is not None else " (on a small volume, set AGENT_DISK_BUDGET_BYTES)"
             logger.warning("%s: new sessions are refused until there is room%s", state.describe(), hint)
         self._background = [
-            asyncio.create_task(self._fill_pool(), name="prewarm-pool"),
+            asyncio.create_task(self._prestart.fill(), name="prewarm-pool"),
             asyncio.create_task(self._admission.reap_idle(), name="idle-reaper"),
             asyncio.create_task(self._upkeep.run(), name="disk-upkeep"),
         ]
-        self._pool_wanted.set()
 
     def stop_accepting(self) -> None:
         self._admission.stop()  # queued turns are refused at once
@@ -180,8 +165,7 @@ class SessionManager:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         await self._admission.close_warm()
-        while self._pool:
-            await self._close_prestarted(self._pool.popleft())
+        await self._prestart.close()
 
     # -- state -----------------------------------------------------------
 
@@ -189,7 +173,7 @@ class SessionManager:
         box = self._settings.box
         return {
             "accepting": self.accepting,
-            "prewarmed": len(self._pool),
+            "prewarmed": len(self._prestart),
             "prewarm_target": self._settings.prewarm,
             "live_sessions": self._admission.warm_count + sum(1 for r in self._running.values() if r.live is not None),
             "running_turns": len(self._running),
@@ -285,12 +269,12 @@ class SessionManager:
         a new session that a pre-started CLI can serve (never with a store: see :meth:`_bind`)."""
         if self._admission.is_warm(session_id):
             return False
-        return not (self._pool and self._store is None and self._workspaces.get(session_id) is None)
+        return not (len(self._prestart) > 0 and self._store is None and self._workspaces.get(session_id) is None)
 
     async def _admit(self, session_id: str) -> bool:
         """Wait for room for the session's CLI (:meth:`Admission.admit`); ``True`` if a budget
         slot was taken for it. Past ``queue_timeout_seconds``: :class:`NoRoom`."""
-        verdict = await self._admission.admit(lambda: self._needs_cli(session_id), self._give_up_prestarted)
+        verdict = await self._admission.admit(lambda: self._needs_cli(session_id), self._prestart.give_one_up)
         if verdict is Verdict.SHUTTING_DOWN:
             raise NotAccepting("the server is shutting down")
         if verdict is Verdict.NO_ROOM:
@@ -316,8 +300,7 @@ class SessionManager:
             record = None
         if record is not None:
             return record
-        pooled = self._pool.popleft() if self._pool and self._store is None else None
-        self._pool_wanted.set()
+        pooled = self._prestart.take() if self._store is None else None
         workspace: Workspace | None = None
         try:
             if pooled is not None:
@@ -328,7 +311,7 @@ class SessionManager:
         except OSError as exc:
             # Nothing bound: give back the pre-started CLI, remove a workspace made here.
             if pooled is not None:
-                self._pool.appendleft(pooled)
+                self._prestart.put_back(pooled)
             elif workspace is not None and not workspace.has_history():
                 self._workspaces.discard(workspace)
             if out_of_space(exc):
@@ -445,76 +428,6 @@ class SessionManager:
             live, running.live = running.live, None
             await self._admission.close(live)
         self._workspaces.delete(running.turn.session_id)
-
-    # -- the pool of pre-started CLIs ------------------------------------
-
-    async def _fill_pool(self) -> None:
-        while True:
-            await self._pool_wanted.wait()
-            self._pool_wanted.clear()
-            while self.accepting and len(self._pool) < self._settings.prewarm:
-                if not await self._room_to_start():
-                    continue
-                self._admission.take_slot()
-                live = self._open_prestarted()
-                if live is None:  # retry later
-                    self._admission.free_slot()
-                    await asyncio.sleep(5)
-                    continue
-                try:
-                    await self._cli_factory.connect(live, for_turn=False)
-                    await live.prime()
-                except BaseException as exc:
-                    await self._close_prestarted(live)
-                    if not isinstance(exc, Exception):  # cancelled: the server is closing
-                        raise
-                    logger.exception("could not pre-start a CLI")  # retry later; turns fall back to spawning
-                    await asyncio.sleep(5)
-                    continue
-                self._pool.append(live)
-                self._admission.signal_room()  # a queued turn of a new session may take it
-
-    def _open_prestarted(self) -> LiveSession | None:
-        """A CLI in a new workspace, not started yet; ``None`` (logged) if it cannot be made."""
-        workspace: Workspace | None = None
-        try:
-            workspace = self._workspaces.new_workspace()
-            live = self._cli_factory.open(workspace)
-        except OSError as exc:  # a full disk, say
-            if workspace is not None:
-                self._workspaces.discard(workspace)
-            logger.warning("could not pre-start a CLI: %s", exc)
-            return None
-        if live is None:  # another process holds a workspace made just now: not ours to remove
-            logger.warning("could not pre-start a CLI: workspace %s is locked by another process",
-                           workspace.sdk_session_id)
-        return live
-
-    async def _room_to_start(self) -> bool:
-        """Whether the pool may start a CLI now: a slot of the budget is free and no turn
-        queues for one, and see :data:`REFILL_WINDOW_SECONDS`."""
-        self._spare_cpu.cores()  # start a fresh window
-        await asyncio.sleep(REFILL_WINDOW_SECONDS)
-        spare = self._spare_cpu.cores()
-        if self._cli_factory.turns_starting or not self._admission.spare_room():
-            return False
-        if self._disk.state().over:  # its workspace would take room that sessions need
-            return False
-        return spare is None or spare >= min(1.0, self._spare_cpu.capacity / 2)
-
-    async def _give_up_prestarted(self) -> bool:
-        """Close the oldest pre-started CLI, freeing its slot for a queued turn; ``False`` if there is none."""
-        if not self._pool:
-            return False
-        await self._close_prestarted(self._pool.popleft())
-        self._pool_wanted.set()
-        return True
-
-    async def _close_prestarted(self, live: LiveSession) -> None:
-        try:
-            await self._admission.close(live)
-        finally:
-            self._workspaces.discard(live.workspace)
 
     # -- control ---------------------------------------------------------
 
