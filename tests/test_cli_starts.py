@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 from claude_agent_sdk import ClaudeSDKClient, ResultMessage
 
+from hosting.server.admission import EVICTION_GRACE_SECONDS
 from hosting.server.box import Box
-from hosting.server.sessions import EVICTION_GRACE_SECONDS, LiveSession, NoRoom, NotAccepting, SessionManager
+from hosting.server.live import LiveSession
+from hosting.server.sessions import NoRoom, NotAccepting, SessionManager
 from hosting.server.settings import Settings
 from hosting.server.workspaces import WorkspaceStore
 
@@ -140,14 +142,14 @@ async def run_turn(sessions: SessionManager, session_id: str, prompt: str = "hi"
 @pytest.mark.parametrize("limit", [1, 2])
 async def test_at_most_the_configured_number_of_clis_start_at_once(tmp_path, starts, limit):
     sessions, store = manager(tmp_path, max_starting_clis=limit, prewarm=0)
-    lives = [sessions._open(store.new_workspace()) for _ in range(5)]
-    await asyncio.gather(*(sessions._connect(live, for_turn=True) for live in lives))
+    lives = [sessions._cli_factory.open(store.new_workspace()) for _ in range(5)]
+    await asyncio.gather(*(sessions._cli_factory.connect(live, for_turn=True) for live in lives))
     assert len(starts.started) == 5 and starts.most_at_once == limit
 
 
 async def test_the_pool_waits_for_spare_cpu(tmp_path, starts):
     sessions, _ = manager(tmp_path, prewarm=2)
-    sessions._spare_cpu = spare = FixedSpareCpu(0.5)
+    sessions._prestart._spare_cpu = spare = FixedSpareCpu(0.5)
     await sessions.start()
     try:
         await asyncio.sleep(1.0)
@@ -164,13 +166,13 @@ async def test_the_pool_waits_for_spare_cpu(tmp_path, starts):
 
 async def test_the_pool_never_takes_a_start_slot_from_a_waiting_turn(tmp_path, starts):
     sessions, store = manager(tmp_path, prewarm=1, max_starting_clis=1)
-    sessions._spare_cpu = FixedSpareCpu(2.0)
-    first, second = (sessions._open(store.new_workspace()) for _ in range(2))
+    sessions._prestart._spare_cpu = FixedSpareCpu(2.0)
+    first, second = (sessions._cli_factory.open(store.new_workspace()) for _ in range(2))
     starts.release.clear()  # the first turn's CLI start hangs, holding the only slot
-    turns = [asyncio.create_task(sessions._connect(first, for_turn=True))]
+    turns = [asyncio.create_task(sessions._cli_factory.connect(first, for_turn=True))]
     await sessions.start()
     await asyncio.sleep(1.0)  # the pool filler has had every chance to queue for the slot
-    turns.append(asyncio.create_task(sessions._connect(second, for_turn=True)))
+    turns.append(asyncio.create_task(sessions._cli_factory.connect(second, for_turn=True)))
     await asyncio.sleep(0.1)
     try:
         starts.release.set()
@@ -274,7 +276,7 @@ async def until(predicate: Any, timeout: float = 5.0) -> None:
 
 async def test_the_pool_stays_within_the_budget_and_gives_way_to_turns(tmp_path, replies, starts):
     sessions, _ = manager(tmp_path, box=ONE_GIB_BOX, warm_sessions=1, prewarm=2)
-    sessions._spare_cpu = FixedSpareCpu(2.0)
+    sessions._prestart._spare_cpu = FixedSpareCpu(2.0)
     await sessions.start()
     try:
         await until(lambda: sessions.status()["prewarmed"] == 2)

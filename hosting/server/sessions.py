@@ -1,78 +1,50 @@
-"""Sessions: one turn at a time each, CLIs kept warm between turns and started ahead.
+"""Sessions: one turn at a time each, on a CLI kept warm between turns or started ahead.
 
-A *live session* is a connected ``ClaudeSDKClient`` bound to one workspace.
+:class:`SessionManager` is the one object the HTTP front talks to. It runs each turn
+(binding the session to a workspace and a CLI, streaming the CLI's messages as wire
+events, ending every turn with ``done``) and composes the parts that decide around it:
 
-- After a turn it stays connected, up to ``warm_sessions`` of them (least
-  recently used evicted first, idle ones closed after ``idle_timeout_seconds``),
-  so a follow-up turn skips spawning the CLI and reloading the transcript. An
-  evicted session loses nothing: its next turn resumes from its transcript.
-- At most ``max_starting_clis`` CLIs start at once; the rest queue. A start is
-  CPU-bound, and two dozen at once on two cores each cost over twice the CPU of
-  one alone (caches thrash), so queueing finishes a burst of new sessions sooner.
-- ``prewarm`` fresh CLIs wait in a pool, each in its own new workspace, so the
-  first turn of a new session skips the spawn too. The pool refills one CLI at a
-  time, with spare CPU only and never while a turn waits for its CLI, so
-  refilling does not compete with turns in flight. A pre-started CLI is primed
-  (asked for its context usage, no model call) before it joins the pool.
-- Every live CLI (warm, running, pre-started or starting) holds one of the
-  ``cli_budget`` slots sized to the box's memory. A turn that needs a new CLI
-  when none is free queues instead of pushing the box into reclaim: in arrival
-  order it takes the slot of an idle CLI (least recently used first, then a
-  pre-started one; see :data:`EVICTION_GRACE_SECONDS`), and past
-  ``queue_timeout_seconds`` it is refused (HTTP 503) before anything is created.
-- The data volume has a budget (``disk.py``, ``retention.py``): a new session that
-  finds it over budget is refused (HTTP 507) before anything is created, after
-  evicting idle local copies of stored sessions if there is a store. A write that
-  fails for want of room ends the turn with ``storage_full``, never a silent success.
+- ``live.py``: a CLI connected for one workspace (:class:`~hosting.server.live.LiveSession`),
+  and how one is made and started, at most ``max_starting_clis`` at once;
+- ``admission.py``: the CLI budget sized to the box's memory, the turns queued for a slot,
+  the warm CLIs kept between turns, and which idle CLI gives way;
+- ``prestart.py``: the pool of pre-started CLIs for new sessions;
+- ``durable.py``: the session store (fencing, restore, catch-up, failures) and whether a
+  turn reached its transcript on a full volume;
+- ``disk.py``, ``retention.py``: the data volume's budget. A new session that finds it
+  over budget is refused (HTTP 507) before anything is created, after evicting idle local
+  copies of stored sessions if there is a store. A write that fails for want of room ends
+  the turn with ``storage_full``, never a silent success.
+
+What a refusal means to a request (the exceptions below) is decided here; the parts
+report what happened and leave that to the session manager.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from claude_agent_sdk import AssistantMessage, ClaudeAgentOptions, ClaudeSDKClient, MirrorErrorMessage
+from claude_agent_sdk import AssistantMessage, MirrorErrorMessage
 
 from hosting.contract import durable_session_id
-from hosting.server.box import SpareCpu
-from hosting.server.cli import guarded_cli
+from hosting.server.admission import Admission, Verdict
 from hosting.server.disk import Disk, StorageFull, out_of_space
-from hosting.server.durable import MirrorOnly, StoreUnavailable, catch_up, restore, store_key
+from hosting.server.durable import DurableSessions, StoreUnavailable, cut_torn_tail, turn_saved
+from hosting.server.live import CliFactory, LiveSession
+from hosting.server.prestart import PrestartPool
 from hosting.server.retention import Retention, Upkeep
 from hosting.server.settings import Settings
 from hosting.server.turns import Numbered, Turn, TurnLog
 from hosting.server.wire import Redactor, TurnTranslator
-from hosting.server.workspaces import SessionRecord, Workspace, WorkspaceStore, drop_torn_tail, turn_recorded
+from hosting.server.workspaces import SessionRecord, Workspace, WorkspaceStore
 from hosting.stores.protocol import DurableSessionStore
 from hosting.wire import error_event
-from research_agent.options import build_options
 
 logger = logging.getLogger("hosting.server.sessions")
-
-REFILL_WINDOW_SECONDS = 0.25
-"""The pool starts a CLI only if a whole core (or, on a machine or quota of less than two,
-half of it) was spare over the last window of this length, and never while a turn waits
-for its CLI (it must not take a turn's start slot)."""
-
-
-EVICTION_GRACE_SECONDS = 0.5
-"""A queued turn closes an idle CLI only once it has been idle this long (a pre-started one
-goes first): clients often send a session's next turn at once, and closing its CLI would
-cost that turn a fresh start. Under 1 GiB, a burst of 25 new sessions of two turns each
-took 31 s with 19 refusals (503) instead of 67 s with 47."""
-
-
-TRANSCRIPT_SETTLE_SECONDS = 0.5
-"""The CLI does not report a failed transcript write, so on a full volume (only: a check
-that misfired would fail every turn) a turn's transcript is read back, and a turn it
-lacks is looked at once more after this long before it is reported as ``storage_full``.
-The CLI writes the transcript before it reports the result (measured), so the second look
-only guards against a slower flush."""
 
 STORAGE_FULL_MESSAGE = ("The data volume is full: this turn could not be saved to the session's history. "
                         "Retry once there is room.")
@@ -88,47 +60,6 @@ class NotAccepting(Exception):
 
 class NoRoom(Exception):
     """No CLI could be started within the memory budget in time (HTTP 503)."""
-
-
-class LiveSession:
-    """A CLI process connected for one workspace, owning the workspace's lock."""
-
-    def __init__(self, workspace: Workspace, options: ClaudeAgentOptions, lock_fd: int,
-                 mirror: MirrorOnly | None) -> None:
-        self.workspace = workspace
-        self.client = ClaudeSDKClient(options)
-        self.mirror = mirror
-        """What the SDK writes the store through (``None`` without a store); carries the turn's epoch."""
-        self._lock_fd: int | None = lock_fd
-        self.connected = False
-        self.healthy = True
-        self.mirror_gap = False
-        self.last_used = time.monotonic()
-
-    async def connect(self) -> None:
-        await self.client.connect()
-        self.connected = True
-
-    async def prime(self) -> None:
-        """Run the CLI's first-request code paths (building the system prompt and tool
-        list) now instead of in the session's first turn; no model call is made.
-        Only an optimisation: a CLI that cannot answer is still usable."""
-        try:
-            await self.client.get_context_usage()
-        except Exception:  # noqa: BLE001
-            logger.debug("could not prime the CLI of %s", self.workspace.sdk_session_id, exc_info=True)
-
-    async def close(self) -> None:
-        try:
-            if self.connected:
-                await self.client.disconnect()
-        except Exception:  # noqa: BLE001 - a dying CLI must not block shutdown
-            logger.warning("error closing the CLI of %s", self.workspace.sdk_session_id, exc_info=True)
-        finally:
-            self.connected = False
-            if self._lock_fd is not None:
-                Workspace.unlock(self._lock_fd)
-                self._lock_fd = None
 
 
 @dataclass
@@ -160,31 +91,31 @@ class SessionManager:
         self._settings = settings
         self._workspaces = workspaces
         self._store = store
-        self.store_failures = 0
         self._redact = Redactor([settings.anthropic_api_key, settings.claude_code_oauth_token, settings.auth_token])
-        self._cli_path, self._cli_env = guarded_cli()
-        self._idle: OrderedDict[str, LiveSession] = OrderedDict()
         self._running: dict[str, _Running] = {}
         self._turns = TurnLog()
-        self._fenced: dict[str, int] = {}  # session -> the epoch this process fenced it with
         self.namespace: str | None = None
         """``<installation>/<tenant>`` whose sessions this server serves, fixed by the gateway's
         first request (:meth:`serve_namespace`); ``None`` for a lone server."""
-        self._pool: deque[LiveSession] = deque()
-        self._pool_wanted = asyncio.Event()
-        self._starting = asyncio.Semaphore(settings.max_starting_clis)
-        self._spare_cpu = SpareCpu(settings.box)
-        self._turns_starting = 0
-        self._clis = 0  # budget slots held: live CLIs, CLIs starting, turns about to start one
-        self._queue: deque[object] = deque()  # turns waiting for a slot, oldest first
-        self._room_changed = asyncio.Event()  # replaced on each signal: a broadcast
-        self._closing: dict[str, asyncio.Event] = {}  # workspaces whose CLI is being closed
-        self._background: list[asyncio.Task[None]] = []
-        self.accepting = True
+        self._durable = DurableSessions(store, self._durable_id)
         self._disk = Disk(settings.data_dir, settings.disk_budget_bytes)
+        self._cli_factory = CliFactory(settings, store)
+        self._admission = Admission(settings)
+        self._prestart = PrestartPool(settings, workspaces, self._cli_factory, self._admission, self._disk)
+        self._background: list[asyncio.Task[None]] = []
         retention = Retention(settings.session_ttl_seconds,
                               settings.local_cache_seconds if store is not None else None)
         self._upkeep = Upkeep(workspaces, self._disk, store, retention, settings.session_sweep_seconds, self._in_use)
+
+    @property
+    def accepting(self) -> bool:
+        """``False`` once the server is shutting down: no turn starts any more."""
+        return self._admission.accepting
+
+    @property
+    def store_failures(self) -> int:
+        """Session store writes or reads that failed (the local transcript stayed authoritative)."""
+        return self._durable.failures
 
     def serve_namespace(self, namespace: str | None) -> None:
         """Check a session request's namespace (:data:`hosting.contract.NAMESPACE_HEADER`).
@@ -206,15 +137,13 @@ class SessionManager:
             hint = "" if state.budget is not None else " (on a small volume, set AGENT_DISK_BUDGET_BYTES)"
             logger.warning("%s: new sessions are refused until there is room%s", state.describe(), hint)
         self._background = [
-            asyncio.create_task(self._fill_pool(), name="prewarm-pool"),
-            asyncio.create_task(self._reap_idle(), name="idle-reaper"),
+            asyncio.create_task(self._prestart.fill(), name="prewarm-pool"),
+            asyncio.create_task(self._admission.reap_idle(), name="idle-reaper"),
             asyncio.create_task(self._upkeep.run(), name="disk-upkeep"),
         ]
-        self._pool_wanted.set()
 
     def stop_accepting(self) -> None:
-        self.accepting = False
-        self._signal_room()  # queued turns are refused at once
+        self._admission.stop()  # queued turns are refused at once
 
     async def wait_for_running_turns(self, timeout: float) -> bool:
         """Wait until no turn runs; ``False`` if some were still running at the timeout."""
@@ -235,10 +164,8 @@ class SessionManager:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        while self._idle:
-            await self._close(self._idle.popitem()[1])
-        while self._pool:
-            await self._close(self._pool.popleft(), pooled=True)
+        await self._admission.close_warm()
+        await self._prestart.close()
 
     # -- state -----------------------------------------------------------
 
@@ -246,9 +173,9 @@ class SessionManager:
         box = self._settings.box
         return {
             "accepting": self.accepting,
-            "prewarmed": len(self._pool),
+            "prewarmed": len(self._prestart),
             "prewarm_target": self._settings.prewarm,
-            "live_sessions": len(self._idle) + sum(1 for r in self._running.values() if r.live is not None),
+            "live_sessions": self._admission.warm_count + sum(1 for r in self._running.values() if r.live is not None),
             "running_turns": len(self._running),
             "warm_sessions_cap": self._settings.warm_sessions,
             "session_store": self._store is not None,
@@ -257,8 +184,8 @@ class SessionManager:
             "memory_budget_bytes": box.memory_budget,
             "cpu_cores": box.cores,
             "cli_budget": self._settings.cli_budget,
-            "live_clis": self._clis,
-            "queued_turns": len(self._queue),
+            "live_clis": self._admission.slots_held,
+            "queued_turns": self._admission.queued,
             **self._disk.state().report(),
         }
 
@@ -270,7 +197,7 @@ class SessionManager:
     async def describe(self, session_id: str) -> dict[str, Any] | None:
         record = self._workspaces.get(session_id)
         if record is None:
-            if await self._stored(session_id):
+            if await self._durable.stored(session_id):
                 return {"session_id": session_id, "created_at": None, "updated_at": None,
                         "has_history": True, "busy": False, "live": False}
             return None
@@ -281,7 +208,7 @@ class SessionManager:
             "updated_at": transcript.stat().st_mtime if transcript else None,
             "has_history": transcript is not None,
             "busy": session_id in self._running,
-            "live": session_id in self._idle or session_id in self._running,
+            "live": self._admission.is_warm(session_id) or session_id in self._running,
         }
 
     # -- turns -----------------------------------------------------------
@@ -309,7 +236,7 @@ class SessionManager:
         except BaseException:
             del self._running[session_id]
             if running.slot:
-                self._free_slot()
+                self._admission.free_slot()
             raise
         running.task = asyncio.create_task(self._run(running, record, prompt, include_raw), name=f"turn:{session_id}")
         self._turns.started(turn)
@@ -331,93 +258,29 @@ class SessionManager:
     def _in_use(self, session_id: str | None, sdk_session_id: str) -> bool:
         """Whether retention must leave a session (``None``: an unbound workspace) alone: a turn
         runs on it, or a CLI of this process holds its workspace or is closing."""
-        if session_id is not None and (session_id in self._running or session_id in self._idle):
+        if session_id is not None and (session_id in self._running or self._admission.is_warm(session_id)):
             return True
-        return sdk_session_id in self._closing or any(
+        return self._admission.being_closed(sdk_session_id) is not None or any(
             r.record is not None and r.record.workspace.sdk_session_id == sdk_session_id
             for r in self._running.values())
 
     def _needs_cli(self, session_id: str) -> bool:
         """Whether the session's next turn must start a CLI: it has no warm one, and it is not
         a new session that a pre-started CLI can serve (never with a store: see :meth:`_bind`)."""
-        if session_id in self._idle:
+        if self._admission.is_warm(session_id):
             return False
-        return not (self._pool and self._store is None and self._workspaces.get(session_id) is None)
+        return not (len(self._prestart) > 0 and self._store is None and self._workspaces.get(session_id) is None)
 
     async def _admit(self, session_id: str) -> bool:
-        """Wait for room for the session's CLI; ``True`` if a budget slot was taken for it.
-
-        Turns that need a slot queue in arrival order. The first in line takes a free
-        slot, or closes an idle CLI to free one (:meth:`_evict_one`); the others wait.
-        Past ``queue_timeout_seconds``: :class:`NoRoom`.
-        """
-        if not self._needs_cli(session_id):
-            return False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.queue_timeout_seconds
-        ticket = object()
-        self._queue.append(ticket)
-        try:
-            while True:
-                if not self.accepting:
-                    raise NotAccepting("the server is shutting down")
-                if not self._needs_cli(session_id):
-                    return False
-                retry_in = float("inf")
-                if self._queue[0] is ticket:
-                    if self._clis < self._settings.cli_budget:
-                        self._clis += 1
-                        return True
-                    retry_in = await self._evict_one()
-                    if not retry_in:
-                        continue
-                changed = self._room_changed
-                try:
-                    await asyncio.wait_for(changed.wait(), min(retry_in, deadline - loop.time()))
-                except TimeoutError:
-                    if loop.time() >= deadline:
-                        raise NoRoom(f"all {self._settings.cli_budget} CLIs that fit in this server's memory "
-                                     "are busy; retry shortly") from None
-        finally:
-            self._queue.remove(ticket)
-            self._signal_room()  # the next in line may act now
-
-    async def _evict_one(self) -> float:
-        """Close the least recently used idle CLI if it has been idle for
-        :data:`EVICTION_GRACE_SECONDS`, else a pre-started one. ``0`` when one was closed,
-        else how long until the idle one may be (infinite: none is idle)."""
-        oldest = next(iter(self._idle.values()), None)
-        age = time.monotonic() - oldest.last_used if oldest is not None else 0.0
-        if oldest is not None and age >= EVICTION_GRACE_SECONDS:
-            await self._close(self._idle.popitem(last=False)[1])
-        elif self._pool:
-            await self._close(self._pool.popleft(), pooled=True)
-            self._pool_wanted.set()
-        else:
-            return EVICTION_GRACE_SECONDS - age if oldest is not None else float("inf")
-        return 0.0
-
-    def _signal_room(self) -> None:
-        """Wake every waiter: a slot was freed, a CLI went idle, or the server is closing."""
-        self._room_changed.set()
-        self._room_changed = asyncio.Event()
-
-    def _free_slot(self) -> None:
-        self._clis -= 1
-        self._signal_room()
-
-    async def _close(self, live: LiveSession, *, pooled: bool = False) -> None:
-        """Close a CLI and free its slot. Until it has exited its workspace stays locked,
-        so a turn of the same session waits for it (see :meth:`_run`)."""
-        closed = self._closing[live.workspace.sdk_session_id] = asyncio.Event()
-        try:
-            await live.close()
-        finally:
-            del self._closing[live.workspace.sdk_session_id]
-            closed.set()
-            if pooled:
-                self._workspaces.discard(live.workspace)
-            self._free_slot()
+        """Wait for room for the session's CLI (:meth:`Admission.admit`); ``True`` if a budget
+        slot was taken for it. Past ``queue_timeout_seconds``: :class:`NoRoom`."""
+        verdict = await self._admission.admit(lambda: self._needs_cli(session_id), self._prestart.give_one_up)
+        if verdict is Verdict.SHUTTING_DOWN:
+            raise NotAccepting("the server is shutting down")
+        if verdict is Verdict.NO_ROOM:
+            raise NoRoom(f"all {self._settings.cli_budget} CLIs that fit in this server's memory "
+                         "are busy; retry shortly")
+        return verdict is Verdict.SLOT_TAKEN
 
     def _bind(self, running: _Running) -> SessionRecord:
         """The session's record; ``running.live`` becomes its connected CLI if one is ready
@@ -427,7 +290,7 @@ class SessionManager:
         so pre-started CLIs (whose ids are fixed at spawn) are not used.
         """
         session_id = running.turn.session_id
-        running.live = self._idle.pop(session_id, None)
+        running.live = self._admission.take_warm(session_id)
         record = self._workspaces.get(session_id)
         if record is not None and self._store is not None and running.live is None \
                 and record.workspace.sdk_session_id != self._durable_id(session_id):
@@ -437,8 +300,7 @@ class SessionManager:
             record = None
         if record is not None:
             return record
-        pooled = self._pool.popleft() if self._pool and self._store is None else None
-        self._pool_wanted.set()
+        pooled = self._prestart.take() if self._store is None else None
         workspace: Workspace | None = None
         try:
             if pooled is not None:
@@ -449,7 +311,7 @@ class SessionManager:
         except OSError as exc:
             # Nothing bound: give back the pre-started CLI, remove a workspace made here.
             if pooled is not None:
-                self._pool.appendleft(pooled)
+                self._prestart.put_back(pooled)
             elif workspace is not None and not workspace.has_history():
                 self._workspaces.discard(workspace)
             if out_of_space(exc):
@@ -467,23 +329,26 @@ class SessionManager:
         turn = running.turn
         translator = TurnTranslator(self._redact, include_raw=include_raw)
         try:
-            await self._fence(turn.session_id, running.epoch)
+            if not await self._durable.fence(turn.session_id, running.epoch):
+                raise Superseded(turn.session_id)
             if running.live is None:
-                await self._prepare_durable(record.workspace, running.epoch)
+                await self._durable.prepare(record.workspace, running.epoch)
             turn.announce(resumed=record.workspace.has_history())
             if running.live is None:
-                closing = self._closing.get(record.workspace.sdk_session_id)
+                closing = self._admission.being_closed(record.workspace.sdk_session_id)
                 if closing is not None:
                     await closing.wait()
-                running.live = self._open(record.workspace)
+                running.live = self._cli_factory.open(record.workspace)
+                if running.live is None:
+                    raise SessionBusy(record.workspace.sdk_session_id)
                 running.slot = False  # the CLI holds it now
             live = running.live
             if live.mirror is not None:
                 live.mirror.epoch = running.epoch
             if not live.connected:
-                await self._connect(live, for_turn=True)
+                await self._cli_factory.connect(live, for_turn=True)
             elif live.mirror_gap:
-                live.mirror_gap = not await self._catch_up(record.workspace, running.epoch)
+                live.mirror_gap = not await self._durable.catch_up_store(record.workspace, running.epoch)
             if turn.interrupt_requested:
                 turn.emit(error_event("interrupted", "The turn was interrupted before it started.", retryable=True))
                 return
@@ -494,7 +359,7 @@ class SessionManager:
                 await live.client.interrupt()
             async for message in live.client.receive_response():
                 if isinstance(message, MirrorErrorMessage):
-                    self._count_store_failure(message.error)
+                    self._durable.count_failure(message.error)
                     live.mirror_gap = True
                     record.workspace.mirror_gap_marker.touch()
                 elif isinstance(message, AssistantMessage) and message.parent_tool_use_id is None:
@@ -509,7 +374,7 @@ class SessionManager:
                 # once it is reached: the session's next turn gets a new CLI, with a new allowance.
                 live.healthy = False
             elif (not translator.result.is_error and self._disk.state().full
-                  and not await self._recorded(record.workspace, recorded_from, last_entry)):
+                  and not await turn_saved(record.workspace, recorded_from, last_entry)):
                 live.healthy = False  # its next turn resumes from what the transcript really holds
                 running.torn = True
                 logger.warning("session %s: the turn could not be saved to its transcript (%d MiB free on the data "
@@ -546,29 +411,13 @@ class SessionManager:
             self._workspaces.stamp(turn.session_id)  # the session's last turn, for retention
             del self._running[turn.session_id]
             if running.slot:
-                self._free_slot()
-            evicted = await self._release(turn.session_id, running.live) if running.live is not None else []
+                self._admission.free_slot()
+            evicted = await self._admission.release(turn.session_id, running.live) if running.live is not None else []
             if running.torn:
-                self._drop_torn_tail(record.workspace)  # its CLI is closed: nothing appends meanwhile
+                cut_torn_tail(record.workspace)  # its CLI is closed: nothing appends meanwhile
             turn.finish()
             for live in evicted:
-                await self._close(live)
-
-    async def _recorded(self, workspace: Workspace, offset: int, entry_uuid: str | None) -> bool:
-        """Whether the turn reached the transcript whole (see :data:`TRANSCRIPT_SETTLE_SECONDS`)."""
-        if turn_recorded(workspace.transcript(), offset, entry_uuid):
-            return True
-        await asyncio.sleep(TRANSCRIPT_SETTLE_SECONDS)
-        return turn_recorded(workspace.transcript(), offset, entry_uuid)
-
-    @staticmethod
-    def _drop_torn_tail(workspace: Workspace) -> None:
-        transcript = workspace.transcript()
-        try:
-            if transcript is not None:
-                drop_torn_tail(transcript)
-        except OSError as exc:
-            logger.warning("could not cut the torn end of %s: %s", transcript, exc)
+                await self._admission.close(live)
 
     async def _forget_if_empty(self, running: _Running, record: SessionRecord) -> None:
         """A session whose turn recorded nothing leaves nothing behind: its CLI is closed,
@@ -577,168 +426,8 @@ class SessionManager:
             return
         if running.live is not None:
             live, running.live = running.live, None
-            await self._close(live)
+            await self._admission.close(live)
         self._workspaces.delete(running.turn.session_id)
-
-    async def _fence(self, session_id: str, epoch: int | None) -> None:
-        """Before a turn the gateway sent under ``epoch``: raise the session's epoch in the
-        store, so that no sandbox it replaced can write to the session any more.
-        :class:`Superseded` if a newer one is there (this sandbox was replaced)."""
-        if epoch is None or self._store is None or self._fenced.get(session_id) == epoch:
-            return
-        try:
-            current = await self._store.fence(store_key(self._durable_id(session_id)), epoch)
-        except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
-            raise StoreUnavailable(str(exc)) from exc
-        if not current:
-            raise Superseded(session_id)
-        self._fenced[session_id] = epoch
-
-    async def _prepare_durable(self, workspace: Workspace, epoch: int | None) -> None:
-        """Before a CLI starts: restore the transcript from the store, or bring the store up to date."""
-        if self._store is None:
-            return
-        if not workspace.has_history():
-            await restore(self._store, workspace)
-        elif workspace.mirror_gap_marker.exists():
-            await self._catch_up(workspace, epoch)
-
-    async def _catch_up(self, workspace: Workspace, epoch: int | None) -> bool:
-        transcript = workspace.transcript()
-        if self._store is None or transcript is None:
-            return True
-        try:
-            await catch_up(self._store, transcript, workspace.sdk_session_id, epoch)
-        except StoreUnavailable as exc:
-            self._count_store_failure(str(exc))
-            workspace.mirror_gap_marker.touch()
-            return False
-        workspace.mirror_gap_marker.unlink(missing_ok=True)
-        return True
-
-    def _count_store_failure(self, error: str) -> None:
-        self.store_failures += 1
-        logger.warning("session store mirror failed (%d so far); the local transcript stays authoritative: %s",
-                       self.store_failures, error)
-
-    async def _stored(self, session_id: str) -> bool:
-        if self._store is None:
-            return False
-        try:
-            return bool(await self._store.load(store_key(self._durable_id(session_id))))
-        except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
-            raise StoreUnavailable(str(exc)) from exc
-
-    def _open(self, workspace: Workspace) -> LiveSession:
-        lock_fd = workspace.try_lock()
-        if lock_fd is None:
-            raise SessionBusy(workspace.sdk_session_id)
-        mirror = MirrorOnly(self._store) if self._store is not None else None  # type: ignore[abstract]
-        return LiveSession(workspace, self._options(workspace, mirror), lock_fd, mirror)
-
-    def _options(self, workspace: Workspace, mirror: MirrorOnly | None) -> ClaudeAgentOptions:
-        env = {
-            **self._settings.cli_env(),
-            **self._cli_env,
-            "HOME": str(workspace.root),
-            "CLAUDE_CONFIG_DIR": str(workspace.config_dir),
-            "TMPDIR": str(workspace.root),
-        }
-        if workspace.has_history():
-            session: dict[str, str] = {"resume": workspace.sdk_session_id}
-        else:
-            session = {"session_id": workspace.sdk_session_id}
-        return build_options(
-            model=self._settings.model,
-            cwd=workspace.work_dir,
-            env=env,
-            cli_path=self._cli_path,
-            include_partial_messages=True,
-            max_budget_usd=self._settings.max_budget_usd,
-            session_store=mirror,
-            stderr=lambda line: logger.debug("cli %s: %s", workspace.sdk_session_id, line),
-            **session,
-        )
-
-    async def _connect(self, live: LiveSession, *, for_turn: bool) -> None:
-        """Start a CLI once one of the ``max_starting_clis`` slots is free."""
-        self._turns_starting += for_turn
-        try:
-            async with self._starting:
-                await live.connect()
-        finally:
-            self._turns_starting -= for_turn
-
-    async def _release(self, session_id: str, live: LiveSession) -> list[LiveSession]:
-        """Keep the CLI warm if allowed (else close it now, before the session's next turn
-        can start); return the least recently used ones past the cap, for the caller to
-        close once its turn has ended."""
-        if not (live.healthy and self.accepting and self._settings.warm_sessions > 0):
-            await self._close(live)
-            return []
-        live.last_used = time.monotonic()
-        self._idle[session_id] = live
-        self._signal_room()  # a queued turn may take its slot
-        evicted = []
-        while len(self._idle) > self._settings.warm_sessions:
-            evicted.append(self._idle.popitem(last=False)[1])
-        return evicted
-
-    # -- background ------------------------------------------------------
-
-    async def _fill_pool(self) -> None:
-        while True:
-            await self._pool_wanted.wait()
-            self._pool_wanted.clear()
-            while self.accepting and len(self._pool) < self._settings.prewarm:
-                if not await self._room_to_start():
-                    continue
-                self._clis += 1
-                workspace: Workspace | None = None
-                try:
-                    workspace = self._workspaces.new_workspace()
-                    live = self._open(workspace)
-                except OSError as exc:  # a full disk, say: retry later
-                    if workspace is not None:
-                        self._workspaces.discard(workspace)
-                    self._free_slot()
-                    logger.warning("could not pre-start a CLI: %s", exc)
-                    await asyncio.sleep(5)
-                    continue
-                try:
-                    await self._connect(live, for_turn=False)
-                    await live.prime()
-                except BaseException as exc:
-                    await self._close(live, pooled=True)
-                    if not isinstance(exc, Exception):  # cancelled: the server is closing
-                        raise
-                    logger.exception("could not pre-start a CLI")  # retry later; turns fall back to spawning
-                    await asyncio.sleep(5)
-                    continue
-                self._pool.append(live)
-                self._signal_room()  # a queued turn of a new session may take it
-
-    async def _room_to_start(self) -> bool:
-        """Whether the pool may start a CLI now: a slot of the budget is free and no turn
-        queues for one, and see :data:`REFILL_WINDOW_SECONDS`."""
-        self._spare_cpu.cores()  # start a fresh window
-        await asyncio.sleep(REFILL_WINDOW_SECONDS)
-        spare = self._spare_cpu.cores()
-        if self._turns_starting or self._queue or self._clis >= self._settings.cli_budget:
-            return False
-        if self._disk.state().over:  # its workspace would take room that sessions need
-            return False
-        return spare is None or spare >= min(1.0, self._spare_cpu.capacity / 2)
-
-    async def _reap_idle(self) -> None:
-        timeout = self._settings.idle_timeout_seconds
-        while True:
-            await asyncio.sleep(max(0.05, min(timeout / 4, 30.0)))
-            cutoff = time.monotonic() - timeout
-            for session_id in [sid for sid, live in self._idle.items() if live.last_used < cutoff]:
-                live = self._idle.pop(session_id, None)  # a turn may have taken it meanwhile
-                if live is not None:
-                    await self._close(live)
 
     # -- control ---------------------------------------------------------
 
@@ -763,18 +452,11 @@ class SessionManager:
         """
         if session_id in self._running:
             raise SessionBusy(session_id)
-        stored = False
-        if self._store is not None:
-            stored = await self._stored(session_id)
-            if stored:
-                try:
-                    await self._store.delete(store_key(self._durable_id(session_id)))
-                except Exception as exc:  # noqa: BLE001 - any driver error means "unavailable"
-                    raise StoreUnavailable(str(exc)) from exc
+        stored = await self._durable.delete(session_id)
         self._turns.forget(session_id)
-        live = self._idle.pop(session_id, None)
+        live = self._admission.take_warm(session_id)
         if live is not None:
-            await self._close(live)
+            await self._admission.close(live)
         removed = self._workspaces.unbind(session_id)
         if removed is not None:
             await self._upkeep.discard(removed)
