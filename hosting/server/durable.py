@@ -30,14 +30,11 @@ from claude_agent_sdk import SessionStore, project_key_for_directory
 from claude_agent_sdk.types import SessionKey, SessionStoreEntry
 
 from hosting.contract import STORE_PROJECT_KEY
+from hosting.errors import StoreUnavailable
 from hosting.server.workspaces import Workspace
 from hosting.stores.protocol import DurableSessionStore
 
 CATCH_UP_BATCH = 500
-
-
-class StoreUnavailable(Exception):
-    """The session store could not be reached when it was needed."""
 
 
 def store_key(sdk_session_id: str) -> SessionKey:
