@@ -8,6 +8,11 @@
 
 Only the base URL and the token change between a local server, a container,
 Modal and the Kubernetes gateway.
+
+A refused request raises a subclass of :class:`AgentClientError`, chosen by the
+answer's ``code`` (:class:`hosting.errors.ErrorCode`) when it has one and by its HTTP
+status otherwise (an older server, a proxy in front); each carries ``status``,
+``code``, ``detail`` and ``retry_after``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from typing import Any
 import httpx
 from httpx_sse import EventSource, aconnect_sse
 
+from hosting.errors import ErrorCode
+
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 
 REATTACH_ATTEMPTS = 3
@@ -33,17 +40,29 @@ REATTACH_ATTEMPTS = 3
 
 
 class AgentClientError(Exception):
-    """The server refused a request. ``status`` and ``detail`` say why."""
+    """The server refused a request. ``status``, ``code`` (the answer's error code, e.g.
+    ``"session_busy"``; ``None`` if it sent none) and ``detail`` say why; ``retry_after``
+    (seconds, from ``Retry-After``) says when to try again, ``None`` when retrying the same
+    request cannot help."""
 
-    def __init__(self, status: int, detail: Any, retry_after: float | None = None) -> None:
+    def __init__(self, status: int, detail: Any, retry_after: float | None = None, code: str | None = None) -> None:
         super().__init__(f"HTTP {status}: {detail}")
         self.status = status
         self.detail = detail
         self.retry_after = retry_after
+        self.code = code
 
 
 class BadRequestError(AgentClientError):
-    """400, 415 or 422: the request itself is wrong."""
+    """400 (and, as their base, 415 and 422): the request itself is wrong."""
+
+
+class UnsupportedMediaTypeError(BadRequestError):
+    """415: the body is not ``application/json``."""
+
+
+class InvalidRequestError(BadRequestError):
+    """422: the body is JSON but its fields are wrong (a missing or blank prompt, an unknown field)."""
 
 
 class AuthenticationError(AgentClientError):
@@ -60,25 +79,47 @@ class SessionNotFoundError(AgentClientError):
 
 
 class SessionBusyError(AgentClientError):
-    """409: a turn is already running on the session; retry after ``retry_after``."""
+    """409 ``session_busy``: a turn is already running on the session; retry after ``retry_after``."""
 
 
-NO_TURN_RUNNING = "no_turn_running"
-"""The ``code`` of the 409 an interrupt gets when no turn is running (``hosting.contract``);
-:meth:`AgentClient.interrupt` returns ``False`` for it rather than raising."""
+class NoTurnRunningError(AgentClientError):
+    """409 ``no_turn_running``: an interrupt found no turn to stop (:meth:`AgentClient.interrupt`
+    returns ``False`` for it rather than raising)."""
+
+
+class GoneError(AgentClientError):
+    """410: what was asked for is gone for good: events a re-attach wanted were dropped
+    (``events_gone``), or a conversation cannot be resumed (``session_gone``)."""
 
 
 class PayloadTooLargeError(AgentClientError):
     """413: the body is over the server's limit."""
 
 
+class MisdirectedRequestError(AgentClientError):
+    """421: the request reached a server that does not serve it (a server on loopback asked
+    for another host name)."""
+
+
 class RateLimitedError(AgentClientError):
-    """429: a tenant quota is reached or a tenant budget is spent (the gateway); ``detail``
-    names which, ``retry_after`` says when to try again (for a budget: when its window ends)."""
+    """429: a tenant quota is reached (``over_quota``) or a tenant budget is spent
+    (``over_budget``) at the gateway; ``detail`` names which, ``retry_after`` says when to
+    try again (for a budget: when its window ends)."""
+
+
+class BadGatewayError(AgentClientError):
+    """502: the agent or the model failed the request (``code`` says how, e.g.
+    ``model_unavailable``), or a proxy in front could not reach the server."""
 
 
 class NotReadyError(AgentClientError):
-    """503: the server is starting or draining; retry after ``retry_after``."""
+    """503: the server cannot take it now: starting or shutting down (``shutting_down``), no
+    room for another CLI (``at_capacity``), a store or the session's sandbox unreachable
+    (``store_unavailable``, ``no_sandbox``, ``sandbox_lost``); retry after ``retry_after``."""
+
+
+class GatewayTimeoutError(AgentClientError):
+    """504: a proxy in front of the agent gave up waiting for it."""
 
 
 class StorageFullError(AgentClientError):
@@ -86,11 +127,22 @@ class StorageFullError(AgentClientError):
     Retry after ``retry_after``, or elsewhere."""
 
 
-_ERRORS: dict[int, type[AgentClientError]] = {
+_BY_STATUS: dict[int, type[AgentClientError]] = {
     400: BadRequestError, 401: AuthenticationError, 403: ForbiddenError, 404: SessionNotFoundError,
-    409: SessionBusyError, 413: PayloadTooLargeError, 415: BadRequestError, 422: BadRequestError,
-    429: RateLimitedError, 503: NotReadyError, 507: StorageFullError,
+    409: SessionBusyError, 410: GoneError, 413: PayloadTooLargeError, 415: UnsupportedMediaTypeError,
+    421: MisdirectedRequestError, 422: InvalidRequestError, 429: RateLimitedError, 502: BadGatewayError,
+    503: NotReadyError, 504: GatewayTimeoutError, 507: StorageFullError,
 }
+_BY_CODE: dict[ErrorCode, type[AgentClientError]] = {ErrorCode.NO_TURN_RUNNING: NoTurnRunningError}
+"""Codes whose error is not their status's (409 is ``session_busy`` unless the code says otherwise)."""
+
+
+def _error_class(status: int, code: str | None) -> type[AgentClientError]:
+    """The error of an answer: by its ``code`` when this client knows it, else by its status."""
+    known = ErrorCode.from_wire(code)
+    if known is not None:
+        return _BY_CODE.get(known) or _BY_STATUS.get(known.status, AgentClientError)
+    return _BY_STATUS.get(status, AgentClientError)
 
 
 class StreamLost(Exception):
@@ -225,25 +277,21 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def _error_code(response: httpx.Response) -> str | None:
-    """The ``code`` of a JSON error body, if it has one."""
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    return body.get("code") if isinstance(body, dict) else None
-
-
 async def _raise_for_status(response: httpx.Response) -> None:
+    """The typed error of a refused request (see :func:`_error_class`)."""
     if response.status_code < 400:
         return
     await response.aread()
     try:
-        detail = response.json().get("detail", response.text)
+        body = response.json()
     except ValueError:
-        detail = response.text
-    cls = _ERRORS.get(response.status_code, AgentClientError)
-    raise cls(response.status_code, detail, _retry_after(response))
+        body = None
+    if isinstance(body, dict):
+        detail, code = body.get("detail", response.text), body.get("code")
+    else:  # not our JSON: a proxy's page, say
+        detail, code = response.text, None
+    code = code if isinstance(code, str) else None
+    raise _error_class(response.status_code, code)(response.status_code, detail, _retry_after(response), code)
 
 
 async def _events(source: EventSource) -> AsyncIterator[Event]:
@@ -345,9 +393,10 @@ class AgentClient:
         a race that is no error, as with :meth:`asyncio.Task.cancel`). An unknown session raises
         :class:`SessionNotFoundError`."""
         response = await self._http.post(f"/sessions/{session_id or self.session_id}/interrupt")
-        if response.status_code == 409 and _error_code(response) == NO_TURN_RUNNING:
+        try:
+            await _raise_for_status(response)
+        except NoTurnRunningError:
             return False
-        await _raise_for_status(response)
         return True
 
     async def get_session(self, *, session_id: str | None = None) -> dict[str, Any]:

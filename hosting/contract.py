@@ -5,6 +5,10 @@ the rules a request must pass before anything is created live here and both
 import them: the session-id rule, the body limit (declared or chunked), the
 message body, JSON errors and bearer-token parsing. A request refused by these
 rules never reaches a route, a sandbox or the model.
+
+Every refusal is a :class:`~hosting.errors.HostingError`; :func:`error_response` is the
+one place that turns one into an answer, and :func:`install_error_answers` makes it the
+exception handler of a front (the server, the gateway, the environments webhook).
 """
 
 from __future__ import annotations
@@ -13,20 +17,21 @@ import hmac
 import json
 import re
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Request
+from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hosting.errors import ErrorCode, HostingError
+
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 MAX_BODY_BYTES = 256 * 1024
-RETRY_AFTER_SECONDS = "2"
-STORAGE_RETRY_AFTER_SECONDS = "30"
-
-"""For 507: room on a full disk comes back slower than a busy session or a CLI slot."""
+RETRY_AFTER_SECONDS = str(ErrorCode.UNAVAILABLE.retry_after)
+"""``Retry-After`` of a ``GET /ready`` that says "not ready" (a body of its own, not an error's)."""
 
 EPOCH_HEADER = "x-agent-epoch"
 """Sent by the gateway with every request to a sandbox: the epoch of the session's
@@ -75,7 +80,7 @@ def path_session_id(session_id: str) -> str:
     try:
         return validate_session_id(session_id)
     except InvalidSessionId as exc:
-        raise HTTPException(400, str(exc)) from None
+        raise HostingError(str(exc), code=ErrorCode.BAD_REQUEST) from None
 
 
 SessionId = Annotated[str, Depends(_session_id)]
@@ -115,18 +120,18 @@ async def message_body(request: Request) -> tuple[MessageRequest, bytes]:
     """
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
-        raise HTTPException(415, "Content-Type must be application/json")
+        raise HostingError("Content-Type must be application/json", code=ErrorCode.UNSUPPORTED_MEDIA_TYPE)
     raw = await request.body()
     try:
         payload = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HTTPException(400, f"body is not valid JSON: {exc}") from None
+        raise HostingError(f"body is not valid JSON: {exc}", code=ErrorCode.BAD_REQUEST) from None
     if not isinstance(payload, dict):
-        raise HTTPException(400, 'body must be a JSON object like {"prompt": "..."}')
+        raise HostingError('body must be a JSON object like {"prompt": "..."}', code=ErrorCode.BAD_REQUEST)
     try:
         return MessageRequest.model_validate(payload), raw
     except ValidationError as exc:
-        raise HTTPException(422, jsonable_errors(exc.errors())) from None
+        raise HostingError(jsonable_errors(exc.errors()), code=ErrorCode.INVALID_REQUEST) from None
 
 
 def request_epoch(request: Request) -> int | None:
@@ -136,7 +141,7 @@ def request_epoch(request: Request) -> int | None:
     if raw is None:
         return None
     if not raw.isdigit() or not 0 < int(raw) < 2**63:
-        raise HTTPException(400, f"{EPOCH_HEADER} must be a positive integer")
+        raise HostingError(f"{EPOCH_HEADER} must be a positive integer", code=ErrorCode.BAD_REQUEST)
     return int(raw)
 
 
@@ -146,7 +151,7 @@ def request_namespace(request: Request) -> str | None:
     if raw is None:
         return None
     if not NAMESPACE_PATTERN.fullmatch(raw):
-        raise HTTPException(400, f"{NAMESPACE_HEADER} must be <installation>/<tenant>")
+        raise HostingError(f"{NAMESPACE_HEADER} must be <installation>/<tenant>", code=ErrorCode.BAD_REQUEST)
     return raw
 
 
@@ -162,29 +167,53 @@ def tokens_equal(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
-def unauthorized(detail: str = "missing or invalid bearer token") -> HTTPException:
-    return HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
+class Unauthorized(HostingError):
+    """No bearer token, or not one this front accepts (401, with the challenge HTTP asks for)."""
 
+    code = ErrorCode.UNAUTHORIZED
 
-NO_TURN_RUNNING = "no_turn_running"
-"""The ``code`` of the answer to ``POST /sessions/{id}/interrupt`` when no turn is running."""
+    def __init__(self, detail: str = "missing or invalid bearer token") -> None:
+        super().__init__(detail)
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 def no_turn_running(session_id: str) -> JSONResponse:
     """409 with ``"code": "no_turn_running"`` and no ``Retry-After``: told apart from the 409 of a
-    turn already running (``Retry-After``, no code), and still 409, which v1 clients (the chat
-    page among them) read from an interrupt as "nothing to stop"."""
-    return JSONResponse({"detail": f"no turn is running on session {session_id!r}", "code": NO_TURN_RUNNING},
-                        status_code=409)
+    turn already running (``session_busy``, ``Retry-After``), and still 409, which v1 clients
+    (the chat page among them) read from an interrupt as "nothing to stop"."""
+    return error_response(HostingError(f"no turn is running on session {session_id!r}",
+                                       code=ErrorCode.NO_TURN_RUNNING))
 
 
-def install_json_errors(app: FastAPI, max_body_bytes: int = MAX_BODY_BYTES) -> None:
-    """Body limit in front of ``app`` and JSON ``{"detail": ...}`` for validation errors."""
+def error_response(error: HostingError) -> JSONResponse:
+    """The answer to ``error``: ``{"detail": ..., "code": ...}`` with the code's status and
+    the error's headers (``Retry-After`` when retrying can help). ``code`` is additive: a v1
+    client, which reads only ``detail``, sees what it always saw."""
+    return JSONResponse({"detail": error.detail, "code": error.code.value}, status_code=error.code.status,
+                        headers=error.headers())
+
+
+Observer = Callable[[HostingError], None]
+"""Told of each error a front answers (its logs, its metrics); it changes nothing."""
+
+
+def install_error_answers(app: FastAPI, max_body_bytes: int = MAX_BODY_BYTES, *, observe: Observer | None = None) -> None:
+    """The body limit in front of ``app`` (413) and its JSON errors: every
+    :class:`HostingError` through :func:`error_response` (``observe`` told first), and
+    FastAPI's own validation errors as ``invalid_request``."""
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
 
+    @app.exception_handler(HostingError)
+    async def _answer(request: Request, exc: HostingError) -> JSONResponse:
+        if observe is not None:
+            observe(exc)
+        return error_response(exc)
+
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": jsonable_errors(exc.errors())}, status_code=422)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(HostingError(jsonable_errors(exc.errors()), code=ErrorCode.INVALID_REQUEST))
 
 
 # Request body limit, enforced on every body, declared length or chunked.
@@ -198,7 +227,8 @@ class _TooLarge(Exception):
 
 
 class BodySizeLimit:
-    """Pure ASGI middleware answering 413 ``{"detail": ...}`` for oversized bodies."""
+    """Pure ASGI middleware answering 413 (``payload_too_large``) ``{"detail": ...}`` for
+    oversized bodies: written before any app runs, so ``detail`` alone, as it always was."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -243,7 +273,7 @@ class BodySizeLimit:
         body = json.dumps({"detail": f"request body larger than {self.max_bytes} bytes"}).encode()
         await send({
             "type": "http.response.start",
-            "status": 413,
+            "status": ErrorCode.PAYLOAD_TOO_LARGE.status,
             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                         (b"connection", b"close")],
         })

@@ -17,10 +17,11 @@ import json
 import secrets
 from typing import Any, Literal
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 
 from hosting.contract import jsonable_errors, validate_session_id
+from hosting.errors import ErrorCode, HostingError
 
 ADVANCE_PATH = "/runtime/advance"
 
@@ -75,15 +76,15 @@ def _prompt(blocks: list[dict[str, Any]]) -> str:
     for index, block in enumerate(blocks):
         kind = block.get("type")
         if kind != "text":
-            raise HTTPException(422, f"content block {index} has type {kind!r}: only text blocks are supported "
-                                     "(files and images are not yet)")
+            raise HostingError(f"content block {index} has type {kind!r}: only text blocks are supported "
+                               "(files and images are not yet)", code=ErrorCode.INVALID_REQUEST)
         text = block.get("text")
         if not isinstance(text, str):
-            raise HTTPException(422, f"content block {index}: text must be a string")
+            raise HostingError(f"content block {index}: text must be a string", code=ErrorCode.INVALID_REQUEST)
         texts.append(text)
     prompt = "\n\n".join(texts)
     if not prompt.strip():
-        raise HTTPException(422, "the message has no text")
+        raise HostingError("the message has no text", code=ErrorCode.INVALID_REQUEST)
     return prompt
 
 
@@ -91,17 +92,18 @@ async def advance_body(request: Request) -> tuple[AdvanceRequest, str]:
     """Validate an advance: 415 not JSON, 400 malformed or not an object, 422 bad fields
     or blocks. Returns the request and its prompt."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-        raise HTTPException(415, "Content-Type must be application/json")
+        raise HostingError("Content-Type must be application/json", code=ErrorCode.UNSUPPORTED_MEDIA_TYPE)
     try:
         payload = json.loads(await request.body())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HTTPException(400, f"body is not valid JSON: {exc}") from None
+        raise HostingError(f"body is not valid JSON: {exc}", code=ErrorCode.BAD_REQUEST) from None
     if not isinstance(payload, dict):
-        raise HTTPException(400, 'body must be a JSON object like {"input": {...}, "state_ref": {"json": {...}}}')
+        raise HostingError('body must be a JSON object like {"input": {...}, "state_ref": {"json": {...}}}',
+                           code=ErrorCode.BAD_REQUEST)
     try:
         advance = AdvanceRequest.model_validate(payload)
     except ValidationError as exc:
-        raise HTTPException(422, jsonable_errors(exc.errors())) from None
+        raise HostingError(jsonable_errors(exc.errors()), code=ErrorCode.INVALID_REQUEST) from None
     return advance, advance.prompt
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 from sse_starlette import ServerSentEvent
 
+from hosting.errors import ErrorCode
+
 WIRE_VERSION = 1
 
 
@@ -34,8 +36,11 @@ class WireEvent:
         return {"v": WIRE_VERSION, **self.data}
 
 
-def error_event(code: str, message: str, *, retryable: bool) -> WireEvent:
-    return WireEvent("error", {"code": code, "message": message, "retryable": retryable})
+def error_event(code: ErrorCode, message: str, *, retryable: bool | None = None) -> WireEvent:
+    """An ``error`` event; ``retryable`` is the code's (:class:`~hosting.errors.ErrorCode`)
+    unless the failure knows better (a model API error that retrying cannot fix)."""
+    return WireEvent("error", {"code": code.value, "message": message,
+                               "retryable": code.retryable if retryable is None else retryable})
 
 
 def server_sent(event: WireEvent, event_id: str) -> ServerSentEvent:

@@ -305,7 +305,7 @@ async def test_the_gateway_answers_429_before_provisioning_and_the_client_raises
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
         refused = await http.post("/sessions/s1/messages", json={"prompt": "hi"}, headers=auth(ALICE))
         assert refused.status_code == 429 and refused.headers["retry-after"] == str(6 * 3600)
-        assert refused.json() == {"detail": "tenant budget exhausted: tokens per day (1000000)"}
+        assert refused.json() == {"detail": "tenant budget exhausted: tokens per day (1000000)", "code": "over_budget"}
         advance = await http.post("/runtime/advance", headers=auth(ALICE), json={
             "input": {"type": "user_message", "message": {"content": [{"type": "text", "text": "hi"}]}}})
         assert advance.status_code == 429 and advance.json() == refused.json()
@@ -320,7 +320,7 @@ async def test_the_gateway_answers_429_before_provisioning_and_the_client_raises
     async with AgentClient("http://gateway", token=ALICE, session_id="s1", transport=transport) as client:
         with pytest.raises(RateLimitedError) as raised:
             await client.arun("hi")
-    assert raised.value.status == 429 and raised.value.retry_after == 6 * 3600
+    assert (raised.value.status, raised.value.code, raised.value.retry_after) == (429, "over_budget", 6 * 3600)
     assert raised.value.detail == "tenant budget exhausted: tokens per day (1000000)"
 
 
@@ -427,7 +427,7 @@ def test_a_spent_budget_is_refused_on_every_replica(local_gateways: Gateways, re
         refused = httpx.post(f"{gateway.base_url}/sessions/{session_id}/messages", json={"prompt": "hi"},
                              headers=auth(ALICE), timeout=30)
         assert refused.status_code == 429, (refused.status_code, refused.text)
-        assert refused.json() == {"detail": "tenant budget exhausted: tokens per day (100)"}
+        assert refused.json() == {"detail": "tenant budget exhausted: tokens per day (100)", "code": "over_budget"}
         assert abs(int(refused.headers["retry-after"]) - seconds_to_midnight()) <= 5, "until the UTC day ends"
     assert {sandbox["sandbox_id"] for sandbox in two.sandboxes()} == sandboxes, "nothing provisioned"
     assert two.route("m2") is None

@@ -286,7 +286,7 @@ def post(url: str, session_id: str, prompt: str = "hi", token: str = ALICE) -> h
 
 def assert_over_quota(response: httpx.Response, detail: str) -> None:
     assert response.status_code == 429, (response.status_code, response.text)
-    assert response.json() == {"detail": f"tenant quota exceeded: {detail}"}
+    assert response.json() == {"detail": f"tenant quota exceeded: {detail}", "code": "over_quota"}
     assert 1 <= int(response.headers["retry-after"]) <= 60
 
 

@@ -26,7 +26,8 @@ from claude_agent_sdk.types import SessionKey
 from psycopg import sql
 from stores_fixtures import postgres_url, redis_url, running_postgres, running_redis  # noqa: F401
 
-from hosting.stores import StoreUnavailableError, open_session_store
+from hosting.errors import StoreUnavailable
+from hosting.stores import open_session_store
 from hosting.stores.postgres_store import PostgresSessionStore
 from hosting.stores.redis_store import RedisSessionStore
 
@@ -293,7 +294,7 @@ async def test_ping_raises_a_connection_error_once_the_server_stops(
         started = time.monotonic()
         # The driver's own words name the address, e.g. "... 127.0.0.1, port
         # 5432 failed: Connection refused" / "Error 111 connecting to 127.0.0.1:6379".
-        with pytest.raises(StoreUnavailableError, match=rf"store unreachable: .*\b{port}\b"):
+        with pytest.raises(StoreUnavailable, match=rf"store unreachable: .*\b{port}\b"):
             await store.ping()
         assert time.monotonic() - started < 15
     finally:

@@ -33,8 +33,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoPermissionError, ResponseError
 from stores_fixtures import free_port, running_postgres, running_redis
 
+from hosting.errors import StoreUnavailable
 from hosting.server.durable import STORE_PROJECT_KEY
-from hosting.stores import Fenced, StoreUnavailableError, open_session_store
+from hosting.stores import Fenced, open_session_store
 from hosting.stores.access import (
     PROJECT_KEY,
     SandboxStoreAccess,
@@ -214,7 +215,7 @@ BAD_SANDBOX_IDS = ["", "A", "sb_1", "a" * 41, "a/b", "a b", "sb-1\n", "é"]
 @pytest.mark.parametrize("scheme", ["redis", "postgresql"])
 @pytest.mark.parametrize("sandbox_id", BAD_SANDBOX_IDS)
 async def test_bad_sandbox_ids_are_refused_before_the_server_is_asked(scheme: str, sandbox_id: str) -> None:
-    # Nothing listens on this port: a ValueError (not StoreUnavailableError) proves no call was made.
+    # Nothing listens on this port: a ValueError (not StoreUnavailable) proves no call was made.
     access = open_sandbox_access(f"{scheme}://admin:pw@127.0.0.1:{free_port()}/0", "inst")
     try:
         for call in (access.create(sandbox_id), access.grant(sandbox_id, []), access.delete(sandbox_id)):
@@ -717,7 +718,7 @@ async def test_errors_never_carry_the_admins_password(engine: Engine) -> None:
     parts = urlsplit(engine.admin_url)
     wrong = engine.admin_url.replace(ADMIN_QUOTED, quote("Adm1n-S3cret-wrong/pw", safe=""))
     down = engine.admin_url.replace(f":{parts.port}/", f":{free_port()}/")
-    for url, expected in ((wrong, (StoreAccessError, StoreUnavailableError)), (down, StoreUnavailableError)):
+    for url, expected in ((wrong, (StoreAccessError, StoreUnavailable)), (down, StoreUnavailable)):
         access = open_sandbox_access(url, INSTALLATION)
         try:
             for call in (access.prepare(), access.create("sb-1"), access.grant("sb-1", []), access.delete("sb-1"),
@@ -729,7 +730,7 @@ async def test_errors_never_carry_the_admins_password(engine: Engine) -> None:
             await access.aclose()
     # A malformed URL: whatever the driver says about it is scrubbed too.
     malformed = engine.admin_url.replace(f":{parts.port}/", ":no-port/")
-    with pytest.raises((ValueError, StoreAccessError, StoreUnavailableError)) as caught:
+    with pytest.raises((ValueError, StoreAccessError, StoreUnavailable)) as caught:
         access = open_sandbox_access(malformed, INSTALLATION)
         try:
             await access.prepare()

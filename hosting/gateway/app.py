@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, cast
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
@@ -28,16 +28,18 @@ from fastapi.routing import APIRoute
 from hosting.contract import (
     RETRY_AFTER_SECONDS,
     SESSION_ID_PARAMETER,
+    Observer,
     SessionId,
+    Unauthorized,
     bearer_token,
-    install_json_errors,
+    install_error_answers,
     message_body,
     no_turn_running,
     path_session_id,
     tokens_equal,
-    unauthorized,
 )
 from hosting.draining import DrainingServer
+from hosting.errors import ErrorCode, HostingError
 from hosting.gateway.budgets import BudgetExhausted, Budgets, open_budget_ledger
 from hosting.gateway.conversations import CredentialedBackend, StoredConversations
 from hosting.gateway.pool import WarmPool
@@ -75,8 +77,19 @@ TENANT_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 TenantName = Annotated[str, PathParam(pattern=TENANT_PATTERN)]
 
 
-def _unavailable(detail: str) -> HTTPException:
-    return HTTPException(503, detail, headers={"Retry-After": RETRY_AFTER_SECONDS})
+def _refusals_noted(telemetry: GatewayTelemetry) -> Observer:
+    """What the gateway logs and counts of the refusals it answers (the answers are the contract's)."""
+
+    def note(refusal: HostingError) -> None:
+        if isinstance(refusal, RoutingStoreUnavailable):
+            logger.warning("%s", refusal)
+            telemetry.store_failures.add(1)
+        elif isinstance(refusal, ProvisioningFailed):
+            logger.error("provisioning failed: %s", refusal)
+        elif isinstance(refusal, (QuotaExceeded, BudgetExhausted)):
+            logger.info("refused: %s", refusal.detail)
+
+    return note
 
 
 def _relayed(response: SandboxResponse, body: bytes) -> Response:
@@ -87,7 +100,7 @@ async def _tenant_of(request: Request) -> str:
     # async, so FastAPI runs it on the loop instead of a worker thread (a thread hop per request)
     tenant: str | None = request.app.state.authenticator.authenticate(request)
     if tenant is None:
-        raise unauthorized()
+        raise Unauthorized()
     return tenant
 
 
@@ -116,9 +129,9 @@ def _is_admin(request: Request) -> bool:
 
 async def _require_admin(request: Request) -> None:
     if request.app.state.settings.admin_token is None:
-        raise HTTPException(404, "the admin API is off (set GATEWAY_ADMIN_TOKEN)")
+        raise HostingError("the admin API is off (set GATEWAY_ADMIN_TOKEN)", code=ErrorCode.NOT_FOUND)
     if not _is_admin(request):
-        raise unauthorized()
+        raise Unauthorized()
 
 
 async def _tenant_or_admin(request: Request) -> None:
@@ -197,7 +210,7 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: Routin
 
     async def relay_turn(session_id: str, tenant: str, request: Request, raw: bytes, observed: GatewayTurn) -> Response:
         if not relay.accepting:
-            raise _unavailable("the gateway is shutting down; retry on another replica")
+            raise HostingError("the gateway is shutting down; retry on another replica", code=ErrorCode.SHUTTING_DOWN)
         known = await provisioner.route(session_id, tenant)  # 503 before anything is counted
         permit = await quotas.admit_turn(tenant)  # 429 before anything is provisioned
         await budgets.admit(tenant, permit)  # 429 too, the permit given back
@@ -249,7 +262,7 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: Routin
                 finally:
                     relay.end_turn()
 
-    install_json_errors(app, settings.max_body_bytes)
+    install_error_answers(app, settings.max_body_bytes, observe=_refusals_noted(telemetry))
     mount_chat_page(app)
     app.state.settings, app.state.authenticator = settings, authenticator
     app.state.store, app.state.pool, app.state.reaper, app.state.relay = store, pool, reaper, relay
@@ -258,33 +271,10 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: Routin
     telemetry.install(app, [settings.admin_token, settings.telemetry.metrics_token], pool)
     telemetry.observe_running(lambda: relay.running_streams)
 
-    @app.exception_handler(RoutingStoreUnavailable)
-    async def _store_down(request: Request, exc: RoutingStoreUnavailable) -> JSONResponse:
-        logger.warning("%s", exc)
-        telemetry.store_failures.add(1)
-        return JSONResponse({"detail": "the routing store is unavailable; nothing was changed"}, status_code=503,
-                            headers={"Retry-After": RETRY_AFTER_SECONDS})
-
-    @app.exception_handler(QuotaExceeded)
-    async def _over_quota(request: Request, exc: QuotaExceeded) -> JSONResponse:
-        logger.info("refused: %s", exc.detail)
-        return JSONResponse({"detail": exc.detail}, status_code=429, headers={"Retry-After": str(exc.retry_after)})
-
-    @app.exception_handler(BudgetExhausted)
-    async def _over_budget(request: Request, exc: BudgetExhausted) -> JSONResponse:
-        logger.info("refused: %s", exc.detail)
-        return JSONResponse({"detail": exc.detail}, status_code=429, headers={"Retry-After": str(exc.retry_after)})
-
-    @app.exception_handler(ProvisioningFailed)
-    async def _no_sandbox(request: Request, exc: ProvisioningFailed) -> JSONResponse:
-        logger.error("provisioning failed: %s", exc)
-        return JSONResponse({"detail": "no sandbox could be started for this session; retry later"},
-                            status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})
-
     async def owned_route(session_id: str, tenant: str) -> Route:
         route = await provisioner.route(session_id, tenant)
         if route is None:
-            raise HTTPException(404, f"no session {session_id!r}")
+            raise HostingError(f"no session {session_id!r}", code=ErrorCode.NOT_FOUND)
         return route
 
     async def send(route: Route, request: Request, path: str, body: bytes | None = None) -> tuple[Route, SandboxResponse]:
@@ -305,7 +295,7 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: Routin
             finally:
                 await response.aclose()
         except (SandboxUnreachable, SandboxLost):
-            raise _unavailable("the session's sandbox stopped answering; retry") from None
+            raise HostingError("the session's sandbox stopped answering; retry", code=ErrorCode.SANDBOX_LOST) from None
         await relay.touch(route.key)
         return route, response, body
 
@@ -335,7 +325,8 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: Routin
         """Relay a re-attach to the session's sandbox. Never provisions: a new sandbox
         has no turn to re-attach to."""
         route = await owned_route(session_id, tenant)
-        gone = HTTPException(404, f"no turn of session {session_id!r} to re-attach to (its sandbox is gone)")
+        gone = HostingError(f"no turn of session {session_id!r} to re-attach to (its sandbox is gone)",
+                            code=ErrorCode.NOT_FOUND)
         if route.sandbox_id is None:
             raise gone
         path = f"/sessions/{session_id}/events"
@@ -391,10 +382,11 @@ def create_app(settings: GatewaySettings, backend: SandboxBackend, store: Routin
         else:
             found = [route for route in await store.routes() if route.session_id == session_id]
         if not found:
-            raise HTTPException(404, f"no route for session {session_id!r}")
+            raise HostingError(f"no route for session {session_id!r}", code=ErrorCode.NOT_FOUND)
         if len(found) > 1:
-            raise HTTPException(409, f"{len(found)} tenants use session id {session_id!r}: "
-                                     f"choose one with ?tenant= ({', '.join(sorted(r.tenant for r in found))})")
+            raise HostingError(f"{len(found)} tenants use session id {session_id!r}: "
+                               f"choose one with ?tenant= ({', '.join(sorted(r.tenant for r in found))})",
+                               code=ErrorCode.AMBIGUOUS_SESSION)
         route = found[0]
         described: dict[str, Any] = {
             "session_id": route.session_id, "tenant": route.tenant, "sandbox_id": route.sandbox_id,

@@ -54,6 +54,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from hosting.errors import ErrorCode, HostingError
 from hosting.gateway.quotas import TurnPermit
 from hosting.gateway.relay import shielded
 from hosting.gateway.routing.protocols import RoutingStore, RoutingStoreUnavailable
@@ -90,18 +91,17 @@ class TenantBudget:
         return asdict(self)
 
 
-class BudgetExhausted(Exception):
+class BudgetExhausted(HostingError):
     """A tenant budget is spent for its current window (HTTP 429 with ``Retry-After``)."""
 
+    code = ErrorCode.OVER_BUDGET
+    retry_after: int
+
     def __init__(self, budget: str, limit: float, retry_after_seconds: float) -> None:
+        super().__init__(f"tenant budget exhausted: {budget} ({limit})")
         self.budget = budget
         self.limit = limit
         self.retry_after = max(1, math.ceil(retry_after_seconds))
-        super().__init__(self.detail)
-
-    @property
-    def detail(self) -> str:
-        return f"tenant budget exhausted: {self.budget} ({self.limit})"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping
 from typing import Protocol
 
+from hosting.errors import ErrorCode, HostingError
 from hosting.gateway.quotas import Quotas
 from hosting.gateway.routing.protocols import Locking, Routes, WarmPoolLedger
 from hosting.gateway.routing.records import PoolEntry, Route, route_key
@@ -32,8 +33,15 @@ from hosting.sandboxes.base import Health, Sandbox, SandboxBackend, SandboxError
 logger = logging.getLogger("hosting.gateway.provisioning")
 
 
-class ProvisioningFailed(Exception):
-    """No sandbox could be made ready for the session (HTTP 503)."""
+class ProvisioningFailed(HostingError):
+    """No sandbox could be made ready for the session (HTTP 503). Raised with the reason,
+    which goes to the logs; the answer says only that none could be started."""
+
+    code = ErrorCode.NO_SANDBOX
+
+    @property
+    def detail(self) -> str:
+        return "no sandbox could be started for this session; retry later"
 
 
 class ProvisioningStore(Routes, WarmPoolLedger, Locking, Protocol):

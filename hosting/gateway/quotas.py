@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
+from hosting.errors import ErrorCode, HostingError
 from hosting.gateway.routing.memory import MemoryRoutingStore
 from hosting.gateway.routing.protocols import RateWindows, RoutingStoreUnavailable, SandboxReservations, TurnSlots
 
@@ -70,18 +71,17 @@ class TenantLimits:
         return asdict(self)
 
 
-class QuotaExceeded(Exception):
+class QuotaExceeded(HostingError):
     """A tenant quota is reached (HTTP 429 with ``Retry-After``)."""
 
+    code = ErrorCode.OVER_QUOTA
+    retry_after: int
+
     def __init__(self, quota: str, limit: int, retry_after_seconds: float) -> None:
+        super().__init__(f"tenant quota exceeded: {quota} ({limit})")
         self.quota = quota
         self.limit = limit
         self.retry_after = max(1, math.ceil(retry_after_seconds))
-        super().__init__(self.detail)
-
-    @property
-    def detail(self) -> str:
-        return f"tenant quota exceeded: {self.quota} ({self.limit})"
 
 
 class TurnPermit:

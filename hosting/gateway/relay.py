@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from hosting.contract import EPOCH_HEADER, NAMESPACE_HEADER
+from hosting.errors import ErrorCode
 from hosting.gateway.routing.protocols import Routes, RoutingStoreUnavailable
 from hosting.gateway.routing.records import Route
 from hosting.gateway.sandbox_http import ConnectFailed, ConnectionBroken, SandboxAnswer, SandboxClient
@@ -114,7 +115,7 @@ def next_event_id(last: str | None) -> str:
 def lost_stream(last_id: str | None, message: str) -> bytes:
     """``error`` (``sandbox_lost``, retryable) then ``done``, continuing after ``last_id``."""
     error_id = next_event_id(last_id)
-    return (encode(error_event("sandbox_lost", message, retryable=True), error_id)
+    return (encode(error_event(ErrorCode.SANDBOX_LOST, message), error_id)
             + encode(WireEvent("done"), next_event_id(error_id)))
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 
-from hosting.contract import RETRY_AFTER_SECONDS
+from hosting.errors import ErrorCode, HostingError
 from hosting.gateway.budgets import Budgets
 from hosting.gateway.provisioning import Provisioner
 from hosting.gateway.quotas import Quotas
@@ -33,10 +33,6 @@ from hosting.runtime_api import ADVANCE_PATH, State, advance_body, new_session_i
 from hosting.telemetry.tracing import tag_session
 
 Send = Callable[[Route, Request, str, bytes], Awaitable[tuple[Route, SandboxResponse]]]
-
-
-def _unavailable(detail: str) -> HTTPException:
-    return HTTPException(503, detail, headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
 def install_runtime(app: FastAPI, *, tenant_of: Callable[[Request], Awaitable[str]], provisioner: Provisioner, quotas: Quotas,
@@ -58,11 +54,12 @@ def install_runtime(app: FastAPI, *, tenant_of: Callable[[Request], Awaitable[st
         tag_session(state.session_id)
         with telemetry.turn(tenant) as observed:
             if not relay.accepting:
-                raise _unavailable("the gateway is shutting down; retry on another replica")
+                raise HostingError("the gateway is shutting down; retry on another replica",
+                                   code=ErrorCode.SHUTTING_DOWN)
             known = await provisioner.route(state.session_id, tenant)  # 503 before anything is counted
             if known is None and state.turns > 0:
-                raise HTTPException(410, f"the conversation of session {state.session_id!r} cannot be resumed: "
-                                         "this gateway has no record of it")
+                raise HostingError(f"the conversation of session {state.session_id!r} cannot be resumed: "
+                                   "this gateway has no record of it", code=ErrorCode.SESSION_GONE)
             permit = await quotas.admit_turn(tenant)
             await budgets.admit(tenant, permit)  # 429 too, the permit given back
             relay.begin_turn()
@@ -78,7 +75,8 @@ def install_runtime(app: FastAPI, *, tenant_of: Callable[[Request], Awaitable[st
                     finally:
                         await response.aclose()
                 except (SandboxUnreachable, SandboxLost):
-                    raise _unavailable("the session's sandbox stopped answering; retry with the same state") from None
+                    raise HostingError("the session's sandbox stopped answering; retry with the same state",
+                                       code=ErrorCode.SANDBOX_LOST) from None
                 await relay.touch(route.key)
                 observed.answered(response.status_code, content)
             finally:

@@ -17,16 +17,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
-from hosting.gateway.budgets import BudgetExhausted
+from hosting.errors import ErrorCode, HostingError
 from hosting.gateway.pool import WarmPool
-from hosting.gateway.provisioning import Provisioner, ProvisioningFailed, ProvisioningStore
-from hosting.gateway.quotas import QuotaExceeded, Quotas
-from hosting.gateway.routing.protocols import RoutingStoreUnavailable
+from hosting.gateway.provisioning import Provisioner, ProvisioningStore
+from hosting.gateway.quotas import Quotas
 from hosting.gateway.routing.records import PoolEntry, Route
 from hosting.gateway.tenants import Authenticator
 from hosting.sandboxes.base import Sandbox, SandboxBackend, SandboxSpec
@@ -34,22 +33,8 @@ from hosting.telemetry.http import install_telemetry
 from hosting.telemetry.metrics import LATENCY_BUCKETS_SECONDS, MetricsExport
 from hosting.telemetry.settings import TelemetrySettings
 from hosting.telemetry.tracing import open_tracer, request_context, session_label
-from hosting.telemetry.turns import REFUSAL_CODES, TurnMetrics, TurnRecord
+from hosting.telemetry.turns import TurnMetrics, TurnRecord, status_error_code
 from hosting.wire import WireEvent
-
-GATEWAY_REFUSALS: dict[type[Exception], str] = {QuotaExceeded: "over_quota", BudgetExhausted: "over_budget",
-                                                 ProvisioningFailed: "no_sandbox",
-                                                 RoutingStoreUnavailable: "route_store_unavailable"}
-
-
-def refusal_code(exc: BaseException) -> str | None:
-    """The error code of a turn the gateway refused with ``exc``; ``None`` if it is no refusal."""
-    for kind, code in GATEWAY_REFUSALS.items():
-        if isinstance(exc, kind):
-            return code
-    if isinstance(exc, HTTPException):
-        return REFUSAL_CODES.get(exc.status_code, f"http_{exc.status_code}")
-    return None
 
 
 @dataclass
@@ -72,7 +57,7 @@ class GatewayTurn:
             yield
 
     def refused_by_sandbox(self, status: int) -> None:
-        self.telemetry.refused(self.record, REFUSAL_CODES.get(status, f"http_{status}"))
+        self.telemetry.refused(self.record, status_error_code(status))
 
     def answered(self, status: int, content: bytes) -> None:
         """Count a turn answered in one piece (``POST /runtime/advance``): completed on 200;
@@ -92,7 +77,7 @@ class GatewayTurn:
 
     def lost(self) -> None:
         """The sandbox went away before the turn started."""
-        self.record.error_code = "sandbox_lost"
+        self.record.error_code = ErrorCode.SANDBOX_LOST.value
         self.record.record(self.telemetry.turn_metrics, self.relay_span or trace.INVALID_SPAN)
 
     def saw(self, kind: str, data: bytes) -> None:
@@ -151,15 +136,14 @@ class GatewayTelemetry:
 
     @contextmanager
     def turn(self, tenant: str) -> Iterator[GatewayTurn]:
-        """Follow a turn request: a refusal (any of :data:`GATEWAY_REFUSALS`, an HTTP error)
-        is counted as such; a relayed stream (``streaming`` set) by :meth:`GatewayTurn.finish`."""
+        """Follow a turn request: a refusal (a :class:`HostingError`) is counted under its code;
+        a relayed stream (``streaming`` set) by :meth:`GatewayTurn.finish`."""
         observed = GatewayTurn(self, TurnRecord(time.monotonic(), {"tenant": tenant}))
         try:
             yield observed
         except BaseException as exc:
-            code = refusal_code(exc)
-            if code is not None:
-                self.refused(observed.record, code)
+            if isinstance(exc, HostingError):
+                self.refused(observed.record, exc.code.value)
             if observed.relay_span is not None:
                 observed.relay_span.end()
             raise

@@ -17,33 +17,32 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from hosting.contract import (
     RETRY_AFTER_SECONDS,
-    STORAGE_RETRY_AFTER_SECONDS,
     SessionId,
+    Unauthorized,
     bearer_token,
-    install_json_errors,
+    install_error_answers,
     message_body,
     no_turn_running,
     request_epoch,
     request_namespace,
     tokens_equal,
-    unauthorized,
 )
 from hosting.draining import DrainingServer
+from hosting.errors import ErrorCode, HostingError
 from hosting.server.api_docs import install_api_docs
 from hosting.server.dari import install_runtime
 from hosting.server.disk import StorageFull
-from hosting.server.durable import StoreUnavailable
 from hosting.server.loopback import LoopbackHostOnly
-from hosting.server.sessions import NoRoom, NotAccepting, SessionBusy, SessionManager, WrongNamespace
+from hosting.server.sessions import SessionManager
 from hosting.server.settings import Settings
 from hosting.server.telemetry import ServerTelemetry
-from hosting.server.turns import Numbered, ReplayGone, Turn
+from hosting.server.turns import Numbered, Turn
 from hosting.server.workspaces import WorkspaceStore
 from hosting.settings_env import ConfigError
 from hosting.stores import MissingStoreDriver, open_session_store
@@ -53,16 +52,6 @@ from hosting.web import mount_chat_page
 from hosting.wire import server_sent
 
 logger = logging.getLogger("hosting.server")
-
-
-def _busy(session_id: str) -> HTTPException:
-    return HTTPException(409, f"a turn is already running on session {session_id!r}",
-                         headers={"Retry-After": RETRY_AFTER_SECONDS})
-
-
-def _store_down() -> HTTPException:
-    return HTTPException(503, "the session store is unavailable; nothing was changed",
-                         headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -99,21 +88,18 @@ def create_app(settings: Settings) -> FastAPI:
             return
         token = bearer_token(request)
         if token is None or not tokens_equal(token, settings.auth_token):
-            raise unauthorized()
+            raise Unauthorized()
 
     # FastAPI's own /docs and /redoc load scripts from a CDN: off; AGENT_API_DOCS=1 serves a same-origin page.
     app = FastAPI(title="Research agent server", version="1", lifespan=lifespan, telemetry=FASTAPI_TELEMETRY,
                   docs_url=None, redoc_url=None)
-    install_json_errors(app, settings.max_body_bytes)
+    install_error_answers(app, settings.max_body_bytes)
     mount_chat_page(app)
     if settings.api_docs:
         install_api_docs(app)
     app.state.sessions = sessions
     async def serve_namespace(request: Request) -> None:
-        try:
-            sessions.serve_namespace(request_namespace(request))
-        except WrongNamespace:
-            raise HTTPException(421, "this sandbox serves another tenant's sessions") from None
+        sessions.serve_namespace(request_namespace(request))
 
     authed = [Depends(require_token)]
     scoped = [*authed, Depends(serve_namespace)]
@@ -139,17 +125,14 @@ def create_app(settings: Settings) -> FastAPI:
         return EventSourceResponse(_sse(turn.events()), ping=settings.heartbeat_seconds)
 
     async def start_turn(session_id: str, prompt: str, *, include_raw: bool = False, epoch: int | None = None) -> Turn:
-        """Start a turn, observed (span, metrics); refusals as HTTP errors."""
+        """Start a turn, observed (span, metrics); a refusal is a :class:`HostingError` (answered by
+        :func:`~hosting.contract.install_error_answers`)."""
         with telemetry.turns.starting(session_id) as starting:
             try:
                 turn = await sessions.start_turn(session_id, prompt, include_raw=include_raw, epoch=epoch)
-            except SessionBusy:
-                raise _busy(session_id) from None
-            except (NotAccepting, NoRoom) as exc:
-                raise HTTPException(503, str(exc), headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
             except StorageFull as exc:
                 logger.warning("session %s refused (507): %s", session_id, exc)
-                raise HTTPException(507, str(exc), headers={"Retry-After": STORAGE_RETRY_AFTER_SECONDS}) from None
+                raise
             starting.follow(turn)
         return turn
 
@@ -164,46 +147,39 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             events = sessions.reattach(session_id, last_seen)
         except ValueError as exc:
-            raise HTTPException(400, str(exc)) from None
-        except ReplayGone as exc:
-            raise HTTPException(410, f"{exc}; read the session's history instead") from None
+            raise HostingError(str(exc), code=ErrorCode.BAD_REQUEST) from None
         if events is None:
-            raise HTTPException(404, f"no turn of session {session_id!r} to re-attach to")
+            raise HostingError(f"no turn of session {session_id!r} to re-attach to", code=ErrorCode.NOT_FOUND)
         return EventSourceResponse(_sse(events), ping=settings.heartbeat_seconds)
 
     @app.post("/sessions/{session_id}/interrupt", dependencies=scoped)
     async def interrupt(session_id: SessionId) -> Any:
         if not await sessions.interrupt(session_id):
             if workspaces.get(session_id) is None:
-                raise HTTPException(404, f"no session {session_id!r}")
+                raise _not_found(session_id)
             return no_turn_running(session_id)
         return {"session_id": session_id, "interrupted": True}
 
     @app.get("/sessions/{session_id}", dependencies=scoped)
     async def get_session(session_id: SessionId) -> dict[str, Any]:
-        try:
-            described = await sessions.describe(session_id)
-        except StoreUnavailable:
-            raise _store_down() from None
+        described = await sessions.describe(session_id)
         if described is None:
-            raise HTTPException(404, f"no session {session_id!r}")
+            raise _not_found(session_id)
         return described
 
     @app.delete("/sessions/{session_id}", dependencies=scoped, status_code=204)
     async def delete_session(session_id: SessionId) -> Response:
-        try:
-            deleted = await sessions.delete(session_id)
-        except SessionBusy:
-            raise _busy(session_id) from None
-        except StoreUnavailable:
-            raise _store_down() from None
-        if not deleted:
-            raise HTTPException(404, f"no session {session_id!r}")
+        if not await sessions.delete(session_id):
+            raise _not_found(session_id)
         return Response(status_code=204)
 
     if settings.on_loopback:  # outermost: a misdirected request reaches nothing
         app.add_middleware(LoopbackHostOnly)
     return app
+
+
+def _not_found(session_id: str) -> HostingError:
+    return HostingError(f"no session {session_id!r}", code=ErrorCode.NOT_FOUND)
 
 
 async def _sse(events: AsyncIterator[Numbered]) -> AsyncIterator[ServerSentEvent]:

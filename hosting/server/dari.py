@@ -9,8 +9,10 @@ store holding it) is refused with 410, never silently started afresh.
 
 An advance is an ordinary turn of the session: it goes through the server's turn
 machinery (one turn at a time, 409; the same tools and isolation; spans and metrics),
-and its answer is the text of the turn's wire events joined. The request and the state
-are :mod:`hosting.runtime_api`'s, which the gateway validates with too.
+and its answer is the text of the turn's wire events joined; a turn that ends with an
+``error`` event is answered with that code's status (:class:`~hosting.errors.ErrorCode`).
+The request and the state are :mod:`hosting.runtime_api`'s, which the gateway validates
+with too.
 """
 
 from __future__ import annotations
@@ -18,24 +20,31 @@ from __future__ import annotations
 from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.params import Depends
 
-from hosting.contract import RETRY_AFTER_SECONDS, request_epoch
+from hosting.contract import request_epoch
+from hosting.errors import ErrorCode, HostingError
 from hosting.runtime_api import ADVANCE_PATH, State, advance_body, new_session_id
-from hosting.server.durable import StoreUnavailable
 from hosting.server.sessions import SessionManager
 from hosting.server.turns import Turn
 from hosting.telemetry.tracing import tag_session
 
-ERROR_STATUS = {"session_busy": 409, "interrupted": 409, "rate_limited": 429, "overloaded": 503,
-                "store_unavailable": 503, "shutting_down": 503, "sandbox_lost": 503, "storage_full": 507}
-"""HTTP status of an advance whose turn ended with an error event, by its code (else 502:
-the agent or the model failed)."""
+
+class TurnFailed(HostingError):
+    """An advance whose turn ended with an ``error`` event: answered with the event's code
+    and its status, the event itself as the ``detail``, and ``Retry-After`` only if the
+    event says retrying can help."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        code = ErrorCode.from_wire(error.get("code")) or ErrorCode.AGENT_ERROR
+        super().__init__({key: error.get(key) for key in ("code", "message", "retryable")}, code=code)
+        if not error.get("retryable"):
+            self.retry_after = None
 
 
 async def answer_of(turn: Turn) -> str:
-    """The text of a turn's events, joined; its first error as an HTTP error."""
+    """The text of a turn's events, joined; its first error as :class:`TurnFailed`."""
     parts: list[str] = []
     error: dict[str, Any] | None = None
     async for numbered in turn.events():
@@ -45,10 +54,7 @@ async def answer_of(turn: Turn) -> str:
         elif event.type == "error" and error is None:
             error = event.data
     if error is not None:
-        status = ERROR_STATUS.get(str(error.get("code")), 502)
-        headers = {"Retry-After": RETRY_AFTER_SECONDS} if error.get("retryable") else None
-        detail = {key: error.get(key) for key in ("code", "message", "retryable")}
-        raise HTTPException(status, detail, headers=headers)
+        raise TurnFailed(error)
     return "".join(parts)
 
 
@@ -68,14 +74,11 @@ def install_runtime(app: FastAPI, sessions: SessionManager, start_turn: StartTur
         if state is None:
             state = State(session_id=new_session_id(), turns=0)
         elif state.turns > 0:
-            try:
-                described = await sessions.describe(state.session_id)
-            except StoreUnavailable:
-                raise HTTPException(503, "the session store is unavailable; nothing was changed",
-                                    headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
+            described = await sessions.describe(state.session_id)  # StoreUnavailable: 503
             if described is None or not described["has_history"]:
-                raise HTTPException(410, f"the conversation of session {state.session_id!r} cannot be resumed: its "
-                                         "history is gone from this server and no session store holds it")
+                raise HostingError(f"the conversation of session {state.session_id!r} cannot be resumed: its "
+                                   "history is gone from this server and no session store holds it",
+                                   code=ErrorCode.SESSION_GONE)
         tag_session(state.session_id)
         turn = await start_turn(state.session_id, prompt, epoch=request_epoch(request))
         text = await answer_of(turn)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hosting.errors import ErrorCode, HostingError
+
 MiB = 2**20
 
 FREE_SHARE = 0.10
@@ -46,8 +48,10 @@ MEASURE_EVERY_SECONDS = 60.0
 OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
-class StorageFull(Exception):
+class StorageFull(HostingError):
     """There is no room on the data volume for what a request must write (HTTP 507)."""
+
+    code = ErrorCode.STORAGE_FULL
 
 
 def out_of_space(exc: BaseException) -> bool:

@@ -36,6 +36,7 @@ from claude_agent_sdk import SessionStore, project_key_for_directory
 from claude_agent_sdk.types import SessionKey, SessionStoreEntry
 
 from hosting.contract import STORE_PROJECT_KEY
+from hosting.errors import StoreUnavailable
 from hosting.server.workspaces import Workspace, drop_torn_tail, turn_recorded
 from hosting.stores.protocol import DurableSessionStore
 
@@ -49,10 +50,6 @@ that misfired would fail every turn) a turn's transcript is read back, and a tur
 lacks is looked at once more after this long before it is reported as ``storage_full``.
 The CLI writes the transcript before it reports the result (measured), so the second look
 only guards against a slower flush."""
-
-
-class StoreUnavailable(Exception):
-    """The session store could not be reached when it was needed."""
 
 
 def store_key(sdk_session_id: str) -> SessionKey:

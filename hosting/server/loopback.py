@@ -13,10 +13,12 @@ plain-text 400, where the contract wants 421 (Misdirected Request) with a JSON
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from hosting.contract import error_response
+from hosting.errors import ErrorCode, HostingError
 
 _HOST_HEADER = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9.-]+))(?::[0-9]{1,5})?")
 
@@ -38,7 +40,7 @@ def loopback_host_header(value: str) -> bool:
 
 
 class LoopbackHostOnly:
-    """Pure ASGI middleware: 421 ``{"detail": ...}`` to any request whose one ``Host`` header
+    """Pure ASGI middleware: 421 ``misdirected`` to any request whose one ``Host`` header
     is missing or not a loopback name (see the module doc)."""
 
     def __init__(self, app: ASGIApp) -> None:
@@ -52,8 +54,6 @@ class LoopbackHostOnly:
         if len(hosts) == 1 and loopback_host_header(hosts[0].decode("latin-1")):
             await self.app(scope, receive, send)
             return
-        body = json.dumps({"detail": "this server is on a loopback address and answers only requests to "
-                                     "localhost, 127.0.0.1 or [::1]"}).encode()
-        await send({"type": "http.response.start", "status": 421,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        refusal = HostingError("this server is on a loopback address and answers only requests to "
+                               "localhost, 127.0.0.1 or [::1]", code=ErrorCode.MISDIRECTED)
+        await error_response(refusal)(scope, receive, send)

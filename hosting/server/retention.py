@@ -28,8 +28,9 @@ from pathlib import Path
 
 from claude_agent_sdk import SessionStore
 
+from hosting.errors import StoreUnavailable
 from hosting.server.disk import Disk, DiskState, usage
-from hosting.server.durable import StoreUnavailable, store_holds
+from hosting.server.durable import store_holds
 from hosting.server.workspaces import Workspace, WorkspaceStore
 
 logger = logging.getLogger("hosting.server.retention")

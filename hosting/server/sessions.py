@@ -31,9 +31,10 @@ from typing import Any
 from claude_agent_sdk import AssistantMessage, MirrorErrorMessage
 
 from hosting.contract import durable_session_id
+from hosting.errors import ErrorCode, HostingError, StoreUnavailable
 from hosting.server.admission import Admission, Verdict
 from hosting.server.disk import Disk, StorageFull, out_of_space
-from hosting.server.durable import DurableSessions, StoreUnavailable, cut_torn_tail, turn_saved
+from hosting.server.durable import DurableSessions, cut_torn_tail, turn_saved
 from hosting.server.live import CliFactory, LiveSession
 from hosting.server.prestart import PrestartPool
 from hosting.server.retention import Retention, Upkeep
@@ -50,16 +51,25 @@ STORAGE_FULL_MESSAGE = ("The data volume is full: this turn could not be saved t
                         "Retry once there is room.")
 
 
-class SessionBusy(Exception):
+class SessionBusy(HostingError):
     """A turn is already running on this session (HTTP 409)."""
 
+    code = ErrorCode.SESSION_BUSY
 
-class NotAccepting(Exception):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"a turn is already running on session {session_id!r}")
+
+
+class NotAccepting(HostingError):
     """The server is shutting down (HTTP 503)."""
 
+    code = ErrorCode.SHUTTING_DOWN
 
-class NoRoom(Exception):
+
+class NoRoom(HostingError):
     """No CLI could be started within the memory budget in time (HTTP 503)."""
+
+    code = ErrorCode.AT_CAPACITY
 
 
 @dataclass
@@ -76,12 +86,20 @@ class _Running:
     """The gateway's epoch for this sandbox's assignment to the session (fencing), if any."""
 
 
-class WrongNamespace(Exception):
+class WrongNamespace(HostingError):
     """A request for another tenant's sessions than the ones this server serves (HTTP 421)."""
 
+    code = ErrorCode.MISDIRECTED
 
-class Superseded(Exception):
+    def __init__(self, namespace: str | None) -> None:
+        super().__init__("this sandbox serves another tenant's sessions")
+        self.namespace = namespace
+
+
+class Superseded(HostingError):
     """The session store has seen a newer epoch: another sandbox serves this session now."""
+
+    code = ErrorCode.SUPERSEDED
 
 
 class SessionManager:
@@ -350,7 +368,7 @@ class SessionManager:
             elif live.mirror_gap:
                 live.mirror_gap = not await self._durable.catch_up_store(record.workspace, running.epoch)
             if turn.interrupt_requested:
-                turn.emit(error_event("interrupted", "The turn was interrupted before it started.", retryable=True))
+                turn.emit(error_event(ErrorCode.INTERRUPTED, "The turn was interrupted before it started."))
                 return
             recorded_from = record.workspace.transcript_size()
             last_entry: str | None = None
@@ -368,7 +386,7 @@ class SessionManager:
                     turn.emit(event)
             if translator.result is None:
                 live.healthy = False
-                turn.emit(error_event("agent_error", "The agent ended without a result.", retryable=True))
+                turn.emit(error_event(ErrorCode.AGENT_ERROR, "The agent ended without a result."))
             elif translator.result.subtype == "error_max_budget_usd":
                 # The CLI counts AGENT_MAX_BUDGET_USD over its whole life and refuses every later turn
                 # once it is reached: the session's next turn gets a new CLI, with a new allowance.
@@ -379,33 +397,32 @@ class SessionManager:
                 running.torn = True
                 logger.warning("session %s: the turn could not be saved to its transcript (%d MiB free on the data "
                                "volume)", turn.session_id, self._disk.state().free // 2**20)
-                turn.emit(error_event("storage_full", STORAGE_FULL_MESSAGE, retryable=True))
+                turn.emit(error_event(ErrorCode.STORAGE_FULL, STORAGE_FULL_MESSAGE))
         except SessionBusy:
-            turn.emit(error_event("session_busy", "Another server process owns this session.", retryable=True))
+            turn.emit(error_event(ErrorCode.SESSION_BUSY, "Another server process owns this session."))
         except Superseded:
             logger.warning("session %s: this sandbox was replaced (epoch %s is stale); the turn was not run",
                            turn.session_id, running.epoch)
-            turn.emit(error_event("superseded", "This session moved to another sandbox; send the turn again.",
-                                  retryable=True))
+            turn.emit(error_event(ErrorCode.SUPERSEDED, "This session moved to another sandbox; send the turn again."))
         except StoreUnavailable:
             if not record.workspace.has_history():
                 self._workspaces.delete(turn.session_id)  # nothing was restored: leave no binding behind
-            turn.emit(error_event("store_unavailable", "The session store is unavailable, so the session's history "
-                                  "cannot be loaded; nothing was run. Retry shortly.", retryable=True))
+            turn.emit(error_event(ErrorCode.STORE_UNAVAILABLE, "The session store is unavailable, so the session's "
+                                  "history cannot be loaded; nothing was run. Retry shortly."))
         except asyncio.CancelledError:
             if running.live is not None:
                 running.live.healthy = False
-            turn.emit(error_event("shutting_down", "The server shut down during the turn.", retryable=True))
+            turn.emit(error_event(ErrorCode.SHUTTING_DOWN, "The server shut down during the turn."))
         except Exception as exc:  # noqa: BLE001 - every failure must end the stream cleanly
             if running.live is not None:
                 running.live.healthy = False
             if out_of_space(exc) or self._disk.state().full:
                 logger.warning("turn on session %s failed, no room on the data volume: %s", turn.session_id, exc)
                 await self._forget_if_empty(running, record)
-                turn.emit(error_event("storage_full", STORAGE_FULL_MESSAGE, retryable=True))
+                turn.emit(error_event(ErrorCode.STORAGE_FULL, STORAGE_FULL_MESSAGE))
             else:
                 logger.exception("turn on session %s failed", turn.session_id)
-                turn.emit(error_event("agent_error", self._redact(f"The agent failed: {exc}"), retryable=True))
+                turn.emit(error_event(ErrorCode.AGENT_ERROR, self._redact(f"The agent failed: {exc}")))
         finally:
             turn.announce(resumed=False)  # no-op if announced; a failure before it still starts with `session`
             self._workspaces.stamp(turn.session_id)  # the session's last turn, for retention

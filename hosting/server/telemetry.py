@@ -14,17 +14,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI
 from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
+from hosting.errors import HostingError
 from hosting.server.turns import Turn
 from hosting.telemetry.http import install_telemetry
 from hosting.telemetry.metrics import MetricsExport
 from hosting.telemetry.settings import TelemetrySettings
 from hosting.telemetry.tracing import open_tracer, session_label
-from hosting.telemetry.turns import REFUSAL_CODES, TurnMetrics, TurnRecord
+from hosting.telemetry.turns import TurnMetrics, TurnRecord
 
 SESSION_GAUGES = {
     "agent.live_sessions": ("live_sessions", "Sessions with a connected CLI (warm or running a turn)"),
@@ -47,17 +48,17 @@ class TurnObserver:
     @contextmanager
     def starting(self, session_id: str) -> Iterator[TurnStart]:
         """Wrap the admission of a turn: the span is current meanwhile (the turn's task,
-        created inside, inherits it, and so do its log lines); a refusal (an
-        :class:`HTTPException`) is counted and ends the span; else :meth:`TurnStart.follow`
-        hands the started turn over."""
+        created inside, inherits it, and so do its log lines); a refusal (a
+        :class:`HostingError`) is counted under its code and ends the span; else
+        :meth:`TurnStart.follow` hands the started turn over."""
         span = self._tracer.start_span("agent.turn", attributes={
             "agent.session": session_label(session_id, self._raw), "gen_ai.request.model": self._model})
         start = TurnStart(self, span, TurnRecord(time.monotonic()))
         try:
             with trace.use_span(span, end_on_exit=False):
                 yield start
-        except HTTPException as exc:
-            code = REFUSAL_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        except HostingError as exc:
+            code = exc.code.value
             self._metrics.turns.add(1, {"outcome": "refused", "error_code": code})
             span.set_attribute("agent.outcome", "refused")
             span.set_attribute("agent.error_code", code)

@@ -22,6 +22,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from hosting.errors import ErrorCode, HostingError
 from hosting.wire import WireEvent
 
 MAX_TURN_EVENTS = 20_000
@@ -41,8 +42,14 @@ def parse_event_id(value: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-class ReplayGone(Exception):
+class ReplayGone(HostingError):
     """The events after the requested id were dropped (a turn longer than :data:`MAX_TURN_EVENTS`)."""
+
+    code = ErrorCode.EVENTS_GONE
+
+    @property
+    def detail(self) -> str:
+        return f"{self.args[0]}; read the session's history instead"
 
 
 @dataclass(frozen=True)

@@ -24,22 +24,24 @@ from claude_agent_sdk import (
     UserMessage,
 )
 
+from hosting.errors import ErrorCode
 from hosting.wire import WireEvent, error_event
 
 REDACTED = "[redacted]"
 
 
-def classify_api_error(status: int | None) -> tuple[str, bool]:
-    """Map a model API status to an error code and whether retrying can help."""
+def classify_api_error(status: int | None) -> tuple[ErrorCode, bool]:
+    """Map a model API status to an error code and whether retrying can help (for
+    ``agent_error``, not the code's default: the model refused the request itself)."""
     if status == 429:
-        return "rate_limited", True
+        return ErrorCode.RATE_LIMITED, True
     if status == 529:
-        return "overloaded", True
+        return ErrorCode.OVERLOADED, True
     if status is not None and status >= 500:
-        return "model_unavailable", True
+        return ErrorCode.MODEL_UNAVAILABLE, True
     if status in (401, 403):
-        return "model_auth_failed", False
-    return "agent_error", False
+        return ErrorCode.MODEL_AUTH_FAILED, False
+    return ErrorCode.AGENT_ERROR, False
 
 
 def _tool_result_text(content: Any) -> str:
@@ -157,6 +159,6 @@ class TurnTranslator:
     def _result_error(message: ResultMessage) -> WireEvent:
         aborted = message.terminal_reason == "aborted_streaming"
         if aborted or (message.subtype == "error_during_execution" and not message.result):
-            return error_event("interrupted", "The turn was interrupted.", retryable=True)
+            return error_event(ErrorCode.INTERRUPTED, "The turn was interrupted.")
         code, retryable = classify_api_error(message.api_error_status)
         return error_event(code, message.result or f"The agent run failed ({message.subtype}).", retryable=retryable)

@@ -28,7 +28,7 @@ from hosting.settings_env import ConfigError, optional_setting
 if TYPE_CHECKING:
     from hosting.stores.protocol import DurableSessionStore
 
-__all__ = ["Fenced", "MissingStoreDriver", "StoreUnavailableError", "open_session_store", "store_url_setting"]
+__all__ = ["Fenced", "MissingStoreDriver", "open_session_store", "store_url_setting"]
 
 _REDIS_SCHEMES = frozenset({"redis", "rediss"})
 _POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
@@ -36,10 +36,6 @@ _POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
 
 class MissingStoreDriver(RuntimeError):
     """The store's driver is an optional extra that is not installed."""
-
-
-class StoreUnavailableError(ConnectionError):
-    """The store's server cannot be reached (raised by ``ping()``)."""
 
 
 class Fenced(Exception):

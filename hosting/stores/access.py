@@ -17,7 +17,7 @@ per installation when several share one store, always within Postgres's 63 bytes
 recognise a sandbox's role by. Ids are checked (:class:`ValueError`) before the
 server is touched. No message raised here carries the admin URL or its password:
 driver errors are re-raised as :class:`StoreAccessError` /
-:class:`~hosting.stores.StoreUnavailableError` with the secrets scrubbed and
+:class:`~hosting.errors.StoreUnavailable` with the secrets scrubbed and
 without the driver's exception chained.
 
 Redis (7.0 or newer; ACL selectors and read/write key permissions)
@@ -118,7 +118,9 @@ from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import MissingStoreDriver, StoreUnavailableError
+from hosting.errors import StoreUnavailable
+
+from . import MissingStoreDriver
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -309,7 +311,7 @@ class _Scrubber:
 
 
 class _Unreachable(Exception):
-    """Internal: the admin connection could not be made (becomes StoreUnavailableError)."""
+    """Internal: the admin connection could not be made (becomes StoreUnavailable)."""
 
 
 def _ours(scrub: _Scrubber, action: str, exc: Exception, *, refused: tuple[type[Exception], ...] = (),
@@ -320,7 +322,7 @@ def _ours(scrub: _Scrubber, action: str, exc: Exception, *, refused: tuple[type[
     if isinstance(exc, refused):
         return StoreAccessError(scrub(f"{action}: the store refused the admin credential: {exc}"))
     if isinstance(exc, (_Unreachable, *unavailable)):
-        return StoreUnavailableError(scrub(f"{action}: the session store is unreachable: {exc}"))
+        return StoreUnavailable(scrub(f"{action}: the session store is unreachable: {exc}"))
     return StoreAccessError(scrub(f"{action} failed: {type(exc).__name__}: {exc}"))
 
 
@@ -331,7 +333,7 @@ async def _guarded(scrub: _Scrubber, action: str, call: Awaitable[T], *, refused
     its cause nor its context."""
     try:
         return await call
-    except (StoreAccessError, StoreUnavailableError):
+    except (StoreAccessError, StoreUnavailable):
         raise
     except Exception as exc:  # noqa: BLE001 - any driver error; re-raised below, scrubbed
         error = _ours(scrub, action, exc, refused=refused, unavailable=unavailable)

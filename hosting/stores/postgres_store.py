@@ -45,7 +45,9 @@ from psycopg import sql
 from psycopg.types.json import Json
 from psycopg_pool import AsyncConnectionPool
 
-from . import Fenced, StoreUnavailableError, validate_ttl
+from hosting.errors import StoreUnavailable
+
+from . import Fenced, validate_ttl
 
 __all__ = ["PostgresSessionStore"]
 
@@ -314,7 +316,7 @@ class PostgresSessionStore(SessionStore):
     # -- lifecycle --------------------------------------------------------
 
     async def ping(self) -> None:
-        """Connect and ``SELECT 1``; :class:`StoreUnavailableError` if Postgres is down.
+        """Connect and ``SELECT 1``; :class:`~hosting.errors.StoreUnavailable` if Postgres is down.
 
         Uses a fresh connection rather than the pool so the error is the
         driver's own (e.g. "connection refused") instead of a pool timeout.
@@ -324,7 +326,7 @@ class PostgresSessionStore(SessionStore):
             async with conn:
                 await conn.execute("SELECT 1")
         except psycopg.OperationalError as exc:
-            raise StoreUnavailableError(f"Postgres session store unreachable: {exc}") from exc
+            raise StoreUnavailable(f"Postgres session store unreachable: {exc}") from exc
 
     async def aclose(self) -> None:
         """Close the pool; the store cannot be reopened."""

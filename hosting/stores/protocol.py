@@ -31,7 +31,7 @@ class DurableSessionStore(SessionStore, Protocol):
         ...
 
     async def ping(self) -> None:
-        """Round-trip to the server; raise :class:`StoreUnavailableError` if down."""
+        """Round-trip to the server; raise :class:`~hosting.errors.StoreUnavailable` if down."""
         ...
 
     async def aclose(self) -> None:

@@ -52,7 +52,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoPermissionError, RedisError, WatchError
 
-from . import Fenced, StoreUnavailableError, validate_ttl
+from hosting.errors import StoreUnavailable
+
+from . import Fenced, validate_ttl
 
 __all__ = ["RedisSessionStore"]
 
@@ -235,11 +237,11 @@ class RedisSessionStore(SessionStore):
     # -- lifecycle --------------------------------------------------------
 
     async def ping(self) -> None:
-        """Round-trip a ``PING``; :class:`StoreUnavailableError` if Redis is down."""
+        """Round-trip a ``PING``; :class:`~hosting.errors.StoreUnavailable` if Redis is down."""
         try:
             await self._client.ping()
         except RedisError as exc:
-            raise StoreUnavailableError(f"Redis session store unreachable: {exc}") from exc
+            raise StoreUnavailable(f"Redis session store unreachable: {exc}") from exc
 
     async def aclose(self) -> None:
         """Close the connection pool."""

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.telemetry import TelemetryConfig
 from opentelemetry.trace import Tracer
 
-from hosting.contract import bearer_token, tokens_equal, unauthorized
+from hosting.contract import Unauthorized, bearer_token, tokens_equal
+from hosting.errors import ErrorCode, HostingError
 from hosting.telemetry.access import AccessLog
 from hosting.telemetry.metrics import PROMETHEUS_CONTENT_TYPE, MetricsExport
 from hosting.telemetry.settings import TelemetrySettings
@@ -41,16 +42,18 @@ def metrics_endpoint(metrics: MetricsExport, tokens: list[str | None], *,
                      off_without_tokens: str | None = None) -> Callable[[Request], Awaitable[Response]]:
     """A route answering with ``metrics`` to a bearer of any of ``tokens`` (401 otherwise).
     With none configured it is open, or, given ``off_without_tokens``, answers 404 with
-    that hint. ``before`` refreshes values that are read asynchronously."""
+    that hint. ``before`` refreshes values that are read asynchronously. Its refusals are
+    :class:`~hosting.errors.HostingError`: the app answers them
+    (:func:`hosting.contract.install_error_answers`)."""
     accepted = [token for token in tokens if token]
 
     async def serve_metrics(request: Request) -> Response:
         if not accepted and off_without_tokens is not None:
-            raise HTTPException(404, off_without_tokens)
+            raise HostingError(off_without_tokens, code=ErrorCode.NOT_FOUND)
         if accepted:
             given = bearer_token(request)
             if given is None or not any(tokens_equal(given, token) for token in accepted):
-                raise unauthorized()
+                raise Unauthorized()
         if before is not None:
             await before()
         return Response(metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)

@@ -14,11 +14,17 @@ from typing import Any
 from opentelemetry.metrics import Meter
 from opentelemetry.trace import Span, Status, StatusCode
 
+from hosting.errors import ErrorCode
 from hosting.telemetry.metrics import LATENCY_BUCKETS_SECONDS
 from hosting.wire import WireEvent
 
-REFUSAL_CODES = {409: "session_busy", 410: "session_gone", 503: "unavailable", 507: "storage_full"}
-"""Error codes of turns refused before they started, by HTTP status."""
+
+def status_error_code(status: int) -> str:
+    """The error code of a turn refused with only its HTTP status known (a sandbox's answer,
+    relayed): the status's general code (:meth:`ErrorCode.for_status`), else ``http_<status>``."""
+    code = ErrorCode.for_status(status)
+    return code.value if code is not None else f"http_{status}"
+
 
 USAGE_TOKENS = {"input_tokens": "input", "output_tokens": "output", "cache_read_input_tokens": "cache_read",
                 "cache_creation_input_tokens": "cache_creation"}

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from hosting.errors import StoreUnavailable
 from hosting.gateway.routing.records import PoolEntry, Route
 from hosting.locks import Locks
 
 
-class RoutingStoreUnavailable(ConnectionError):
+class RoutingStoreUnavailable(StoreUnavailable, store="routing store"):
     """The routing store cannot be reached (HTTP 503)."""
 
 
