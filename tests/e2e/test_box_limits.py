@@ -26,9 +26,13 @@ import pytest
 from httpx_sse import connect_sse
 
 from bench.cgroups import CgroupUnavailable, MemoryCgroup, drop_file_cache
+from harness.processes import free_port
 from hosting.server.box import MEMORY_SHARE
 from hosting.server.cli import BUNDLED_CLI
-from tests.conftest import ROOT, LocalModel, Turn, agent_env, free_port, post_turn, ready, wait_for
+from tests.support import ROOT
+from tests.support.polling import wait_for
+from tests.support.servers import LocalModel, agent_env, ready
+from tests.support.turns import Turn, post_turn
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 EXAMPLE = ROOT / "examples" / "client_example.py"
 

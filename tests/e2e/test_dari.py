@@ -12,9 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import bound_sessions
-from gateway_fixtures import ALICE, BOB, Gateways, auth, local_gateways  # noqa: F401
-from stores_fixtures import redis_url  # noqa: F401 - fixture
+
+from tests.support.gateways import ALICE, BOB, Gateways, auth
+from tests.support.servers import bound_sessions
 
 pytestmark = pytest.mark.e2e
 

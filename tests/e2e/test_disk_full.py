@@ -17,10 +17,11 @@ from typing import Any
 
 import httpx
 import pytest
-from stores_fixtures import redis_url  # noqa: F401 - fixture
 
 from hosting.server.disk import usage
-from tests.conftest import Turn, bound_sessions, post_turn, wait_for, workspace_dirs, workspace_of
+from tests.support.polling import wait_for
+from tests.support.servers import bound_sessions, workspace_dirs, workspace_of
+from tests.support.turns import Turn, post_turn
 
 pytestmark = pytest.mark.e2e
 

@@ -27,16 +27,13 @@ import pytest
 import redis
 from httpx_sse import connect_sse
 from psycopg import sql
-from stores_fixtures import (  # noqa: F401 - redis_url/postgres_url are fixtures
-    RestartableServer,
-    postgres_url,
-    redis_url,
-    restartable_postgres,
-    restartable_redis,
-)
 
+from harness.processes import free_port
 from hosting.contract import STORE_PROJECT_KEY, durable_session_id
-from tests.conftest import ROOT, Turn, agent_env, free_port, ready, workspace_of
+from tests.support import ROOT
+from tests.support.servers import agent_env, ready, workspace_of
+from tests.support.stores import RestartableServer, restartable_postgres, restartable_redis
+from tests.support.turns import Turn
 
 pytestmark = [pytest.mark.e2e, pytest.mark.stores]
 

@@ -24,15 +24,16 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from conftest import descendants, post_turn, wait_for
-from gateway_fixtures import ALICE, Gateways, auth, local_gateways  # noqa: F401 - fixtures
 from httpx_sse import connect_sse
-from stores_fixtures import postgres_url, redis_url  # noqa: F401 - fixtures
 
+from harness.processes import descendants
 from hosting.contract import durable_session_id
 from hosting.server.durable import store_key
 from hosting.stores import Fenced, open_session_store
 from hosting.stores.protocol import DurableSessionStore
+from tests.support.gateways import ALICE, Gateways, auth
+from tests.support.polling import wait_for
+from tests.support.turns import post_turn
 
 pytestmark = pytest.mark.stores
 

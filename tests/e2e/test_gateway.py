@@ -18,10 +18,12 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ROOT, Turn, event_order, post_turn, wait_for
-from gateway_fixtures import ADMIN, ALICE, BOB, Gateways, auth, gateways, local_gateways  # noqa: F401
 from httpx_sse import connect_sse
-from stores_fixtures import redis_url  # noqa: F401 - fixture
+
+from tests.support import ROOT
+from tests.support.gateways import ADMIN, ALICE, BOB, Gateways, auth
+from tests.support.polling import wait_for
+from tests.support.turns import Turn, event_order, post_turn
 
 pytestmark = pytest.mark.e2e
 

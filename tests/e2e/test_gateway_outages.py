@@ -21,9 +21,6 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import httpx
 import pytest
-from conftest import Turn, post_turn, wait_for
-from gateway_fixtures import ALICE, Gateways, auth, local_gateways, open_turn  # noqa: F401
-from stores_fixtures import RestartableServer, restartable_redis
 
 from hosting.gateway.pool import WarmPool
 from hosting.gateway.provisioning import Provisioner
@@ -31,6 +28,10 @@ from hosting.gateway.quotas import QuotaExceeded, Quotas, TenantLimits
 from hosting.gateway.routes import RedisRouteStore, Route, RouteStoreUnavailable
 from hosting.sandboxes.base import Sandbox, SandboxSpec
 from hosting.sandboxes.memory import MemoryBackend
+from tests.support.gateways import ALICE, Gateways, auth, open_turn
+from tests.support.polling import wait_for
+from tests.support.stores import RestartableServer, restartable_redis
+from tests.support.turns import Turn, post_turn
 
 pytestmark = [pytest.mark.e2e, pytest.mark.stores]
 

@@ -1,4 +1,5 @@
-"""Tenant quotas: live sandboxes, concurrent turns, turns per minute.
+"""Tenant quotas: live sandboxes, concurrent turns, turns per minute (their configuration:
+tests/unit/test_quota_settings.py).
 
 The counters and the checks run against both routing stores (Redis for real) on the
 in-memory backend; then real gateway processes (local backend, the real SDK and CLI
@@ -18,78 +19,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Turn, post_turn, wait_for
-from gateway_fixtures import (  # noqa: F401
-    ALICE,
-    BOB,
-    GatewayProcess,
-    Gateways,
-    OpenTurn,
-    auth,
-    local_gateways,
-    open_turn,
-    store,  # noqa: F401 - fixture
-)
-from stores_fixtures import redis_url  # noqa: F401 - fixture
 
 from hosting.gateway.provisioning import Provisioner, ProvisioningFailed
 from hosting.gateway.quotas import QuotaExceeded, Quotas, TenantLimits
 from hosting.gateway.reaper import Reaper
 from hosting.gateway.routes import RedisRouteStore, Route, RouteStore
-from hosting.gateway.settings import GatewaySettings
-from hosting.gateway.tenants import load_tenant_overrides, load_tenant_tokens
 from hosting.sandboxes.base import Sandbox, SandboxSpec
 from hosting.sandboxes.memory import MemoryBackend
-from hosting.settings_env import ConfigError
+from tests.support.gateways import ALICE, BOB, GatewayProcess, Gateways, OpenTurn, auth, open_turn
+from tests.support.polling import wait_for
+from tests.support.turns import Turn, post_turn
 
 pytestmark = pytest.mark.e2e
 
 ENV = {"ANTHROPIC_API_KEY": "sk-x"}
-BASE_ENV = {"GATEWAY_TENANTS": "tok-a:alice", "ANTHROPIC_API_KEY": "sk-x"}
-
-
-# --- configuration -------------------------------------------------------------------------
-
-
-def test_defaults_are_finite_and_overridable_per_tenant(tmp_path: Path) -> None:
-    defaults = GatewaySettings.from_env(BASE_ENV)
-    assert defaults.tenant_limits == TenantLimits(max_sandboxes=50, max_turns=25, turns_per_minute=120)
-    digest = hashlib.sha256(b"tok-bob").hexdigest()
-    other = hashlib.sha256(b"tok-bob-2").hexdigest()
-    path = tmp_path / "tenants"
-    path.write_text(f"# two tokens for bob\nbob sha256:{digest} max_turns=2 turns_per_minute=0  # unlimited\n"
-                    f"bob sha256:{other} max_turns=2\ncarol sha256:{'ab' * 32}\n")
-    settings = GatewaySettings.from_env({**BASE_ENV, "GATEWAY_TENANTS_FILE": str(path),
-                                         "GATEWAY_TENANT_MAX_SANDBOXES": "7", "GATEWAY_TENANT_MAX_TURNS": "3",
-                                         "GATEWAY_TENANT_TURNS_PER_MINUTE": "0"})
-    assert settings.limits_for("alice") == TenantLimits(7, 3, 0)
-    assert settings.limits_for("carol") == TenantLimits(7, 3, 0)
-    assert settings.limits_for("bob") == TenantLimits(7, 2, 0)
-    assert set(settings.tenants.values()) == {"alice", "bob", "carol"}, "the old line format still works"
-    assert load_tenant_overrides(str(path)) == {"bob": {"max_turns": 2, "turns_per_minute": 0}}
-
-
-@pytest.mark.parametrize("line, fragment", [
-    ("bob sha256:{d} max_turns", "unknown setting 'max_turns'"),
-    ("bob sha256:{d} max_cpus=2", "unknown setting 'max_cpus'"),
-    ("bob sha256:{d} max_turns=-1", "max_turns must be a whole number"),
-    ("bob sha256:{d} max_turns=two", "max_turns must be a whole number"),
-    ("bob sha256:{d} max_turns=2\nbob sha256:{d} max_turns=3", "line 2: max_turns for tenant 'bob' differs"),
-    ("bob tok-secret-1 max_turns=2", "line 1: expected"),
-])
-def test_bad_overrides_name_the_line_never_the_token(tmp_path: Path, line: str, fragment: str) -> None:
-    path = tmp_path / "tenants"
-    path.write_text(line.format(d=hashlib.sha256(b"tok-secret-1").hexdigest()))
-    with pytest.raises(ConfigError) as raised:
-        load_tenant_tokens("", str(path))
-    assert fragment in str(raised.value) and "tok-secret-1" not in str(raised.value)
-
-
-@pytest.mark.parametrize("name", ["GATEWAY_TENANT_MAX_SANDBOXES", "GATEWAY_TENANT_MAX_TURNS",
-                                  "GATEWAY_TENANT_TURNS_PER_MINUTE"])
-def test_bad_quota_settings_name_the_variable(name: str) -> None:
-    with pytest.raises(ConfigError, match=name):
-        GatewaySettings.from_env({**BASE_ENV, name: "-1"})
 
 
 # --- the counters, on both stores ----------------------------------------------------------

@@ -17,10 +17,11 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import event_order, post_turn, wait_for
-from gateway_fixtures import ALICE, Gateways, auth, docker_gateways, local_gateways  # noqa: F401 - fixtures
 from httpx_sse import connect_sse
-from stores_fixtures import redis_url  # noqa: F401 - fixture
+
+from tests.support.gateways import ALICE, Gateways, auth
+from tests.support.polling import wait_for
+from tests.support.turns import event_order, post_turn
 
 pytestmark = [pytest.mark.e2e, pytest.mark.stores]
 

@@ -16,7 +16,8 @@ import httpx
 import pytest
 from claude_agent_sdk import ClaudeAgentOptions, ResultMessage, query
 
-from tests.conftest import API_KEY, post_turn, workspace_of
+from tests.support.servers import API_KEY, workspace_of
+from tests.support.turns import post_turn
 
 pytestmark = pytest.mark.e2e
 

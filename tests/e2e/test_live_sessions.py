@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from harness.processes import alive, descendants
 from hosting.client import (
     AgentClient,
     AuthenticationError,
@@ -23,7 +24,9 @@ from hosting.client import (
     TextEvent,
     TurnError,
 )
-from tests.conftest import alive, descendants, post_turn, ready, wait_for
+from tests.support.polling import wait_for
+from tests.support.servers import ready
+from tests.support.turns import post_turn
 
 pytestmark = pytest.mark.e2e
 

@@ -1,6 +1,6 @@
 """Traces, metrics and logs of real server and gateway processes, read the way an operator would.
 
-Spans arrive at a real OTLP/HTTP receiver (:mod:`otlp_receiver`, protobuf decoded with
+Spans arrive at a real OTLP/HTTP receiver (:mod:`tests.standins.otlp_receiver`, protobuf decoded with
 ``opentelemetry-proto``); ``/metrics`` is parsed with ``prometheus_client``'s own text
 parser; log lines are parsed as JSON. Turns go through the real SDK and CLI to the
 local model, which scripts the tool calls and the API errors.
@@ -17,11 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import API_KEY, LocalModel, post_turn, wait_for
-from gateway_fixtures import ADMIN, ALICE, BOB, GatewayProcess, Gateways, auth
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from otlp_receiver import OtlpReceiver, ReceivedSpan
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -34,6 +31,11 @@ from hosting.server.settings import Settings
 from hosting.settings_env import ConfigError
 from hosting.telemetry.settings import TelemetrySettings, telemetry_sandbox_env
 from hosting.telemetry.tracing import RequestSpans, inject_trace_context, open_tracer, session_label
+from tests.standins.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.support.gateways import ADMIN, ALICE, BOB, GatewayProcess, Gateways, auth
+from tests.support.polling import wait_for
+from tests.support.servers import API_KEY, LocalModel
+from tests.support.turns import post_turn
 
 pytestmark = pytest.mark.e2e
 

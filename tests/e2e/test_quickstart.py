@@ -15,8 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.processes import alive, descendants, free_port
 from hosting.web import CONTENT_SECURITY_POLICY
-from tests.conftest import ROOT, alive, descendants, free_port
+from tests.support import ROOT
 
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(?:sh|bash|console)?\n(.*?)```", README, flags=re.DOTALL)

@@ -16,11 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import event_order, post_turn
-from gateway_fixtures import ALICE, BOB, auth, local_gateways  # noqa: F401 - fixtures
 from httpx_sse import connect_sse
 
 from hosting.client import AgentClient, DoneEvent, StreamLost, TextEvent
+from tests.support.gateways import ALICE, BOB, auth
+from tests.support.turns import event_order, post_turn
 
 pytestmark = pytest.mark.e2e
 

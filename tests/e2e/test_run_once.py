@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, agent_env
+from tests.support import ROOT
+from tests.support.servers import agent_env
 
 pytestmark = pytest.mark.e2e
 

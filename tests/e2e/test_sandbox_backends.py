@@ -5,7 +5,7 @@ the same assertions hold for all of them. What the interface cannot do (crash a
 sandbox behind the backend's back, see what an engine still holds of a sandbox)
 each harness does the engine's own way: the memory backend's helpers, SIGKILL and
 ``/proc`` for local, the Docker SDK for docker, the stand-in of the pods API
-(tests/k8s_standin.py) for kubernetes, whose pods keep their conversations in a real
+(tests/standins/k8s.py) for kubernetes, whose pods keep their conversations in a real
 Redis (the SessionStore) instead of a volume; the cases about volumes also run kubernetes
 in ``pvc`` mode (``kubernetes-pvc``: no SessionStore, each volume a PersistentVolumeClaim
 that the stand-in's pods mount as a directory). The local and docker sandboxes run
@@ -38,15 +38,17 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.processes import descendants
 from hosting.sandboxes import Health, Sandbox, SandboxBackend, SandboxError, SandboxSpec
 from hosting.sandboxes._shared import free_loopback_port
 from hosting.sandboxes.local import SANDBOX_TAG, LocalBackend
 from hosting.sandboxes.memory import MemoryBackend
-from tests.conftest import API_KEY, ROOT, LocalModel, Turn, descendants, post_turn
-from tests.k8s_standin import POD_TEMPLATE, PodsApiStandIn
-from tests.modal_fixtures import MODAL_APP, modal_env, modal_standin  # noqa: F401 - fixtures of the modal harness
-from tests.modal_standin import ModalStandIn
-from tests.stores_fixtures import redis_url  # noqa: F401 - a fixture of the kubernetes harness
+from tests.standins.k8s import POD_TEMPLATE, PodsApiStandIn
+from tests.standins.modal import ModalStandIn
+from tests.support import ROOT
+from tests.support.modal_standin import MODAL_APP
+from tests.support.servers import API_KEY, LocalModel
+from tests.support.turns import Turn, post_turn
 
 SESSION = "conformance-1"
 RECALL = "What value did I ask you to remember?"

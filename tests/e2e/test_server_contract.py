@@ -11,7 +11,8 @@ import signal
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, bound_sessions, event_order, post_turn, workspace_dirs, workspace_of
+from tests.support.servers import API_KEY, bound_sessions, workspace_dirs, workspace_of
+from tests.support.turns import event_order, post_turn
 
 pytestmark = pytest.mark.e2e
 
@@ -219,7 +220,8 @@ def test_missing_credentials_is_one_clear_startup_error(local_model, tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT, agent_env
+    from tests.support import ROOT
+    from tests.support.servers import agent_env
 
     env = agent_env(local_model, tmp_path / "data")
     del env["ANTHROPIC_API_KEY"]

@@ -24,12 +24,13 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from conftest import post_turn, wait_for
-from gateway_fixtures import ALICE, BOB, GatewayProcess, Gateways, auth, local_gateways, open_turn  # noqa: F401
-from stores_fixtures import postgres_url, redis_url, running_redis  # noqa: F401 - fixtures
 
 from hosting.contract import STORE_PROJECT_KEY, durable_session_id
 from hosting.stores import open_session_store
+from tests.support.gateways import ALICE, BOB, GatewayProcess, Gateways, auth, open_turn
+from tests.support.polling import wait_for
+from tests.support.stores import running_redis
+from tests.support.turns import post_turn
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+
+from tests.support import ROOT
 
 
 def run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -60,6 +61,15 @@ def test_the_orchestrator_without_the_environments_extra() -> None:
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == ('agent-environment-orchestrator: the orchestrator needs the Anthropic SDK: '
                            'pip install "research-agent-hosting[environments]"\n')
+
+
+def test_modal_backend_without_the_client_says_how_to_install_it() -> None:
+    code = ("import sys; sys.modules['modal'] = None\n"
+            "from hosting.sandboxes import SandboxError\n"
+            "from hosting.sandboxes.modal import ModalBackend\n"
+            "try:\n    ModalBackend()\nexcept SandboxError as exc:\n    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == 'the Modal client is not installed: pip install "research-agent-hosting[modal]"'
 
 
 def test_the_modal_backend_without_modal_credentials_refuses_to_start(tmp_path: Path) -> None:

@@ -31,11 +31,12 @@ from typing import Any
 
 import pytest
 
+from harness.processes import free_port
 from hosting.environments.sandboxes import sandbox_name
 from hosting.sandboxes.local import LocalBackend
-from tests.conftest import free_port, healthy, wait_for
-from tests.environments_standin import EnvironmentStandIn, OrchestratorProcess, orchestrator_env, serve
-from tests.stores_fixtures import redis_url  # noqa: F401
+from tests.standins.environments import EnvironmentStandIn, OrchestratorProcess, orchestrator_env, serve
+from tests.support.polling import wait_for
+from tests.support.servers import healthy
 
 pytestmark = pytest.mark.e2e
 

@@ -1,5 +1,5 @@
 """Self-hosted environments on the kubernetes backend: the real orchestrator makes a pod per
-session through the stand-in of the pods API (``tests/k8s_standin.py``), whose kubelet runs
+session through the stand-in of the pods API (``tests/standins/k8s.py``), whose kubelet runs
 each pod's server as a real local process, and starts the real SDK worker in it through the
 ``exec`` subresource (``python3 -m hosting.sandboxes.launch``, the command on its stdin).
 
@@ -35,10 +35,10 @@ from hosting.environments.settings import EnvironmentSettings
 from hosting.sandboxes import launch
 from hosting.sandboxes.kubernetes import pod_name
 from hosting.settings_env import ConfigError
-from tests.conftest import wait_for
-from tests.environments_standin import EnvironmentStandIn, OrchestratorProcess, orchestrator_env, serve
-from tests.k8s_standin import POD_TAG, POD_TEMPLATE, PodsApiStandIn, running_standin
-from tests.test_environments import ENVIRONMENT_KEY, TOOLS, TURN_SECONDS, assert_every_tool_ran
+from tests.integration.test_environments import ENVIRONMENT_KEY, TOOLS, TURN_SECONDS, assert_every_tool_ran
+from tests.standins.environments import EnvironmentStandIn, OrchestratorProcess, orchestrator_env, serve
+from tests.standins.k8s import POD_TAG, POD_TEMPLATE, PodsApiStandIn, running_standin
+from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kubernetes]
 

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import pytest
 from anthropic import Anthropic, ConflictError, InternalServerError, PermissionDeniedError, PreconditionFailedError
 
-from tests.environments_standin import EnvironmentStandIn
-from tests.environments_standin.service import serve
+from tests.standins.environments import EnvironmentStandIn
+from tests.standins.environments.service import serve
 
 KEY = "envkey-standin-semantics"
 

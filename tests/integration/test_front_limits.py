@@ -25,13 +25,15 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import LocalModel, ServerProcess, agent_env, free_port, healthy, wait_for
-from gateway_fixtures import Gateways
 
+from harness.processes import free_port
 from hosting.contract import MAX_BODY_BYTES
 from hosting.http_limits import HttpLimits
 from hosting.settings_env import ConfigError
-from tests.environments_standin import EnvironmentStandIn, OrchestratorProcess, orchestrator_env, serve
+from tests.standins.environments import EnvironmentStandIn, OrchestratorProcess, orchestrator_env, serve
+from tests.support.gateways import Gateways
+from tests.support.polling import wait_for
+from tests.support.servers import LocalModel, ServerProcess, agent_env, healthy
 
 HEADER_TIMEOUT = "1"
 """Each front's header deadline in these tests (``<PREFIX>HTTP_HEADER_TIMEOUT_SECONDS``)."""

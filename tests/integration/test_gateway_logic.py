@@ -12,8 +12,6 @@ from dataclasses import replace
 
 import pytest
 import redis.asyncio as aioredis
-from gateway_fixtures import store  # noqa: F401 - fixture
-from stores_fixtures import redis_url  # noqa: F401 - fixture
 
 import hosting.gateway.reaper as reaper_module
 from hosting.gateway.conversations import CredentialedBackend, StoredConversations

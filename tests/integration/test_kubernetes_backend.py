@@ -1,6 +1,6 @@
 """What only the kubernetes backend has, against the stand-in of the pods API.
 
-The conformance suite (tests/test_sandbox_backends.py) holds for kubernetes too; these
+The conformance suite (tests/e2e/test_sandbox_backends.py) holds for kubernetes too; these
 tests add the rest: the claim is a JSON Patch (its content type as the pinned client
 sends it) that a second replica loses with a 422 and the gateway then takes the next
 pooled pod; pod names and labels hold for every legal session id, and the session label
@@ -32,6 +32,7 @@ import pytest
 import yaml
 from kubernetes.aio.client import ApiClient, Configuration
 
+from harness.processes import free_port
 from hosting.gateway.provisioning import Provisioner
 from hosting.gateway.reconcile import reconcile
 from hosting.gateway.routes import MemoryRouteStore, PoolEntry, Route
@@ -52,11 +53,12 @@ from hosting.sandboxes.kubernetes import (
 )
 from hosting.sandboxes.settings import open_backend
 from hosting.settings_env import ConfigError
-from tests.conftest import API_KEY, ROOT, LocalModel, free_port, post_turn
-from tests.gateway_fixtures import ALICE, Gateways, auth
-from tests.k8s_standin import JSON_PATCH, POD_TEMPLATE, PodsApiStandIn, label_errors, running_standin
-from tests.stores_fixtures import redis_url  # noqa: F401 - a fixture
-from tests.test_kubernetes_manifests import OVERLAYS, render
+from tests.integration.test_kubernetes_manifests import OVERLAYS, render
+from tests.standins.k8s import JSON_PATCH, POD_TEMPLATE, PodsApiStandIn, label_errors, running_standin
+from tests.support import ROOT
+from tests.support.gateways import ALICE, Gateways, auth
+from tests.support.servers import API_KEY, LocalModel
+from tests.support.turns import post_turn
 
 pytestmark = pytest.mark.kubernetes
 

@@ -449,7 +449,7 @@ def test_the_gateway_mounts_the_pod_template_it_is_told_to_read(rendered):
 
 def test_the_gateway_role_manages_pods_and_in_pvc_mode_their_claims(rendered):
     """Pods only; with session volumes also the claims, exactly as the backend's ``pvc`` mode
-    calls them (tests/test_kubernetes_backend.py compares both with the calls it records)."""
+    calls them (tests/integration/test_kubernetes_backend.py compares both with the calls it records)."""
     overlay, objects = rendered
     (role,) = [o for o in objects if o["kind"] == "Role"]
     assert role["rules"] == [PODS_RULE, *([CLAIMS_RULE] if overlay in SESSION_VOLUMES else [])]

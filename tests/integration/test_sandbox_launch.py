@@ -1,9 +1,9 @@
 """The launcher of commands in a sandbox (``hosting.sandboxes.launch``), and the kubernetes
 backend's commands through it.
 
-The request codec is pure logic, tested as such. The launcher itself runs as a real process
-here, as a backend runs it. The kubernetes part drives the real client library's pods
-``exec`` against the stand-in of the pods API (tests/k8s_standin.py), whose pods run the real
+The request codec is pure logic, tested as such in tests/unit/test_launch_requests.py. The
+launcher itself runs as a real process here, as a backend runs it. The kubernetes part drives the real client library's pods
+``exec`` against the stand-in of the pods API (tests/standins/k8s.py), whose pods run the real
 server: what the conformance suite cannot see from the interface (that the secret travels on
 stdin and never in the exec URL or a command line, that a command nobody waits for any more
 is killed, that the stand-in refuses what it does not serve) is checked here.
@@ -31,43 +31,11 @@ from kubernetes.aio.stream import WsApiClient
 
 from hosting.sandboxes import SandboxError, SandboxSpec
 from hosting.sandboxes.kubernetes import KubernetesBackend, pod_name
-from hosting.sandboxes.launch import CANNOT_START, FAILED, LaunchRequest, decode_request, encode_request, exit_status
-from tests.conftest import ROOT
-from tests.k8s_standin import POD_TEMPLATE, PodsApiStandIn, running_standin
+from hosting.sandboxes.launch import CANNOT_START, FAILED, encode_request
+from tests.standins.k8s import POD_TEMPLATE, PodsApiStandIn, running_standin
+from tests.support import ROOT
 
 LAUNCH = (sys.executable, "-m", "hosting.sandboxes.launch")
-
-
-# --- the request -------------------------------------------------------------------------------
-
-def test_a_request_is_one_json_line_that_decodes_to_what_was_encoded() -> None:
-    line = encode_request(("python3", "-c", "print('a b')", "it's $HOME\n"), {"TOKEN": "s e\ncret"}, detach=True)
-    assert line.endswith(b"\n") and line.count(b"\n") == 1
-    assert decode_request(line) == LaunchRequest(["python3", "-c", "print('a b')", "it's $HOME\n"],
-                                                 {"TOKEN": "s e\ncret"}, True)
-    assert decode_request(encode_request(["true"], None, detach=False)) == LaunchRequest(["true"], {}, False)
-
-
-@pytest.mark.parametrize(("argv", "env"), [
-    ([], {}), (["a\0b"], {}), (["ok", 3], {}), (["ok"], {"": "v"}), (["ok"], {"A=B": "v"}), (["ok"], {"A": "v\0"}),
-])
-def test_what_no_process_could_start_with_is_refused_before_it_is_sent(argv: list[str], env: dict[str, str]) -> None:
-    with pytest.raises(ValueError, match="argv|env"):
-        encode_request(argv, env, detach=False)
-
-
-@pytest.mark.parametrize("line", [
-    b"", b"not json\n", b"\xff\n", b"[]\n", b'{"argv": ["a"], "env": {}}\n',
-    b'{"argv": ["a"], "env": {}, "detach": false, "cwd": "/"}\n', b'{"argv": "a", "env": {}, "detach": false}\n',
-    b'{"argv": ["a"], "env": {"A": 1}, "detach": false}\n', b'{"argv": ["a"], "env": {}, "detach": "no"}\n',
-])
-def test_a_request_that_is_not_exactly_right_is_refused_with_a_reason(line: bytes) -> None:
-    with pytest.raises(ValueError, match="request|argv|env|detach"):
-        decode_request(line)
-
-
-def test_a_status_reads_as_a_shell_reports_it() -> None:
-    assert [exit_status(code) for code in (0, 3, -9, -15)] == [0, 3, 137, 143]
 
 
 # --- the launcher as a process -----------------------------------------------------------------

@@ -24,11 +24,11 @@ from claude_agent_sdk import SessionStore, list_sessions_from_store, project_key
 from claude_agent_sdk.testing import run_session_store_conformance
 from claude_agent_sdk.types import SessionKey
 from psycopg import sql
-from stores_fixtures import postgres_url, redis_url, running_postgres, running_redis  # noqa: F401
 
 from hosting.stores import StoreUnavailableError, open_session_store
 from hosting.stores.postgres_store import PostgresSessionStore
 from hosting.stores.redis_store import RedisSessionStore
+from tests.support.stores import running_postgres, running_redis
 
 pytestmark = pytest.mark.stores
 

@@ -31,8 +31,8 @@ from psycopg import errors as pg_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoPermissionError, ResponseError
-from stores_fixtures import free_port, running_postgres, running_redis
 
+from harness.processes import free_port
 from hosting.server.durable import STORE_PROJECT_KEY
 from hosting.stores import Fenced, StoreUnavailableError, open_session_store
 from hosting.stores.access import (
@@ -46,6 +46,7 @@ from hosting.stores.access import (
 )
 from hosting.stores.postgres_store import PostgresSessionStore
 from hosting.stores.protocol import DurableSessionStore
+from tests.support.stores import running_postgres, running_redis
 
 pytestmark = pytest.mark.stores
 
@@ -226,7 +227,8 @@ async def test_bad_sandbox_ids_are_refused_before_the_server_is_asked(scheme: st
 
 @pytest.mark.parametrize("scheme", ["redis", "postgresql"])
 @pytest.mark.parametrize("sessions", [["not-a-uuid"], [str(uuid.uuid4()).upper()], ["*"],
-                                      [str(uuid.uuid4()) + "*"], str(uuid.uuid4())])
+                                      [str(uuid.uuid4()) + "*"], str(uuid.uuid4())],
+                         ids=["not-a-uuid", "upper-case", "glob", "uuid-then-glob", "not-a-list"])  # xdist workers must agree
 async def test_bad_session_ids_are_refused_before_the_server_is_asked(scheme: str, sessions: Any) -> None:
     access = open_sandbox_access(f"{scheme}://admin:pw@127.0.0.1:{free_port()}/0", "inst")
     try:

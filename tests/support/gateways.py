@@ -3,7 +3,7 @@
 Each gateway gets its own installation name, so the sandboxes and Redis keys of
 one test never meet another's, and teardown removes exactly what the test made:
 the gateway (SIGTERM, then the process group), every sandbox of its
-installation, and for Docker its containers and volumes.
+installation, and for Docker its containers and volumes. A plugin (``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,10 +21,12 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ROOT, LocalModel, agent_env, free_port
-from httpx_sse import ServerSentEvent, connect_sse
 
+from harness.processes import Process, ProcessFailed, free_port
+from harness.sse import WireEvent, turn_stream, wire_events
 from hosting.gateway.routes import MemoryRouteStore, RedisRouteStore, RouteStore
+from tests.support import ROOT
+from tests.support.servers import LocalModel, agent_env
 
 ALICE, BOB, ADMIN = "alice-token-1f9e", "bob-token-77c2", "admin-token-5d0a"
 TENANTS = f"{ALICE}:alice,{BOB}:bob"
@@ -42,14 +42,13 @@ class OpenTurn:
 
     def __init__(self, url: str, session_id: str, prompt: str, token: str = ALICE) -> None:
         self._client = httpx.Client(timeout=120)
-        self._connection = connect_sse(self._client, "POST", f"{url}/sessions/{session_id}/messages",
-                                       json={"prompt": prompt}, headers=auth(token))
-        self._source = self._connection.__enter__()
-        assert self._source.response.status_code == 200, self._source.response.read()
-        self._events: Iterator[ServerSentEvent] = self._source.iter_sse()
+        self._connection = turn_stream(self._client, url, session_id, prompt, auth(token))
+        source = self._connection.__enter__()
+        assert source.response.status_code == 200, source.response.read()
+        self._events: Iterator[WireEvent] = wire_events(source)
         self.events: list[tuple[str, dict[str, Any]]] = []
-        first = next(e for e in self._events if e.data)
-        self.events.append((first.event, json.loads(first.data)))
+        first = next(self._events)
+        self.events.append((first["event"], first["data"]))
         assert self.kinds == ["session"]
 
     @property
@@ -62,9 +61,7 @@ class OpenTurn:
 
     def finish(self) -> list[str]:
         """Read to the end of the stream; the kinds of every event."""
-        for event in self._events:
-            if event.data:
-                self.events.append((event.event, json.loads(event.data)))
+        self.events += [(event["event"], event["data"]) for event in self._events]
         self.drop()
         return self.kinds
 
@@ -87,7 +84,7 @@ class GatewayProcess:
     env: dict[str, str]
     data_dir: Path
     port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
+    process: Process | None = None
 
     @property
     def base_url(self) -> str:
@@ -98,36 +95,24 @@ class GatewayProcess:
         return self.data_dir.parent / f"gateway-{self.port}.log"
 
     def start(self, wait_pool: bool = True) -> GatewayProcess:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "hosting.gateway"], cwd=ROOT,
-                                        env={**self.env, "PORT": str(self.port)}, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gateway did not become healthy:\n{self.log()}")
-            time.sleep(0.1)
+        self.process = Process([sys.executable, "-m", "hosting.gateway"], log_path=self.log_path, name="gateway",
+                               cwd=ROOT, env={**self.env, "PORT": str(self.port)})
+        self.process.wait_http(f"{self.base_url}/health", timeout=60)
         if wait_pool:
             self.wait_pool_full()
         return self
 
     def wait_pool_full(self, timeout: float = 180) -> None:
+        """Until the warm pool holds its target (the error says which, with the gateway's log)."""
+        assert self.process is not None
         target = int(self.env.get("GATEWAY_WARM_POOL", "2"))
-        deadline = time.monotonic() + timeout
-        while len(self.pool()["sandboxes"]) < target:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"warm pool not full after {timeout} s:\n{self.log()}")
-            time.sleep(0.1)
+        try:
+            self.process.wait_until(lambda: len(self.pool()["sandboxes"]) >= target, timeout)
+        except ProcessFailed as exc:
+            raise AssertionError(f"warm pool not full ({target} sandboxes): {exc}") from None
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return self.process.log() if self.process else ""
 
     def admin(self, path: str) -> httpx.Response:
         return httpx.get(f"{self.base_url}/admin/{path}", headers=auth(ADMIN), timeout=10)
@@ -148,18 +133,9 @@ class GatewayProcess:
         return self.process.wait(timeout)
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            try:
-                self.terminate(30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(30)
+        """Teardown: SIGTERM and up to 30 s to drain, then the whole process group."""
+        if self.process is not None:
+            self.process.stop(signal.SIGTERM, grace=30)
 
 
 @dataclass
@@ -232,8 +208,6 @@ class Gateways:
             asyncio.run(remove())
         records = self.root / "gateway-data" / "sandboxes"
         for record in records.glob("*.json") if records.exists() else []:
-            import json
-
             pid = json.loads(record.read_text()).get("pid")
             if pid:
                 try:

@@ -5,7 +5,7 @@ with ``MODAL_SERVER_URL`` and the stand-in's workspace token, its config file is
 Sandboxes are containers of the image the stand-in builds from ``hosting/Dockerfile`` (the
 first build of a session takes as long as ``agent_image``'s; it shares Docker's layer
 cache with it). Every test ends by asserting that the client called no RPC the stand-in
-does not implement and that no handler broke.
+does not implement and that no handler broke. A plugin (``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -18,42 +18,27 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BASE_IMAGE, ROOT
-from tests.modal_standin import ModalStandIn
+from tests.standins.modal import ModalStandIn
+from tests.support import ROOT
+from tests.support.images import BASE_IMAGE
 
 MODAL_APP = "research-agent-gateway"
 """The app the gateway's modal backend runs sandboxes in (its default)."""
 
 
-_shared: list[ModalStandIn] = []
-_users = 0
-
-
 @pytest.fixture(scope="session")
 def modal_standin(agent_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModalStandIn]:
-    """The stand-in, for the whole session (its image cache with it). ``agent_image`` builds the
-    base image the stand-in's builder resolves ``BASE_IMAGE`` to, and warms Docker's cache.
-
-    Each test module that imports this fixture gets a session fixture of its own; they share
-    one stand-in, stopped when the last of them ends (in-process ``modal`` clients are created
-    once per process and would keep talking to the first)."""
-    global _users
-    if not _shared:
-        standin = ModalStandIn(tmp_path_factory.mktemp("modal-standin"), BASE_IMAGE)
-        try:
-            standin.start()
-            build_agent_image(standin)
-        except BaseException:
-            standin.stop()
-            raise
-        _shared.append(standin)
-    _users += 1
+    """The stand-in, for the whole session (its image cache with it): in-process ``modal``
+    clients are created once per process and would keep talking to the first stand-in.
+    ``agent_image`` builds the base image the stand-in's builder resolves ``BASE_IMAGE`` to,
+    and warms Docker's cache."""
+    standin = ModalStandIn(tmp_path_factory.mktemp("modal-standin"), BASE_IMAGE)
     try:
-        yield _shared[0]
+        standin.start()
+        build_agent_image(standin)
+        yield standin
     finally:
-        _users -= 1
-        if _users == 0:
-            _shared.pop().stop()
+        standin.stop()
 
 
 BUILD = """

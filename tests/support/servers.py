@@ -1,8 +1,8 @@
-"""Shared fixtures: the real local model, real server processes, SSE helpers.
+"""The local model and real agent server processes, and what the tests read of them.
 
-Everything here drives real parts: the local model is a real HTTP server, the
-agent server is a real ``python -m hosting.server`` process, and turns go
-through the real claude-agent-sdk and its bundled Claude Code CLI.
+Everything here drives real parts: the local model is a real HTTP server, the agent server is
+a real ``python -m hosting.server`` process, and turns go through the real claude-agent-sdk and
+its bundled Claude Code CLI. A plugin (``tests/conftest.py``): its fixtures exist once per run.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -23,20 +21,12 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from httpx_sse import connect_sse
 
+from harness.processes import Process, free_port, http_ok
 from hosting.local_model import create_app as create_local_model
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-secret-6b1f0c2e9a"
-BASE_IMAGE = os.environ.get("AGENT_TEST_BASE_IMAGE", "research-agent-base:bookworm")
-IMAGE = "research-agent:test"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -64,25 +54,6 @@ def local_model() -> Iterator[LocalModel]:
     thread.join(10)
 
 
-def docker(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """The docker CLI; fails the test with its output unless ``check=False``."""
-    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-@pytest.fixture(scope="session")
-def agent_image() -> str:
-    """The product image, built once per run on the offline base image (needs a Docker engine)."""
-    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
-        pytest.fail("no Docker engine: run scripts/start-dockerd.sh as root")
-    subprocess.run([str(ROOT / "hosting/docker/build-base-image.sh"), BASE_IMAGE], check=True, timeout=900)
-    docker("build", "-q", "-f", "hosting/Dockerfile", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
-           "--network", "host", "-t", IMAGE, str(ROOT), timeout=900)
-    return IMAGE
-
-
 def agent_env(local_model: LocalModel, data_dir: Path, **extra: str) -> dict[str, str]:
     """Environment for an agent process pointed at the local model."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "ANTHROPIC_", "CLAUDE_"))}
@@ -107,36 +78,24 @@ class ServerProcess:
     env: dict[str, str]
     data_dir: Path
     port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
+    process: Process | None = None
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir.parent / f"server-{self.port}.log"
+
     def start(self) -> ServerProcess:
-        self.log_path = self.data_dir.parent / f"server-{self.port}.log"
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "hosting.server"], cwd=ROOT,
-            env={**self.env, "PORT": str(self.port)}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not become healthy:\n{self.log()}")
-            time.sleep(0.1)
+        self.process = Process([sys.executable, "-m", "hosting.server"], log_path=self.log_path, name="server", cwd=ROOT,
+                               env={**self.env, "PORT": str(self.port)})
+        self.process.wait_http(f"{self.base_url}/health", timeout=30)
+        return self
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+        return self.process.log() if self.process else ""
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
         """Signal the server process only (not its group) and wait for it."""
@@ -146,13 +105,9 @@ class ServerProcess:
 
     def stop(self) -> None:
         """Teardown: end the whole process group (server and any CLI it left)."""
-        if self.process is None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(30)
+        if self.process is not None:
+            self.process.stop()
+
 
 
 @pytest.fixture
@@ -171,54 +126,9 @@ def start_server(local_model: LocalModel, tmp_path: Path) -> Iterator[Any]:
         server.stop()
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (the CLIs a server started)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found: set[int] = set()
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.add(child)
-            stack.append(child)
-    return found
-
-
-def alive(pids: set[int]) -> set[int]:
-    out = set()
-    for pid in pids:
-        try:
-            state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            continue
-        if state != "Z":
-            out.add(pid)
-    return out
-
-
-def wait_for(predicate: Any, timeout: float = 30, interval: float = 0.05) -> Any:
-    """Poll until ``predicate()`` is truthy; fail the test at the timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
-
-
 def healthy(base_url: str) -> bool:
     """``GET /health`` answers 200; ``False`` while nothing listens there yet."""
-    try:
-        return httpx.get(f"{base_url}/health", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
+    return http_ok(f"{base_url}/health", timeout=2)
 
 
 def ready(base_url: str) -> dict[str, Any]:
@@ -237,47 +147,3 @@ def bound_sessions(data_dir: Path) -> set[str]:
 
 def workspace_dirs(data_dir: Path) -> set[str]:
     return {p.name for p in (data_dir / "workspaces").iterdir()}
-
-
-@dataclass
-class Turn:
-    """What one POST /messages produced: the raw SSE events, in order."""
-
-    events: list[dict[str, Any]]
-
-    @property
-    def types(self) -> list[str]:
-        return [e["event"] for e in self.events]
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e["data"] for e in self.events if e["event"] == kind]
-
-    @property
-    def text(self) -> str:
-        return "".join(d["text"] for d in self.of("text"))
-
-    @property
-    def result(self) -> dict[str, Any]:
-        (result,) = self.of("result")
-        return result
-
-
-def event_order(event_id: str) -> tuple[int, int]:
-    """``"<turn>-<seq>"`` as numbers, for checking ids grow."""
-    turn, _, seq = event_id.partition("-")
-    return int(turn), int(seq)
-
-
-def post_turn(base_url: str, session_id: str, prompt: str, *, headers: dict[str, str] | None = None,
-              timeout: float = 120) -> Turn:
-    """One turn over real HTTP, parsed with httpx-sse."""
-    events = []
-    with httpx.Client(timeout=timeout) as client, connect_sse(
-        client, "POST", f"{base_url}/sessions/{session_id}/messages", json={"prompt": prompt}, headers=headers or {}
-    ) as source:
-        assert source.response.status_code == 200, source.response.read()
-        for sse in source.iter_sse():
-            if not sse.data:  # a heartbeat comment, not an event
-                continue
-            events.append({"event": sse.event, "id": sse.id, "data": json.loads(sse.data)})
-    return Turn(events)

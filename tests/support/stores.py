@@ -1,10 +1,13 @@
-"""Real Redis and PostgreSQL servers for the session-store tests.
+"""Real Redis and PostgreSQL servers for the tests of the stores.
 
 The adapters' value is in how they behave against the real servers
 (transactions, expiry, cascades), so these fixtures start throwaway servers
 from the Debian packages on free 127.0.0.1 ports in temp dirs rather than
 mocking them. Missing binaries FAIL the tests with the apt package to
 install: a silent skip would let CI go green without ever testing a store.
+
+A plugin (``tests/conftest.py``): one Redis and one PostgreSQL serve a whole run (one
+per pytest-xdist worker); tests keep apart by key prefix or database.
 """
 
 from __future__ import annotations
@@ -14,10 +17,8 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,46 +27,10 @@ import psycopg
 import pytest
 import redis
 
+from harness.processes import Process, free_port
+
 _INSTALL_HINT = "run scripts/install-store-servers.sh or `apt-get install -y {pkg}`"
 _START_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    """Ask the kernel for a free loopback port (small race, fine for tests)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _log_tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], log: Path, probe_ok: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + _START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{_log_tail(log)}")
-        if probe_ok():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"server not ready after {_START_TIMEOUT}s:\n{_log_tail(log)}")
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
-    """Stop a server we started, by its own PID; escalate to SIGKILL."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=15)
 
 
 def _postgres_bindir() -> Path:
@@ -132,17 +97,15 @@ class RestartableServer:
     def __init__(
         self,
         url: str,
-        launch: Callable[[], subprocess.Popen[bytes]],
+        launch: Callable[[], Process],
         probe: Callable[[], bool],
-        log: Path,
-        stop_signal: int,
+        stop_signal: signal.Signals,
     ) -> None:
         self.url = url
         self._launch = launch
         self._probe = probe
-        self._log = log
         self._stop_signal = stop_signal
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: Process | None = None
 
     @property
     def running(self) -> bool:
@@ -151,11 +114,12 @@ class RestartableServer:
     def start(self) -> None:
         assert not self.running, "already running"
         self._proc = self._launch()
-        _wait_ready(self._proc, self._log, self._probe)
+        self._proc.wait_until(self._probe, _START_TIMEOUT)
 
     def stop(self) -> None:
+        """Stop the server by its signal for a clean shutdown (it keeps its data), SIGKILL after 15 s."""
         if self._proc is not None:
-            _stop(self._proc, self._stop_signal)
+            self._proc.stop(self._stop_signal, grace=15)
             self._proc = None
 
 
@@ -173,14 +137,13 @@ def restartable_redis(*, persistent: bool = True) -> Iterator[RestartableServer]
     port = free_port()
     log = tmp / "redis.log"
 
-    def launch() -> subprocess.Popen[bytes]:
-        with log.open("ab") as out:
-            return subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                 *(["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]),
-                 "--dir", str(tmp)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+    def launch() -> Process:
+        return Process(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             *(["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]),
+             "--dir", str(tmp)],
+            log_path=log, name="redis-server",
+        )  # fmt: skip
 
     def ping() -> bool:
         try:
@@ -189,7 +152,7 @@ def restartable_redis(*, persistent: bool = True) -> Iterator[RestartableServer]
         except (redis.ConnectionError, redis.BusyLoadingError):
             return False
 
-    server = RestartableServer(f"redis://127.0.0.1:{port}/0", launch, ping, log, signal.SIGTERM)
+    server = RestartableServer(f"redis://127.0.0.1:{port}/0", launch, ping, signal.SIGTERM)
     try:
         server.start()
         yield server
@@ -213,16 +176,14 @@ def restartable_postgres() -> Iterator[RestartableServer]:
     port = free_port()
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
 
-    def launch() -> subprocess.Popen[bytes]:
-        with log.open("ab") as out:
-            return subprocess.Popen(
-                [str(bindir / "postgres"), "-D", str(data), "-k", str(sock),
-                 "-h", "127.0.0.1", "-p", str(port),
-                 "-c", "fsync=off", "-c", "synchronous_commit=off",
-                 "-c", "full_page_writes=off"],
-                user=user, cwd=tmp, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+    def launch() -> Process:
+        return Process(
+            [str(bindir / "postgres"), "-D", str(data), "-k", str(sock),
+             "-h", "127.0.0.1", "-p", str(port),
+             "-c", "fsync=off", "-c", "synchronous_commit=off",
+             "-c", "full_page_writes=off"],
+            log_path=log, name="postgres", user=user, cwd=tmp,
+        )  # fmt: skip
 
     def ping() -> bool:
         try:
@@ -233,7 +194,7 @@ def restartable_postgres() -> Iterator[RestartableServer]:
             return False
 
     # SIGINT is "fast" shutdown: it does not wait for clients to disconnect.
-    server = RestartableServer(url, launch, ping, log, signal.SIGINT)
+    server = RestartableServer(url, launch, ping, signal.SIGINT)
     try:
         initdb = subprocess.run(
             [str(bindir / "initdb"), "-D", str(data), "-U", "postgres",

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-from conftest import ROOT, LocalModel, ServerProcess, agent_env
-from gateway_fixtures import ALICE, Gateways, auth, open_turn
 from playwright.sync_api import Browser, Dialog, Page, Playwright, expect, sync_playwright
 
 from hosting.web import CONTENT_SECURITY_POLICY
+from tests.support import ROOT
+from tests.support.gateways import ALICE, Gateways, auth, open_turn
+from tests.support.servers import LocalModel, ServerProcess, agent_env
 
 pytestmark = pytest.mark.e2e
 

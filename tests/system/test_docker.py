@@ -17,7 +17,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, BASE_IMAGE, ROOT, docker, free_port, healthy, post_turn, wait_for
+from harness.processes import free_port
+from tests.support import ROOT
+from tests.support.images import BASE_IMAGE, docker
+from tests.support.polling import wait_for
+from tests.support.servers import API_KEY, healthy
+from tests.support.turns import post_turn
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
@@ -139,7 +144,7 @@ WORKDIR /home/dev
 
 def test_main_job_works_for_a_non_root_user_on_plain_debian(image, tmp_path):
     """The README's first command on Debian's python3 with no pip, no venv, no root."""
-    from tests.test_quickstart import BLOCKS
+    from tests.e2e.test_quickstart import BLOCKS
 
     docker_dir = tmp_path / "plain"
     docker_dir.mkdir()

@@ -30,7 +30,11 @@ import pytest
 import trustme
 import yaml
 
-from tests.conftest import BASE_IMAGE, ROOT, docker, free_port, post_turn, wait_for
+from harness.processes import free_port
+from tests.support import ROOT
+from tests.support.images import BASE_IMAGE, docker
+from tests.support.polling import wait_for
+from tests.support.turns import post_turn
 
 DEPLOYED = [pytest.mark.docker, pytest.mark.e2e,
             pytest.mark.skipif(shutil.which("docker-compose") is None, reason="needs docker-compose"),
@@ -47,7 +51,7 @@ COMPOSE_FILE = ROOT / "hosting/docker/gateway-compose.yml"
 AGENT_IMAGE = "confined-agent:test"
 """The product image from this tree, under a tag of its own (other runs rebuild ``research-agent:test``
 from their trees); its layers come from the same cache."""
-PROXY_IMAGE = "research-agent-egress-proxy:test"  # built as tests/test_egress_proxy.py builds it
+PROXY_IMAGE = "research-agent-egress-proxy:test"  # built as tests/system/test_egress_proxy.py builds it
 REDIS_IMAGE = "confined-redis:test"
 UPSTREAM_HOST, UPSTREAM_PORT = "api.anthropic.test", 8443
 TOKEN, ADMIN = f"confined-{secrets.token_hex(12)}", f"confined-admin-{secrets.token_hex(12)}"

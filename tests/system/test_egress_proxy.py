@@ -164,13 +164,13 @@ def make_pki(directory: Path) -> Pki:
 # --- the upstream stand-in (runs in the upstream netns under uvicorn with TLS) ------------
 
 def environments_app(key: str) -> Callable[..., Any]:
-    """The Managed Agents environment stand-in (tests/environments_standin), with what an
+    """The Managed Agents environment stand-in (tests/standins/environments), with what an
     orchestrator does outside the sandbox under ``/test/environments/``: create a session
     (its work item polled and acknowledged with the environment key, through the stand-in's
     own HTTP API) and read back what the session's runner did."""
     from fastapi import FastAPI
 
-    from tests.environments_standin.service import BETA, EnvironmentStandIn
+    from tests.standins.environments.service import BETA, EnvironmentStandIn
 
     environments = EnvironmentStandIn(environment_key=key)
     control = FastAPI()
@@ -277,8 +277,8 @@ def _write_netns_files(netns: str, hosts: str) -> None:
 def policy_reach() -> dict[str, set[str]]:
     """Which of the egress proxy's ports (by name) an agent pod and a runner pod may open, as
     the rendered NetworkPolicies say (the pods' labels from their templates, both sides'
-    policies evaluated by tests/test_kubernetes_manifests.py's ``allowed``)."""
-    from tests.test_kubernetes_manifests import OVERLAYS, Peer, allowed, pod_template_of, render
+    policies evaluated by tests/integration/test_kubernetes_manifests.py's ``allowed``)."""
+    from tests.integration.test_kubernetes_manifests import OVERLAYS, Peer, allowed, pod_template_of, render
 
     objects = render(OVERLAYS["base"])
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
@@ -392,7 +392,7 @@ def upstream(topology: Topology) -> Iterator[Upstream]:
     try:
         process = processes.start(
             ["ip", "netns", "exec", topology.upstream, sys.executable, "-m", "uvicorn", "--factory",
-             "tests.test_egress_proxy:upstream_app", "--host", UPSTREAM_IP, "--port", "443", "--log-level", "warning",
+             "tests.system.test_egress_proxy:upstream_app", "--host", UPSTREAM_IP, "--port", "443", "--log-level", "warning",
              "--ssl-certfile", str(topology.pki.cert), "--ssl-keyfile", str(topology.pki.key)],
             log, cwd=ROOT, env=env)
         wait_for_port(topology.upstream, UPSTREAM_IP, 443, process, log)
@@ -827,7 +827,7 @@ def test_the_proxy_image_runs_as_the_pod_runs_it(tmp_path):
     its uid, a read-only root with /tmp the only writable place, no capability, no new
     privileges; the ConfigMap's files and the key mounted read-only. No network: the API's
     name points at the container's own loopback, where nothing answers (so 502)."""
-    from tests.conftest import BASE_IMAGE, docker
+    from tests.support.images import BASE_IMAGE, docker
 
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
         pytest.fail("no Docker engine: run scripts/start-dockerd.sh as root")

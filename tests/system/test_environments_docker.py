@@ -21,9 +21,10 @@ import pytest
 
 from hosting.environments.sandboxes import sandbox_name
 from hosting.sandboxes.docker import DockerBackend, container_name
-from tests.conftest import docker, wait_for
-from tests.environments_standin import EnvironmentStandIn, OrchestratorProcess, orchestrator_env, serve
-from tests.test_environments import ENVIRONMENT_KEY, TOOLS, wait_turn
+from tests.integration.test_environments import ENVIRONMENT_KEY, TOOLS, wait_turn
+from tests.standins.environments import EnvironmentStandIn, OrchestratorProcess, orchestrator_env, serve
+from tests.support.images import docker
+from tests.support.polling import wait_for
 
 # The first test to ask for the product image builds it (minutes on a busy machine).
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.timeout(600)]

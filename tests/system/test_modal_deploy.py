@@ -17,9 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, ROOT, LocalModel, post_turn
-from tests.modal_fixtures import modal_env, modal_standin, subprocess_env  # noqa: F401 - fixtures
-from tests.modal_standin import ModalStandIn
+from tests.standins.modal import ModalStandIn
+from tests.support import ROOT
+from tests.support.modal_standin import subprocess_env
+from tests.support.servers import API_KEY, LocalModel
+from tests.support.turns import post_turn
 
 pytestmark = [pytest.mark.modal, pytest.mark.docker, pytest.mark.e2e]
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import LocalModel, post_turn, wait_for
-from gateway_fixtures import ALICE, BOB, Gateways, auth
 
-from tests.modal_fixtures import modal_env, modal_standin  # noqa: F401 - fixtures
-from tests.modal_standin import ModalStandIn
+from tests.standins.modal import ModalStandIn
+from tests.support.gateways import ALICE, BOB, Gateways, auth
+from tests.support.polling import wait_for
+from tests.support.servers import LocalModel
+from tests.support.turns import post_turn
 
 pytestmark = [pytest.mark.modal, pytest.mark.docker, pytest.mark.e2e]
 

@@ -24,7 +24,9 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from nbformat.v4 import new_code_cell
 
-from tests.conftest import BASE_IMAGE, ROOT, alive, descendants, docker
+from harness.processes import alive, descendants
+from tests.support import ROOT
+from tests.support.images import BASE_IMAGE, docker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.timeout(1800)]
 

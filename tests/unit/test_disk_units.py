@@ -3,7 +3,7 @@ workspace moves, and the session manager's bookkeeping around them.
 
 The CLI is replaced by the recorders of test_cli_starts.py (these are rules about what
 may be removed or refused, not about the CLI), the disk by a stand-in where the rule
-under test is "over the budget"; tests/test_retention.py and tests/test_disk_full.py
+under test is "over the budget"; tests/e2e/test_retention.py and tests/e2e/test_disk_full.py
 run the same paths end to end on real servers, real CLIs and a real small volume.
 """
 
@@ -32,7 +32,7 @@ from hosting.server.sessions import SessionManager
 from hosting.server.settings import Settings
 from hosting.server.workspaces import WorkspaceStore, drop_torn_tail, turn_recorded
 from hosting.settings_env import ConfigError
-from tests.test_cli_starts import ONE_GIB_BOX, manager, replies, run_turn, starts  # noqa: F401 - fixtures
+from tests.unit.test_cli_starts import ONE_GIB_BOX, manager, replies, run_turn, starts  # noqa: F401 - fixtures
 
 MiB = 2**20
 GiB = 2**30

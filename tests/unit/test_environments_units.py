@@ -1,13 +1,11 @@
 """Unit tests of the environments orchestrator's pure logic: settings, the work secret,
-which item is newer, which errors are fatal, the runner's status record; and the archive
-ledger on a file and on a real Redis."""
+which item is newer, which errors are fatal, the runner's status record (the archive ledger,
+on a real Redis too: tests/integration/test_environments_archive.py)."""
 
 from __future__ import annotations
 
 import base64
 import json
-import secrets
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx2
@@ -15,7 +13,6 @@ import pytest
 from anthropic import APIStatusError
 from anthropic.types.beta.environments import BetaSelfHostedWork
 
-from hosting.environments.archive import ArchivedSessions, FileArchive, RedisArchive
 from hosting.environments.credentials import sessions_token
 from hosting.environments.lifecycle import is_fatal, is_newer
 from hosting.environments.locks import MemoryLocks
@@ -24,7 +21,6 @@ from hosting.environments.sandboxes import RunnerLaunch, RunnerStatus, sandbox_n
 from hosting.environments.settings import EnvironmentSettings
 from hosting.sandboxes.base import SANDBOX_ID_PATTERN, VOLUME_PATTERN, SandboxError
 from hosting.settings_env import ConfigError
-from tests.stores_fixtures import redis_url  # noqa: F401 - a fixture of the redis archive
 
 BASE = {"ANTHROPIC_ENVIRONMENT_ID": "env_01", "ANTHROPIC_ENVIRONMENT_KEY": "key-1"}
 
@@ -150,37 +146,3 @@ async def test_memory_locks_exclude_and_release_only_for_their_holder() -> None:
         assert held
         async with locks.holding("s", wait_seconds=0.1) as again:
             assert not again
-
-
-@pytest.fixture(params=["file", pytest.param("redis", marks=pytest.mark.stores)])
-async def archive(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Callable[[], ArchivedSessions]]:
-    """A factory: each call is a new ledger on the same file or Redis key (a restart, another orchestrator)."""
-    environment = f"env_{secrets.token_hex(4)}"
-    opened: list[ArchivedSessions] = []
-
-    def open_archive() -> ArchivedSessions:
-        made = (FileArchive(tmp_path / "archived-sessions.json") if request.param == "file"
-                else RedisArchive(request.getfixturevalue("redis_url"), environment))
-        opened.append(made)
-        return made
-
-    yield open_archive
-    for made in opened:
-        await made.aclose()
-
-
-async def test_the_archive_keeps_the_first_end_time_and_outlives_its_process(
-        archive: Callable[[], ArchivedSessions]) -> None:
-    first = archive()
-    assert await first.ended_before(1e12) == []
-    await first.add("sesn_b", 200.0)
-    await first.add("sesn_a", 100.0)
-    await first.add("sesn_a", 300.0)  # ended again: still archived since 100
-    assert await first.ended_before(150.0) == ["sesn_a"]
-    assert await first.ended_before(100.0) == []
-
-    restarted = archive()
-    assert await restarted.ended_before(1e12) == ["sesn_a", "sesn_b"]
-    await restarted.discard("sesn_a")
-    await restarted.discard("sesn_never")
-    assert await first.ended_before(1e12) == ["sesn_b"]

@@ -4,49 +4,36 @@ per-turn cap (``AGENT_MAX_BUDGET_USD``).
 In-process with the memory ledger and a clock the test moves: what a turn spends (from
 its ``result`` event, as the relay sees it), refusals (429, ``Retry-After``, the budget
 named, nothing provisioned, the quota permit given back), windows rolling over, 0 =
-unlimited, configuration. The Redis ledger against a real Redis: windows on Redis's
-clock, replicas sharing the count, the Lua calendar. Then real gateway processes on one
-Redis (local backend, the real SDK and CLI against the local model), and a real server
-with the per-turn cap.
+unlimited, configuration. The Redis ledger against a real Redis is in
+tests/integration/test_budget_ledger.py; real gateways and a real server with the per-turn cap
+in tests/e2e/test_budget_turns.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import secrets
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import post_turn
-from gateway_fixtures import ADMIN, ALICE, BOB, Gateways, auth, local_gateways  # noqa: F401 - fixture
-from stores_fixtures import redis_url  # noqa: F401 - fixture
 
 from hosting.client import AgentClient, RateLimitedError
 from hosting.gateway.app import create_app
 from hosting.gateway.budgets import (
-    _CALENDAR,
-    SESSION_COST_TTL_SECONDS,
     BudgetExhausted,
     Budgets,
     MemoryBudgetLedger,
-    RedisBudgetLedger,
     Reported,
     Spend,
     Spent,
     TenantBudget,
-    open_budget_ledger,
-    utc_windows,
 )
 from hosting.gateway.quotas import Quotas, TenantLimits
 from hosting.gateway.relay import StreamWatcher
-from hosting.gateway.routes import MemoryRouteStore, RedisRouteStore, RouteStoreUnavailable
+from hosting.gateway.routes import MemoryRouteStore, RouteStoreUnavailable
 from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.telemetry import GatewayTelemetry, GatewayTurn
 from hosting.gateway.tenants import load_tenant_budgets, load_tenant_overrides, load_tenant_tokens
@@ -56,6 +43,7 @@ from hosting.settings_env import ConfigError
 from hosting.telemetry.settings import TelemetrySettings
 from hosting.telemetry.turns import TurnRecord
 from hosting.wire import WireEvent, encode
+from tests.support.gateways import ADMIN, ALICE, BOB, auth
 
 BASE_ENV = {"GATEWAY_TENANTS": "tok-a:alice", "ANTHROPIC_API_KEY": "sk-x"}
 
@@ -320,136 +308,3 @@ async def test_the_gateway_answers_429_before_provisioning_and_the_client_raises
             await client.arun("hi")
     assert raised.value.status == 429 and raised.value.retry_after == 6 * 3600
     assert raised.value.detail == "tenant budget exhausted: tokens per day (1000000)"
-
-
-# --- the Redis ledger ------------------------------------------------------------------------
-
-
-async def redis_now(store: RedisRouteStore) -> float:
-    seconds, micros = await store.redis.time()
-    return float(seconds) + micros / 1e6
-
-
-@pytest.mark.stores
-async def test_the_redis_ledger_counts_on_redis_clock_and_replicas_share_it(redis_url: str) -> None:
-    installation = f"t{secrets.token_hex(4)}"
-    one, two = RedisRouteStore(redis_url, installation), RedisRouteStore(redis_url, installation)
-    try:
-        ledgers = [open_budget_ledger(one), open_budget_ledger(two)]
-        assert all(isinstance(ledger, RedisBudgetLedger) for ledger in ledgers)
-        assert isinstance(open_budget_ledger(MemoryRouteStore()), MemoryBudgetLedger)
-        first = ledgers[0]
-        assert isinstance(first, RedisBudgetLedger)
-        await asyncio.gather(*(ledgers[n % 2].add("alice", f"s{n}", Reported(10, 0.01 * (n + 1))) for n in range(40)))
-        assert (await first.add("alice", "s0", Reported(5, 0.03))).usd == pytest.approx(0.02), "s0 was at 0.01"
-        assert (await ledgers[1].add("alice", "s0", Reported(5, 0.03))).usd == 0, "same total: nothing new"
-        now = await redis_now(one)
-        day, day_ends, month, month_ends = utc_windows(now)
-        for ledger in ledgers:
-            spent = await ledger.spent("alice")
-            assert (spent.tokens, spent.usd) == (410, pytest.approx(sum(0.01 * (n + 1) for n in range(40)) + 0.02))
-            assert abs(spent.now - now) < 2 and (spent.day, spent.day_ends, spent.month, spent.month_ends) == (
-                day, day_ends, month, month_ends)
-        tokens_key, usd_key = first.keys("alice")
-        assert tokens_key == f"gw:{installation}:budget:tokens_per_day:alice"
-        assert await one.redis.hgetall(tokens_key) == {"window": day, "spent": "410"}
-        assert (await one.redis.hgetall(usd_key))["window"] == month
-        assert abs(await one.redis.expiretime(tokens_key) - day_ends) <= 1, "expires when its day ends, on Redis's clock"
-        assert abs(await one.redis.expiretime(usd_key) - month_ends) <= 1
-        session_ttl = await one.redis.ttl(first.session_key("alice", "s0"))
-        assert SESSION_COST_TTL_SECONDS - 5 <= session_ttl <= SESSION_COST_TTL_SECONDS
-        assert (await ledgers[1].spent("bob")).tokens == 0
-
-        await one.redis.hset(tokens_key, "window", "1999-12-31")  # yesterday's counter, not yet expired
-        assert (await first.spent("alice")).tokens == 0
-        await first.add("alice", "s9", Reported(7))
-        assert await one.redis.hgetall(tokens_key) == {"window": day, "spent": "7"}
-    finally:
-        await one.aclose()
-        await two.aclose()
-
-
-@pytest.mark.stores
-async def test_the_lua_calendar_agrees_with_python(redis_url: str) -> None:
-    store = RedisRouteStore(redis_url, f"t{secrets.token_hex(4)}")
-    try:
-        script = store.redis.register_script(
-            _CALENDAR + "local out = {} for i, s in ipairs(ARGV) do local a, b, c, d = windows(tonumber(s)) "
-            "out[i] = a .. ' ' .. b .. ' ' .. c .. ' ' .. d end return out")
-        moments: list[int] = []
-        for year in (1970, 1999, 2000, 2024, 2025, 2026, 2038, 2100, 2400):
-            for month in range(1, 13):
-                start = datetime(year, month, 1, tzinfo=UTC)
-                moments += [int((start + offset).timestamp()) for offset in
-                            (timedelta(0), timedelta(seconds=-1), timedelta(days=14, hours=13), timedelta(days=28))]
-        moments += list(range(0, 400 * 366 * 86400, 86400 * 97 + 3607))  # every month and weekday, 400 years
-        answers = await script(args=moments)
-        for moment, answer in zip(moments, answers, strict=True):
-            day, day_ends, month, month_ends = utc_windows(moment)
-            assert answer == f"{day} {int(day_ends)} {month} {int(month_ends)}", moment
-    finally:
-        await store.aclose()
-
-
-# --- real gateways ---------------------------------------------------------------------------
-
-
-def seconds_to_midnight() -> float:
-    return utc_windows(time.time())[1] - time.time()
-
-
-def used_tokens(data: dict[str, Any]) -> int:
-    usage = data["usage"]
-    return sum(usage[kind] for kind in ("input_tokens", "output_tokens", "cache_creation_input_tokens",
-                                        "cache_read_input_tokens"))
-
-
-@pytest.mark.e2e
-@pytest.mark.stores
-def test_a_spent_budget_is_refused_on_every_replica(local_gateways: Gateways, redis_url: str) -> None:
-    if seconds_to_midnight() < 30:  # the day must not end between the turn and the refusals
-        time.sleep(seconds_to_midnight() + 1)
-    tenants = local_gateways.root / "tenants"
-    tenants.write_text(f"alice sha256:{hashlib.sha256(ALICE.encode()).hexdigest()} tokens_per_day=100\n"
-                       f"bob sha256:{hashlib.sha256(BOB.encode()).hexdigest()}\n")
-    with ThreadPoolExecutor(2) as starting:  # two replicas on one Redis, started side by side
-        one, two = starting.map(lambda _: local_gateways.start(
-            wait_pool=False, GATEWAY_TENANTS="", GATEWAY_WARM_POOL="0", GATEWAY_TENANTS_FILE=str(tenants),
-            GATEWAY_REDIS_URL=redis_url), range(2))
-    first = post_turn(one.base_url, "m1", "Remember this value: 42", headers=auth(ALICE))
-    assert first.types[-1] == "done" and "error" not in first.types, first.types
-    spent = used_tokens(first.result)
-    assert spent > 100, "one turn spends the day's budget"
-    sandboxes = {sandbox["sandbox_id"] for sandbox in one.sandboxes()}
-    for gateway, session_id in ((two, "m1"), (one, "m1"), (two, "m2")):  # at once: done followed the charge
-        refused = httpx.post(f"{gateway.base_url}/sessions/{session_id}/messages", json={"prompt": "hi"},
-                             headers=auth(ALICE), timeout=30)
-        assert refused.status_code == 429, (refused.status_code, refused.text)
-        assert refused.json() == {"detail": "tenant budget exhausted: tokens per day (100)"}
-        assert abs(int(refused.headers["retry-after"]) - seconds_to_midnight()) <= 5, "until the UTC day ends"
-    assert {sandbox["sandbox_id"] for sandbox in two.sandboxes()} == sandboxes, "nothing provisioned"
-    assert two.route("m2") is None
-    other = post_turn(two.base_url, "m1", "hi", headers=auth(BOB))  # bob's own m1, no budget
-    assert other.types[-1] == "done" and "error" not in other.types, other.types
-    tenant = two.admin("tenants/alice").json()
-    assert tenant["usage"]["turns_last_minute"] == 1, "the refused turns were not counted"
-    day = datetime.now(UTC).strftime("%Y-%m-%d")
-    assert tenant["budgets"]["tokens_per_day"] == {
-        "limit": 100, "spent": spent, "window": day,
-        "window_ends": datetime.fromtimestamp(utc_windows(time.time())[1], UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "exhausted": True}
-    assert tenant["budgets"]["usd_per_month"]["spent"] == pytest.approx(first.result["total_cost_usd"])
-    assert one.admin("tenants/bob").json()["budgets"]["tokens_per_day"]["spent"] == used_tokens(other.result)
-
-
-@pytest.mark.e2e
-def test_the_per_turn_cap_stops_a_turn_and_the_next_gets_a_fresh_cli(start_server: Callable[..., Any]) -> None:
-    # At the default model's prices the local model's turns here cost about 0.0011, 0.0017 and
-    # 0.0014 USD; the CLI counts the cap over its life, so the warm CLI's second turn reaches it.
-    server = start_server(AGENT_MAX_BUDGET_USD="0.002")
-    first = post_turn(server.base_url, "c1", "Remember this value: 7")
-    assert first.result["subtype"] == "success" and first.result["total_cost_usd"] < 0.002
-    capped = post_turn(server.base_url, "c1", "hello")
-    assert capped.result["subtype"] == "error_max_budget_usd" and capped.types[-2:] == ["error", "done"]
-    third = post_turn(server.base_url, "c1", "What value did I ask you to remember?")
-    assert third.result["subtype"] == "success" and "7" in third.text, "a new CLI resumed the session"

@@ -1,9 +1,7 @@
-"""The modal backend's pure parts, its settings, and the stand-in's refusal of what it does not implement."""
+"""The modal backend's pure parts and its settings (without the client: tests/integration/test_dependencies.py;
+the stand-in's refusals: tests/system/test_modal_standin.py)."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 from modal._utils.name_utils import is_valid_object_name
@@ -11,9 +9,6 @@ from modal._utils.name_utils import is_valid_object_name
 from hosting.gateway.settings import GatewaySettings
 from hosting.sandboxes.modal import volume_name
 from hosting.settings_env import ConfigError
-from tests.conftest import ROOT
-from tests.modal_fixtures import modal_env, modal_standin  # noqa: F401 - fixtures
-from tests.modal_standin import ModalStandIn
 
 
 def test_volume_names_are_per_installation_valid_for_modal_and_distinct_when_shortened() -> None:
@@ -47,26 +42,3 @@ def test_the_deploy_script_takes_the_sandboxs_limits_and_refuses_too_little_memo
     with pytest.raises(SystemExit):
         parse(["--memory-mib", "256"])
     assert "--memory-mib >= 512" in capsys.readouterr().err
-
-
-def test_modal_backend_without_the_client_says_how_to_install_it() -> None:
-    code = ("import sys; sys.modules['modal'] = None\n"
-            "from hosting.sandboxes import SandboxError\n"
-            "from hosting.sandboxes.modal import ModalBackend\n"
-            "try:\n    ModalBackend()\nexcept SandboxError as exc:\n    print(exc)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.stdout.strip() == 'the Modal client is not installed: pip install "research-agent-hosting[modal]"'
-
-
-@pytest.mark.modal
-@pytest.mark.docker
-def test_the_standin_refuses_an_rpc_it_does_not_implement_by_name(modal_env: dict[str, str],
-                                                                  modal_standin: ModalStandIn) -> None:
-    """A client call outside what the stand-in implements fails at once, naming the RPC, and is
-    recorded, so that the test that made it fails too (``modal_env`` checks at teardown)."""
-    import modal
-    import modal.exception
-
-    with pytest.raises(modal.exception.UnimplementedError, match="does not implement QueueGetOrCreate"):
-        modal.Queue.from_name("work", create_if_missing=True).hydrate()
-    assert modal_standin.take_problems() == ["unimplemented RPC: QueueGetOrCreate"]

@@ -20,7 +20,7 @@ import pytest
 from hosting.gateway.relay import MAX_EVENT_BYTES, Relay, RelayedStream, SandboxLost
 from hosting.gateway.routes import MemoryRouteStore, Route
 from hosting.gateway.sandbox_http import MAX_ANSWER_BYTES, MAX_HEAD_BYTES
-from tests.test_sandbox_http import read_request, serving
+from tests.unit.test_sandbox_http import read_request, serving
 
 PIECE = b"x" * 2**20
 SOCKET_BUFFERS = 16 * 2**20

@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import ROOT
-from tests.environments_standin.service import EnvironmentStandIn
+from tests.standins.environments.service import EnvironmentStandIn
+from tests.support import ROOT
 
 
 def orchestrator_env(standin: EnvironmentStandIn, data_dir: Path, key_file: Path, installation: str,

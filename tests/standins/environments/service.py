@@ -52,7 +52,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from standardwebhooks import Webhook
 
-from tests.conftest import free_port
+from harness.processes import free_port
 
 BETA = "managed-agents-2026-04-01"
 ToolCall = tuple[str, dict[str, Any]]

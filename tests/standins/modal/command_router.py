@@ -14,7 +14,7 @@ sources (inline ``env`` included) as the command's environment on top of the san
 output kept only for the streams piped and readable from any offset, ``timeout_secs``
 after which the command is killed (its status is then the signal), and commands that end
 with their sandbox. Every other RPC of the router answers UNIMPLEMENTED and is recorded
-with the control plane's (:func:`~tests.modal_standin.control_plane.failing_loudly`).
+with the control plane's (:func:`~tests.standins.modal.control_plane.failing_loudly`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from grpclib.server import Server, Stream
 from modal_proto import task_command_router_pb2 as sr_pb2
 from modal_proto.task_command_router_grpc import TaskCommandRouterBase
 
-from tests.modal_standin.control_plane import ControlPlane, SandboxRecord, failing_loudly, verified_claims
+from tests.standins.modal.control_plane import ControlPlane, SandboxRecord, failing_loudly, verified_claims
 
 CHUNK_BYTES = 64 * 1024
 STDIO = {sr_pb2.TASK_EXEC_STDIO_FILE_DESCRIPTOR_STDOUT: 0, sr_pb2.TASK_EXEC_STDIO_FILE_DESCRIPTOR_STDERR: 1}

@@ -9,7 +9,7 @@ test. Requests whose handler breaks are recorded in :attr:`ControlPlane.errors` 
 Commands in a sandbox (``Sandbox.exec``) do not go through the control plane: it hands out
 the sandbox's task id (``SandboxGetTaskIdV2``) and the address of the task's command router
 with a JWT for that task only (``SandboxGetCommandRouterAccess``), and the client talks to
-the router (:mod:`tests.modal_standin.command_router`).
+the router (:mod:`tests.standins.modal.command_router`).
 
 Semantics kept: workspace credentials on every call (UNAUTHENTICATED otherwise), a short
 lived JWT from ``AuthTokenGet`` required by the sandbox RPCs, named objects that are found,
@@ -46,8 +46,8 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Server, Stream
 from modal_proto import api_grpc, api_pb2
 
-from tests.modal_standin.engine import Engine
-from tests.modal_standin.tunnels import TestCA, Tunnel
+from tests.standins.modal.engine import Engine
+from tests.standins.modal.tunnels import TestCA, Tunnel
 
 BUILDER_VERSION = "2026.10"
 CREATE_IF_MISSING = api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING

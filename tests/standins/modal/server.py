@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 
 from grpclib.server import Server
 
-from tests.modal_standin.command_router import CommandRouter, StandInRouter
-from tests.modal_standin.control_plane import ControlPlane, StandInService
-from tests.modal_standin.engine import Engine
-from tests.modal_standin.tunnels import TestCA
+from tests.standins.modal.command_router import CommandRouter, StandInRouter
+from tests.standins.modal.control_plane import ControlPlane, StandInService
+from tests.standins.modal.engine import Engine
+from tests.standins.modal.tunnels import TestCA
 
 _T = TypeVar("_T")
 
