@@ -34,7 +34,7 @@ import yaml
 from hosting.gateway.tenants import load_tenant_tokens
 from hosting.sandboxes.settings import BackendSettings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "hosting/kubernetes"
 OVERLAYS = {"base": MANIFESTS / "base", "kind": MANIFESTS / "overlays/kind", "production": MANIFESTS / "overlays/production",
             "kind-session-volumes": MANIFESTS / "overlays/kind-session-volumes"}

@@ -90,7 +90,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 POD_TEMPLATE = ROOT / "hosting" / "kubernetes" / "base" / "agent-pod-template.yaml"
 PODS = "/api/v1/namespaces/{namespace}/pods"
 CLAIMS = "/api/v1/namespaces/{namespace}/persistentvolumeclaims"

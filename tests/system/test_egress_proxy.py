@@ -55,7 +55,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROXY_DIR = ROOT / "hosting/kubernetes/egress-proxy"
 POD_TEMPLATE = ROOT / "hosting/kubernetes/base/agent-pod-template.yaml"
 UPSTREAM_HOST = "api.anthropic.test"
