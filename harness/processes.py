@@ -116,7 +116,8 @@ class Process(subprocess.Popen[bytes]):
                 self.wait(grace)
             except subprocess.TimeoutExpired:
                 pass
-        stragglers = descendants(self.pid)
+        # Only while it runs is its pid surely still its own (and its children found under it).
+        stragglers = descendants(self.pid) if self.poll() is None else set()
         try:
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.processes import Process
 from tests.standins.environments.service import EnvironmentStandIn
 from tests.support import ROOT
 
@@ -39,23 +38,16 @@ class OrchestratorProcess:
 
     env: dict[str, str]
     log_path: Path
-    process: subprocess.Popen[bytes] | None = field(default=None)
+    process: Process | None = field(default=None)
 
     def start(self) -> OrchestratorProcess:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "hosting.environments"], cwd=ROOT, env=self.env,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while "serving environment" not in self.log():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the orchestrator exited with {self.process.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the orchestrator did not start:\n{self.log()}")
-            time.sleep(0.05)
+        self.process = Process([sys.executable, "-m", "hosting.environments"], log_path=self.log_path,
+                               name="the orchestrator", cwd=ROOT, env=self.env)
+        self.process.wait_until(lambda: "serving environment" in self.log(), timeout=30, interval=0.05)
         return self
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return self.process.log() if self.process else ""
 
     def kill(self) -> None:
         """SIGKILL the orchestrator only (not its group): a crash."""
@@ -64,16 +56,6 @@ class OrchestratorProcess:
         self.process.wait(30)
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(30)
+        """SIGTERM and up to 15 s to exit by itself, then its whole process group."""
+        if self.process is not None:
+            self.process.stop(signal.SIGTERM, grace=15)
