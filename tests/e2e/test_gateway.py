@@ -90,21 +90,14 @@ def test_two_tenants_on_one_id_have_two_conversations_and_cannot_see_each_other(
 
 
 def test_refusals_happen_before_anything_is_provisioned(local_gateways: Gateways) -> None:
+    """Every case in process (tests/unit/test_gateway_refusals.py); here one per behaviour, for real."""
     gateway = local_gateways.start()
     url = gateway.base_url
     before = {s["sandbox_id"] for s in gateway.sandboxes()}
     post = f"{url}/sessions/s-1/messages"
-    assert httpx.post(post, json={"prompt": "hi"}).status_code == 401
     assert httpx.post(post, json={"prompt": "hi"}, headers=auth("wrong")).status_code == 401
-    assert httpx.get(f"{url}/ready").status_code == 401
     assert httpx.post(f"{url}/sessions/bad.id/messages", json={"prompt": "hi"}, headers=auth(ALICE)).status_code == 400
-    assert httpx.post(post, content=b"{not json", headers={**auth(ALICE), "content-type": "application/json"}
-                      ).status_code == 400
-    assert httpx.post(post, json={"prompt": "  "}, headers=auth(ALICE)).status_code == 422
-    assert httpx.post(post, content=b"hi", headers={**auth(ALICE), "content-type": "text/plain"}).status_code == 415
     big = json.dumps({"prompt": "x" * 300_000}).encode()
-    too_large = httpx.post(post, content=big, headers={**auth(ALICE), "content-type": "application/json"})
-    assert too_large.status_code == 413 and "detail" in too_large.json()
 
     def chunks() -> Any:
         for start in range(0, len(big), 16384):
@@ -112,12 +105,8 @@ def test_refusals_happen_before_anything_is_provisioned(local_gateways: Gateways
 
     chunked = httpx.post(post, content=chunks(), headers={**auth(ALICE), "content-type": "application/json"})
     assert chunked.status_code == 413
-    assert httpx.get(f"{url}/sessions/s-1", headers=auth(ALICE)).status_code == 404
-    assert httpx.post(f"{url}/sessions/s-1/interrupt", headers=auth(ALICE)).status_code == 404
     assert gateway.route("s-1") is None
     assert {s["sandbox_id"] for s in gateway.sandboxes()} == before
-    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
-    assert httpx.get(f"{url}/admin/pool", headers=auth(ALICE)).status_code == 401
     assert "must-not-leak" not in gateway.log() and ALICE not in gateway.log()
 
 

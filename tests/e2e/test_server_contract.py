@@ -144,6 +144,7 @@ def test_health_and_ready(start_server):
 
 
 # -- bad input: clear JSON errors, nothing reaches the model, nothing on disk --
+# Every case in process: tests/unit/test_server_refusals.py. Here one per behaviour, for real.
 
 BIG = "x" * (256 * 1024 + 1)
 
@@ -155,20 +156,6 @@ def _chunked(data: bytes):
 
 BAD_REQUESTS = [
     pytest.param("bad.id", {"json": {"prompt": "hi"}}, 400, id="dot-in-id"),
-    pytest.param("-leading-dash", {"json": {"prompt": "hi"}}, 400, id="leading-dash"),
-    pytest.param("a" * 65, {"json": {"prompt": "hi"}}, 400, id="id-too-long"),
-    pytest.param("ok", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, id="malformed-json"),
-    pytest.param("ok", {"content": b"[1, 2]", "headers": {"content-type": "application/json"}}, 400, id="json-not-object"),
-    pytest.param("ok", {"content": b"\xff\xfe", "headers": {"content-type": "application/json"}}, 400, id="not-utf8"),
-    pytest.param("ok", {"json": {}}, 422, id="missing-prompt"),
-    pytest.param("ok", {"json": {"prompt": ""}}, 422, id="empty-prompt"),
-    pytest.param("ok", {"json": {"prompt": "   "}}, 422, id="blank-prompt"),
-    pytest.param("ok", {"json": {"prompt": 42}}, 422, id="number-prompt"),
-    pytest.param("ok", {"json": {"prompt": ["a"]}}, 422, id="list-prompt"),
-    pytest.param("ok", {"json": {"prompt": None}}, 422, id="null-prompt"),
-    pytest.param("ok", {"json": {"prompt": "hi", "surprise": 1}}, 422, id="unknown-field"),
-    pytest.param("ok", {"content": b'{"prompt": "hi"}', "headers": {"content-type": "text/plain"}}, 415, id="wrong-content-type"),
-    pytest.param("ok", {"json": {"prompt": BIG}}, 413, id="too-large"),
     pytest.param("ok", {"content": _chunked(json.dumps({"prompt": BIG}).encode()),
                         "headers": {"content-type": "application/json"}}, 413, id="too-large-chunked"),
 ]
@@ -176,7 +163,7 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize("session_id, kwargs, status", BAD_REQUESTS)
 def test_bad_input_is_refused_and_leaves_nothing(start_server, local_model, session_id, kwargs, status):
-    server = start_server(AGENT_PREWARM="0")
+    server = start_server()
     before = local_model.requests_total()
     response = httpx.post(f"{server.base_url}/sessions/{session_id}/messages", timeout=30, **kwargs)
     assert response.status_code == status, response.text
@@ -198,18 +185,15 @@ def test_a_body_just_under_the_limit_is_accepted(start_server):
 
 
 def test_bearer_token_required_except_health(start_server, local_model):
+    """Every header and route in process (tests/unit/test_server_refusals.py); here one wrong token."""
     server = start_server(AGENT_AUTH_TOKEN="tok-9c1d")
     base = server.base_url
     before = local_model.requests_total()
     assert httpx.get(f"{base}/health").status_code == 200
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic tok-9c1d"}, {"Authorization": "tok-9c1d"}):
-        response = httpx.post(f"{base}/sessions/auth-1/messages", json={"prompt": "hi"}, headers=headers)
-        assert response.status_code == 401, headers
-        assert response.headers["www-authenticate"] == "Bearer"
-        assert response.json()["detail"]
-        assert httpx.get(f"{base}/ready", headers=headers).status_code == 401
-        assert httpx.get(f"{base}/sessions/auth-1", headers=headers).status_code == 401
-        assert httpx.delete(f"{base}/sessions/auth-1", headers=headers).status_code == 401
+    response = httpx.post(f"{base}/sessions/auth-1/messages", json={"prompt": "hi"},
+                          headers={"Authorization": "Bearer wrong"})
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["detail"]
     assert local_model.requests_total() == before
     assert not bound_sessions(server.data_dir)
     turn = post_turn(base, "auth-1", "hi", headers={"Authorization": "Bearer tok-9c1d"})
