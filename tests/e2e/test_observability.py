@@ -266,7 +266,8 @@ def test_gateway_metrics_count_turns_tokens_and_claims_by_tenant(observed: Obser
 
 
 def test_server_metrics_move_by_exactly_what_happened(start_server) -> None:
-    server = start_server(AGENT_AUTH_TOKEN="server-token-91", AGENT_METRICS_TOKEN=METRICS_TOKEN)
+    server = start_server(AGENT_AUTH_TOKEN="server-token-91", AGENT_METRICS_TOKEN=METRICS_TOKEN,
+                          AGENT_PREWARM="2")  # the pre-started CLIs' gauge, below
     assert httpx.get(f"{server.base_url}/metrics").status_code == 401
     assert httpx.get(f"{server.base_url}/metrics", headers=auth("wrong")).status_code == 401
     before = scrape(server.base_url, "server-token-91")

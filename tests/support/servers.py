@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import uvicorn
 from harness.processes import Process, free_port, http_ok
 from hosting.local_model import create_app as create_local_model
 from tests.support import ROOT
+from tests.support.polling import wait_for
 
 API_KEY = "sk-test-secret-6b1f0c2e9a"
 
@@ -44,18 +44,19 @@ def local_model() -> Iterator[LocalModel]:
     server = uvicorn.Server(uvicorn.Config(create_local_model(), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("local model did not start")
-        time.sleep(0.05)
+    wait_for(lambda: server.started, timeout=15)
     yield LocalModel(f"http://127.0.0.1:{port}")
     server.should_exit = True
     thread.join(10)
 
 
 def agent_env(local_model: LocalModel, data_dir: Path, **extra: str) -> dict[str, str]:
-    """Environment for an agent process pointed at the local model."""
+    """Environment for an agent process pointed at the local model.
+
+    No CLI is started ahead of a turn (``AGENT_PREWARM=0``): a test server serves a few
+    sessions, and each pre-started CLI costs a CLI start the test never uses. A test whose
+    point needs pre-started CLIs asks for them.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "ANTHROPIC_", "CLAUDE_"))}
     env.update({
         "ANTHROPIC_BASE_URL": local_model.base_url,
@@ -64,8 +65,7 @@ def agent_env(local_model: LocalModel, data_dir: Path, **extra: str) -> dict[str
         "CLAUDE_CODE_MAX_RETRIES": "0",
         "AGENT_DATA_DIR": str(data_dir),
         "HOST": "127.0.0.1",
-        # The default pool (12) is sized for serving; a test server needs only a couple.
-        "AGENT_PREWARM": "2",
+        "AGENT_PREWARM": "0",
     })
     env.update(extra)
     return env
