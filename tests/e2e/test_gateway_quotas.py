@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from hosting.gateway.routes import RedisRouteStore, Route, RouteStore
 from hosting.sandboxes.base import Sandbox, SandboxSpec
 from hosting.sandboxes.memory import MemoryBackend
 from tests.support.gateways import ALICE, BOB, GatewayProcess, Gateways, OpenTurn, auth, open_turn
-from tests.support.polling import wait_for
+from tests.support.polling import wait_for, wait_for_async
 from tests.support.turns import Turn, post_turn
 
 pytestmark = pytest.mark.e2e
@@ -36,6 +37,10 @@ ENV = {"ANTHROPIC_API_KEY": "sk-x"}
 
 
 # --- the counters, on both stores ----------------------------------------------------------
+
+
+async def counted(count: Awaitable[int], expected: int) -> bool:
+    return await count == expected
 
 
 def routed(session_id: str, tenant: str = "alice") -> Route:
@@ -68,8 +73,7 @@ async def test_the_window_counts_refunds_and_says_when_to_retry(store: RouteStor
     assert tokens[0] is not None
     await store.refund_rate("rate:a", tokens[0])
     assert (await store.take_rate("rate:a", 3, 1.0))[0] is not None
-    await asyncio.sleep(1.1)
-    assert await store.count_rate("rate:a", 1.0) == 0
+    await wait_for_async(lambda: counted(store.count_rate("rate:a", 1.0), 0), timeout=5)
     assert (await store.take_rate("rate:a", 3, 1.0))[0] is not None
 
 
@@ -85,8 +89,7 @@ async def test_sandbox_counts_follow_the_routes(store: RouteStore) -> None:
     await store.cancel_sandbox_reservation("alice", "s2")
     assert await store.count_sandboxes("alice") == 1
     assert await store.reserve_sandbox("alice", "s3", 2, 0.3)
-    await asyncio.sleep(0.5)
-    assert await store.count_sandboxes("alice") == 1, "a reservation nobody completed lapses"
+    await wait_for_async(lambda: counted(store.count_sandboxes("alice"), 1), timeout=5)  # nobody completed it: lapsed
     await store.put(routed("s4"))
     assert await store.count_sandboxes("alice") == 2
     assert await store.release("alice/s1", "sbx-s1")

@@ -11,13 +11,11 @@ is killed, that the stand-in refuses what it does not serve) is checked here.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from hosting.sandboxes.kubernetes import KubernetesBackend, pod_name
 from hosting.sandboxes.launch import CANNOT_START, FAILED, encode_request
 from tests.standins.k8s import POD_TEMPLATE, PodsApiStandIn, running_standin
 from tests.support import ROOT
+from tests.support.polling import wait_for, wait_for_async
 
 LAUNCH = (sys.executable, "-m", "hosting.sandboxes.launch")
 
@@ -96,18 +95,14 @@ def test_a_command_is_killed_when_the_callers_stream_closes(data_dir: Path) -> N
         assert process.stdin is not None
         process.stdin.write(encode_request([sys.executable, "-c", code], None, detach=False))
         process.stdin.flush()
-        deadline = time.monotonic() + 20
-        while not started.exists() or len(started.read_text().split()) < 2:
-            assert time.monotonic() < deadline and process.poll() is None, "the command did not start"
-            time.sleep(0.02)
+        wait_for(lambda: process.poll() is not None or (started.exists() and len(started.read_text().split()) == 2),
+                 timeout=20, interval=0.02)
+        assert process.poll() is None, "the command did not start"
         pids = [int(pid) for pid in started.read_text().split()]
         assert all(alive(pid) for pid in pids)
         process.stdin.close()
         assert process.wait(10) == 137
-        deadline = time.monotonic() + 10
-        while any(alive(pid) for pid in pids):
-            assert time.monotonic() < deadline, "the command outlived its caller"
-            time.sleep(0.02)
+        wait_for(lambda: not any(alive(pid) for pid in pids), timeout=10, interval=0.02)  # it did not outlive its caller
     finally:
         process.kill()
         process.wait()
@@ -211,10 +206,8 @@ async def test_a_command_that_times_out_is_killed(pod: Pod) -> None:
     marker = f"marker-{secrets.token_hex(4)}"
     with pytest.raises(SandboxError, match="did not end within 1 s"):
         await k8s.run_command(sandbox_id, ("python3", "-c", f"import time; time.sleep(60)  # {marker}"), timeout=1)
-    deadline = time.monotonic() + 10
-    while [pid for pid, line in command_lines().items() if marker in line and alive(pid)]:
-        assert time.monotonic() < deadline, "the timed-out command runs on"
-        await asyncio.sleep(0.05)
+    await wait_for_async(lambda: not [pid for pid, line in command_lines().items() if marker in line and alive(pid)],
+                         timeout=10, interval=0.05)  # the timed-out command does not run on
 
 
 @pytest.mark.kubernetes
