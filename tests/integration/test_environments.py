@@ -38,8 +38,6 @@ from tests.standins.environments import EnvironmentStandIn, OrchestratorProcess,
 from tests.support.polling import wait_for
 from tests.support.servers import healthy
 
-pytestmark = pytest.mark.e2e
-
 ENVIRONMENT_KEY = "envkey-" + secrets.token_hex(16)
 WEBHOOK_SECRET = "whsec_" + "c2VjcmV0LWZvci10aGUtd2ViaG9vay10ZXN0cw=="
 TOOLS = [

@@ -40,7 +40,7 @@ from tests.standins.environments import EnvironmentStandIn, OrchestratorProcess,
 from tests.standins.k8s import POD_TAG, POD_TEMPLATE, PodsApiStandIn, running_standin
 from tests.support.polling import wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.kubernetes]
+pytestmark = pytest.mark.kubernetes
 
 NAMESPACE = "agents"
 ORCHESTRATOR_GRANTS = {*((verb, "pods") for verb in ("create", "get", "list", "patch", "delete")),
