@@ -285,7 +285,7 @@ def test_a_terminated_sessions_sandbox_is_archived_and_its_files_removed_after_t
     wait_for(lambda: sandbox not in sandbox_ids(data_dir), timeout=30)
     ended = time.monotonic()
     assert (workspace_of(standin, data_dir, session) / "kept.txt").read_text() == "for the record"
-    assert "its files archived" in orchestrator.log()
+    wait_for(lambda: "its files archived" in orchestrator.log(), timeout=10)  # logged once the files are kept
     # Work for a terminated session is force-stopped, and no sandbox is made for it.
     late = standin.enqueue(session)
     wait_for(lambda: standin.item(late).state == "stopped", timeout=30)
