@@ -19,9 +19,10 @@ from typing import Any
 
 import httpx
 from claude_agent_sdk import AssistantMessage, ClaudeAgentOptions, ResultMessage, TextBlock, query
-from httpx_sse import SSEError, aconnect_sse
+from httpx_sse import SSEError
 
 from bench.procs import API_KEY
+from harness.sse import aturn_stream, awire_events
 from research_agent.options import DEFAULT_MODEL, build_options
 
 RECALL = "What value did I ask you to remember?"
@@ -64,22 +65,21 @@ async def http_turn(client: httpx.AsyncClient, base_url: str, session_id: str, p
     done = False
     latency = 0.0
     try:
-        async with aconnect_sse(client, "POST", f"{base_url}/sessions/{session_id}/messages",
-                                json={"prompt": prompt}) as source:
+        async with aturn_stream(client, base_url, session_id, prompt) as source:
             if source.response.status_code != 200:
                 body = (await source.response.aread()).decode(errors="replace")[:200]
                 error = f"HTTP {source.response.status_code}: {body}"
                 retry_after = source.response.headers.get("retry-after")
             else:
-                async for sse in source.aiter_sse():
-                    data = json.loads(sse.data) if sse.data else {}
-                    if sse.event == "text":
+                async for event in awire_events(source):
+                    data = event["data"]
+                    if event["event"] == "text":
                         parts.append(data.get("text", ""))
-                    elif sse.event == "result":
+                    elif event["event"] == "result":
                         to_result = time.perf_counter() - started
-                    elif sse.event == "error" and error is None:
+                    elif event["event"] == "error" and error is None:
                         error = f"{data.get('code')}: {data.get('message')}"
-                    elif sse.event == "done":
+                    elif event["event"] == "done":
                         # Timed to done; the loop then reads the body's end (untimed), so the connection
                         # is kept, as hosting.client does.
                         latency = time.perf_counter() - started

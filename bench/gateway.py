@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,16 +27,14 @@ from bench.procs import (
     CLK_TCK,
     QUIET_CPU_FRACTION,
     QUIET_WINDOW_SECONDS,
-    Managed,
     Peak,
     ScenarioError,
     clean_env,
-    free_port,
     serving,
     spawn,
     tree_cpu_seconds,
-    wait_http,
 )
+from harness.processes import Process, ProcessFailed, free_port
 
 if TYPE_CHECKING:
     from bench.scenarios import Bench
@@ -50,13 +49,13 @@ ADMIN_TOKEN = "bench-admin-token"
 @dataclass
 class Gateway:
     base_url: str
-    managed: Managed
+    process: Process
     pool_target: int
     backend: str
 
     @property
     def pid(self) -> int:
-        return self.managed.proc.pid
+        return self.process.pid
 
 
 def client(token: str = TENANT_TOKEN, connections: int = 200) -> httpx.AsyncClient:
@@ -83,20 +82,16 @@ async def gateway(model_url: str, tmp: Path, name: str, pool: int, backend: str 
     if backend == "docker":
         assert image is not None
         env |= {"GATEWAY_DOCKER_IMAGE": image, "GATEWAY_DOCKER_NETWORK": "host"}
-    managed = spawn(["-m", "hosting.gateway"], env, root / "gateway.log")
+    process = spawn(["-m", "hosting.gateway"], env, root / "gateway.log", f"gateway {name}")
     try:
-        gw = Gateway(f"http://127.0.0.1:{port}", managed, pool, backend)
-        await wait_http(managed, f"{gw.base_url}/health", 60, f"gateway {name}")
+        gw = Gateway(f"http://127.0.0.1:{port}", process, pool, backend)
+        await process.await_http(f"{gw.base_url}/health", 60)
         yield gw
-    except (ScenarioError, httpx.HTTPError) as exc:
-        raise ScenarioError(f"{exc}\n--- end of gateway {name} log ---\n{managed.log_tail()}") from exc
+    except (ScenarioError, ProcessFailed, httpx.HTTPError) as exc:
+        raise ScenarioError(f"{exc}\n--- end of gateway {name} log ---\n{process.log_tail()}") from exc
     finally:
-        managed.proc.terminate()
-        try:
-            await asyncio.to_thread(managed.proc.wait, 60)
-        except Exception:  # noqa: BLE001 - killed below in any case
-            pass
-        managed.stop()
+        # SIGTERM and up to 60 s to exit by itself, then its whole tree.
+        await asyncio.to_thread(process.stop, signal.SIGTERM, 60)
         if backend == "docker":
             await _remove_docker_installation(image or "", installation)
         shutil.rmtree(root, ignore_errors=True)
@@ -119,8 +114,8 @@ async def settle(admin: httpx.AsyncClient, gw: Gateway, timeout: float) -> None:
         pool = (await admin.get(f"{gw.base_url}/admin/pool")).json()
         if len(pool["sandboxes"]) >= gw.pool_target:
             break
-        if gw.managed.proc.poll() is not None or time.monotonic() > deadline:
-            raise ScenarioError(f"gateway pool not full ({pool}):\n{gw.managed.log_tail()}")
+        if gw.process.poll() is not None or time.monotonic() > deadline:
+            raise ScenarioError(f"gateway pool not full ({pool}):\n{gw.process.log_tail()}")
         await asyncio.sleep(0.1)
     while time.monotonic() < deadline:
         before = tree_cpu_seconds(gw.pid)

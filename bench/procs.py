@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -25,6 +22,7 @@ from typing import Any
 import httpx
 
 from bench.cgroups import MemoryCgroup
+from harness.processes import Process, ProcessFailed, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -39,12 +37,6 @@ class ScenarioError(RuntimeError):
 
 class FeatureMissing(ScenarioError):
     """The server under test lacks a feature this scenario needs (e.g. ``prewarmed`` in /ready)."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- /proc accounting --------------------------------------------------------
@@ -132,75 +124,24 @@ class Peak:
 
 # -- processes ---------------------------------------------------------------
 
-@dataclass
-class Managed:
-    """A process we started in its own session, so teardown can kill its whole group."""
-
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        """Kill the group, plus any descendant that left it (by pid: only ones we started)."""
-        pids = [s.pid for s in tree(self.proc.pid)]
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def spawn(args: list[str], env: Mapping[str, str], log_path: Path, cgroup: MemoryCgroup | None = None) -> Managed:
-    """``python args...``, in its own session (and in ``cgroup``, if given, before it execs)."""
+def spawn(args: list[str], env: Mapping[str, str], log_path: Path, name: str,
+          cgroup: MemoryCgroup | None = None) -> Process:
+    """``python args...`` in a session of its own (and in ``cgroup``, if given, before it execs)."""
     command = [sys.executable, *args]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cgroup.command(command) if cgroup else command, cwd=ROOT, env=dict(env),
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    return Managed(proc, log_path)
-
-
-async def wait_http(managed: Managed, url: str, timeout: float, what: str) -> None:
-    """Poll ``url`` until it answers 200; fail early, with the log, if the process died."""
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(timeout=2) as client:
-        while True:
-            if managed.proc.poll() is not None:
-                raise ScenarioError(f"{what} exited with {managed.proc.returncode}:\n{managed.log_tail()}")
-            try:
-                if (await client.get(url)).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise ScenarioError(f"{what} not up after {timeout:.0f} s:\n{managed.log_tail()}")
-            await asyncio.sleep(0.1)
+    return Process(cgroup.command(command) if cgroup else command, log_path=log_path, name=name, cwd=ROOT, env=env)
 
 
 @asynccontextmanager
 async def serving(args: list[str], env: Mapping[str, str], log_path: Path, port: int, health_path: str,
                   what: str) -> AsyncIterator[str]:
     """``python args...`` listening on ``port``: its base URL once ``health_path`` answers; stopped at exit."""
-    managed = spawn(args, env, log_path)
+    process = spawn(args, env, log_path, what)
     try:
         base = f"http://127.0.0.1:{port}"
-        await wait_http(managed, f"{base}{health_path}", 30, what)
+        await process.await_http(f"{base}{health_path}", 30)
         yield base
     finally:
-        managed.stop()
+        process.stop()
 
 
 @asynccontextmanager
@@ -223,14 +164,14 @@ class Server:
 
     name: str
     base_url: str
-    managed: Managed
+    process: Process
     warm_sessions: int
     prewarm: int
     env_knobs: dict[str, str]
 
     @property
     def pid(self) -> int:
-        return self.managed.proc.pid
+        return self.process.pid
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "env": self.env_knobs, "warm_sessions": self.warm_sessions, "prewarm": self.prewarm}
@@ -239,7 +180,7 @@ class Server:
         """Label a part's result with this server's knobs, and keep its log's end if turns failed."""
         result = {"server": self.describe(), **result}
         if result.get("errors"):
-            result["server_log_tail"] = self.managed.log_tail(60)
+            result["server_log_tail"] = self.process.log_tail(60)
         return result
 
 
@@ -271,22 +212,22 @@ async def server(model_url: str, tmp: Path, name: str, knobs: Mapping[str, str],
         **knobs,
     }
     warm, prewarm = effective_knobs(env)
-    managed = spawn(["-m", "hosting.server"], env, root / "server.log", cgroup)
+    process = spawn(["-m", "hosting.server"], env, root / "server.log", f"server {name}", cgroup)
     try:
-        srv = Server(name, f"http://127.0.0.1:{port}", managed, warm, prewarm, dict(knobs))
-        await wait_http(managed, f"{srv.base_url}/health", 60, f"server {name}")
+        srv = Server(name, f"http://127.0.0.1:{port}", process, warm, prewarm, dict(knobs))
+        await process.await_http(f"{srv.base_url}/health", 60)
         async with httpx.AsyncClient(timeout=10) as client:
             status = (await client.get(f"{srv.base_url}/ready")).json()
         srv.warm_sessions = status.get("warm_sessions_cap", warm)
         srv.prewarm = status.get("prewarm_target", prewarm)
         yield srv
-    except (ScenarioError, httpx.HTTPError) as exc:
+    except (ScenarioError, ProcessFailed, httpx.HTTPError) as exc:
         # The server's log is about to be deleted with its directory: keep its end with the error.
         kind = type(exc) if isinstance(exc, ScenarioError) else ScenarioError
-        what = str(exc) if isinstance(exc, ScenarioError) else f"{type(exc).__name__}: {exc}"
-        raise kind(f"{what}\n--- end of server {name} log ---\n{managed.log_tail()}") from exc
+        what = str(exc) if isinstance(exc, (ScenarioError, ProcessFailed)) else f"{type(exc).__name__}: {exc}"
+        raise kind(f"{what}\n--- end of server {name} log ---\n{process.log_tail()}") from exc
     finally:
-        managed.stop()
+        process.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -331,8 +272,8 @@ async def _ready_and_full(client: httpx.AsyncClient, srv: Server, need_prewarm: 
                     return body
             elif body["prewarmed"] >= srv.prewarm and body.get("running_turns", 0) == 0:
                 return body
-        if srv.managed.proc.poll() is not None:
-            raise ScenarioError(f"server {srv.name} exited:\n{srv.managed.log_tail()}")
+        if srv.process.poll() is not None:
+            raise ScenarioError(f"server {srv.name} exited:\n{srv.process.log_tail()}")
         if time.monotonic() > deadline:
             raise ScenarioError(f"server {srv.name}: not settled after {timeout:.0f} s "
                                 f"(want prewarmed={srv.prewarm}, running_turns=0); last /ready = {body}")

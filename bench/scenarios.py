@@ -35,6 +35,7 @@ from bench.drive import (
     summarize,
 )
 from bench.procs import FeatureMissing, Peak, ScenarioError, Server, server, settle, tree, tree_cpu_seconds
+from harness.processes import ProcessFailed
 from hosting.server.cli import BUNDLED_CLI
 
 
@@ -86,7 +87,7 @@ async def part(bench: Bench, name: str, run: Callable[[], Awaitable[dict[str, An
         result["status"] = "ok"
     except FeatureMissing as exc:
         result = {"status": "missing_feature", "error": str(exc)}
-    except (ScenarioError, TimeoutError, OSError, httpx.HTTPError) as exc:
+    except (ScenarioError, ProcessFailed, TimeoutError, OSError, httpx.HTTPError) as exc:
         message = f"timed out after {bench.part_timeout:.0f} s" if isinstance(exc, TimeoutError) else str(exc)
         result = {"status": "failed", "error": f"{type(exc).__name__}: {message}"}
         bench.failures.append(f"{name}: {result['error']}")

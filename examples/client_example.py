@@ -5,7 +5,7 @@
 
 The base URL and the token come from ``$AGENT_BASE_URL`` (default ``http://127.0.0.1:8000``)
 and ``$AGENT_AUTH_TOKEN``, so the same script talks to every tier. CI runs it
-(``tests/test_client_example.py``).
+(``tests/e2e/test_client_example.py``).
 """
 
 import asyncio

@@ -3,7 +3,7 @@
 The notebook shells out the way an operator would; these helpers only echo each command
 before running it, keep the background processes, containers and stand-ins it starts in
 one registry, and undo all of them in :func:`teardown` (which the notebook's last cell
-and ``tests/test_notebook.py`` call, the test also when a cell failed).
+and ``tests/system/test_notebook.py`` call, the test also when a cell failed).
 
 Settings are read once, here, from the environment (see :class:`Settings`).
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the Redis and PostgreSQL servers that tests/test_session_stores.py
+# Install the Redis and PostgreSQL servers that tests/integration/test_session_stores.py
 # starts on its own (random 127.0.0.1 ports, temp dirs). Idempotent: installs
 # only what is missing, so a second run does nothing. The distro's services
 # are kept from starting: the tests never use them, and in a container

@@ -6,12 +6,12 @@ set -euo pipefail
 
 # command-on-PATH  debian-package   (who needs it)
 TOOLS=(
-    "nginx nginx"               # egress proxy tests (tests/test_egress_proxy.py)
+    "nginx nginx"               # egress proxy tests (tests/system/test_egress_proxy.py)
     "shellcheck shellcheck"     # kind-quickstart.sh / teardown.sh lint
     "chromium chromium"         # chat page tests (Playwright with executable_path)
     "ip iproute2"               # network namespaces in the egress tests
-    "envsubst gettext-base"     # the egress proxy's entrypoint.sh renders nginx.conf (tests/test_egress_proxy.py)
-    "curl curl"                 # the curl line quickstart.sh --serve prints (tests/test_quickstart.py)
+    "envsubst gettext-base"     # the egress proxy's entrypoint.sh renders nginx.conf (tests/system/test_egress_proxy.py)
+    "curl curl"                 # the curl line quickstart.sh --serve prints (tests/e2e/test_quickstart.py)
 )
 
 pkgs=()

@@ -5,12 +5,21 @@
 # gateway and the sandbox backends with --strict), checks the layers (lint-imports,
 # pyproject.toml's [tool.importlinter]) and runs pytest. Extra args go
 # to pytest.
+#
+# --fast (first argument): the loop to run after every change. The same lint and
+# type checks, then only the unit tier (tests/unit: pure logic, in process, the
+# contract's refusals included); no system services are installed or started.
 set -eu
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
+FAST=0
+if [ "${1:-}" = --fast ]; then
+    FAST=1
+    shift
+fi
 
-if [ "$(id -u)" = 0 ]; then
+if [ "$FAST" = 0 ] && [ "$(id -u)" = 0 ]; then
     for setup in scripts/install-store-servers.sh scripts/install-test-tools.sh scripts/start-dockerd.sh; do
         [ -x "$setup" ] && "$setup"
     done
@@ -20,11 +29,16 @@ fi
 
 "$VENV/bin/python" -m ruff check --quiet .
 "$VENV/bin/python" -m mypy
-"$VENV/bin/python" -m mypy --strict hosting/gateway hosting/sandboxes
+# A cache of its own: the two invocations' options differ, and one cache would be rebuilt by each.
+"$VENV/bin/python" -m mypy --strict --cache-dir .mypy_cache/strict hosting/gateway hosting/sandboxes
 "$VENV/bin/lint-imports" --no-cache
 
 status=0
-"$VENV/bin/python" -m pytest "$@" || status=$?
+if [ "$FAST" = 1 ]; then
+    "$VENV/bin/python" -m pytest tests/unit "$@" || status=$?
+else
+    "$VENV/bin/python" -m pytest "$@" || status=$?
+fi
 if [ "$status" = 5 ]; then
     echo "test.sh: pytest collected no tests; that is a failure" >&2
     exit 1

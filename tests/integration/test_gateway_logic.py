@@ -1,0 +1,212 @@
+"""The gateway's backend-agnostic logic on the in-memory backend: provisioning, the warm
+pool, the reaper and start-up reconciliation, with both routing stores (Redis for real).
+
+Creates are slowed a little so concurrent callers really interleave."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import replace
+
+import pytest
+import redis.asyncio as aioredis
+
+import hosting.gateway.reaper as reaper_module
+from hosting.gateway.conversations import CredentialedBackend, StoredConversations
+from hosting.gateway.pool import WarmPool
+from hosting.gateway.provisioning import Provisioner, ProvisioningFailed, new_spec, provisioning_lock
+from hosting.gateway.reaper import Reaper, SessionRetention
+from hosting.gateway.reconcile import reconcile
+from hosting.gateway.routing.memory import MemoryRoutingStore
+from hosting.gateway.routing.protocols import RoutingStore
+from hosting.gateway.routing.records import PoolEntry
+from hosting.sandboxes.base import Health, Sandbox, SandboxSpec
+from hosting.sandboxes.memory import MemoryBackend
+from hosting.stores.access import sandbox_user
+
+ENV = {"ANTHROPIC_API_KEY": "sk-x"}
+
+
+class SlowBackend(MemoryBackend):
+    """Takes a moment to create, as every real engine does."""
+
+    async def create(self, spec: SandboxSpec) -> Sandbox:
+        await asyncio.sleep(0.05)
+        return await super().create(spec)
+
+
+def provisioner(backend: MemoryBackend, store: RoutingStore, wake: asyncio.Event | None = None) -> Provisioner:
+    return Provisioner(backend, store, ENV, timeout_seconds=10, on_claim=wake)
+
+
+async def test_concurrent_first_requests_make_one_sandbox_per_tenant(store: RoutingStore) -> None:
+    backend = SlowBackend()
+    routes = await asyncio.gather(*(provisioner(backend, store).ensure("s1", tenant)
+                                    for _ in range(10) for tenant in ("alice", "bob")))
+    assert backend.creates == 2
+    by_tenant = {tenant: {r.sandbox_id for r in routes if r.tenant == tenant} for tenant in ("alice", "bob")}
+    assert len(by_tenant["alice"]) == len(by_tenant["bob"]) == 1 and by_tenant["alice"] != by_tenant["bob"]
+    alice, bob = await store.get("alice/s1"), await store.get("bob/s1")
+    assert alice is not None and bob is not None and alice.volume != bob.volume
+    assert {s.tenant for s in await backend.list()} == {"alice", "bob"}
+
+
+async def test_a_failed_start_leaves_nothing_and_says_so(store: RoutingStore) -> None:
+    backend = MemoryBackend()
+    backend.fail_next_create("engine said no")
+    with pytest.raises(ProvisioningFailed, match="engine said no"):
+        await provisioner(backend, store).ensure("s1", "alice")
+    assert await store.get("alice/s1") is None and await backend.list() == []
+    assert (await provisioner(backend, store).ensure("s1", "alice")).sandbox_id is not None
+
+
+async def test_claims_skip_pooled_sandboxes_that_are_not_ready(store: RoutingStore) -> None:
+    backend = MemoryBackend()
+    wake = asyncio.Event()
+    pool = WarmPool(backend, store, provisioner(backend, store, wake), ENV, target=3, lock_seconds=30, wake=wake)
+    assert await pool.refill() == 3
+    entries = await store.pool_entries()
+    dead, draining = entries[0].sandbox.sandbox_id, entries[1].sandbox.sandbox_id
+    backend.kill(dead)
+    backend.set_health(draining, Health.STARTING)
+    first = await provisioner(backend, store, wake).ensure("s1", "alice")
+    assert first.sandbox_id == entries[2].sandbox.sandbox_id, "only the ready pooled sandbox may be handed out"
+    assert wake.is_set()
+    assert draining not in {s.sandbox_id for s in await backend.list()}, "a pooled sandbox that is not ready is removed"
+    second = await provisioner(backend, store, wake).ensure("s2", "alice")
+    assert second.sandbox_id not in (dead, draining, first.sandbox_id)
+    assert await pool.refill() == 3
+
+
+async def test_pools_of_two_replicas_never_exceed_the_target(store: RoutingStore) -> None:
+    backend = SlowBackend()
+    pools = [WarmPool(backend, store, provisioner(backend, store), ENV, target=2, lock_seconds=30,
+                      wake=asyncio.Event()) for _ in range(2)]
+    await asyncio.gather(*(pool.refill() for pool in pools * 3))
+    assert len(await store.pool_entries()) == 2 and backend.creates == 2
+    claims = await asyncio.gather(*(provisioner(backend, store).ensure(f"s{i}", "alice") for i in range(5)))
+    assert len({c.sandbox_id for c in claims}) == 5
+    await asyncio.gather(*(pool.refill() for pool in pools))
+    assert len(await store.pool_entries()) == 2 and backend.creates == 7
+
+
+async def test_a_lost_sandbox_is_replaced_on_the_same_volume_once(store: RoutingStore) -> None:
+    backend = MemoryBackend()
+    route = await provisioner(backend, store).ensure("s1", "alice")
+    assert route.sandbox_id is not None
+    backend.kill(route.sandbox_id)
+    replaced = await asyncio.gather(*(provisioner(backend, store).replace(route) for _ in range(5)))
+    assert len({r.sandbox_id for r in replaced}) == 1
+    assert replaced[0].sandbox_id != route.sandbox_id and replaced[0].volume == route.volume
+    assert backend.creates == 2
+
+
+async def test_the_reaper_removes_idle_sandboxes_once_and_keeps_volumes(store: RoutingStore) -> None:
+    backend = MemoryBackend()
+    idle = await provisioner(backend, store).ensure("idle", "alice")
+    busy = await provisioner(backend, store).ensure("busy", "alice")
+    await store.put(replace(idle, last_activity=time.time() - 100))
+    await store.put(replace(busy, last_activity=time.time() - 100))
+    await store.touch("alice/busy")
+    reapers = [Reaper(backend, store, idle_timeout_seconds=10) for _ in range(3)]
+    reaped = await asyncio.gather(*(reaper.sweep() for reaper in reapers))
+    assert sorted(sum(reaped, [])) == [idle.sandbox_id]
+    assert idle.volume in backend.volumes
+    after = await store.get("alice/idle")
+    assert after is not None and after.sandbox_id is None and after.state == "released"
+    again = await provisioner(backend, store).ensure("idle", "alice")
+    assert again.volume == idle.volume and again.sandbox_id not in (None, idle.sandbox_id)
+
+
+async def test_reconcile_readopts_known_removes_orphans_and_releases_the_lost(store: RoutingStore) -> None:
+    backend = MemoryBackend()
+    known = await provisioner(backend, store).ensure("known", "alice")
+    lost = await provisioner(backend, store).ensure("lost", "alice")
+    assert lost.sandbox_id is not None
+    backend.kill(lost.sandbox_id)
+    orphan = await backend.create(new_spec(ENV, "orphan", "bob"))
+    busy_orphan = await backend.create(new_spec(ENV, "being-provisioned", "bob"))
+    pooled = new_spec(ENV)
+    await store.pool_put(PoolEntry(await backend.create(pooled), pooled.token))
+    lock = await store.locks.acquire(provisioning_lock("bob", "being-provisioned"), 30)
+    assert lock is not None
+    result = await reconcile(backend, store)
+    assert sorted(result.adopted) == sorted([known.sandbox_id, pooled.sandbox_id])
+    assert result.removed == [orphan.sandbox_id]
+    assert result.released == [lost.sandbox_id]
+    assert {s.sandbox_id for s in await backend.list()} == {known.sandbox_id, pooled.sandbox_id,
+                                                            busy_orphan.sandbox_id}
+    assert (await store.get("alice/lost")) is not None and (await store.get("alice/lost")).sandbox_id is None  # type: ignore[union-attr]
+
+
+async def test_retention_deletes_unused_sessions_whole_once_and_a_bounded_number_per_sweep(
+        store: RoutingStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = MemoryBackend()
+    routes = [await provisioner(backend, store).ensure(f"old{i}", "alice") for i in range(3)]
+    fresh = await provisioner(backend, store).ensure("fresh", "alice")
+    for route in routes:
+        await store.put(replace(route, last_activity=time.time() - 100))
+    monkeypatch.setattr(reaper_module, "RETENTION_BATCH", 2)
+    sweepers = [SessionRetention(backend, store, None, ttl_seconds=10) for _ in range(3)]
+    first = sum(await asyncio.gather(*(sweeper.sweep() for sweeper in sweepers)), [])
+    assert len(first) == 2, "one sweep at a time, at most RETENTION_BATCH sessions"
+    second = await sweepers[0].sweep()
+    assert sorted(first + second) == sorted(route.key for route in routes)
+    for route in routes:
+        assert await store.get(route.key) is None and route.volume not in backend.volumes
+        assert route.sandbox_id not in {s.sandbox_id for s in await backend.list()}
+    assert await store.get(fresh.key) == fresh and fresh.volume in backend.volumes
+    assert await SessionRetention(backend, store, None, ttl_seconds=0).sweep() == [], "0 keeps sessions forever"
+
+
+@pytest.mark.stores
+async def test_each_sandbox_gets_a_store_credential_granted_its_session_on_assignment(redis_url: str) -> None:
+    installation = f"t{secrets.token_hex(4)}"
+    conversations = StoredConversations(redis_url, installation)
+    backend = MemoryBackend()
+    credentialed = CredentialedBackend(backend, conversations)
+    store = MemoryRoutingStore()
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        wake = asyncio.Event()
+        pool = WarmPool(credentialed, store, provisioner(credentialed, store, wake), ENV, target=1, lock_seconds=30,
+                        wake=wake)
+        await pool.refill()
+        (pooled,) = await store.pool_entries()
+        user = sandbox_user(installation, pooled.sandbox.sandbox_id)
+        url = backend.spec_of(pooled.sandbox.sandbox_id).env["AGENT_SESSION_STORE"]
+        assert url != redis_url and user in url
+        pooled_acl = await admin.acl_getuser(user)
+        assert pooled_acl is not None and "research-agent" not in str(pooled_acl["keys"]), \
+            "a pooled sandbox reaches no session yet"
+
+        claimed = await provisioner(credentialed, store, wake).ensure("s1", "alice")
+        assert claimed.sandbox_id == pooled.sandbox.sandbox_id
+        assert conversations.stored_id("alice", "s1") in " ".join((await admin.acl_getuser(user))["keys"])
+        fresh = await provisioner(credentialed, store, wake).ensure("s2", "bob")  # started for its session
+        fresh_user = sandbox_user(installation, str(fresh.sandbox_id))
+        assert conversations.stored_id("bob", "s2") in " ".join((await admin.acl_getuser(fresh_user))["keys"])
+
+        await credentialed.delete(str(claimed.sandbox_id))
+        assert await admin.acl_getuser(user) is None, "the credential goes with its sandbox"
+        await backend.delete(str(fresh.sandbox_id))  # behind the wrapper's back: an orphaned credential
+        assert await credentialed.remove_orphan_credentials() == [fresh.sandbox_id]
+        assert await admin.acl_getuser(fresh_user) is None
+    finally:
+        await admin.aclose()
+        await credentialed.aclose()
+        await conversations.aclose()
+
+
+async def test_without_the_store_no_sandbox_starts_and_nothing_is_left() -> None:
+    conversations = StoredConversations("redis://127.0.0.1:1/0", "down")  # nothing listens on port 1
+    backend = MemoryBackend()
+    credentialed = CredentialedBackend(backend, conversations)
+    try:
+        with pytest.raises(ProvisioningFailed, match="session store"):
+            await provisioner(credentialed, MemoryRoutingStore()).ensure("s1", "alice")
+        assert await backend.list() == [] and backend.creates == 0
+    finally:
+        await conversations.aclose()
