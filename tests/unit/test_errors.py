@@ -38,7 +38,7 @@ from hosting.gateway.routing.protocols import RoutingStoreUnavailable
 from hosting.server.dari import TurnFailed
 from hosting.telemetry.turns import status_error_code
 from hosting.wire import error_event
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 WIRE = {
     "bad_request": (400, None), "unauthorized": (401, None), "forbidden": (403, None), "not_found": (404, None),
