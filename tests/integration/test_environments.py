@@ -262,7 +262,7 @@ def test_an_idle_sandbox_is_stopped_and_started_again_with_its_files(
     wait_turn(standin, session, orchestrator)
     sandbox_id = sandbox_name(standin.environment_id, session)
     wait_for(lambda: sandbox_id not in sandbox_ids(data_dir), timeout=30)
-    assert "stopped idle sandbox" in orchestrator.log()
+    wait_for(lambda: "stopped idle sandbox" in orchestrator.log(), timeout=10)  # logged once it is gone
     assert (workspace_of(standin, data_dir, session) / "kept.txt").read_text() == "still here"
 
     assert standin.next_turn(session) is not None
@@ -296,7 +296,7 @@ def test_a_terminated_sessions_sandbox_is_archived_and_its_files_removed_after_t
     restarted = start_orchestrator(**archive)
     wait_for(lambda: not volume.exists(), timeout=30)
     assert time.monotonic() - ended >= 8  # the period, less the janitor's interval and the wait's
-    assert "archive of session" in restarted.log()
+    wait_for(lambda: "archive of session" in restarted.log(), timeout=10)  # logged once the files are gone
 
 
 def test_with_no_archive_period_a_terminated_sessions_files_go_with_its_sandbox(
