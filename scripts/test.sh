@@ -9,6 +9,10 @@
 # --fast (first argument): the loop to run after every change. The same lint and
 # type checks, then only the unit tier (tests/unit: pure logic, in process, the
 # contract's refusals included); no system services are installed or started.
+#
+# The full suite runs on TEST_WORKERS pytest-xdist workers (default 2), a test
+# module per worker (--dist loadfile: modules share expensive module fixtures);
+# TEST_WORKERS=0 runs it in this one process.
 set -eu
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
@@ -37,7 +41,7 @@ status=0
 if [ "$FAST" = 1 ]; then
     "$VENV/bin/python" -m pytest tests/unit "$@" || status=$?
 else
-    "$VENV/bin/python" -m pytest "$@" || status=$?
+    "$VENV/bin/python" -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@" || status=$?
 fi
 if [ "$status" = 5 ]; then
     echo "test.sh: pytest collected no tests; that is a failure" >&2
