@@ -1,11 +1,12 @@
 """``python -m bench.bare_relay``: the least a relay can be, as a yardstick for the gateway's.
 
 One sandbox, one token, no checks: each request's body is read and sent on to
-``BARE_RELAY_SANDBOX`` with the sandbox's token, and its answer's bytes come back as they
-arrive. It runs on the gateway's own stack (uvicorn with uvloop and httptools, the relay's
-client to the sandbox) with no framework, so (g) can tell what any relay costs on the machine from
-what the gateway's framework and checks add. Not part of the product: it authenticates
-no one and serves one session.
+``BARE_RELAY_SANDBOX`` with the sandbox's token and its tenant's namespace
+(``BARE_RELAY_NAMESPACE``), and its answer's bytes come back as they arrive. It runs on
+the gateway's own stack (uvicorn with uvloop and httptools, the relay's client to the
+sandbox) with no framework, so (g) can tell what any relay costs on the machine from what
+the gateway's framework and checks add. Not part of the product: it authenticates no one
+and serves one session.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import httpx
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
+from hosting.contract import NAMESPACE_HEADER
 from hosting.gateway.relay import CONNECT_TIMEOUT_SECONDS
 from hosting.gateway.sandbox_http import SandboxClient
 
 SANDBOX = os.environ.get("BARE_RELAY_SANDBOX", "")
 SANDBOX_TOKEN = os.environ.get("BARE_RELAY_SANDBOX_TOKEN", "")
+NAMESPACE = os.environ.get("BARE_RELAY_NAMESPACE", "")
 RELAYED_HEADERS = ("content-type", "cache-control")
 
 
@@ -38,7 +41,8 @@ class BareRelay:
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
-        headers = {"authorization": f"Bearer {SANDBOX_TOKEN}", "content-type": "application/json"}
+        headers = {"authorization": f"Bearer {SANDBOX_TOKEN}", "content-type": "application/json",
+                   NAMESPACE_HEADER: NAMESPACE}
         answer = await self._client.request(SANDBOX, scope["method"], scope["path"], headers, body or None)
         try:
             relayed: list[Any] = [(name.encode(), answer.headers[name].encode())

@@ -35,6 +35,7 @@ from bench.procs import (
     tree_cpu_seconds,
 )
 from harness.processes import Process, ProcessFailed, free_port
+from hosting.contract import NAMESPACE_HEADER
 
 if TYPE_CHECKING:
     from bench.scenarios import Bench
@@ -52,6 +53,7 @@ class Gateway:
     process: Process
     pool_target: int
     backend: str
+    installation: str
 
     @property
     def pid(self) -> int:
@@ -84,7 +86,7 @@ async def gateway(model_url: str, tmp: Path, name: str, pool: int, backend: str 
         env |= {"GATEWAY_DOCKER_IMAGE": image, "GATEWAY_DOCKER_NETWORK": "host"}
     process = spawn(["-m", "hosting.gateway"], env, root / "gateway.log", f"gateway {name}")
     try:
-        gw = Gateway(f"http://127.0.0.1:{port}", process, pool, backend)
+        gw = Gateway(f"http://127.0.0.1:{port}", process, pool, backend, installation)
         await process.await_http(f"{gw.base_url}/health", 60)
         yield gw
     except (ScenarioError, ProcessFailed, httpx.HTTPError) as exc:
@@ -140,10 +142,11 @@ def _own_cpu_seconds(pid: int) -> float:
 
 
 @asynccontextmanager
-async def bare_relay(bench: Bench, sandbox: str, token: str) -> AsyncIterator[str]:
+async def bare_relay(bench: Bench, sandbox: str, token: str, namespace: str) -> AsyncIterator[str]:
     """:mod:`bench.bare_relay` in front of ``sandbox``: its base URL."""
     port = free_port()
-    env = clean_env() | {"PORT": str(port), "BARE_RELAY_SANDBOX": sandbox, "BARE_RELAY_SANDBOX_TOKEN": token}
+    env = clean_env() | {"PORT": str(port), "BARE_RELAY_SANDBOX": sandbox, "BARE_RELAY_SANDBOX_TOKEN": token,
+                         "BARE_RELAY_NAMESPACE": namespace}
     async with serving(["-m", "bench.bare_relay"], env, bench.tmp / "bare-relay.log", port, "/health",
                        "bare relay") as base_url:
         yield base_url
@@ -163,7 +166,11 @@ async def relay_overhead(bench: Bench) -> dict[str, Any]:
             raise ScenarioError(f"first turn failed: {first.error}")
         route = (await admin.get(f"{gw.base_url}/admin/sessions/relay")).json()
         token = _sandbox_token(route["pid"])
-        async with client(token) as direct, bare_relay(bench, route["address"], token) as bare_url, client() as bare:
+        # The sandbox serves one tenant's session ids, named as the gateway names them.
+        namespace = f"{gw.installation}/{route['tenant']}"
+        async with (client(token) as direct, bare_relay(bench, route["address"], token, namespace) as bare_url,
+                    client() as bare):
+            direct.headers[NAMESPACE_HEADER] = namespace
             paths = {"gateway": (via, gw.base_url), "direct": (direct, route["address"]), "bare": (bare, bare_url)}
             turns: dict[str, list[TurnResult]] = {name: [] for name in paths}
             for http, base_url in paths.values():  # every path warm before timing
