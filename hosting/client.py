@@ -174,7 +174,7 @@ class Event:
 class SessionEvent(Event):
     @property
     def session_id(self) -> str:
-        return self.data["session_id"]
+        return str(self.data["session_id"])
 
     @property
     def resumed(self) -> bool:
@@ -185,7 +185,7 @@ class SessionEvent(Event):
 class TextEvent(Event):
     @property
     def text(self) -> str:
-        return self.data.get("text", "")
+        return str(self.data.get("text", ""))
 
 
 @dataclass(frozen=True)
@@ -197,18 +197,18 @@ class ThinkingEvent(TextEvent):
 class ToolUseEvent(Event):
     @property
     def name(self) -> str:
-        return self.data["name"]
+        return str(self.data["name"])
 
     @property
     def input(self) -> dict[str, Any]:
-        return self.data.get("input", {})
+        return dict(self.data.get("input", {}))
 
 
 @dataclass(frozen=True)
 class ToolResultEvent(Event):
     @property
     def content(self) -> str:
-        return self.data.get("content", "")
+        return str(self.data.get("content", ""))
 
     @property
     def is_error(self) -> bool:
@@ -230,11 +230,11 @@ class ResultEvent(Event):
 class ErrorEvent(Event):
     @property
     def code(self) -> str:
-        return self.data.get("code", "unknown")
+        return str(self.data.get("code", "unknown"))
 
     @property
     def message(self) -> str:
-        return self.data.get("message", "")
+        return str(self.data.get("message", ""))
 
     @property
     def retryable(self) -> bool:
@@ -400,13 +400,15 @@ class AgentClient:
         return True
 
     async def get_session(self, *, session_id: str | None = None) -> dict[str, Any]:
-        return (await self._call("GET", f"/sessions/{session_id or self.session_id}")).json()
+        session: dict[str, Any] = (await self._call("GET", f"/sessions/{session_id or self.session_id}")).json()
+        return session
 
     async def delete_session(self, *, session_id: str | None = None) -> None:
         await self._call("DELETE", f"/sessions/{session_id or self.session_id}")
 
     async def ready(self) -> dict[str, Any]:
-        return (await self._call("GET", "/ready")).json()
+        readiness: dict[str, Any] = (await self._call("GET", "/ready")).json()
+        return readiness
 
     async def _call(self, method: str, path: str) -> httpx.Response:
         """One plain request; the typed error for its status if it failed."""

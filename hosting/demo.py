@@ -26,7 +26,8 @@ from hosting.client import AgentClient, TextEvent, ThinkingEvent, ToolUseEvent
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], name: str) -> None:

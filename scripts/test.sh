@@ -1,10 +1,9 @@
 #!/bin/sh
 # The whole test suite. As root it first installs the system services the tests
 # drive for real (Redis, PostgreSQL, Docker); then it installs the package with
-# its test extra into ./.venv (or $VENV), lints (ruff), type-checks (mypy; the
-# gateway and the sandbox backends with --strict), checks the layers (lint-imports,
-# pyproject.toml's [tool.importlinter]) and runs pytest. Extra args go
-# to pytest.
+# its test extra into ./.venv (or $VENV), lints (ruff), type-checks (mypy, strict
+# everywhere), checks the layers (lint-imports, pyproject.toml's [tool.importlinter])
+# and runs pytest. Extra args go to pytest.
 #
 # --fast (first argument): the loop to run after every change. The same lint and
 # type checks, then only the unit tier (tests/unit: pure logic, in process, the
@@ -33,8 +32,6 @@ fi
 
 "$VENV/bin/python" -m ruff check --quiet .
 "$VENV/bin/python" -m mypy
-# A cache of its own: the two invocations' options differ, and one cache would be rebuilt by each.
-"$VENV/bin/python" -m mypy --strict --cache-dir .mypy_cache/strict hosting/gateway hosting/sandboxes
 "$VENV/bin/lint-imports" --no-cache
 
 status=0
