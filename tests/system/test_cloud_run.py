@@ -23,7 +23,7 @@ import yaml
 
 from harness.processes import free_port
 from hosting.cloud_run.check_service import SIGKILL_AFTER_SECONDS, memory_bytes
-from hosting.cloud_run.render_service import TEMPLATE
+from hosting.cloud_run.render_service import TEMPLATE, render
 from tests.support.images import docker
 from tests.support.polling import wait_for
 from tests.support.servers import API_KEY, LocalModel
@@ -32,22 +32,28 @@ from tests.support.turns import Turn, post_turn
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
 RECALL = "What value did I ask you to remember?"
-SECRETS_FOR_THE_TEST = {"ANTHROPIC_API_KEY": API_KEY}
+KEY_SECRET, STORE_SECRET = "anthropic-api-key", "agent-session-store"
 
 
-def service_container() -> dict[str, Any]:
-    return yaml.safe_load(TEMPLATE.read_text())["spec"]["template"]["spec"]["containers"][0]
+def service_container(store: bool = False) -> dict[str, Any]:
+    """The container as deploy.sh would deploy it (IAM mode; a store secret if ``store``)."""
+    service = render(yaml.safe_load(TEMPLATE.read_text()), image="unused", name="research-agent",
+                     service_account="sa@example.iam.gserviceaccount.com", key_secret=KEY_SECRET,
+                     store_secret=STORE_SECRET if store else None)
+    container: dict[str, Any] = service["spec"]["template"]["spec"]["containers"][0]
+    return container
 
 
 class CloudRunInstance:
     """One container started as Cloud Run starts an instance of the service."""
 
-    def __init__(self, image: str, local_model: LocalModel, **secrets: str) -> None:
-        container = service_container()
+    def __init__(self, image: str, local_model: LocalModel, store_url: str | None = None) -> None:
+        container = service_container(store=store_url is not None)
+        secrets = {KEY_SECRET: API_KEY, STORE_SECRET: store_url}
         self.port = free_port()  # Cloud Run's PORT: never the image's 8000
         self.name = f"cloud-run-test-{uuid.uuid4().hex[:8]}"
         env = {e["name"]: str(e["value"]) for e in container["env"] if "value" in e}
-        env.update({e["name"]: {**SECRETS_FOR_THE_TEST, **secrets}[e["name"]]
+        env.update({e["name"]: str(secrets[e["valueFrom"]["secretKeyRef"]["name"]])
                     for e in container["env"] if "valueFrom" in e})
         env.update({"PORT": str(self.port), "HOST": "127.0.0.1", "ANTHROPIC_BASE_URL": local_model.base_url,
                     "CLAUDE_CODE_MAX_RETRIES": "0"})
@@ -79,11 +85,11 @@ class CloudRunInstance:
 
 @pytest.fixture
 def instances(agent_image: str, local_model: LocalModel) -> Iterator[Any]:
-    """Factory: ``instances(**secrets)`` starts an instance; all removed at the end."""
+    """Factory: ``instances(store_url=None)`` starts an instance; all removed at the end."""
     started: list[CloudRunInstance] = []
 
-    def start(**secrets: str) -> CloudRunInstance:
-        started.append(CloudRunInstance(agent_image, local_model, **secrets))
+    def start(store_url: str | None = None) -> CloudRunInstance:
+        started.append(CloudRunInstance(agent_image, local_model, store_url))
         return started[-1]
 
     yield start
@@ -115,12 +121,12 @@ def test_an_instance_remembers_then_sigterm_cuts_its_turn_and_it_exits_0_within_
 
 @pytest.mark.stores
 def test_with_a_session_store_a_conversation_continues_on_the_next_instance(instances, redis_url: str) -> None:
-    first = instances(AGENT_SESSION_STORE=redis_url)
+    first = instances(store_url=redis_url)
     assert post_turn(first.base_url, "cr-store", "Remember this value: 6060").types[-1] == "done"
     docker("stop", "-t", str(SIGKILL_AFTER_SECONDS), first.name)  # scaled to zero: its /tmp is gone with it
     first_logs = first.logs()
     first.remove()
-    second = instances(AGENT_SESSION_STORE=redis_url)
+    second = instances(store_url=redis_url)
     recalled = post_turn(second.base_url, "cr-store", RECALL)
     assert recalled.of("session")[0]["resumed"] is True and "6060" in recalled.text, \
         f"{recalled.types}\nfirst:\n{first_logs}\nsecond:\n{second.logs()}"
