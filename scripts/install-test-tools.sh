@@ -7,7 +7,7 @@ set -euo pipefail
 # command-on-PATH  debian-package   (who needs it)
 TOOLS=(
     "nginx nginx"               # egress proxy tests (tests/system/test_egress_proxy.py)
-    "shellcheck shellcheck"     # kind-quickstart.sh / teardown.sh lint
+    "shellcheck shellcheck"     # the kubernetes and cloud_run scripts: lint
     "chromium chromium"         # chat page tests (Playwright with executable_path)
     "ip iproute2"               # network namespaces in the egress tests
     "envsubst gettext-base"     # the egress proxy's entrypoint.sh renders nginx.conf (tests/system/test_egress_proxy.py)

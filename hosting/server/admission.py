@@ -183,9 +183,10 @@ class Admission:
                     await self.close(live)
 
     async def close_warm(self) -> None:
-        """Close every warm CLI (the server is closing)."""
-        while self._warm:
-            await self.close(self._warm.popitem()[1])
+        """Close every warm CLI, all at once (the server is closing, by a deadline)."""
+        warm = list(self._warm.values())
+        self._warm.clear()
+        await asyncio.gather(*(self.close(live) for live in warm))
 
     # -- closing ---------------------------------------------------------
 

@@ -78,7 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
                 logger.warning("session store unreachable at start-up: %s", exc)
         await sessions.start()
         yield
-        await sessions.close(settings.shutdown_grace_seconds)
+        await sessions.close()  # after SIGTERM, DrainingServer has closed them by the deadline already
         if store is not None:
             await store.aclose()
         telemetry.shutdown()
@@ -199,6 +199,7 @@ def main() -> None:
     except (ConfigError, MissingStoreDriver, OSError) as exc:
         print(f"agent-server: {exc}", file=sys.stderr)
         sys.exit(2)
-    DrainingServer(app, settings.host, settings.port, app.state.sessions, settings.shutdown_grace_seconds,
-                   settings.http).run()
+    sessions = app.state.sessions
+    DrainingServer(app, settings.host, settings.port, sessions, settings.shutdown_grace_seconds, settings.http,
+                   stop_work=sessions.close).run()
 

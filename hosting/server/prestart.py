@@ -121,9 +121,10 @@ class PrestartPool:
         return spare is None or spare >= min(1.0, self._spare_cpu.capacity / 2)
 
     async def close(self) -> None:
-        """Close every pre-started CLI (the server is closing)."""
-        while self._pool:
-            await self._close(self._pool.popleft())
+        """Close every pre-started CLI, all at once (the server is closing, by a deadline)."""
+        pooled = list(self._pool)
+        self._pool.clear()
+        await asyncio.gather(*(self._close(live) for live in pooled))
 
     async def _close(self, live: LiveSession) -> None:
         """Close a pre-started CLI (freeing its slot) and remove its workspace, never bound to a session."""

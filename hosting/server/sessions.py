@@ -84,6 +84,8 @@ class _Running:
     """The transcript may end in a line cut short by a full disk (cut it once the CLI is closed)."""
     epoch: int | None = None
     """The gateway's epoch for this sandbox's assignment to the session (fencing), if any."""
+    ending: bool = False
+    """The turn's work is over and it is letting go of its CLI: a shutdown must not cut that short."""
 
 
 class WrongNamespace(HostingError):
@@ -121,6 +123,7 @@ class SessionManager:
         self._admission = Admission(settings)
         self._prestart = PrestartPool(settings, workspaces, self._cli_factory, self._admission, self._disk)
         self._background: list[asyncio.Task[None]] = []
+        self._closed = False
         retention = Retention(settings.session_ttl_seconds,
                               settings.local_cache_seconds if store is not None else None)
         self._upkeep = Upkeep(workspaces, self._disk, store, retention, settings.session_sweep_seconds, self._in_use)
@@ -171,19 +174,35 @@ class SessionManager:
         _, pending = await asyncio.wait(tasks, timeout=timeout)
         return not pending
 
-    async def close(self, grace_seconds: float = 0.0) -> None:
-        """Stop accepting turns, let running ones finish within the grace period, close every CLI."""
+    async def close(self, stop_by: float | None = None) -> None:
+        """Stop for good by ``stop_by`` (event-loop time; ``None``: however long closing takes).
+
+        Nothing is admitted any more; the turns still running are cut, each ending its
+        stream with ``error`` (``shutting_down``, retryable) and ``done`` at once, so its
+        client sends it again elsewhere instead of waiting; then every CLI is closed, all at
+        once. A CLI still closing at ``stop_by`` is left to end with the server (its guard,
+        ``hosting/bin/claude-guarded``, kills it when the server exits). Let running turns
+        finish first with :meth:`wait_for_running_turns`. Later calls do nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
         self.stop_accepting()
-        for task in self._background:
+        await asyncio.sleep(0)  # a turn task made just now takes its first step: cancelling it then ends its stream
+        turns = list(self._running.values())
+        for task in [*self._background, *(r.task for r in turns if r.task is not None and not r.ending)]:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
-        if not await self.wait_for_running_turns(grace_seconds):
-            tasks = [r.task for r in self._running.values() if r.task is not None]
-            for task in tasks:
+        stopping = [*self._background, *(r.task for r in turns if r.task is not None),
+                    *(asyncio.ensure_future(r.turn.read_out()) for r in turns),
+                    asyncio.ensure_future(self._admission.close_warm()), asyncio.ensure_future(self._prestart.close())]
+        timeout = None if stop_by is None else max(0.0, stop_by - asyncio.get_running_loop().time())
+        _, late = await asyncio.wait(stopping, timeout=timeout)
+        if late:
+            logger.warning("shutdown deadline: %d CLIs or streams still closing are left to end with the server",
+                           len(late))
+            for task in late:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        await self._admission.close_warm()
-        await self._prestart.close()
+            await asyncio.gather(*late, return_exceptions=True)
 
     # -- state -----------------------------------------------------------
 
@@ -250,6 +269,8 @@ class SessionManager:
             if self._workspaces.get(session_id) is None:
                 await self._room_for_new_session()
             running.slot = await self._admit(session_id)
+            if not self.accepting:  # closing began meanwhile: no turn starts that it would not cut
+                raise NotAccepting("the server is shutting down")
             record = running.record = self._bind(running)
         except BaseException:
             del self._running[session_id]
@@ -409,10 +430,11 @@ class SessionManager:
                 self._workspaces.delete(turn.session_id)  # nothing was restored: leave no binding behind
             turn.emit(error_event(ErrorCode.STORE_UNAVAILABLE, "The session store is unavailable, so the session's "
                                   "history cannot be loaded; nothing was run. Retry shortly."))
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the server is shutting down (close)
             if running.live is not None:
                 running.live.healthy = False
-            turn.emit(error_event(ErrorCode.SHUTTING_DOWN, "The server shut down during the turn."))
+            turn.emit(error_event(ErrorCode.SHUTTING_DOWN, "The server shut down during the turn; send it again."))
+            turn.finish()  # now: closing the cut CLI may take until the shutdown deadline
         except Exception as exc:  # noqa: BLE001 - every failure must end the stream cleanly
             if running.live is not None:
                 running.live.healthy = False
@@ -424,6 +446,7 @@ class SessionManager:
                 logger.exception("turn on session %s failed", turn.session_id)
                 turn.emit(error_event(ErrorCode.AGENT_ERROR, self._redact(f"The agent failed: {exc}")))
         finally:
+            running.ending = True
             turn.announce(resumed=False)  # no-op if announced; a failure before it still starts with `session`
             self._workspaces.stamp(turn.session_id)  # the session's last turn, for retention
             del self._running[turn.session_id]

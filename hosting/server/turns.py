@@ -72,6 +72,7 @@ class Turn:
         self._log: deque[Numbered] = deque(maxlen=MAX_TURN_EVENTS)
         self._emitted = 0
         self._finished = False
+        self._readers = 0
         self._grew = asyncio.Event()  # replaced after every event: a broadcast to every reader
 
     @property
@@ -120,15 +121,27 @@ class Turn:
         """The events after ``after_seq`` (0: all), then each new one as it comes, until ``done``.
         :class:`ReplayGone` if a reader fell so far behind that its next event was dropped."""
         next_seq = after_seq + 1
-        while True:
-            first_kept = self._emitted - len(self._log) + 1
-            if next_seq < first_kept:
-                raise ReplayGone(f"events before {self.number}-{first_kept} of this turn are no longer kept")
-            for index in range(next_seq - first_kept, len(self._log)):
-                yield self._log[index]
-            next_seq = self._emitted + 1
-            if self._finished:
-                return
+        self._readers += 1
+        try:
+            while True:
+                first_kept = self._emitted - len(self._log) + 1
+                if next_seq < first_kept:
+                    raise ReplayGone(f"events before {self.number}-{first_kept} of this turn are no longer kept")
+                for index in range(next_seq - first_kept, len(self._log)):
+                    yield self._log[index]
+                next_seq = self._emitted + 1
+                if self._finished:
+                    return
+                await self._grew.wait()
+        finally:
+            self._readers -= 1
+            self._wake()
+
+    async def read_out(self) -> None:
+        """Wait until the turn has finished and every reader has taken its last event (the
+        stream's ``done`` is handed to the connection before the reader asks for more), so a
+        server shutting down closes no connection before its stream has ended."""
+        while not (self._finished and self._readers == 0):
             await self._grew.wait()
 
 
