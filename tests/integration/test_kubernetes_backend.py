@@ -58,6 +58,7 @@ from tests.integration.test_kubernetes_manifests import OVERLAYS, render
 from tests.standins.k8s import JSON_PATCH, POD_TEMPLATE, PodsApiStandIn, label_errors, running_standin
 from tests.support import ROOT
 from tests.support.gateways import ALICE, Gateways, auth
+from tests.support.polling import wait_for_async
 from tests.support.servers import API_KEY, LocalModel
 from tests.support.turns import post_turn
 
@@ -445,6 +446,8 @@ async def test_pvc_mode_keeps_to_its_own_claims(pvc_opened: list[KubernetesBacke
     assert {claim_name(i, volume) for i in (ours.installation, theirs.installation)} <= standin.claim_names()
     assert not [n for n in standin.pod_names() if installation_of(standin.pod(n)) == ours.installation]
     assert api(standin, "DELETE", f"persistentvolumeclaims/{claim_name(ours.installation, volume)}").status_code == 200
+    # As on a cluster, a deleted claim goes once its protection finalizer is lifted, not at once.
+    await wait_for_async(lambda: claim_name(ours.installation, volume) not in standin.claim_names(), timeout=10)
 
     with pytest.raises(SandboxError, match="ErrImagePull"):
         await failing.create(spec(volume=volume))
