@@ -46,11 +46,13 @@ async def await_serving(sandbox_id: str, address: str, token: str,
                         exited: Callable[[], Awaitable[str | None]], timeout: float) -> bool:
     """Wait until the server at ``address`` answers ``GET /ready`` with 200 for ``token``.
 
-    Only this sandbox's server accepts its token, so a 200 proves the port is its
-    own and not another process's. ``exited()`` returns the server's output once it
-    has exited, ``None`` while it runs. Returns ``True`` once it serves, ``False`` if
-    it exited because its port was taken (try another); raises :class:`SandboxError`
-    if it exited for another reason or did not answer within ``timeout`` seconds.
+    Only this sandbox's server accepts its token and refuses a request without one, so
+    the two answers together prove the port is its own: a server started without a
+    token, by another process that took the port first, accepts both. ``exited()``
+    returns the server's output once it has exited, ``None`` while it runs. Returns
+    ``True`` once it serves, ``False`` if its port was taken (try another); raises
+    :class:`SandboxError` if it exited for another reason or did not answer within
+    ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(timeout=1.0) as client:
@@ -63,7 +65,7 @@ async def await_serving(sandbox_id: str, address: str, token: str,
             try:
                 response = await client.get(f"{address}/ready", headers={"authorization": f"Bearer {token}"})
                 if response.status_code == 200:
-                    return True
+                    return (await client.get(f"{address}/ready")).status_code == 401
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:

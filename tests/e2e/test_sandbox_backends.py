@@ -25,13 +25,14 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import suppress
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -643,16 +644,40 @@ async def test_local_record_whose_pid_was_reused_is_no_sandbox(tmp_path: Path) -
     assert not record.exists()
 
 
+@contextmanager
+def serving_anyone() -> Iterator[int]:
+    """A server on a loopback port that answers every request 200, as a server started
+    without a token does; its port."""
+
+    class Anyone(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the handler's protocol
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"ready": true}')
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Anyone) as server:
+        thread = threading.Thread(target=server.serve_forever)
+        thread.start()
+        try:
+            yield server.server_address[1]
+        finally:
+            server.shutdown()
+            thread.join()
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("harness", ["local"], indirect=True)
 async def test_local_port_taken_before_the_server_binds_is_retried_a_bounded_number_of_times(
         harness: Harness, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Another process takes the sandbox's port between the pick and the bind: the server
-    exits, and create tries another port; when every attempt loses, it gives up cleanly."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    """Another process takes the sandbox's port between the pick and the bind, a server
+    that answers 200 without a token: the sandbox's server exits, create never takes the
+    stranger's answers for its own and tries another port; when every attempt loses, it
+    gives up cleanly."""
+    with serving_anyone() as port:
         monkeypatch.setattr("hosting.sandboxes.local.free_loopback_port", lambda: port)
         monkeypatch.setattr("hosting.sandboxes.local.BIND_ATTEMPTS", 1)
         lost = harness.spec()
