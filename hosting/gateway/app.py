@@ -41,26 +41,22 @@ from hosting.contract import (
 from hosting.draining import DrainingServer
 from hosting.errors import ErrorCode, HostingError
 from hosting.gateway.budgets import BudgetExhausted, Budgets, open_budget_ledger
+from hosting.gateway.cleanup import shielded
 from hosting.gateway.conversations import CredentialedBackend, StoredConversations
+from hosting.gateway.event_stream import lost_stream
 from hosting.gateway.pool import WarmPool
 from hosting.gateway.provisioning import ProvisioningFailed
 from hosting.gateway.quotas import QuotaExceeded, Quotas
 from hosting.gateway.reaper import Reaper, SessionRetention, forget_session
 from hosting.gateway.reconcile import adopt_legacy_routes, reconcile
-from hosting.gateway.relay import (
-    Relay,
-    RelayedStream,
-    SandboxLost,
-    SandboxResponse,
-    SandboxUnreachable,
-    lost_stream,
-    shielded,
-)
+from hosting.gateway.relay import Relay
+from hosting.gateway.relayed_stream import RelayedStream
 from hosting.gateway.routing import open_routing_store
 from hosting.gateway.routing.memory import MemoryRoutingStore
 from hosting.gateway.routing.protocols import RoutingStore, RoutingStoreUnavailable
 from hosting.gateway.routing.records import Route, route_key
 from hosting.gateway.runtime import install_runtime
+from hosting.gateway.sandbox_response import SandboxLost, SandboxResponse, SandboxUnreachable
 from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.telemetry import GatewayTelemetry, GatewayTurn, ObservedProvisioner
 from hosting.gateway.tenants import Authenticator, TokenAuthenticator

@@ -18,16 +18,12 @@ from fastapi import Depends, FastAPI, Request, Response
 
 from hosting.errors import ErrorCode, HostingError
 from hosting.gateway.budgets import Budgets
+from hosting.gateway.cleanup import shielded
 from hosting.gateway.provisioning import Provisioner
 from hosting.gateway.quotas import Quotas
-from hosting.gateway.relay import (
-    Relay,
-    SandboxLost,
-    SandboxResponse,
-    SandboxUnreachable,
-    shielded,
-)
+from hosting.gateway.relay import Relay
 from hosting.gateway.routing.records import Route
+from hosting.gateway.sandbox_response import SandboxLost, SandboxResponse, SandboxUnreachable
 from hosting.gateway.telemetry import GatewayTelemetry
 from hosting.runtime_api import ADVANCE_PATH, State, advance_body, new_session_id
 from hosting.telemetry.tracing import tag_session

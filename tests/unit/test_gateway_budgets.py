@@ -31,8 +31,8 @@ from hosting.gateway.budgets import (
     Spent,
     TenantBudget,
 )
+from hosting.gateway.event_stream import StreamWatcher
 from hosting.gateway.quotas import Quotas, TenantLimits
-from hosting.gateway.relay import StreamWatcher
 from hosting.gateway.routing.memory import MemoryRoutingStore
 from hosting.gateway.routing.protocols import RoutingStoreUnavailable
 from hosting.gateway.settings import GatewaySettings
