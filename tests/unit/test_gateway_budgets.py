@@ -77,7 +77,7 @@ def result(tokens: tuple[int, int, int, int], session_cost: float | None) -> dic
 
 def relayed_turn(budgets: Budgets, tenant: str, session_id: str, data: dict[str, Any]) -> Any:
     """One turn's stream through the gateway's own watcher and turn record, the charge hooked as in
-    ``relay_turn``; returns the charge's :meth:`settled`."""
+    ``post_message`` (:mod:`hosting.gateway.http.turns`); returns the charge's :meth:`settled`."""
     observed = GatewayTurn(TELEMETRY, TurnRecord(time.monotonic(), {"tenant": tenant}))
     charge = budgets.charge(tenant, session_id)
     observed.on_result = charge.result
