@@ -20,9 +20,11 @@ from hosting.gateway.event_stream import lost_stream
 from hosting.gateway.http.dependencies import Services, Tenant, services_of, tenant_of
 from hosting.gateway.http.direct_route import DirectRoute
 from hosting.gateway.http.exchange import owned_route, relayed
-from hosting.gateway.http.relayed_turn import relayed_turn
+from hosting.gateway.http.relayed_turn import RelayedTurn, relayed_turn
 from hosting.gateway.relayed_stream import RelayedStream
-from hosting.gateway.sandbox_response import SandboxLost, SandboxUnreachable
+from hosting.gateway.sandbox_response import SandboxLost, SandboxResponse, SandboxUnreachable
+from hosting.gateway.services import GatewayServices
+from hosting.gateway.telemetry import GatewayTurn
 
 logger = logging.getLogger("hosting.gateway")
 
@@ -34,7 +36,6 @@ async def post_message(request: Request) -> Response:
     tenant = await tenant_of(request)
     _, raw = await message_body(request)
     services = services_of(request)
-    relay, budgets = services.relay, services.budgets
     with services.telemetry.turn(tenant) as observed:
         async with relayed_turn(services, tenant, session_id, observed) as turn:
             try:
@@ -50,30 +51,36 @@ async def post_message(request: Request) -> Response:
                     return relayed(response, await response.aread())
                 finally:
                     await response.aclose()
+            return _charged_stream(services, turn, response, observed, tenant, session_id)
 
-            charge = budgets.charge(tenant, session_id)
-            observed.on_result = charge.result  # the turn's spend is counted as its result is relayed
-            permit = turn.permit
 
-            async def turn_over() -> None:  # before done goes out: the next turn finds the slot free, the spend counted
-                try:
-                    await permit.release()
-                finally:
-                    await charge.settled()
+def _charged_stream(services: GatewayServices, turn: RelayedTurn, response: SandboxResponse, observed: GatewayTurn,
+                    tenant: str, session_id: str) -> RelayedStream:
+    """The turn's stream, relayed: it holds the turn's slot until the sandbox's turn ends
+    (however the client behaves) and charges the tenant's budget as each ``result`` goes by."""
+    charge = services.budgets.charge(tenant, session_id)
+    observed.on_result = charge.result  # the turn's spend is counted as its result is relayed
+    permit = turn.permit
 
-            end_turn = turn.hand_over()
+    async def turn_over() -> None:  # before done goes out: the next turn finds the slot free, the spend counted
+        try:
+            await permit.release()
+        finally:
+            await charge.settled()
 
-            async def finished() -> None:
-                try:
-                    await end_turn()
-                finally:
-                    observed.finish()
+    end_turn = turn.hand_over()
 
-            observed.streaming = True
-            return RelayedStream(relay.stream(turn.route, response, on_end=turn_over, observer=observed.saw),
-                                 response.relayed_headers(),
-                                 on_close=finished,
-                                 while_open=permit.keep_alive if permit.holds_slot else None)
+    async def finished() -> None:
+        try:
+            await end_turn()
+        finally:
+            observed.finish()
+
+    observed.streaming = True
+    return RelayedStream(services.relay.stream(turn.route, response, on_end=turn_over, observer=observed.saw),
+                         response.relayed_headers(),
+                         on_close=finished,
+                         while_open=permit.keep_alive if permit.holds_slot else None)
 
 
 def add_message_route(app: FastAPI) -> None:
