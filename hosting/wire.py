@@ -9,7 +9,7 @@ Event types, in the order they can appear:
 ``raw`` (the SDK message itself) only when a request opts in.
 
 The server makes these events (:mod:`hosting.server.wire`), the gateway relays and
-adds some (:mod:`hosting.gateway.relay`); this module imports neither, nor the SDK.
+adds some (:mod:`hosting.gateway.event_stream`); this module imports neither, nor the SDK.
 """
 
 from __future__ import annotations

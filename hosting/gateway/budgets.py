@@ -55,8 +55,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from hosting.errors import ErrorCode, HostingError
+from hosting.gateway.cleanup import shielded
 from hosting.gateway.quotas import TurnPermit
-from hosting.gateway.relay import shielded
 from hosting.gateway.routing.protocols import RoutingStore, RoutingStoreUnavailable
 from hosting.gateway.routing.redis import RedisRoutingStore, or_unavailable
 

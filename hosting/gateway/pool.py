@@ -15,8 +15,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from hosting.gateway.cleanup import shielded
 from hosting.gateway.provisioning import Provisioner, ProvisioningFailed, new_spec
-from hosting.gateway.relay import shielded
 from hosting.gateway.routing.protocols import Locking, RoutingStoreUnavailable, WarmPoolLedger
 from hosting.gateway.routing.records import PoolEntry
 from hosting.locks import holding

@@ -2,9 +2,10 @@
 
 The gateway relays a turn's bytes without interpreting them; to count a tenant's turns,
 tokens and cost it is told of each relayed event by the relay's own reader of the SSE
-lines (:class:`hosting.gateway.relay.StreamWatcher`), and changes nothing. Its steps (auth, route lookup, provisioning or pool
-claim, relay) are child spans of the request's, and the relay's span is current when
-the request to the sandbox is made, so the sandbox's spans continue the same trace.
+lines (:class:`hosting.gateway.event_stream.StreamWatcher`), and changes nothing. Its
+steps (auth, route lookup, provisioning or pool claim, relay) are child spans of the
+request's, and the relay's span is current when the request to the sandbox is made, so
+the sandbox's spans continue the same trace.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class GatewayTurn:
         self.record.record(self.telemetry.turn_metrics, self.relay_span or trace.INVALID_SPAN)
 
     def saw(self, kind: str, data: bytes) -> None:
-        """One relayed event (see :class:`hosting.gateway.relay.StreamWatcher`); only the
+        """One relayed event (see :class:`hosting.gateway.event_stream.StreamWatcher`); only the
         final ones are decoded, the rest are counted."""
         payload = json.loads(data) if kind in ("result", "error") else {}
         self.record.see(WireEvent(kind, payload))

@@ -31,8 +31,8 @@ from hosting.gateway.budgets import (
     Spent,
     TenantBudget,
 )
+from hosting.gateway.event_stream import StreamWatcher
 from hosting.gateway.quotas import Quotas, TenantLimits
-from hosting.gateway.relay import StreamWatcher
 from hosting.gateway.routing.memory import MemoryRoutingStore
 from hosting.gateway.routing.protocols import RoutingStoreUnavailable
 from hosting.gateway.settings import GatewaySettings
@@ -77,7 +77,7 @@ def result(tokens: tuple[int, int, int, int], session_cost: float | None) -> dic
 
 def relayed_turn(budgets: Budgets, tenant: str, session_id: str, data: dict[str, Any]) -> Any:
     """One turn's stream through the gateway's own watcher and turn record, the charge hooked as in
-    ``relay_turn``; returns the charge's :meth:`settled`."""
+    ``post_message`` (:mod:`hosting.gateway.http.turns`); returns the charge's :meth:`settled`."""
     observed = GatewayTurn(TELEMETRY, TurnRecord(time.monotonic(), {"tenant": tenant}))
     charge = budgets.charge(tenant, session_id)
     observed.on_result = charge.result

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from starlette.requests import Request
 
-from hosting.gateway.relay import StreamWatcher, lost_stream, next_event_id
+from hosting.gateway.event_stream import StreamWatcher, lost_stream, next_event_id
 from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.tenants import TokenAuthenticator, load_tenant_tokens
 from hosting.settings_env import ConfigError

@@ -11,7 +11,8 @@ from contextlib import asynccontextmanager
 import pytest
 
 from hosting.gateway import sandbox_http
-from hosting.gateway.relay import Relay, RelayedStream
+from hosting.gateway.relay import Relay
+from hosting.gateway.relayed_stream import RelayedStream
 from hosting.gateway.routing.memory import MemoryRoutingStore
 from hosting.gateway.routing.records import Route
 from hosting.gateway.sandbox_http import ConnectFailed, ConnectionBroken, SandboxClient

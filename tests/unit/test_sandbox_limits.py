@@ -17,10 +17,12 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from hosting.gateway.relay import MAX_EVENT_BYTES, Relay, RelayedStream, SandboxLost
+from hosting.gateway.relay import MAX_EVENT_BYTES, Relay
+from hosting.gateway.relayed_stream import RelayedStream
 from hosting.gateway.routing.memory import MemoryRoutingStore
 from hosting.gateway.routing.records import Route
 from hosting.gateway.sandbox_http import MAX_ANSWER_BYTES, MAX_HEAD_BYTES
+from hosting.gateway.sandbox_response import SandboxLost
 from tests.unit.test_sandbox_http import read_request, serving
 
 PIECE = b"x" * 2**20
