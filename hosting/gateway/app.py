@@ -86,5 +86,6 @@ def main() -> None:
         print(f"agent-gateway: {exc}", file=sys.stderr)
         sys.exit(2)
     app = create_app(settings, backend)
-    DrainingServer(app, settings.host, settings.port, app.state.services.relay, settings.shutdown_grace_seconds,
-                   settings.http).run()
+    relay = app.state.services.relay
+    DrainingServer(app, settings.host, settings.port, relay, settings.shutdown_grace_seconds, settings.http,
+                   stop_work=relay.cut_streams).run()

@@ -26,11 +26,10 @@ def next_event_id(last: str | None) -> str:
     return f"{last}-1"
 
 
-def lost_stream(last_id: str | None, message: str) -> bytes:
-    """``error`` (``sandbox_lost``, retryable) then ``done``, continuing after ``last_id``."""
+def lost_stream(last_id: str | None, message: str, code: ErrorCode = ErrorCode.SANDBOX_LOST) -> bytes:
+    """``error`` (``sandbox_lost`` unless said, retryable) then ``done``, continuing after ``last_id``."""
     error_id = next_event_id(last_id)
-    return (encode(error_event(ErrorCode.SANDBOX_LOST, message), error_id)
-            + encode(WireEvent("done"), next_event_id(error_id)))
+    return encode(error_event(code, message), error_id) + encode(WireEvent("done"), next_event_id(error_id))
 
 
 EventObserver = Callable[[str, bytes], None]

@@ -4,7 +4,9 @@ At start the routing store and the backend may disagree (a replica crashed, rout
 older layout): they are reconciled before the first request, best effort, since a
 gateway that cannot reach its store still answers ``/health`` and says why on ``/ready``.
 At stop the loops end first, then every connection closes; with an in-memory store the
-sandboxes go too, as nothing else could find them again.
+sandboxes go too, as nothing else could find them again, by the shutdown deadline if one
+was set (:meth:`hosting.gateway.relay.Relay.cut_streams`): what is left then goes with the
+gateway (local sandboxes are its children) or is an orphan the next start removes.
 """
 
 from __future__ import annotations
@@ -52,7 +54,12 @@ async def running(services: GatewayServices) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if isinstance(store, MemoryRoutingStore):
-            await _remove_everything(backend, store, services.pool)
+            stop_by = services.relay.stop_by
+            try:
+                async with asyncio.timeout_at(stop_by):
+                    await _remove_everything(backend, store, services.pool)
+            except TimeoutError:
+                logger.warning("shutdown deadline: sandboxes still being removed are left to the next start")
         await services.relay.aclose()
         await services.budgets.drain()
         await store.aclose()
@@ -66,7 +73,10 @@ async def _remove_everything(backend: SandboxBackend, store: RoutingStore, pool:
     """With an in-memory store nothing could find these sandboxes again: remove them.
     Session volumes stay on disk (a restarted gateway does not know them either)."""
     await pool.drain()
-    for route in await store.routes():
-        if route.sandbox_id is not None:
-            with contextlib.suppress(SandboxError):
-                await backend.delete(route.sandbox_id)
+    await asyncio.gather(*(_delete(backend, route.sandbox_id) for route in await store.routes()
+                           if route.sandbox_id is not None))
+
+
+async def _delete(backend: SandboxBackend, sandbox_id: str) -> None:
+    with contextlib.suppress(SandboxError):
+        await backend.delete(sandbox_id)

@@ -4,7 +4,9 @@ The relay never parses or re-encodes a turn: bytes go out as their events
 complete (heartbeat comments included), so the gateway adds no buffering beyond
 the event in progress (:mod:`hosting.gateway.event_stream` finds where events end).
 A sandbox dying mid-stream, or moved off while streaming, ends the client's stream
-properly: an ``error`` event (``sandbox_lost``, retryable) and ``done``. An event
+properly: an ``error`` event (``sandbox_lost``, retryable) and ``done``; a gateway that
+shuts down cuts its streams the same way by its deadline (``shutting_down``: the turn runs
+on in its sandbox, so the client re-attaches through another replica). An event
 without end (past :data:`MAX_EVENT_BYTES` with no blank line) ends the stream the
 same way, rather than growing the gateway's memory. While it streams, the relay
 stamps the session's activity (the idle reaper reads it), and it counts the turns in
@@ -21,6 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import httpx
 
 from hosting.contract import EPOCH_HEADER, NAMESPACE_HEADER
+from hosting.errors import ErrorCode
 from hosting.gateway.event_stream import EventObserver, StreamWatcher, lost_stream
 from hosting.gateway.relayed_stream import RelayedChunks
 from hosting.gateway.routing.protocols import Routes, RoutingStoreUnavailable
@@ -63,6 +66,10 @@ class Relay:
         self._streams = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._responses: set[SandboxResponse] = set()  # the sandbox answers being streamed
+        self._cutting = False
+        self.stop_by: float | None = None
+        """The shutdown deadline (event-loop time), once :meth:`cut_streams` was called."""
         # Trust as every other client of the product (httpx's: certifi, or SSL_CERT_FILE/SSL_CERT_DIR),
         # not the system store the image may lack: Modal sandboxes are reached over TLS.
         self._client = SandboxClient(httpx.create_ssl_context(), CONNECT_TIMEOUT_SECONDS)
@@ -132,6 +139,9 @@ class Relay:
         watcher = StreamWatcher(observer)
         moved = asyncio.Event()
         stamper = asyncio.create_task(self._stamp_while_streaming(route, response, moved))
+        self._responses.add(response)
+        if self._cutting:  # began as the gateway stops: cut at once
+            await response.aclose()
         try:
             while chunk := await response.read_any():
                 if moved.is_set():  # not one more byte from a sandbox the session left
@@ -158,6 +168,7 @@ class Relay:
                                type(exc).__name__)
         finally:
             stamper.cancel()
+            self._responses.discard(response)
             await response.aclose()  # never suspends: nothing for a cancellation to interrupt
         await self.touch(route.key)
         if not watcher.done or moved.is_set():
@@ -166,7 +177,13 @@ class Relay:
             if moved.is_set():
                 logger.warning("session %s: moved off sandbox %s mid-stream; its stream is cut", route.session_id,
                                route.sandbox_id)
-            ending = lost_stream(watcher.last_id, "the sandbox serving this session stopped mid-turn; send the turn again")
+            if self._cutting and not moved.is_set():
+                ending = lost_stream(watcher.last_id, "this gateway replica shut down during the turn, which runs on "
+                                     "in its sandbox: re-attach (GET /sessions/{id}/events) or send it again once "
+                                     "it ends", ErrorCode.SHUTTING_DOWN)
+            else:
+                ending = lost_stream(watcher.last_id,
+                                     "the sandbox serving this session stopped mid-turn; send the turn again")
             watcher.drop_unfinished()  # held back: the client never sees half an event
             watcher.feed(ending)  # the observer sees the ending too
             yield ending, True
@@ -217,6 +234,16 @@ class Relay:
         except TimeoutError:
             return False
         return True
+
+    async def cut_streams(self, stop_by: float) -> None:
+        """Cut every stream still relayed, each ending with ``error`` (``shutting_down``) and
+        ``done``, and wait until they have gone out, by ``stop_by`` (event-loop time): the
+        gateway stops by its deadline (:class:`hosting.draining.DrainingServer`) and its
+        clients re-attach elsewhere instead of waiting on a connection about to close."""
+        self._cutting, self.stop_by = True, stop_by
+        for response in list(self._responses):
+            await response.aclose()
+        await self.wait_for_running_turns(max(0.0, stop_by - asyncio.get_running_loop().time()))
 
     async def aclose(self) -> None:
         self._client.close()

@@ -278,3 +278,24 @@ def test_sigterm_refuses_new_turns_lets_the_running_stream_finish_and_exits_zero
     assert gateway.process.wait(timeout=grace + 10) == 0
     assert time.monotonic() - signalled < grace, "the gateway exits once the stream is over, within the grace period"
     wait_for(lambda: not local_gateways.sandbox_alive(route["sandbox_id"], route["pid"]), timeout=10)
+
+
+def test_sigterm_cuts_a_stream_still_running_at_the_deadline_with_shutting_down_then_done(
+        local_gateways: Gateways) -> None:
+    """The grace is a deadline: a stream that outlasts it ends with a retryable ``error``
+    (``shutting_down``) and ``done``, and the gateway exits 0 by then, not at a closed socket."""
+    grace = 5.0
+    gateway = local_gateways.start(wait_pool=False, GATEWAY_WARM_POOL="0", GATEWAY_SHUTDOWN_GRACE_SECONDS=str(grace))
+    assert gateway.process is not None
+    url = gateway.base_url
+    turn(url, "long")  # its sandbox up, so the next turn streams at once
+    long_turn = "[[slow:0.2]] " + " ".join(f"word{n}" for n in range(60))  # 12 s: longer than the grace
+    with open_turn(url, "long", long_turn) as cut:
+        signalled = time.monotonic()
+        gateway.process.send_signal(signal.SIGTERM)
+        kinds = cut.finish()
+    assert gateway.process.wait(timeout=grace + 10) == 0
+    assert time.monotonic() - signalled < grace + 2.0, "the deadline holds, with what an exiting interpreter takes"
+    assert kinds[-2:] == ["error", "done"] and "result" not in kinds, kinds
+    error = dict(cut.events)["error"]
+    assert error["code"] == "shutting_down" and error["retryable"] is True
