@@ -202,7 +202,7 @@ def test_sigterm_drains_running_turns_cuts_the_rest_by_the_deadline_and_exits_0_
 def test_sigkill_leaves_no_cli_and_the_next_start_serves_every_session(start_server, tmp_path):
     data_dir = tmp_path / "data"
     first = start_server(data_dir=data_dir, AGENT_PREWARM="2")
-    wait_for(lambda: ready(first.base_url)["prewarmed"] == 2)
+    wait_for(lambda: ready(first.base_url)["prewarmed"] == 2, timeout=120)  # pre-starts wait for spare CPU
     for n in range(3):
         post_turn(first.base_url, f"kill-{n}", f"Remember this value: k{n}")
     wait_for(lambda: ready(first.base_url)["prewarmed"] == 2, timeout=90)  # pooled CLIs must die too
