@@ -92,8 +92,16 @@ class GoneError(AgentClientError):
     (``events_gone``), or a conversation cannot be resumed (``session_gone``)."""
 
 
+class RequestTimeoutError(AgentClientError):
+    """408: the request's head reached the server too slowly (a stalled network); send it again."""
+
+
 class PayloadTooLargeError(AgentClientError):
     """413: the body is over the server's limit."""
+
+
+class HeadersTooLargeError(AgentClientError):
+    """431: the request's headers are over the server's limit."""
 
 
 class MisdirectedRequestError(AgentClientError):
@@ -129,8 +137,9 @@ class StorageFullError(AgentClientError):
 
 _BY_STATUS: dict[int, type[AgentClientError]] = {
     400: BadRequestError, 401: AuthenticationError, 403: ForbiddenError, 404: SessionNotFoundError,
-    409: SessionBusyError, 410: GoneError, 413: PayloadTooLargeError, 415: UnsupportedMediaTypeError,
-    421: MisdirectedRequestError, 422: InvalidRequestError, 429: RateLimitedError, 502: BadGatewayError,
+    408: RequestTimeoutError, 409: SessionBusyError, 410: GoneError, 413: PayloadTooLargeError,
+    415: UnsupportedMediaTypeError, 421: MisdirectedRequestError, 422: InvalidRequestError,
+    431: HeadersTooLargeError, 429: RateLimitedError, 502: BadGatewayError,
     503: NotReadyError, 504: GatewayTimeoutError, 507: StorageFullError,
 }
 _BY_CODE: dict[ErrorCode, type[AgentClientError]] = {ErrorCode.NO_TURN_RUNNING: NoTurnRunningError}

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hosting.errors import ErrorCode, HostingError
+from hosting.errors import ErrorCode, HostingError, error_body
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 MAX_BODY_BYTES = 256 * 1024
@@ -188,11 +188,9 @@ def no_turn_running(session_id: str) -> JSONResponse:
 
 
 def error_response(error: HostingError) -> JSONResponse:
-    """The answer to ``error``: ``{"detail": ..., "code": ...}`` with the code's status and
-    the error's headers (``Retry-After`` when retrying can help). ``code`` is additive: a v1
-    client, which reads only ``detail``, sees what it always saw."""
-    return JSONResponse({"detail": error.detail, "code": error.code.value}, status_code=error.code.status,
-                        headers=error.headers())
+    """The answer to ``error``: :func:`hosting.errors.error_body` with the code's status and
+    the error's headers (``Retry-After`` when retrying can help)."""
+    return JSONResponse(error_body(error.detail, error.code), status_code=error.code.status, headers=error.headers())
 
 
 Observer = Callable[[HostingError], None]
@@ -227,8 +225,8 @@ class _TooLarge(Exception):
 
 
 class BodySizeLimit:
-    """Pure ASGI middleware answering 413 (``payload_too_large``) ``{"detail": ...}`` for
-    oversized bodies: written before any app runs, so ``detail`` alone, as it always was."""
+    """Pure ASGI middleware answering 413 (``payload_too_large``) for oversized bodies,
+    declared or counted as they arrive, before the app has read past the limit."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -270,7 +268,8 @@ class BodySizeLimit:
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"detail": f"request body larger than {self.max_bytes} bytes"}).encode()
+        body = json.dumps(error_body(f"request body larger than {self.max_bytes} bytes",
+                                     ErrorCode.PAYLOAD_TOO_LARGE)).encode()
         await send({
             "type": "http.response.start",
             "status": ErrorCode.PAYLOAD_TOO_LARGE.status,

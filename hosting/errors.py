@@ -47,7 +47,10 @@ class ErrorCode(StrEnum):
     """Never answered by the product's fronts (another tenant's session is simply not found);
     whatever stands in front of them (an IAM proxy) may."""
     NOT_FOUND = ("not_found", 404, None)
+    REQUEST_TIMEOUT = ("request_timeout", 408, None)
+    """The request's head did not arrive in time; the connection is closed."""
     PAYLOAD_TOO_LARGE = ("payload_too_large", 413, None)
+    HEADERS_TOO_LARGE = ("headers_too_large", 431, None)
     UNSUPPORTED_MEDIA_TYPE = ("unsupported_media_type", 415, None)
     MISDIRECTED = ("misdirected", 421, None)
     """A server on loopback asked for another host name, or a sandbox for another tenant."""
@@ -132,6 +135,12 @@ class HostingError(Exception):
     def headers(self) -> dict[str, str]:
         """The answer's headers: ``Retry-After`` when retrying can help."""
         return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+
+
+def error_body(detail: str, code: ErrorCode) -> dict[str, str]:
+    """The body of every error answer: ``code`` is additive, so a v1 client, which reads
+    only ``detail``, sees what it always saw."""
+    return {"detail": detail, "code": code.value}
 
 
 class StoreUnavailable(HostingError, ConnectionError):

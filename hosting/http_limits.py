@@ -29,6 +29,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from hosting.errors import ErrorCode, error_body
 from hosting.settings_env import ConfigError, float_setting, int_setting
 
 logger = logging.getLogger("hosting.http_limits")
@@ -104,7 +105,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if was_in_head and self._in_head:
             self._head_bytes += len(data)
             if self._head_bytes > self._limits.max_header_bytes:
-                self._refuse(431, f"request headers larger than {self._limits.max_header_bytes} bytes")
+                self._refuse(ErrorCode.HEADERS_TOO_LARGE, f"request headers larger than {self._limits.max_header_bytes} bytes")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -115,7 +116,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > self._limits.max_header_bytes:
-            self._refuse(431, f"request headers larger than {self._limits.max_header_bytes} bytes")
+            self._refuse(ErrorCode.HEADERS_TOO_LARGE, f"request headers larger than {self._limits.max_header_bytes} bytes")
             raise _Refused  # the parser stops here; the app never sees the request
         super().on_headers_complete()
 
@@ -141,19 +142,20 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def _headers_too_slow(self) -> None:
         self._deadline = None
         if self._in_head:
-            self._refuse(408, f"request headers not received within {self._limits.header_timeout_seconds:g} s")
+            self._refuse(ErrorCode.REQUEST_TIMEOUT,
+                         f"request headers not received within {self._limits.header_timeout_seconds:g} s")
         elif not self.transport.is_closing():  # nothing sent at all: nothing to answer
             self.transport.close()
 
-    def _refuse(self, status: int, detail: str) -> None:
-        """Answer ``status`` and close, unless a response is being written on this
+    def _refuse(self, code: ErrorCode, detail: str) -> None:
+        """Answer ``code`` and close, unless a response is being written on this
         connection (a pipelined request's head): then only close."""
         if self.transport.is_closing():
             return
         logger.info("refused a request from %s: %s", self.client[0] if self.client else "?", detail)
         if self.cycle is None or self.cycle.response_complete:
-            body = json.dumps({"detail": detail}).encode()
+            body = json.dumps(error_body(detail, code)).encode()
             self.transport.write(b"".join([
-                STATUS_LINE[status], b"content-type: application/json\r\n",
+                STATUS_LINE[code.status], b"content-type: application/json\r\n",
                 b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n", body]))
         self.transport.close()

@@ -20,12 +20,14 @@ from hosting.client import (
     ForbiddenError,
     GatewayTimeoutError,
     GoneError,
+    HeadersTooLargeError,
     InvalidRequestError,
     MisdirectedRequestError,
     NotReadyError,
     NoTurnRunningError,
     PayloadTooLargeError,
     RateLimitedError,
+    RequestTimeoutError,
     SessionBusyError,
     SessionNotFoundError,
     StorageFullError,
@@ -42,7 +44,8 @@ from tests.support import ROOT
 
 WIRE = {
     "bad_request": (400, None), "unauthorized": (401, None), "forbidden": (403, None), "not_found": (404, None),
-    "payload_too_large": (413, None), "unsupported_media_type": (415, None), "misdirected": (421, None),
+    "request_timeout": (408, None), "payload_too_large": (413, None), "headers_too_large": (431, None),
+    "unsupported_media_type": (415, None), "misdirected": (421, None),
     "invalid_request": (422, None), "session_busy": (409, 2), "no_turn_running": (409, None),
     "interrupted": (409, 2), "ambiguous_session": (409, None), "session_gone": (410, None),
     "events_gone": (410, None), "over_quota": (429, 2), "over_budget": (429, 2), "unavailable": (503, 2),
@@ -173,7 +176,7 @@ async def test_every_error_is_answered_with_its_detail_code_status_and_retry_aft
     assert (idle.status_code, idle.json()["code"], "retry-after" in idle.headers) == (409, "no_turn_running", False)
     assert (invalid.status_code, invalid.json()["code"], invalid.json()["detail"][0]["loc"]) == (
         422, "invalid_request", ["body", "prompt"])
-    assert too_large.status_code == 413
+    assert (too_large.status_code, too_large.json()["code"]) == (413, "payload_too_large")
     assert [type(error) for error in observed] == [HostingError, HostingError, QuotaExceeded, StoreUnavailable,
                                                    Unauthorized], "observed before answering; built answers are not"
 
@@ -194,7 +197,9 @@ def answering(status: int, body: Any, headers: dict[str, str] | None = None) -> 
     (400, "bad_request", BadRequestError), (401, "unauthorized", AuthenticationError), (403, None, ForbiddenError),
     (404, "not_found", SessionNotFoundError), (409, "session_busy", SessionBusyError),
     (409, None, SessionBusyError), (409, "no_turn_running", NoTurnRunningError), (410, "events_gone", GoneError),
-    (410, "session_gone", GoneError), (413, None, PayloadTooLargeError),
+    (410, "session_gone", GoneError), (408, "request_timeout", RequestTimeoutError),
+    (413, "payload_too_large", PayloadTooLargeError), (413, None, PayloadTooLargeError),
+    (431, "headers_too_large", HeadersTooLargeError),
     (415, "unsupported_media_type", UnsupportedMediaTypeError), (421, "misdirected", MisdirectedRequestError),
     (422, "invalid_request", InvalidRequestError), (429, "over_quota", RateLimitedError),
     (429, "over_budget", RateLimitedError), (502, "model_unavailable", BadGatewayError), (502, None, BadGatewayError),
