@@ -97,8 +97,18 @@ for secret in "${secrets[@]}"; do
         --role=roles/secretmanager.secretAccessor >/dev/null
 done
 
+public_invoker=""
+if "${G[@]}" run services describe "$SERVICE" --region="$REGION" >/dev/null 2>&1; then
+    public_invoker=$("${G[@]}" run services get-iam-policy "$SERVICE" --region="$REGION" --flatten=bindings \
+        --filter="bindings.role=roles/run.invoker AND bindings.members:allUsers" --format="value(bindings.role)")
+fi
+if [ "$MODE" = iam ] && [ -n "$public_invoker" ]; then
+    # An earlier --public deploy opened it to allUsers: closed before a revision without a token serves.
+    "${G[@]}" run services remove-iam-policy-binding "$SERVICE" --region="$REGION" --member=allUsers \
+        --role=roles/run.invoker >/dev/null
+fi
 "${G[@]}" run services replace "$WORK/service.yaml" --region="$REGION"
-if [ "$MODE" = public ]; then
+if [ "$MODE" = public ] && [ -z "$public_invoker" ]; then  # opened once the revision requires the token
     "${G[@]}" run services add-iam-policy-binding "$SERVICE" --region="$REGION" --member=allUsers \
         --role=roles/run.invoker >/dev/null
 fi

@@ -90,7 +90,9 @@ def test_iam_mode_deploys_the_checked_service_and_never_makes_it_public(cloud: C
     result = cloud.run("deploy.sh")
     assert result.returncode == 0, result.stderr
     calls = cloud.argvs()
-    assert not any("allUsers" in call or "allAuthenticatedUsers" in call for call in calls), calls
+    assert not any("add-iam-policy-binding" in call and ("allUsers" in call or "allAuthenticatedUsers" in call)
+                   for call in calls), calls
+    assert not cloud.resources().get("public")
     assert all(f"--project={PROJECT}" in call for call in calls if not call.startswith("config ")), calls
     image = f"us-central1-docker.pkg.dev/{PROJECT}/research-agent/research-agent:t1"
     assert any(call.startswith("builds submit") and f"--substitutions=_IMAGE={image}" in call for call in calls)
@@ -123,6 +125,19 @@ def test_public_mode_keeps_a_generated_token_in_secret_manager_and_grants_all_us
     again = cloud.run("deploy.sh", "--public", STORE_SECRET="agent-store")
     assert again.returncode == 0, again.stderr
     assert len([c for c in cloud.calls() if words(c)[:2] == ["secrets", "create"]]) == 1, "the token is kept"
+    assert cloud.resources()["public"] == ["research-agent"]
+
+
+def test_an_iam_deploy_takes_back_what_an_earlier_public_deploy_opened(cloud: Cloud) -> None:
+    assert cloud.run("deploy.sh", "--public").returncode == 0
+    assert cloud.resources()["public"] == ["research-agent"]
+    result = cloud.run("deploy.sh")
+    assert result.returncode == 0, result.stderr
+    assert cloud.resources()["public"] == [], "IAM mode never leaves the service public"
+    calls = [words(c)[:3] for c in cloud.calls()]
+    closed = max(i for i, c in enumerate(calls) if c == ["run", "services", "remove-iam-policy-binding"])
+    replaced = max(i for i, c in enumerate(calls) if c == ["run", "services", "replace"])
+    assert closed < replaced, "closed before the revision without a token serves"
 
 
 @pytest.mark.parametrize("script", ["deploy.sh", "teardown.sh"])

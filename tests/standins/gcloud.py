@@ -3,7 +3,8 @@
 Put on ``PATH`` as ``gcloud`` (``tests/integration/test_cloud_run_deploy.py``): every call is
 appended to ``$GCLOUD_STANDIN_LOG`` (one JSON line: its argv and, for ``run services
 replace``, the YAML it was given) and answered like gcloud for the calls the scripts make,
-against a project whose resources live in ``$GCLOUD_STANDIN_STATE`` (JSON). Any other call
+against a project whose resources live in ``$GCLOUD_STANDIN_STATE`` (JSON; ``public`` lists
+the services ``allUsers`` may invoke). Any other call
 exits 2 with a loud message: a script that starts calling something new fails its test
 until the stand-in (and so the test) knows what that call does.
 
@@ -22,6 +23,8 @@ from typing import Any
 import yaml
 
 URL = "https://research-agent-abc123-uc.a.run.app"
+PUBLIC_INVOKER_FILTER = "bindings.role=roles/run.invoker AND bindings.members:allUsers"
+"""The one ``run services get-iam-policy`` query answered: is ``allUsers`` an invoker."""
 
 
 GROUPS = {("artifacts", "repositories"): "repositories", ("iam", "service-accounts"): "accounts",
@@ -45,6 +48,21 @@ def answer(words: list[str], flags: dict[str, str], state: dict[str, list[str]],
         raise KeyError("a call without --project")
     if words[:2] == ["services", "enable"]:
         return 0, ""
+    if words[:3] == ["run", "services", "get-iam-policy"] and flags.get("filter") == PUBLIC_INVOKER_FILTER:
+        return 0, "roles/run.invoker\n" if words[3] in state.get("public", []) else ""
+    if words[:2] == ["run", "services"] and words[2:3] in (["add-iam-policy-binding"], ["remove-iam-policy-binding"]) \
+            and flags.get("member") == "allUsers" and flags.get("role") == "roles/run.invoker":
+        public = state.setdefault("public", [])
+        if words[3] not in state.get("services", []):
+            return 1, ""
+        if words[2] == "add-iam-policy-binding":
+            if words[3] not in public:
+                public.append(words[3])
+            return 0, ""
+        if words[3] not in public:  # as gcloud: no such binding is an error
+            return 1, ""
+        public.remove(words[3])
+        return 0, ""
     if words[:2] == ["builds", "submit"] and flags.get("substitutions", "").startswith("_IMAGE="):
         words = ["artifacts", "packages", "create", "research-agent"]  # the build pushes the image
     elif words[:3] == ["run", "services", "replace"]:
@@ -62,6 +80,8 @@ def answer(words: list[str], flags: dict[str, str], state: dict[str, list[str]],
         return 0, ""
     if verb == "delete" and name in held:
         held.remove(name)
+        if name in state.get("public", []):  # its policy goes with it
+            state["public"].remove(name)
         return 0, ""
     if verb == "describe" and flags.get("format") == "value(status.url)" and name in held:
         return 0, URL + "\n"
