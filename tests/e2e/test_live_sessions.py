@@ -138,14 +138,14 @@ def test_prestarted_clis_serve_new_sessions_and_refill(start_server, local_model
     model_requests = local_model.requests_total()
     server = start_server(AGENT_PREWARM="2")
     base = server.base_url
-    status = wait_for(lambda: (s := ready(base))["prewarmed"] == 2 and s)
+    status = wait_for(lambda: (s := ready(base))["prewarmed"] == 2 and s, timeout=120)  # pre-starts wait for spare CPU
     assert status["prewarm_target"] == 2 and status["ready"] is True
     assert local_model.requests_total() == model_requests  # priming a CLI calls no model
     pooled = descendants(server.process.pid)
     assert len(pooled) == 2
     post_turn(base, "fresh", "Remember this value: p2")
     assert descendants(server.process.pid) >= pooled - set()  # the pooled CLI now serves "fresh"
-    wait_for(lambda: ready(base)["prewarmed"] == 2)
+    wait_for(lambda: ready(base)["prewarmed"] == 2, timeout=120)
     assert "You asked me to remember p2." in post_turn(base, "fresh", RECALL).text
     assert "You have not asked me to remember any value." in post_turn(base, "other", RECALL).text
 
