@@ -67,7 +67,6 @@ class Relay:
         self._idle = asyncio.Event()
         self._idle.set()
         self._responses: set[SandboxResponse] = set()  # the sandbox answers being streamed
-        self._cutting = False
         self.stop_by: float | None = None
         """The shutdown deadline (event-loop time), once :meth:`cut_streams` was called."""
         # Trust as every other client of the product (httpx's: certifi, or SSL_CERT_FILE/SSL_CERT_DIR),
@@ -140,7 +139,7 @@ class Relay:
         moved = asyncio.Event()
         stamper = asyncio.create_task(self._stamp_while_streaming(route, response, moved))
         self._responses.add(response)
-        if self._cutting:  # began as the gateway stops: cut at once
+        if self.stop_by is not None:  # began as the gateway stops: cut at once
             await response.aclose()
         try:
             while chunk := await response.read_any():
@@ -177,7 +176,7 @@ class Relay:
             if moved.is_set():
                 logger.warning("session %s: moved off sandbox %s mid-stream; its stream is cut", route.session_id,
                                route.sandbox_id)
-            if self._cutting and not moved.is_set():
+            if self.stop_by is not None and not moved.is_set():
                 ending = lost_stream(watcher.last_id, "this gateway replica shut down during the turn, which runs on "
                                      "in its sandbox: re-attach (GET /sessions/{id}/events) or send it again once "
                                      "it ends", ErrorCode.SHUTTING_DOWN)
@@ -240,7 +239,7 @@ class Relay:
         ``done``, and wait until they have gone out, by ``stop_by`` (event-loop time): the
         gateway stops by its deadline (:class:`hosting.draining.DrainingServer`) and its
         clients re-attach elsewhere instead of waiting on a connection about to close."""
-        self._cutting, self.stop_by = True, stop_by
+        self.stop_by = stop_by
         for response in list(self._responses):
             await response.aclose()
         await self.wait_for_running_turns(max(0.0, stop_by - asyncio.get_running_loop().time()))
