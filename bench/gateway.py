@@ -76,7 +76,9 @@ async def gateway(model_url: str, tmp: Path, name: str, pool: int, backend: str 
     env = clean_env() | {
         "ANTHROPIC_BASE_URL": model_url, "ANTHROPIC_API_KEY": API_KEY, "HOST": "127.0.0.1", "PORT": str(port),
         "GATEWAY_TENANTS": f"{TENANT_TOKEN}:bench", "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
-        "GATEWAY_WARM_POOL": str(pool), "GATEWAY_DATA_DIR": str(root / "data"), "GATEWAY_BACKEND": backend,
+        # A pool of a fixed size: these scenarios measure it full, not growing with their claims.
+        "GATEWAY_WARM_POOL": str(pool), "GATEWAY_WARM_POOL_MAX": str(pool),
+        "GATEWAY_DATA_DIR": str(root / "data"), "GATEWAY_BACKEND": backend,
         "GATEWAY_INSTALLATION": installation,
         # The bench measures hosting, not the tenant quotas: lift them.
         "GATEWAY_TENANT_MAX_SANDBOXES": "0", "GATEWAY_TENANT_MAX_TURNS": "0", "GATEWAY_TENANT_TURNS_PER_MINUTE": "0",

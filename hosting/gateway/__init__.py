@@ -5,7 +5,8 @@ once), ``lifecycle`` (start and stop), ``http`` (the routes, a router per concer
 ``settings`` (the typed configuration), ``tenants`` (authentication), ``routing``
 (the routing store: memory or Redis), ``provisioning`` (one sandbox per session,
 under a lock), ``quotas`` (per tenant: sandboxes, concurrent turns, turns per
-minute), ``budgets`` (per tenant spend), ``pool`` (warm sandboxes), ``reaper`` (idle
-sandboxes), ``reconcile`` (start-up), ``relay`` (SSE passed through; with
-``sandbox_response``, ``event_stream``, ``relayed_stream`` and ``cleanup``).
+minute), ``budgets`` (per tenant spend), ``pool`` (warm sandboxes; how many:
+``pool_demand``, from the recent claims), ``reaper`` (idle sandboxes), ``reconcile``
+(start-up), ``relay`` (SSE passed through; with ``sandbox_response``, ``event_stream``,
+``relayed_stream`` and ``cleanup``).
 """

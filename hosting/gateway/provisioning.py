@@ -5,7 +5,8 @@ provisioning lock, claims a warm sandbox from the pool (or starts one) and
 writes the route; every other request for that session meanwhile waits for the
 route to appear instead of starting a second sandbox. The lock has an expiry
 so a replica that dies holding it cannot block the session for ever, and only
-its holder releases it.
+its holder releases it. Each claim is counted, found a sandbox or not: the pool's
+target follows them (:mod:`hosting.gateway.pool_demand`).
 
 Tenant quotas are checked here too, under that lock and before anything is
 claimed or started: a tenant at its ``max_sandboxes`` gets
@@ -24,6 +25,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from hosting.errors import ErrorCode, HostingError
+from hosting.gateway.pool_demand import PoolDemand
 from hosting.gateway.quotas import Quotas
 from hosting.gateway.routing.protocols import Locking, Routes, WarmPoolLedger
 from hosting.gateway.routing.records import PoolEntry, Route, route_key
@@ -70,12 +72,13 @@ class Provisioner:
     """Finds or makes the sandbox of a session; the only writer of new routes."""
 
     def __init__(self, backend: SandboxBackend, store: ProvisioningStore, sandbox_env: Mapping[str, str],
-                 timeout_seconds: float, on_claim: asyncio.Event | None = None, quotas: Quotas | None = None) -> None:
+                 timeout_seconds: float, demand: PoolDemand | None = None, quotas: Quotas | None = None) -> None:
         self._backend = backend
         self._store = store
         self._env = sandbox_env
         self._timeout = timeout_seconds
-        self._on_claim = on_claim
+        self._demand = demand
+        """Where claims on the pool are counted (its target follows them); ``None``: nowhere."""
         self._quotas = quotas
 
     async def route(self, session_id: str, tenant: str) -> Route | None:
@@ -161,9 +164,11 @@ class Provisioner:
         return sandbox
 
     async def _claim_from_pool(self, session_id: str, tenant: str) -> PoolEntry | None:
+        if self._demand is not None:
+            await self._demand.record_claim()
         while (entry := await self._store.pool_take()) is not None:
-            if self._on_claim is not None:
-                self._on_claim.set()
+            if self._demand is not None:
+                self._demand.changed.set()
             if await self._backend.health(entry.sandbox, entry.token) is not Health.READY:
                 logger.warning("pooled sandbox %s is not ready: removing it", entry.sandbox.sandbox_id)
                 await self._remove(entry.sandbox)

@@ -9,12 +9,12 @@ object (:class:`GatewayServices`) and nothing is built per request.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from hosting.gateway.budgets import Budgets, open_budget_ledger
 from hosting.gateway.conversations import CredentialedBackend, StoredConversations
-from hosting.gateway.pool import WarmPool
+from hosting.gateway.pool import WARM_TIMEOUT_SECONDS, WarmPool
+from hosting.gateway.pool_demand import PoolDemand
 from hosting.gateway.provisioning import Provisioner
 from hosting.gateway.quotas import Quotas
 from hosting.gateway.reaper import Reaper, SessionRetention
@@ -57,14 +57,15 @@ def build_services(settings: GatewaySettings, backend: SandboxBackend, store: Ro
         backend = CredentialedBackend(backend, conversations)
     telemetry = GatewayTelemetry(settings.telemetry)
     authenticator = telemetry.authenticator(authenticator or TokenAuthenticator(settings.tenants))
-    claimed = asyncio.Event()
+    demand = PoolDemand(store, settings.warm_pool)
     quotas = Quotas(store, settings.tenant_limits, settings.tenant_overrides,
                     reservation_ttl_seconds=settings.provision_timeout_seconds + 10)
     budgets = budgets or Budgets(open_budget_ledger(store), settings.tenant_budget, settings.tenant_budget_overrides)
     provisioner = ObservedProvisioner(telemetry, backend, store, settings.sandbox_env, settings.provision_timeout_seconds,
-                                      claimed, quotas)
-    pool = WarmPool(backend, store, provisioner, settings.sandbox_env, settings.warm_pool,
-                    settings.provision_timeout_seconds + 10, claimed)
+                                      demand, quotas)
+    # The refill lock covers one wave of starts: each waits for its sandbox, then its CLI.
+    pool = WarmPool(backend, store, provisioner, settings.sandbox_env, demand,
+                    settings.provision_timeout_seconds + WARM_TIMEOUT_SECONDS + 10)
     relay = Relay(store, settings.sandboxes.installation,
                   stamp_interval_seconds=max(0.2, min(settings.idle_timeout_seconds / 4, 15.0)))
     telemetry.observe_running(lambda: relay.running_streams)

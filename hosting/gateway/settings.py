@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hosting.contract import MAX_BODY_BYTES
 from hosting.gateway.budgets import TenantBudget
+from hosting.gateway.pool_demand import PoolSizing
 from hosting.gateway.quotas import TenantLimits
 from hosting.gateway.tenants import (
     TenantBudgetOverrides,
@@ -76,6 +77,19 @@ def _redis_url(env: Mapping[str, str]) -> str | None:
     return url
 
 
+def _pool_sizing(env: Mapping[str, str]) -> PoolSizing:
+    """The warm pool's bounds. The max defaults to 10, or to the floor if that is larger;
+    with a floor of 0 and no max the pool stays off, as ``GATEWAY_WARM_POOL=0`` always meant."""
+    floor = int_setting(env, "GATEWAY_WARM_POOL", PoolSizing.floor)
+    default_ceiling = max(PoolSizing.ceiling, floor) if floor else 0
+    ceiling = int_setting(env, "GATEWAY_WARM_POOL_MAX", default_ceiling)
+    if ceiling < floor:
+        raise ConfigError(f"GATEWAY_WARM_POOL_MAX ({ceiling}) must be at least GATEWAY_WARM_POOL ({floor}): "
+                          "the pool grows from its floor up to its max")
+    start_concurrency = int_setting(env, "GATEWAY_POOL_START_CONCURRENCY", PoolSizing.start_concurrency, minimum=1)
+    return PoolSizing(floor, ceiling, start_concurrency)
+
+
 @dataclass(frozen=True)
 class GatewaySettings:
     """Configuration of one gateway replica."""
@@ -91,7 +105,9 @@ class GatewaySettings:
     own credential; each sandbox gets one of its own for its session only."""
     session_ttl_seconds: float = 30 * 24 * 3600.0
     """A session unused this long is deleted whole (``GATEWAY_SESSION_TTL_SECONDS``; 0 keeps it)."""
-    warm_pool: int = 2
+    warm_pool: PoolSizing = field(default_factory=PoolSizing)
+    """The warm pool's floor, max and start concurrency (``GATEWAY_WARM_POOL``,
+    ``GATEWAY_WARM_POOL_MAX``, ``GATEWAY_POOL_START_CONCURRENCY``)."""
     idle_timeout_seconds: float = 900.0
     provision_timeout_seconds: float = 120.0
     shutdown_grace_seconds: float = 30.0
@@ -159,7 +175,7 @@ class GatewaySettings:
             redis_url=_redis_url(env),
             session_store_url=store_url_setting(env),
             session_ttl_seconds=float_setting(env, "GATEWAY_SESSION_TTL_SECONDS", cls.session_ttl_seconds),
-            warm_pool=int_setting(env, "GATEWAY_WARM_POOL", cls.warm_pool),
+            warm_pool=_pool_sizing(env),
             idle_timeout_seconds=float_setting(env, "GATEWAY_IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds),
             provision_timeout_seconds=provision_timeout_seconds,
             shutdown_grace_seconds=float_setting(env, "GATEWAY_SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),

@@ -10,13 +10,12 @@ the sandbox's spans continue the same trace.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import FastAPI, Request
 from opentelemetry import trace
@@ -25,6 +24,7 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from hosting.errors import ErrorCode, HostingError
 from hosting.gateway.pool import WarmPool
+from hosting.gateway.pool_demand import PoolDemand, TargetCause
 from hosting.gateway.provisioning import Provisioner, ProvisioningStore
 from hosting.gateway.quotas import Quotas
 from hosting.gateway.routing.records import PoolEntry, Route
@@ -107,6 +107,12 @@ class GatewayTelemetry:
         self.turn_metrics = TurnMetrics(meter, "agent.gateway")
         self.pool_ready = meter.create_gauge("agent.gateway.warm_pool.ready",
                                              description="Ready sandboxes in the warm pool (all replicas)")
+        self.pool_target = meter.create_gauge("agent.gateway.warm_pool.target",
+                                              description="Ready sandboxes the warm pool aims for now: one per "
+                                                          "recent claim, between its floor and its max")
+        self.pool_target_cause = meter.create_gauge("agent.gateway.warm_pool.target_cause",
+                                                    description="Why the target is what it is: 1 for the cause "
+                                                                "now, 0 for the others (floor, demand, max)")
         self.pool_claims = meter.create_counter("agent.gateway.warm_pool.claims",
                                                 description="New sessions by where their sandbox came from "
                                                             "(result: claimed from the pool, or empty: started cold)")
@@ -126,10 +132,14 @@ class GatewayTelemetry:
                                             description="Turns in flight through this replica")
 
     def install(self, app: FastAPI, metrics_tokens: list[str | None], pool: WarmPool) -> None:
-        """``GET /metrics`` and request spans; the pool's size is read before each scrape."""
+        """``GET /metrics`` and request spans; the pool's size and target are read before each scrape."""
 
         async def refresh() -> None:
-            self.pool_ready.set((await pool.status())["ready"])
+            status = await pool.status()
+            self.pool_ready.set(status["ready"])
+            self.pool_target.set(status["target"])
+            for cause in get_args(TargetCause):
+                self.pool_target_cause.set(int(cause == status["cause"]), {"cause": cause})
 
         install_telemetry(app, self.settings, self.tracer, self.metrics, metrics_tokens, before_scrape=refresh,
                           off_without_tokens="metrics are off: set GATEWAY_METRICS_TOKEN (or GATEWAY_ADMIN_TOKEN); "
@@ -190,9 +200,9 @@ class ObservedProvisioner(Provisioner):
     start) and its numbers as metrics (claims, provisioning time)."""
 
     def __init__(self, telemetry: GatewayTelemetry, backend: SandboxBackend, store: ProvisioningStore,
-                 sandbox_env: Mapping[str, str], timeout_seconds: float, on_claim: asyncio.Event | None,
+                 sandbox_env: Mapping[str, str], timeout_seconds: float, demand: PoolDemand | None,
                  quotas: Quotas | None) -> None:
-        super().__init__(backend, store, sandbox_env, timeout_seconds, on_claim, quotas)
+        super().__init__(backend, store, sandbox_env, timeout_seconds, demand, quotas)
         self._telemetry = telemetry
         self._tracer = telemetry.tracer
         self._raw = telemetry.settings.raw_session_ids

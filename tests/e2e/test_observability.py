@@ -237,7 +237,8 @@ def test_gateway_metrics_count_turns_tokens_and_claims_by_tenant(observed: Obser
     assert httpx.get(f"{gateway.base_url}/metrics").status_code == 401
     gateway.wait_pool_full()
     before = scrape(gateway.base_url, METRICS_TOKEN)
-    assert value(before, "agent_gateway_warm_pool_ready") == 1
+    assert value(before, "agent_gateway_warm_pool_ready") == value(before, "agent_gateway_warm_pool_target") == 1
+    assert value(before, "agent_gateway_warm_pool_target_cause", cause="floor") == 1
 
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)

@@ -1,5 +1,6 @@
 """The gateway's backend-agnostic logic on the in-memory backend: provisioning, the warm
-pool, the reaper and start-up reconciliation, with both routing stores (Redis for real).
+pool (two replicas growing it with their claims, never above its target, and its fall back
+to the floor), the reaper and start-up reconciliation, with both routing stores (Redis for real).
 
 Creates are slowed a little so concurrent callers really interleave."""
 
@@ -16,6 +17,7 @@ import redis.asyncio as aioredis
 import hosting.gateway.reaper as reaper_module
 from hosting.gateway.conversations import CredentialedBackend, StoredConversations
 from hosting.gateway.pool import WarmPool
+from hosting.gateway.pool_demand import PoolDemand, PoolSizing
 from hosting.gateway.provisioning import Provisioner, ProvisioningFailed, new_spec, provisioning_lock
 from hosting.gateway.reaper import Reaper, SessionRetention
 from hosting.gateway.reconcile import reconcile
@@ -25,6 +27,7 @@ from hosting.gateway.routing.records import PoolEntry
 from hosting.sandboxes.base import Health, Sandbox, SandboxSpec
 from hosting.sandboxes.memory import MemoryBackend
 from hosting.stores.access import sandbox_user
+from tests.support.polling import wait_for_async
 
 ENV = {"ANTHROPIC_API_KEY": "sk-x"}
 
@@ -37,8 +40,14 @@ class SlowBackend(MemoryBackend):
         return await super().create(spec)
 
 
-def provisioner(backend: MemoryBackend, store: RoutingStore, wake: asyncio.Event | None = None) -> Provisioner:
-    return Provisioner(backend, store, ENV, timeout_seconds=10, on_claim=wake)
+def provisioner(backend: MemoryBackend, store: RoutingStore, demand: PoolDemand | None = None) -> Provisioner:
+    return Provisioner(backend, store, ENV, timeout_seconds=10, demand=demand)
+
+
+def fixed_pool(backend: MemoryBackend, store: RoutingStore, size: int) -> tuple[WarmPool, PoolDemand]:
+    """A pool of ``size`` whatever the demand, and the demand its claims must go to."""
+    demand = PoolDemand(store, PoolSizing(floor=size, ceiling=size))
+    return WarmPool(backend, store, provisioner(backend, store, demand), ENV, demand, lock_seconds=30), demand
 
 
 async def test_concurrent_first_requests_make_one_sandbox_per_tenant(store: RoutingStore) -> None:
@@ -64,32 +73,112 @@ async def test_a_failed_start_leaves_nothing_and_says_so(store: RoutingStore) ->
 
 async def test_claims_skip_pooled_sandboxes_that_are_not_ready(store: RoutingStore) -> None:
     backend = MemoryBackend()
-    wake = asyncio.Event()
-    pool = WarmPool(backend, store, provisioner(backend, store, wake), ENV, target=3, lock_seconds=30, wake=wake)
+    pool, demand = fixed_pool(backend, store, 3)
     assert await pool.refill() == 3
     entries = await store.pool_entries()
     dead, draining = entries[0].sandbox.sandbox_id, entries[1].sandbox.sandbox_id
     backend.kill(dead)
     backend.set_health(draining, Health.STARTING)
-    first = await provisioner(backend, store, wake).ensure("s1", "alice")
+    first = await provisioner(backend, store, demand).ensure("s1", "alice")
     assert first.sandbox_id == entries[2].sandbox.sandbox_id, "only the ready pooled sandbox may be handed out"
-    assert wake.is_set()
+    assert demand.changed.is_set()
     assert draining not in {s.sandbox_id for s in await backend.list()}, "a pooled sandbox that is not ready is removed"
-    second = await provisioner(backend, store, wake).ensure("s2", "alice")
+    second = await provisioner(backend, store, demand).ensure("s2", "alice")
     assert second.sandbox_id not in (dead, draining, first.sandbox_id)
     assert await pool.refill() == 3
 
 
 async def test_pools_of_two_replicas_never_exceed_the_target(store: RoutingStore) -> None:
     backend = SlowBackend()
-    pools = [WarmPool(backend, store, provisioner(backend, store), ENV, target=2, lock_seconds=30,
-                      wake=asyncio.Event()) for _ in range(2)]
+    pools = [fixed_pool(backend, store, 2)[0] for _ in range(2)]
     await asyncio.gather(*(pool.refill() for pool in pools * 3))
     assert len(await store.pool_entries()) == 2 and backend.creates == 2
     claims = await asyncio.gather(*(provisioner(backend, store).ensure(f"s{i}", "alice") for i in range(5)))
     assert len({c.sandbox_id for c in claims}) == 5
     await asyncio.gather(*(pool.refill() for pool in pools))
     assert len(await store.pool_entries()) == 2 and backend.creates == 7
+
+
+def replicas(backend: MemoryBackend, store: RoutingStore, sizing: PoolSizing,
+             window_seconds: float = 120.0) -> list[tuple[WarmPool, Provisioner]]:
+    """Two gateway replicas on one store and one engine: each its own demand, pool and provisioner."""
+    made = []
+    for _ in range(2):
+        demand = PoolDemand(store, sizing, window_seconds)
+        made.append((WarmPool(backend, store, provisioner(backend, store, demand), ENV, demand, lock_seconds=30),
+                     provisioner(backend, store, demand)))
+    return made
+
+
+async def test_two_replicas_grow_the_pool_with_claims_never_above_the_current_target(
+        store: RoutingStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = SlowBackend()
+    sizing = PoolSizing(floor=1, ceiling=6, start_concurrency=2)
+    (pool_a, claims_a), (pool_b, claims_b) = replicas(backend, store, sizing)
+    observer = PoolDemand(store, sizing)
+    sizes: list[tuple[int, int]] = []
+    put = store.pool_put
+
+    async def put_and_check(entry: PoolEntry) -> None:
+        await put(entry)
+        sizes.append((len(await store.pool_entries()), (await observer.target()).size))
+
+    monkeypatch.setattr(store, "pool_put", put_and_check)
+    loops = [asyncio.create_task(pool.run()) for pool in (pool_a, pool_b)]
+    try:
+        await wait_for_async(lambda: has_entries(store, 1), timeout=10)
+        sessions = []
+        for burst in range(3):  # each replica's share of a burst, the pools refilling meanwhile
+            sessions += await asyncio.gather(*(claims.ensure(f"b{burst}-{i}", "alice")
+                                               for i, claims in enumerate([claims_a, claims_b] * 2)))
+        target = await observer.target()
+        assert (target.size, target.cause, target.claims) == (6, "max", 12)
+        await wait_for_async(lambda: has_entries(store, 6), timeout=10)
+    finally:
+        for loop in loops:
+            loop.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+    assert all(ready <= target for ready, target in sizes), sizes
+    # Every sandbox started serves a session or waits in the pool: none was started and
+    # thrown away because both replicas refilled at once.
+    routed = {route.sandbox_id for route in sessions}
+    pooled = {entry.sandbox.sandbox_id for entry in await store.pool_entries()}
+    assert len(routed) == 12 and len(pooled) == 6
+    assert {s.sandbox_id for s in await backend.list()} == routed | pooled and backend.deletes == 0
+
+
+async def test_when_claims_stop_the_pool_falls_back_to_its_floor_oldest_first_never_a_claimed_one(
+        store: RoutingStore) -> None:
+    backend = MemoryBackend()
+    sizing = PoolSizing(floor=1, ceiling=4, start_concurrency=3)
+    (pool_a, claims_a), (pool_b, _) = replicas(backend, store, sizing, window_seconds=1.0)
+    sessions = [await claims_a.ensure(f"s{i}", "alice") for i in range(5)]
+    status = await pool_b.status()
+    assert (status["target"], status["reason"]) == (4, "capped at max (5 claims in the last 1 s)")
+    assert await pool_a.refill() == 4
+    grown = await store.pool_entries()
+
+    await wait_for_async(lambda: at_floor(pool_b), timeout=10)
+    # Both replicas trim at once while a new session takes a sandbox from the surplus.
+    *_, taken = await asyncio.gather(pool_a.refill(), pool_b.refill(), store.pool_take())
+    assert taken is not None
+    left = {entry.sandbox.sandbox_id for entry in await store.pool_entries()}
+    alive = {s.sandbox_id for s in await backend.list()}
+    assert taken.sandbox.sandbox_id in alive, "a claimed sandbox was removed"
+    assert len(left) <= 1 and alive == {route.sandbox_id for route in sessions} | left | {taken.sandbox.sandbox_id}
+    created = {entry.sandbox.sandbox_id: entry.sandbox.created_at for entry in grown}
+    removed, kept = set(created) - left - {taken.sandbox.sandbox_id}, left & set(created)  # (else refilled since)
+    assert all(created[gone] < created[newer] for gone in removed for newer in kept), "the oldest go first"
+    await pool_b.refill()
+    assert len(await store.pool_entries()) == 1
+
+
+async def at_floor(pool: WarmPool) -> bool:
+    return (await pool.status())["cause"] == "floor"
+
+
+async def has_entries(store: RoutingStore, count: int) -> bool:
+    return len(await store.pool_entries()) >= count
 
 
 async def test_a_lost_sandbox_is_replaced_on_the_same_volume_once(store: RoutingStore) -> None:
@@ -170,9 +259,8 @@ async def test_each_sandbox_gets_a_store_credential_granted_its_session_on_assig
     store = MemoryRoutingStore()
     admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        wake = asyncio.Event()
-        pool = WarmPool(credentialed, store, provisioner(credentialed, store, wake), ENV, target=1, lock_seconds=30,
-                        wake=wake)
+        demand = PoolDemand(store, PoolSizing(floor=1, ceiling=1))
+        pool = WarmPool(credentialed, store, provisioner(credentialed, store, demand), ENV, demand, lock_seconds=30)
         await pool.refill()
         (pooled,) = await store.pool_entries()
         user = sandbox_user(installation, pooled.sandbox.sandbox_id)
@@ -182,10 +270,10 @@ async def test_each_sandbox_gets_a_store_credential_granted_its_session_on_assig
         assert pooled_acl is not None and "research-agent" not in str(pooled_acl["keys"]), \
             "a pooled sandbox reaches no session yet"
 
-        claimed = await provisioner(credentialed, store, wake).ensure("s1", "alice")
+        claimed = await provisioner(credentialed, store, demand).ensure("s1", "alice")
         assert claimed.sandbox_id == pooled.sandbox.sandbox_id
         assert conversations.stored_id("alice", "s1") in " ".join((await admin.acl_getuser(user))["keys"])
-        fresh = await provisioner(credentialed, store, wake).ensure("s2", "bob")  # started for its session
+        fresh = await provisioner(credentialed, store, demand).ensure("s2", "bob")  # started for its session
         fresh_user = sandbox_user(installation, str(fresh.sandbox_id))
         assert conversations.stored_id("bob", "s2") in " ".join((await admin.acl_getuser(fresh_user))["keys"])
 

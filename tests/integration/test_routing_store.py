@@ -1,12 +1,12 @@
 """The routing store's atomic steps, against both implementations (Redis for real): routes,
-locks (and ``holding``) and the warm pool's entries."""
+locks (and ``holding``), the warm pool's entries and its window of claims."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import pytest
 import redis.asyncio as aioredis
@@ -131,3 +131,19 @@ async def test_each_pooled_sandbox_goes_to_one_taker(store: RoutingStore) -> Non
     await store.pool_put(pooled(9))
     assert [await store.pool_remove("sbx-9"), await store.pool_remove("sbx-9")] == [True, False]
     assert await store.pool_entries() == []
+
+
+@pytest.mark.stores
+async def test_recorded_events_all_count_until_they_leave_the_window(store: RoutingStore) -> None:
+    """The warm pool's claims: every one counts (no limit refuses any), each for the window's length."""
+    for _ in range(12):
+        await store.record_rate("pool-claims", 0.5)
+    assert await store.count_rate("pool-claims", 0.5) == 12
+    assert await store.count_rate("other-claims", 0.5) == 0
+    await wait_for_async(lambda: _is_zero(store.count_rate("pool-claims", 0.5)), timeout=5)
+    await store.record_rate("pool-claims", 0.5)
+    assert await store.count_rate("pool-claims", 0.5) == 1
+
+
+async def _is_zero(count: Awaitable[int]) -> bool:
+    return await count == 0

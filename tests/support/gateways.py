@@ -105,13 +105,19 @@ class GatewayProcess:
         return self
 
     def wait_pool_full(self, timeout: float = 180) -> None:
-        """Until the warm pool holds its target (the error says which, with the gateway's log)."""
+        """Until the warm pool holds its current target (the error says the pool's status,
+        with the gateway's log)."""
         assert self.process is not None
-        target = int(self.env.get("GATEWAY_WARM_POOL", "2"))
+        status: dict[str, Any] = {}
+
+        def full() -> bool:
+            status.update(self.pool())
+            return len(status["sandboxes"]) >= status["target"]
+
         try:
-            self.process.wait_until(lambda: len(self.pool()["sandboxes"]) >= target, timeout)
+            self.process.wait_until(full, timeout)
         except ProcessFailed as exc:
-            raise AssertionError(f"warm pool not full ({target} sandboxes): {exc}") from None
+            raise AssertionError(f"warm pool not full ({status}): {exc}") from None
 
     def log(self) -> str:
         return self.process.log() if self.process else ""
@@ -162,6 +168,9 @@ class Gateways:
             assert self.image is not None
             env.update({"GATEWAY_DOCKER_IMAGE": self.image, "GATEWAY_DOCKER_NETWORK": "host"})
         env.update(extra)
+        # A test's pool stays at its size (the sandboxes a test starts are the ones it says);
+        # a test of a pool that follows demand sets its max.
+        env.setdefault("GATEWAY_WARM_POOL_MAX", env["GATEWAY_WARM_POOL"])
         return env
 
     def start(self, wait_pool: bool = True, **extra: str) -> GatewayProcess:

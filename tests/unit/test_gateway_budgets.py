@@ -32,6 +32,7 @@ from hosting.gateway.budgets import (
     TenantBudget,
 )
 from hosting.gateway.event_stream import StreamWatcher
+from hosting.gateway.pool_demand import PoolSizing
 from hosting.gateway.quotas import Quotas, TenantLimits
 from hosting.gateway.routing.memory import MemoryRoutingStore
 from hosting.gateway.routing.protocols import RoutingStoreUnavailable
@@ -284,7 +285,7 @@ async def test_the_gateway_answers_429_before_provisioning_and_the_client_raises
     backend, store = MemoryBackend(), MemoryRoutingStore()
     settings = GatewaySettings(tenants={hashlib.sha256(ALICE.encode()).digest(): "alice",
                                         hashlib.sha256(BOB.encode()).digest(): "bob"},
-                               admin_token=ADMIN, warm_pool=0)
+                               admin_token=ADMIN, warm_pool=PoolSizing(floor=0, ceiling=0))
     budgets = Budgets(MemoryBudgetLedger(clock), TenantBudget(tokens_per_day=1_000_000))
     app = create_app(settings, backend, store, budgets=budgets)
     await budgets.ledger.add("alice", "s1", Reported(1_000_000, 0.5))

@@ -15,6 +15,7 @@ import httpx
 from asgi_lifespan import LifespanManager
 
 from hosting.gateway.app import create_app
+from hosting.gateway.pool_demand import PoolSizing
 from hosting.gateway.routing.memory import MemoryRoutingStore
 from hosting.gateway.settings import GatewaySettings
 from hosting.sandboxes.memory import MemoryBackend
@@ -29,7 +30,7 @@ async def _chunked(data: bytes) -> AsyncIterator[bytes]:
 async def test_refusals_happen_before_anything_is_provisioned() -> None:
     backend, store = MemoryBackend(), MemoryRoutingStore()
     settings = GatewaySettings(tenants={hashlib.sha256(ALICE.encode()).digest(): "alice"}, admin_token=ADMIN,
-                               warm_pool=0)
+                               warm_pool=PoolSizing(floor=0, ceiling=0))
     app = create_app(settings, backend, store)
     async with LifespanManager(app) as running, httpx.AsyncClient(
             transport=httpx.ASGITransport(running.app), base_url="http://gateway") as http:

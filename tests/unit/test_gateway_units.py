@@ -11,6 +11,7 @@ import pytest
 from starlette.requests import Request
 
 from hosting.gateway.event_stream import StreamWatcher, lost_stream, next_event_id
+from hosting.gateway.pool_demand import PoolSizing
 from hosting.gateway.settings import GatewaySettings
 from hosting.gateway.tenants import TokenAuthenticator, load_tenant_tokens
 from hosting.settings_env import ConfigError
@@ -62,6 +63,7 @@ def test_settings_need_model_credentials_for_the_sandboxes() -> None:
 
 
 @pytest.mark.parametrize("name, value", [("GATEWAY_BACKEND", "k8s"), ("GATEWAY_WARM_POOL", "-1"),
+                                         ("GATEWAY_WARM_POOL_MAX", "-1"), ("GATEWAY_POOL_START_CONCURRENCY", "0"),
                                          ("GATEWAY_REDIS_URL", "http://x"), ("GATEWAY_INSTALLATION", "Bad_Name"),
                                          ("GATEWAY_DOCKER_NETWORK", "none"), ("PORT", "0")])
 def test_settings_reject_bad_values_naming_the_variable(name: str, value: str) -> None:
@@ -76,8 +78,24 @@ def test_sandboxes_inherit_only_the_allowlist() -> None:
     assert dict(settings.sandbox_env) == {"ANTHROPIC_API_KEY": "sk-x", "MODEL": "m", "HTTPS_PROXY": "http://proxy",
                                           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
     assert "admin-secret" not in repr(settings) and "sk-x" not in repr(settings)
-    assert settings.port == 8080 and settings.sandboxes.backend == "local" and settings.warm_pool == 2
+    assert settings.port == 8080 and settings.sandboxes.backend == "local"
     assert settings.idle_timeout_seconds == 900
+
+
+@pytest.mark.parametrize("env, sizing", [
+    ({}, PoolSizing(floor=2, ceiling=10, start_concurrency=2)),
+    ({"GATEWAY_WARM_POOL": "4", "GATEWAY_WARM_POOL_MAX": "4", "GATEWAY_POOL_START_CONCURRENCY": "3"}, PoolSizing(4, 4, 3)),
+    ({"GATEWAY_WARM_POOL": "20"}, PoolSizing(20, 20, 2)),
+    ({"GATEWAY_WARM_POOL": "0"}, PoolSizing(0, 0, 2)),
+    ({"GATEWAY_WARM_POOL": "0", "GATEWAY_WARM_POOL_MAX": "5"}, PoolSizing(0, 5, 2)),
+], ids=["defaults", "fixed", "floor-above-the-default-max", "off", "from-zero"])
+def test_the_warm_pool_grows_from_its_floor_to_its_max(env: dict[str, str], sizing: PoolSizing) -> None:
+    assert GatewaySettings.from_env({**BASE_ENV, **env}).warm_pool == sizing
+
+
+def test_a_max_below_the_floor_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"GATEWAY_WARM_POOL_MAX \(1\) must be at least GATEWAY_WARM_POOL \(2\)"):
+        GatewaySettings.from_env({**BASE_ENV, "GATEWAY_WARM_POOL_MAX": "1"})
 
 
 def test_event_ids_continue_either_numbering() -> None:

@@ -3,7 +3,8 @@
 Which sandbox serves which tenant's session (the routes), the warm pool, named locks, and
 the tenant quota counters (the sandboxes each tenant has, kept in step with the routes in
 the same atomic steps; its running turns, slots with an expiry so a crashed replica's
-lapse; its recent turns, a sliding window). Replicas that share one store (Redis) share
+lapse; its recent turns, a sliding window), and the recent claims on the pool (a sliding
+window too, which sets the pool's target). Replicas that share one store (Redis) share
 all of it and are interchangeable; without Redis the store lives in the process: one
 replica only, and routes are lost when it stops.
 
@@ -12,7 +13,7 @@ Modules:
 - ``records``: what is stored: :class:`~hosting.gateway.routing.records.Route` (keyed by
   tenant and session: :func:`~hosting.gateway.routing.records.route_key`) and pool entries
 - ``protocols``: one protocol per concern (routes, sandbox reservations, the warm pool's
-  ledger, turn slots, rate windows, locks), :class:`~hosting.gateway.routing.protocols.RoutingStore`
+  ledger, turn slots, rate windows (quotas, the pool's claims), locks), :class:`~hosting.gateway.routing.protocols.RoutingStore`
   combining them, and the error every method raises when the store cannot be reached
 - ``memory``: in the process (one replica)
 - ``redis``: in Redis, its scripts the ``.lua`` files beside it; ``cache``: the routes it

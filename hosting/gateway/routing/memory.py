@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from hosting.gateway.routing.protocols import RoutingStore
@@ -13,18 +14,22 @@ from hosting.locks import Locks, MemoryLocks
 
 class MemoryRoutingStore(RoutingStore):
     """Every concern in dicts of this process; it never raises
-    :class:`~hosting.gateway.routing.protocols.RoutingStoreUnavailable`."""
+    :class:`~hosting.gateway.routing.protocols.RoutingStoreUnavailable`.
 
-    def __init__(self) -> None:
+    ``clock`` (monotonic seconds) times the slots, rate windows and reservations, so a
+    test can move time on instead of waiting for it."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._routes: dict[str, Route] = {}
         self._pool: dict[str, PoolEntry] = {}
         self._locks = MemoryLocks()
         self._slots: dict[str, dict[str, float]] = {}
-        """name → token → when it lapses (monotonic)."""
+        """name → token → when it lapses (on ``clock``)."""
         self._rates: dict[str, dict[str, float]] = {}
-        """name → token → when it was counted (monotonic)."""
+        """name → token → when it was counted (on ``clock``)."""
         self._reserved: dict[str, dict[str, float]] = {}
-        """tenant → session → when its reservation lapses (monotonic)."""
+        """tenant → session → when its reservation lapses (on ``clock``)."""
 
     @property
     def locks(self) -> Locks:
@@ -92,7 +97,7 @@ class MemoryRoutingStore(RoutingStore):
     # Slots
 
     def _live_slots(self, name: str) -> dict[str, float]:
-        now = time.monotonic()
+        now = self._clock()
         slots = {token: until for token, until in self._slots.get(name, {}).items() if until > now}
         self._slots[name] = slots
         return slots
@@ -102,13 +107,13 @@ class MemoryRoutingStore(RoutingStore):
         if len(slots) >= limit:
             return None
         token = secrets.token_hex(8)
-        slots[token] = time.monotonic() + ttl_seconds
+        slots[token] = self._clock() + ttl_seconds
         return token
 
     async def refresh_slot(self, name: str, token: str, ttl_seconds: float) -> None:
         slots = self._live_slots(name)
         if token in slots:
-            slots[token] = time.monotonic() + ttl_seconds
+            slots[token] = self._clock() + ttl_seconds
 
     async def release_slot(self, name: str, token: str) -> None:
         self._slots.get(name, {}).pop(token, None)
@@ -119,7 +124,7 @@ class MemoryRoutingStore(RoutingStore):
     # Rate windows
 
     def _recent(self, name: str, window_seconds: float) -> dict[str, float]:
-        since = time.monotonic() - window_seconds
+        since = self._clock() - window_seconds
         recent = {token: at for token, at in self._rates.get(name, {}).items() if at > since}
         self._rates[name] = recent
         return recent
@@ -127,13 +132,16 @@ class MemoryRoutingStore(RoutingStore):
     async def take_rate(self, name: str, limit: int, window_seconds: float) -> tuple[str | None, float]:
         recent = self._recent(name, window_seconds)
         if len(recent) >= limit:
-            return None, max(0.0, min(recent.values()) + window_seconds - time.monotonic())
+            return None, max(0.0, min(recent.values()) + window_seconds - self._clock())
         token = secrets.token_hex(8)
-        recent[token] = time.monotonic()
+        recent[token] = self._clock()
         return token, 0.0
 
     async def refund_rate(self, name: str, token: str) -> None:
         self._rates.get(name, {}).pop(token, None)
+
+    async def record_rate(self, name: str, window_seconds: float) -> None:
+        self._recent(name, window_seconds)[secrets.token_hex(8)] = self._clock()
 
     async def count_rate(self, name: str, window_seconds: float) -> int:
         return len(self._recent(name, window_seconds))
@@ -141,7 +149,7 @@ class MemoryRoutingStore(RoutingStore):
     # Sandbox reservations
 
     def _sandboxes_of(self, tenant: str) -> set[str]:
-        now = time.monotonic()
+        now = self._clock()
         reserved = {s: until for s, until in self._reserved.get(tenant, {}).items() if until > now}
         self._reserved[tenant] = reserved
         assigned = {r.session_id for r in self._routes.values() if r.tenant == tenant and r.sandbox_id is not None}
@@ -154,7 +162,7 @@ class MemoryRoutingStore(RoutingStore):
             return True
         if session_id not in counted and len(counted) >= limit:
             return False
-        self._reserved[tenant][session_id] = time.monotonic() + ttl_seconds
+        self._reserved[tenant][session_id] = self._clock() + ttl_seconds
         return True
 
     async def cancel_sandbox_reservation(self, tenant: str, session_id: str) -> None:

@@ -106,6 +106,10 @@ class RateWindows(Protocol):
     async def refund_rate(self, name: str, token: str) -> None:
         """Uncount an event (it was refused after all)."""
 
+    async def record_rate(self, name: str, window_seconds: float) -> None:
+        """Count one event whatever the count: a measure of demand, not a limit (the warm
+        pool's claims). It leaves the window after ``window_seconds``."""
+
     async def count_rate(self, name: str, window_seconds: float) -> int: ...
 
 

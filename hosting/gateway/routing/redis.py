@@ -98,7 +98,8 @@ class RedisRoutingStore(RoutingStore):
     """Routes in Redis, shared by every replica: a hash per session
     (``gw:<installation>:route:<tenant>/<id>``), a set indexing them, a hash for the pool,
     plain keys for locks (``gw:<installation>:lock:<name>``, see :class:`OutageLocks`) and
-    sorted sets for the quota counters (``gw:<installation>:quota:<kind>:<tenant>``).
+    sorted sets for the quota counters (``gw:<installation>:quota:<kind>:<tenant>``) and the
+    other rate windows (``gw:<installation>:quota:<name>``: the warm pool's claims).
     Scripts make each compound step atomic.
 
     Through an outage, :meth:`get` answers from the :class:`RouteCache` of the routes
@@ -125,6 +126,7 @@ class RedisRoutingStore(RoutingStore):
         self._count_live = register(_lua("count_live"))
         self._take_rate = register(_lua("take_rate"))
         self._count_rate = register(_lua("count_rate"))
+        self._record_rate = register(_lua("record_rate"))
         self._reserve = register(_lua("reserve_sandbox"))
         self._cancel_reservation = register(_lua("cancel_reservation"))
 
@@ -261,6 +263,9 @@ class RedisRoutingStore(RoutingStore):
 
     async def refund_rate(self, name: str, token: str) -> None:
         await or_unavailable(self._redis.zrem(self._key("quota", name), token))
+
+    async def record_rate(self, name: str, window_seconds: float) -> None:
+        await or_unavailable(self._record_rate(keys=[self._key("quota", name)], args=[window_seconds, secrets.token_hex(8)]))
 
     async def count_rate(self, name: str, window_seconds: float) -> int:
         return int(await or_unavailable(self._count_rate(keys=[self._key("quota", name)], args=[window_seconds])))
