@@ -56,4 +56,7 @@ async def test_refusals_happen_before_anything_is_provisioned() -> None:
         assert await status("POST", "/sessions/s-1/interrupt", headers=auth(ALICE)) == 404
         assert (await http.get("/health")).json() == {"status": "ok"}
         assert await status("GET", "/admin/pool", headers=auth(ALICE)) == 401
+        # Readiness tells a tenant nothing of the installation (pool, other tenants' streams).
+        assert (await http.get("/ready", headers=auth(ALICE))).json() == {"ready": True}
+        assert {"pool", "running_streams", "backend"} <= (await http.get("/ready", headers=auth(ADMIN))).json().keys()
     assert backend.creates == 0 and await store.routes() == [], "nothing provisioned"

@@ -56,7 +56,9 @@ async def require_admin(request: Request) -> None:
         raise Unauthorized()
 
 
-async def tenant_or_admin(request: Request) -> None:
-    """Any tenant, or the admin (401 otherwise)."""
-    if not _is_admin(request):
-        await tenant_of(request)
+async def tenant_or_admin(request: Request) -> bool:
+    """Any tenant, or the admin (401 otherwise); whether it is the admin."""
+    if _is_admin(request):
+        return True
+    await tenant_of(request)
+    return False
