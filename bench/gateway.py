@@ -1,8 +1,9 @@
-"""(g) What the gateway adds: relay overhead, warm-pool first turns, a burst of new sessions.
+"""(g) What the gateway adds: relay overhead, warm-pool first turns, bursts of new sessions.
 
 Each part starts its own gateway (``python -m hosting.gateway``, own data dir and
-installation) on the local backend unless it says otherwise; sandboxes are the
-gateway's descendants, so its process tree is the whole deployment. Before each
+installation) on the local backend unless it says otherwise, in one sandbox scope
+(``GATEWAY_SANDBOX_SCOPE``: ``session`` or ``tenant``); on the local backend sandboxes
+are the gateway's descendants, so its process tree is the whole deployment. Before each
 timed phase the warm pool is full and the tree is quiet.
 """
 
@@ -30,12 +31,15 @@ from bench.procs import (
     Peak,
     ScenarioError,
     clean_env,
+    read_stat,
     serving,
     spawn,
+    tree,
     tree_cpu_seconds,
 )
 from harness.processes import Process, ProcessFailed, free_port
 from hosting.contract import NAMESPACE_HEADER
+from hosting.gateway.pool_demand import PoolSizing
 
 if TYPE_CHECKING:
     from bench.scenarios import Bench
@@ -45,6 +49,7 @@ TURN_GAP_SECONDS = 0.025
 """Between follow-ups of the relay comparison: the last turn's tail (the sandbox's and the
 relays' work after ``done``) is over before the next is timed, whichever path came before."""
 ADMIN_TOKEN = "bench-admin-token"
+DEFAULT_POOL_MAX = PoolSizing().ceiling
 
 
 @dataclass
@@ -68,7 +73,9 @@ def client(token: str = TENANT_TOKEN, connections: int = 200) -> httpx.AsyncClie
 
 @asynccontextmanager
 async def gateway(model_url: str, tmp: Path, name: str, pool: int, backend: str = "local",
-                  image: str | None = None) -> AsyncIterator[Gateway]:
+                  image: str | None = None, scope: str = "session", pool_max: int | None = None) -> AsyncIterator[Gateway]:
+    """A gateway of its own; its warm pool holds ``pool`` (fixed, unless ``pool_max`` lets it
+    follow demand up to that)."""
     root = tmp / name
     root.mkdir(parents=True)
     port = free_port()
@@ -76,8 +83,9 @@ async def gateway(model_url: str, tmp: Path, name: str, pool: int, backend: str 
     env = clean_env() | {
         "ANTHROPIC_BASE_URL": model_url, "ANTHROPIC_API_KEY": API_KEY, "HOST": "127.0.0.1", "PORT": str(port),
         "GATEWAY_TENANTS": f"{TENANT_TOKEN}:bench", "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
-        # A pool of a fixed size: these scenarios measure it full, not growing with their claims.
-        "GATEWAY_WARM_POOL": str(pool), "GATEWAY_WARM_POOL_MAX": str(pool),
+        # A pool of a fixed size unless the part measures it growing with its claims.
+        "GATEWAY_WARM_POOL": str(pool), "GATEWAY_WARM_POOL_MAX": str(pool if pool_max is None else pool_max),
+        "GATEWAY_SANDBOX_SCOPE": scope,
         "GATEWAY_DATA_DIR": str(root / "data"), "GATEWAY_BACKEND": backend,
         "GATEWAY_INSTALLATION": installation,
         # The bench measures hosting, not the tenant quotas: lift them.
@@ -154,13 +162,14 @@ async def bare_relay(bench: Bench, sandbox: str, token: str, namespace: str) -> 
         yield base_url
 
 
-async def relay_overhead(bench: Bench) -> dict[str, Any]:
+async def relay_overhead(bench: Bench, scope: str = "session") -> dict[str, Any]:
     """Follow-ups on one session through the gateway, straight to its sandbox and through a
     bare relay (:mod:`bench.bare_relay`), in turn (so a drift in the machine's speed reaches
     all alike). Beside the p50s: the median of the gateway/straight pairs' differences,
     and the gateway process's own CPU per relayed turn."""
     counts = bench.counts
-    async with gateway(bench.model_url, bench.tmp, "g-relay", pool=1) as gw, client() as via, client(ADMIN_TOKEN) as admin:
+    async with (gateway(bench.model_url, bench.tmp, f"g-relay-{scope}", pool=1, scope=scope) as gw, client() as via,
+                client(ADMIN_TOKEN) as admin):
         await settle(admin, gw, counts.prewarm_timeout)
         value, prompt = remember_prompt()
         first = await http_turn(via, gw.base_url, "relay", prompt)
@@ -186,16 +195,18 @@ async def relay_overhead(bench: Bench) -> dict[str, Any]:
             gateway_cpu = _own_cpu_seconds(gw.pid) - cpu_before
         paired = [g.latency - d.latency for g, d in zip(turns["gateway"], turns["direct"], strict=True)
                   if g.error is None and d.error is None]
-        return {**{name: summarize(done, recall_expected=len(done), recall_ok=sum(recalled(t, value) for t in done))
+        return {"scope": scope,
+                **{name: summarize(done, recall_expected=len(done), recall_ok=sum(recalled(t, value) for t in done))
                    for name, done in turns.items()},
                 "paired_median_added_s": percentile(paired, 50),
                 "gateway_cpu_s_per_turn": gateway_cpu / len(turns["gateway"])}
 
 
-async def first_turns(bench: Bench, pool: int, backend: str = "local", image: str | None = None) -> dict[str, Any]:
+async def first_turns(bench: Bench, pool: int, backend: str = "local", image: str | None = None,
+                      scope: str = "session") -> dict[str, Any]:
     """First turns of new sessions, one at a time, each from steady state (pool refilled)."""
-    name, counts = f"g-first-{backend}-pool{pool}", bench.counts
-    async with (gateway(bench.model_url, bench.tmp, name, pool, backend, image) as gw, client() as via,
+    name, counts = f"g-first-{backend}-{scope}-pool{pool}", bench.counts
+    async with (gateway(bench.model_url, bench.tmp, name, pool, backend, image, scope) as gw, client() as via,
                 client(ADMIN_TOKEN) as admin):
         turns = []
         for i in range(counts.gw_first_turns):
@@ -203,25 +214,98 @@ async def first_turns(bench: Bench, pool: int, backend: str = "local", image: st
             value, prompt = remember_prompt()
             turn = await http_turn(via, gw.base_url, f"first-{i}", prompt)
             turns.append(turn)
-        return {"backend": backend, "pool": pool, **summarize(turns)}
+        return {"backend": backend, "scope": scope, "pool": pool, **summarize(turns)}
 
 
-async def burst(bench: Bench) -> dict[str, Any]:
-    """``burst`` new sessions at once, each "Remember" then the recall, through one gateway."""
+async def _sessions_at_once(via: httpx.AsyncClient, gw: Gateway, prefix: str, sessions: int,
+                            turns_each: int) -> tuple[list[TurnResult], list[TurnResult], int, float]:
+    """``sessions`` new sessions at once, each "Remember" then (with two turns) the recall:
+    every turn, the first turns, the recalls that held, and the wall time."""
+
+    async def session(i: int) -> tuple[list[TurnResult], bool]:
+        value, prompt = remember_prompt()
+        done = [await http_turn(via, gw.base_url, f"{prefix}-{i}", prompt)]
+        if turns_each == 2:
+            done.append(await http_turn(via, gw.base_url, f"{prefix}-{i}", RECALL))
+            return done, recalled(done[1], value)
+        return done, False
+
+    started = time.perf_counter()
+    done = await asyncio.gather(*(session(i) for i in range(sessions)))
+    wall = time.perf_counter() - started
+    return [t for turns, _ in done for t in turns], [turns[0] for turns, _ in done], sum(ok for _, ok in done), wall
+
+
+def _sandbox_memory(gw: Gateway) -> tuple[int, int]:
+    """Resident bytes of every sandbox's process tree summed (the gateway itself left out),
+    and how many sandboxes there are: the local backend's are the gateway's children, a
+    docker one's processes are found through the engine (same host, so /proc has them)."""
+    if gw.backend == "local":
+        procs = [p for p in tree(gw.pid) if p.pid != gw.pid]
+        return sum(p.rss_bytes for p in procs), sum(1 for p in procs if p.ppid == gw.pid)
+    import docker
+
+    from hosting.sandboxes.docker import INSTALLATION_LABEL
+
+    engine = docker.from_env()
+    try:
+        containers = engine.containers.list(filters={"label": f"{INSTALLATION_LABEL}={gw.installation}"})
+        pids = [int(row[0]) for c in containers for row in c.top(ps_args="-o pid")["Processes"]]
+    finally:
+        engine.close()
+    stats = [s for s in (read_stat(pid) for pid in pids) if s is not None]
+    return sum(s.rss_bytes for s in stats), len(containers)
+
+
+async def burst(bench: Bench, scope: str = "session", backend: str = "local", image: str | None = None) -> dict[str, Any]:
+    """``gw_burst`` new sessions at once, each "Remember" then the recall, through one gateway
+    (warm pool of two); then, with the tree quiet again, the memory of all its sandboxes per
+    live session."""
     counts = bench.counts
-    async with gateway(bench.model_url, bench.tmp, "g-burst", pool=2) as gw, client() as via, client(ADMIN_TOKEN) as admin:
+    async with (gateway(bench.model_url, bench.tmp, f"g-burst-{backend}-{scope}", 2, backend, image, scope) as gw,
+                client() as via, client(ADMIN_TOKEN) as admin):
         await settle(admin, gw, counts.prewarm_timeout)
-
-        async def session(i: int) -> tuple[TurnResult, TurnResult, str]:
-            value, prompt = remember_prompt()
-            first = await http_turn(via, gw.base_url, f"burst-{i}", prompt)
-            return first, await http_turn(via, gw.base_url, f"burst-{i}", RECALL), value
-
         with Peak(gw.pid) as peak:
-            started = time.perf_counter()
-            done = await asyncio.gather(*(session(i) for i in range(counts.gw_burst)))
-            wall = time.perf_counter() - started
-        turns = [t for first, second, _ in done for t in (first, second)]
-        recalls = sum(recalled(second, value) for _, second, value in done)
-        return {**summarize(turns, wall, recall_expected=counts.gw_burst, recall_ok=recalls),
-                "peak_rss_bytes": peak.rss_bytes, "peak_processes": peak.processes}
+            turns, firsts, recalls, wall = await _sessions_at_once(via, gw, "burst", counts.gw_burst, 2)
+        await settle(admin, gw, counts.prewarm_timeout)
+        memory, sandboxes = _sandbox_memory(gw)
+        first = summarize(firsts)
+        return {"backend": backend, "scope": scope,
+                **summarize(turns, wall, recall_expected=counts.gw_burst, recall_ok=recalls),
+                "first_turn_p50_s": first["p50_s"], "first_turn_p95_s": first["p95_s"],
+                "sandboxes": sandboxes, "sandbox_rss_bytes": memory,
+                "rss_bytes_per_session": memory / counts.gw_burst,
+                "peak_rss_bytes": peak.rss_bytes if backend == "local" else None,
+                "peak_processes": peak.processes if backend == "local" else None}
+
+
+async def two_bursts(bench: Bench) -> dict[str, Any]:
+    """Session scope, a pool that follows demand (floor 2, ``GATEWAY_WARM_POOL_MAX``'s
+    default): ``gw_wave`` new sessions at once, the same again ``gw_wave_gap`` seconds after
+    the first began, first turns only; then how long until, with no claims, the pool is
+    back at its floor (the target falls as claims leave the pool's window)."""
+    counts = bench.counts
+    async with (gateway(bench.model_url, bench.tmp, "g-waves", 2, pool_max=DEFAULT_POOL_MAX) as gw, client() as via,
+                client(ADMIN_TOKEN) as admin):
+        await settle(admin, gw, counts.prewarm_timeout)
+        started = time.perf_counter()
+        _, first, _, first_wall = await _sessions_at_once(via, gw, "wave1", counts.gw_wave, 1)
+        pool_between = (await admin.get(f"{gw.base_url}/admin/pool")).json()
+        await asyncio.sleep(max(0.0, counts.gw_wave_gap - (time.perf_counter() - started)))
+        pool_before = (await admin.get(f"{gw.base_url}/admin/pool")).json()
+        _, second, _, second_wall = await _sessions_at_once(via, gw, "wave2", counts.gw_wave, 1)
+        last_claim = time.perf_counter()
+        deadline = last_claim + counts.gw_floor_timeout
+        while True:
+            pool = (await admin.get(f"{gw.base_url}/admin/pool")).json()
+            if pool["target"] == pool["floor"] and pool["ready"] == pool["floor"] and not pool["starting_here"]:
+                break
+            if time.perf_counter() > deadline:
+                raise ScenarioError(f"the pool is not back at its floor {counts.gw_floor_timeout:.0f} s after "
+                                    f"the last claim: {pool}")
+            await asyncio.sleep(1)
+        return {"sessions_per_burst": counts.gw_wave, "gap_s": counts.gw_wave_gap,
+                "first": summarize(first, first_wall), "second": summarize(second, second_wall),
+                "pool_after_first": {k: pool_between[k] for k in ("target", "reason", "ready")},
+                "pool_before_second": {k: pool_before[k] for k in ("target", "reason", "ready")},
+                "back_to_floor_s": time.perf_counter() - last_claim}

@@ -51,7 +51,7 @@ class ProcStat:
     rss_bytes: int
 
 
-def _read_stat(pid: int) -> ProcStat | None:
+def read_stat(pid: int) -> ProcStat | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read().decode(errors="replace")
@@ -66,7 +66,7 @@ def _read_stat(pid: int) -> ProcStat | None:
 
 def tree(root: int) -> list[ProcStat]:
     """``root`` and all its live descendants (one scan of /proc)."""
-    stats = [s for s in (_read_stat(int(p)) for p in os.listdir("/proc") if p.isdigit()) if s is not None]
+    stats = [s for s in (read_stat(int(p)) for p in os.listdir("/proc") if p.isdigit()) if s is not None]
     by_parent: dict[int, list[ProcStat]] = {}
     for s in stats:
         by_parent.setdefault(s.ppid, []).append(s)

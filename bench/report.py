@@ -80,6 +80,10 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den if num is not None and den else None
 
 
+SCOPE_SUFFIXES = ("", "_tenant")
+"""(g)'s parts in session scope (no suffix) and in tenant scope."""
+
+
 def ratios(results: dict[str, Any]) -> dict[str, float | None]:
     """Every ratio the targets and tables use, from one run."""
     def metric(path: tuple[str, ...], key: str) -> float | None:
@@ -100,11 +104,23 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
                                    metric(("limits", "first_unlimited"), "p50_s")),
         "limits_follow_p50": _ratio(metric(("limits", "follow_limited"), "p50_s"),
                                     metric(("limits", "follow_unlimited"), "p50_s")),
-        "g_relay_added_ms": _difference_ms(_get(results, "g", "relay", "gateway", "p50_s") if _ok(results, "g", "relay")
-                                           else None, _get(results, "g", "relay", "direct", "p50_s")),
-        "g_pool_over_no_pool_p50": _ratio(metric(("g", "first_pool"), "p50_s"), metric(("g", "first_no_pool"), "p50_s")),
-        "g_docker_pool_over_no_pool_p50": _ratio(metric(("g", "docker_first_pool"), "p50_s"),
-                                                 metric(("g", "docker_first_no_pool"), "p50_s")),
+        "b_at_once_p95_over_lone_p50": _ratio(metric(("b", "at_once"), "p95_s"), metric(("b", "prewarmed"), "p50_s")),
+        **{f"g_relay_added_ms{sfx}": _difference_ms(_get(results, "g", f"relay{sfx}", "gateway", "p50_s")
+                                                    if _ok(results, "g", f"relay{sfx}") else None,
+                                                    _get(results, "g", f"relay{sfx}", "direct", "p50_s"))
+           for sfx in SCOPE_SUFFIXES},
+        **{f"g_{where}pool_over_no_pool_p50{sfx}": _ratio(metric(("g", f"{where}first_pool{sfx}"), "p50_s"),
+                                                          metric(("g", f"{where}first_no_pool{sfx}"), "p50_s"))
+           for where in ("", "docker_") for sfx in SCOPE_SUFFIXES},
+        **{f"g_{where}tenant_over_session_turns_per_s": _ratio(metric(("g", f"{where}burst_tenant"), "turns_per_s"),
+                                                               metric(("g", f"{where}burst"), "turns_per_s"))
+           for where in ("", "docker_")},
+        **{f"g_{where}tenant_over_session_memory": _ratio(metric(("g", f"{where}burst_tenant"), "rss_bytes_per_session"),
+                                                          metric(("g", f"{where}burst"), "rss_bytes_per_session"))
+           for where in ("", "docker_")},
+        "g_second_over_first_wave_p95": _ratio(_get(results, "g", "waves", "second", "p95_s") if _ok(results, "g", "waves")
+                                               else None, _get(results, "g", "waves", "first", "p95_s")),
+        "g_back_to_floor_s": metric(("g", "waves"), "back_to_floor_s"),
         "o_on_over_off_p50": _ratio(_get(results, "o", "on", "p50_s") if _ok(results, "o") else None,
                                     _get(results, "o", "off", "p50_s")),
         "o_on_over_off_cpu": _ratio(_get(results, "o", "on", "cpu_s_per_turn") if _ok(results, "o") else None,
@@ -172,7 +188,6 @@ def targets(results: dict[str, Any], r: dict[str, float | None]) -> list[Target]
     burst = _ok(results, "limits", "burst")
     limit = f"{burst['limit_bytes'] / 2**20:.0f} MiB" if burst else "the"
     why_burst = _why(results, ("limits", "burst"))
-    gburst = _ok(results, "g", "burst")
     return [
         Target("(a) follow-up p50, server / direct query(resume)", r["a_server_over_direct_p50"], "<=", 0.15,
                _why(results, *a), _failed_turns(results, *a)),
@@ -193,24 +208,51 @@ def targets(results: dict[str, Any], r: dict[str, float | None]) -> list[Target]
                burst["errors"] if burst else None, "<=", 0, why_burst),
         Target(f"(limits) burst under {limit} limit: OOM kills", burst["oom_kills"] if burst else None, "<=", 0,
                why_burst),
-        Target("(g) relay: follow-up p50 through the gateway minus straight to the sandbox, ms", r["g_relay_added_ms"],
-               "<=", 3, _why(results, ("g", "relay"))),
-        Target("(g) first-turn p50, warm pool / no pool (local)", r["g_pool_over_no_pool_p50"], "<=", 0.25,
-               _why(results, ("g", "first_pool"), ("g", "first_no_pool")),
-               _failed_turns(results, ("g", "first_pool"), ("g", "first_no_pool"))),
-        Target("(g) first-turn p50, warm pool / no pool (docker)", r["g_docker_pool_over_no_pool_p50"], "<=", 0.25,
-               _why(results, ("g", "docker_first_pool"), ("g", "docker_first_no_pool")),
-               _failed_turns(results, ("g", "docker_first_pool"), ("g", "docker_first_no_pool"))),
-        Target("(g) burst through the gateway: errors", gburst["errors"] if gburst else None, "<=", 0,
-               _why(results, ("g", "burst"))),
-        Target("(g) burst through the gateway: recall", gburst["recall_ok"] / gburst["recall_expected"]
-               if gburst else None, ">=", 1, _why(results, ("g", "burst"))),
+        Target("(b) 10 first turns at once (12 CLIs pre-started): p95 / a lone first turn's p50",
+               r["b_at_once_p95_over_lone_p50"], "<=", 3, _why(results, ("b", "at_once"), ("b", "prewarmed")),
+               _failed_turns(results, ("b", "at_once"))),
+        *_gateway_targets(results, r),
         Target("(o) follow-up p50, telemetry on / off", r["o_on_over_off_p50"], "<=", 1.03, _why(results, ("o",))),
         Target("(o) CPU per follow-up, telemetry on / off", r["o_on_over_off_cpu"], "<=", 1.03, _why(results, ("o",))),
         Target(f"(limits) burst under {limit} limit: peak usage / limit",
                burst["peak_bytes"] / burst["limit_bytes"] if burst and burst["peak_bytes"] else None, "<=", 1,
                why_burst if not burst else "the kernel does not record a peak"),
     ]
+
+
+def _gateway_targets(results: dict[str, Any], r: dict[str, float | None]) -> list[Target]:
+    """(g)'s targets: each in both scopes where the issue asks it of both, local and docker."""
+    out = []
+    for sfx in SCOPE_SUFFIXES:
+        scope = "tenant scope" if sfx else "session scope"
+        relay = ("g", f"relay{sfx}")
+        out.append(Target(f"(g) relay, {scope}: follow-up p50 through the gateway minus straight to the sandbox, ms",
+                          r[f"g_relay_added_ms{sfx}"], "<=", 3, _why(results, relay)))
+        for where, backend in (("", "local"), ("docker_", "docker")):
+            pool, no_pool = ("g", f"{where}first_pool{sfx}"), ("g", f"{where}first_no_pool{sfx}")
+            out.append(Target(f"(g) first-turn p50, warm pool / no pool ({backend}, {scope})",
+                              r[f"g_{where}pool_over_no_pool_p50{sfx}"], "<=", 0.25, _why(results, pool, no_pool),
+                              _failed_turns(results, pool, no_pool)))
+    for where, backend in (("", "local"), ("docker_", "docker")):
+        for sfx in SCOPE_SUFFIXES:
+            path = ("g", f"{where}burst{sfx}")
+            node = _ok(results, *path)
+            what = f"(g) burst ({backend}, {'tenant' if sfx else 'session'} scope)"
+            out.append(Target(f"{what}: errors", node["errors"] if node else None, "<=", 0, _why(results, path)))
+            out.append(Target(f"{what}: recall", node["recall_ok"] / node["recall_expected"] if node else None, ">=", 1,
+                              _why(results, path)))
+        both = ("g", f"{where}burst"), ("g", f"{where}burst_tenant")
+        out.append(Target(f"(g) burst turns/s, tenant scope / session scope ({backend})",
+                          r[f"g_{where}tenant_over_session_turns_per_s"], ">=", 3, _why(results, *both),
+                          _failed_turns(results, *both)))
+        out.append(Target(f"(g) sandbox memory per live session after the burst, tenant / session scope ({backend})",
+                          r[f"g_{where}tenant_over_session_memory"], "<=", 0.6, _why(results, *both)))
+    waves = ("g", "waves")
+    out.append(Target("(g) two bursts 60 s apart: second burst's first-turn p95 / the first's",
+                      r["g_second_over_first_wave_p95"], "<=", 0.5, _why(results, waves), _failed_turns(results, waves)))
+    out.append(Target("(g) seconds from the last claim until the pool is back at its floor", r["g_back_to_floor_s"],
+                      "<=", 300, _why(results, waves)))
+    return out
 
 
 # -- formatting --------------------------------------------------------------
@@ -256,6 +298,7 @@ ROWS: list[tuple[tuple[str, ...], str]] = [
     (("b", "prewarmed"), "server first turn, prewarmed"),
     (("b", "no_prewarm"), "server first turn, no prewarm"),
     (("b", "direct"), "direct query() first turn"),
+    (("b", "at_once"), "server first turns, 10 at once, 12 pre-started"),
     (("c",), "concurrent follow-ups, default config"),
     (("e", "default"), "burst, default config"),
     (("e", "baseline"), "burst, baseline (warm 0, prewarm 0)"),
@@ -269,14 +312,20 @@ ROWS: list[tuple[tuple[str, ...], str]] = [
 
 
 GATEWAY_ROWS: list[tuple[tuple[str, ...], str]] = [
-    (("g", "relay", "gateway"), "follow-up through the gateway"),
-    (("g", "relay", "direct"), "follow-up straight to the sandbox"),
-    (("g", "relay", "bare"), "follow-up through a bare relay (bench/bare_relay.py)"),
-    (("g", "first_pool"), "first turn, warm pool"),
-    (("g", "first_no_pool"), "first turn, no pool"),
-    (("g", "docker_first_pool"), "first turn, warm pool, docker"),
-    (("g", "docker_first_no_pool"), "first turn, no pool, docker"),
-    (("g", "burst"), "new sessions at once, two turns each"),
+    row for sfx, scope in (("", "session scope"), ("_tenant", "tenant scope")) for row in [
+        (("g", f"relay{sfx}", "gateway"), f"follow-up through the gateway, {scope}"),
+        (("g", f"relay{sfx}", "direct"), f"follow-up straight to the sandbox, {scope}"),
+        (("g", f"relay{sfx}", "bare"), f"follow-up through a bare relay (bench/bare_relay.py), {scope}"),
+        (("g", f"first_pool{sfx}"), f"first turn, warm pool, {scope}"),
+        (("g", f"first_no_pool{sfx}"), f"first turn, no pool, {scope}"),
+        (("g", f"docker_first_pool{sfx}"), f"first turn, warm pool, docker, {scope}"),
+        (("g", f"docker_first_no_pool{sfx}"), f"first turn, no pool, docker, {scope}"),
+        (("g", f"burst{sfx}"), f"new sessions at once, two turns each, {scope}"),
+        (("g", f"docker_burst{sfx}"), f"new sessions at once, two turns each, docker, {scope}"),
+    ]
+] + [
+    (("g", "waves", "first"), "first burst (first turns), session scope, pool following demand"),
+    (("g", "waves", "second"), "second burst, 60 s after the first began"),
 ]
 
 
@@ -385,14 +434,15 @@ def markdown(run: dict[str, Any]) -> str:
 
     gateway_rows = [
         [f"({s}) {label}", _status(n), str(n.get("turns", "-")), str(n.get("errors", "-")), _recall(n),
-         _ms(n.get("p50_s")), _ms(n.get("p95_s")), _num(n.get("turns_per_s"), "{:.1f}"), _mib(n.get("peak_rss_bytes"))]
+         _ms(n.get("p50_s")), _ms(n.get("p95_s")), _ms(n.get("first_turn_p95_s")), _num(n.get("turns_per_s"), "{:.1f}"),
+         str(n.get("sandboxes", "-")), _mib(n.get("rss_bytes_per_session")), _mib(n.get("peak_rss_bytes"))]
         for s, label, n in _gateway_rows(results)
     ]
     if gateway_rows:
         relay = _get(results, "g", "relay") or {}
         out += ["### The gateway (local backend unless said)", "",
-                _table(["path", "status", "turns", "errors", "recall", "p50", "p95", "turns/s", "peak RSS"],
-                       gateway_rows), "",
+                _table(["path", "status", "turns", "errors", "recall", "p50", "p95", "first-turn p95", "turns/s",
+                        "sandboxes", "RSS/session", "peak RSS"], gateway_rows), "",
                 f"Relay: p50 through the gateway - straight to the same sandbox = "
                 f"{_num(r['g_relay_added_ms'], '{:+.1f} ms')} (follow-ups taken in turn on the three paths); median "
                 f"of the pairs' differences {_num(_scaled(relay.get('paired_median_added_s'), 1000), '{:+.1f} ms')}; "
@@ -401,10 +451,20 @@ def markdown(run: dict[str, Any]) -> str:
                 f"{_num(_difference_ms(_get(relay, 'bare', 'p50_s'), _get(relay, 'direct', 'p50_s')), '{:+.1f} ms')}; "
                 f"the gateway process's own CPU per relayed turn "
                 f"{_num(_scaled(relay.get('gateway_cpu_s_per_turn'), 1000), '{:.1f} ms')}. "
-                f"First turn, warm pool / no pool: local {_num(r['g_pool_over_no_pool_p50'], '{:.3f}')}, docker "
-                f"{_num(r['g_docker_pool_over_no_pool_p50'], '{:.3f}')}; each first turn starts from steady state "
+                f"First turn, warm pool / no pool: local {_num(r['g_pool_over_no_pool_p50'], '{:.3f}')} "
+                f"(tenant scope {_num(r['g_pool_over_no_pool_p50_tenant'], '{:.3f}')}), docker "
+                f"{_num(r['g_docker_pool_over_no_pool_p50'], '{:.3f}')} "
+                f"(tenant scope {_num(r['g_docker_pool_over_no_pool_p50_tenant'], '{:.3f}')}); "
+                "each first turn starts from steady state "
                 "(pool full, the gateway's process tree quiet). The burst's peak RSS is the whole tree: the gateway, "
-                "every sandbox's server and their CLIs.", ""]
+                "every sandbox's server and their CLIs (local backend). RSS/session: every sandbox's processes "
+                "(pooled ones included), summed once the tree is quiet after the burst, divided by its sessions; "
+                f"tenant / session scope: turns/s local {_num(r['g_tenant_over_session_turns_per_s'])}x, docker "
+                f"{_num(r['g_docker_tenant_over_session_turns_per_s'])}x; memory local "
+                f"{_num(r['g_tenant_over_session_memory'])}, docker {_num(r['g_docker_tenant_over_session_memory'])}. "
+                f"Two bursts: second p95 / first p95 {_num(r['g_second_over_first_wave_p95'])}; pool "
+                f"{_get(results, 'g', 'waves', 'pool_before_second')} before the second; back at its floor "
+                f"{_num(r['g_back_to_floor_s'], '{:.0f} s')} after the last claim.", ""]
 
     telemetry_rows = [
         [label, _status(results["o"]), str(n.get("turns", "-")), str(n.get("errors", "-")), _recall(n),

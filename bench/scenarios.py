@@ -46,6 +46,7 @@ class Counts:
     follow_ups: int = 20        # (a) sequential follow-ups per path
     first_turns: int = 15       # (b) sequential first turns per path
     prewarm_b: int = 16         # (b) AGENT_PREWARM; more than first_turns so the pool never runs dry
+    burst_b: int = 10           # (b) new sessions' first turns at once on a server with prewarm_b CLIs ready
     established: int = 25       # (c) sessions
     follow_ups_c: int = 4       # (c) follow-ups per session
     burst: int = 25             # (e) new sessions at once (and AGENT_PREWARM of the prewarmed server)
@@ -54,13 +55,17 @@ class Counts:
     gw_follow_ups: int = 300    # (g) follow-ups per path, in turn (at 100 a p50 moved by ±1.5 ms from run to run)
     gw_first_turns: int = 8     # (g) first turns of new sessions per gateway (warm pool, no pool)
     gw_burst: int = 25          # (g) new sessions at once through the gateway, two turns each
+    gw_wave: int = 15           # (g) new sessions at once in each of the two bursts (the pool that follows demand)
+    gw_wave_gap: float = 60.0   # (g) seconds from the first burst's start to the second's
+    gw_floor_timeout: float = 420.0  # (g) most seconds after the last claim for the pool to be back at its floor
     obs_turns: int = 150        # (o) follow-ups per server, telemetry on and off, alternated (fewer: noise > 3%)
     settle_timeout: float = 60.0
     prewarm_timeout: float = 240.0
 
 
-QUICK = Counts(follow_ups=3, first_turns=3, prewarm_b=4, established=3, follow_ups_c=3, burst=3, burst_rounds=1,
-               gw_follow_ups=5, gw_first_turns=2, gw_burst=4, obs_turns=6, settle_timeout=30.0, prewarm_timeout=90.0)
+QUICK = Counts(follow_ups=3, first_turns=3, prewarm_b=4, burst_b=3, established=3, follow_ups_c=3, burst=3,
+               burst_rounds=1, gw_follow_ups=5, gw_first_turns=2, gw_burst=4, gw_wave=3, gw_wave_gap=10.0,
+               obs_turns=6, settle_timeout=30.0, prewarm_timeout=90.0)
 
 
 @dataclass
@@ -158,6 +163,20 @@ async def first_turns_paired(bench: Bench) -> dict[str, Any]:
             workdir = Path(tempfile.mkdtemp(prefix="direct-b-", dir=bench.tmp))
             direct.append((await direct_turn(remember_prompt()[1], direct_options(workdir, bench.model_url)))[0])
         return {"prewarmed": srv.finish(summarize(served)), "direct": summarize(direct)}
+
+
+async def first_turns_at_once(bench: Bench) -> dict[str, Any]:
+    """``burst_b`` new sessions' first turns at once on a server with ``prewarm_b`` pre-started
+    CLIs (settled first): what refilling the pool meanwhile costs them, against (b)'s lone
+    first turn on the same kind of server."""
+    counts = bench.counts
+    async with server(bench.model_url, bench.tmp, "b-at-once", {"AGENT_PREWARM": str(counts.prewarm_b)}) as srv, \
+            http_client() as client:
+        await settle(client, srv, need_prewarm=True, timeout=counts.prewarm_timeout)
+        started = time.perf_counter()
+        turns = await asyncio.gather(*(http_turn(client, srv.base_url, new_id("b"), remember_prompt()[1])
+                                       for _ in range(counts.burst_b)))
+        return srv.finish({"sessions": counts.burst_b, **summarize(list(turns), time.perf_counter() - started)})
 
 
 # -- (c) concurrent follow-ups on established sessions -----------------------
@@ -358,6 +377,7 @@ async def run_all(bench: Bench, only: set[str]) -> dict[str, Any]:
         else:
             results["b"] = {key: paired for key in ("prewarmed", "direct")}
         results["b"]["no_prewarm"] = await part(bench, "b/no_prewarm", lambda: first_turns_server(bench, "b-no-prewarm", 0))
+        results["b"]["at_once"] = await part(bench, "b/at_once", lambda: first_turns_at_once(bench))
     if "c" in only:
         print("(c) concurrent follow-ups on established sessions", flush=True)
         results["c"] = await part(bench, "c/default", lambda: established(bench))
@@ -378,18 +398,22 @@ async def run_all(bench: Bench, only: set[str]) -> dict[str, Any]:
         results["limits"]["burst"] = await part(bench, "limits/burst", lambda: limited_burst(bench))
     if "g" in only:
         print("(g) the gateway", flush=True)
-        results["g"] = {
-            "relay": await part(bench, "g/relay", lambda: gateway.relay_overhead(bench)),
-            "first_pool": await part(bench, "g/first_pool", lambda: gateway.first_turns(bench, pool=1)),
-            "first_no_pool": await part(bench, "g/first_no_pool", lambda: gateway.first_turns(bench, pool=0)),
-            "burst": await part(bench, "g/burst", lambda: gateway.burst(bench)),
-        }
+        g: dict[str, Any] = {}
+        for scope, sfx in (("session", ""), ("tenant", "_tenant")):
+            g[f"relay{sfx}"] = await part(bench, f"g/relay{sfx}", functools.partial(gateway.relay_overhead, bench, scope))
+            for pool, key in ((1, f"first_pool{sfx}"), (0, f"first_no_pool{sfx}")):
+                g[key] = await part(bench, f"g/{key}", functools.partial(gateway.first_turns, bench, pool, scope=scope))
+            g[f"burst{sfx}"] = await part(bench, f"g/burst{sfx}", functools.partial(gateway.burst, bench, scope))
+        g["waves"] = await part(bench, "g/waves", functools.partial(gateway.two_bursts, bench))
         if bench.docker_image is not None:
             image = bench.docker_image
-            results["g"]["docker_first_pool"] = await part(
-                bench, "g/docker_first_pool", lambda: gateway.first_turns(bench, pool=1, backend="docker", image=image))
-            results["g"]["docker_first_no_pool"] = await part(
-                bench, "g/docker_first_no_pool", lambda: gateway.first_turns(bench, pool=0, backend="docker", image=image))
+            for scope, sfx in (("session", ""), ("tenant", "_tenant")):
+                for pool, key in ((1, f"docker_first_pool{sfx}"), (0, f"docker_first_no_pool{sfx}")):
+                    g[key] = await part(bench, f"g/{key}", functools.partial(
+                        gateway.first_turns, bench, pool, "docker", image, scope))
+                g[f"docker_burst{sfx}"] = await part(bench, f"g/docker_burst{sfx}",
+                                                     functools.partial(gateway.burst, bench, scope, "docker", image))
+        results["g"] = g
     if "o" in only:
         print("(o) telemetry on vs off", flush=True)
         results["o"] = await part(bench, "o/overhead", lambda: observability.overhead(bench))
