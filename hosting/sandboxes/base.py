@@ -99,6 +99,8 @@ class SandboxSpec:
     prewarm: bool = True
     """Start a CLI ahead of the first turn; ``False`` for a sandbox whose server takes no
     turns (a self-hosted environment's, where the runner does the work)."""
+    session_capacity: int | None = 1
+    """The most sessions its server will hold (``AGENT_SESSION_CAPACITY``); ``None``: no limit."""
 
     def __post_init__(self) -> None:
         check_sandbox_id(self.sandbox_id)
@@ -109,7 +111,7 @@ class SandboxSpec:
     def server_env(self, *, host: str, port: int, data_dir: str) -> dict[str, str]:
         """The environment the server inside is started with: the spec's, then what
         every sandbox shares (one session, so one pre-started CLI and one warm one)."""
-        return {
+        env = {
             **self.env,
             "AGENT_AUTH_TOKEN": self.token,
             "AGENT_DATA_DIR": data_dir,
@@ -118,6 +120,9 @@ class SandboxSpec:
             "HOST": host,
             "PORT": str(port),
         }
+        if self.session_capacity is not None:
+            env["AGENT_SESSION_CAPACITY"] = str(self.session_capacity)
+        return env
 
 
 @dataclass(frozen=True)
