@@ -36,9 +36,10 @@ from dataclasses import replace
 from typing import Protocol
 
 from hosting.errors import ErrorCode, HostingError
+from hosting.gateway.cleanup import shielded
 from hosting.gateway.conversations import CredentialedBackend, StoredConversations
 from hosting.gateway.provisioning import Provisioner, ProvisioningFailed, new_spec
-from hosting.gateway.routing.protocols import Locking, Routes, SharedVolumes
+from hosting.gateway.routing.protocols import Locking, Routes, RoutingStoreUnavailable, SharedVolumes
 from hosting.gateway.routing.records import Route, SharedVolume, route_key
 from hosting.locks import holding
 from hosting.sandboxes.base import Sandbox, SandboxBackend, SandboxError
@@ -107,6 +108,17 @@ class SharedSandboxes:
         provisioning lock with its sandbox quota reserved; raises as :meth:`Provisioner.ensure`."""
         deadline = time.monotonic() + self._timeout
         volume = await self._take_seat(provisioner, session_id, tenant, route)
+        try:
+            return await self._assign(provisioner, session_id, tenant, volume, deadline)
+        except BaseException:
+            if route is None:  # a new session that got no sandbox leaves nothing, as in session scope
+                await shielded(self._abandon(session_id, tenant, volume))
+            raise
+
+    async def _assign(self, provisioner: Provisioner, session_id: str, tenant: str, volume: str,
+                      deadline: float) -> Route:
+        """Join the volume's sandbox, starting it first if none runs (or wait for the session
+        of the volume that is starting it)."""
         delay = 0.01
         while True:
             assigned = await self._join(session_id, tenant, volume)
@@ -173,6 +185,26 @@ class SharedSandboxes:
             assigned = route.with_sandbox(record.sandbox, record.token)
             await self._store.put(assigned)
             return assigned
+
+    async def _abandon(self, session_id: str, tenant: str, volume: str) -> None:
+        """Undo a new session's seat and route: it answers like an unknown id again. A
+        failure is logged only (what is left is a released route, which the session's next
+        request provisions again)."""
+        try:
+            async with self._placement(tenant) as volumes:
+                record = volumes.get(volume)
+                emptied = record is not None and not set(record.seats) - {session_id}
+                if record is not None and emptied:
+                    await self._store.remove_shared_volume(tenant, volume)
+                elif record is not None:
+                    await self._store.put_shared_volume(record.unseated(session_id, purge=False))
+                await self._store.delete(route_key(tenant, session_id))
+            if record is not None and emptied:
+                if record.sandbox is not None:
+                    await self._discard(record.sandbox)
+                await self._backend.delete_volume(volume)
+        except (RoutingStoreUnavailable, PlacementBusy, SandboxError) as exc:
+            logger.warning("session %s: could not undo its seat on volume %s: %s", session_id, volume, exc)
 
     async def _start_on(self, provisioner: Provisioner, tenant: str, volume: str) -> None:
         """Start the volume's sandbox (the caller holds the volume's lock), have it delete the
@@ -245,7 +277,9 @@ class SharedSandboxes:
             routes = [route for session_id in record.seats
                       if (route := await self._store.get(route_key(record.tenant, session_id))) is not None
                       and route.sandbox_id == sandbox.sandbox_id]
-            if time.time() - max([sandbox.created_at, *(r.last_activity for r in routes)]) <= idle_seconds:
+            # A sandbox no session has joined yet (one is about to) counts from its start.
+            last_used = max(r.last_activity for r in routes) if routes else sandbox.created_at
+            if time.time() - last_used <= idle_seconds:
                 return False
             if await running_turns(sandbox.address, record.token):  # one a client left may still be going
                 for route in routes:
