@@ -219,7 +219,7 @@ class SharedSandboxes:
         try:
             if record.purge:
                 await self._grant(sandbox.sandbox_id, tenant, (*record.seats, *record.purge))
-            purged = {s for s in record.purge if await self._erase(sandbox, spec.token, tenant, s) is not None}
+            purged = {s for s in record.purge if await self._erase(sandbox, spec.token, tenant, s) in (204, 404)}
             async with self._placement(tenant) as volumes:
                 current = volumes.get(volume)
                 if current is not None and current.sandbox is None:
@@ -262,9 +262,25 @@ class SharedSandboxes:
         and that runs no turn; the ids reaped by this call."""
         reaped = []
         for record in await self.volumes():
-            if record.sandbox is not None and await self._reap(record, idle_seconds, running_turns):
+            if record.sandbox is None or not await self._idle(record, idle_seconds):  # no lock for a busy one
+                continue
+            if await self._reap(record, idle_seconds, running_turns):
                 reaped.append(record.sandbox.sandbox_id)
         return reaped
+
+    async def _on(self, record: SharedVolume) -> list[Route]:
+        """The routes of the record's sessions assigned to its sandbox."""
+        return [route for session_id in record.seats
+                if (route := await self._store.get(route_key(record.tenant, session_id))) is not None
+                and route.sandbox_id is not None and route.sandbox_id == record.sandbox_id]
+
+    async def _idle(self, record: SharedVolume, idle_seconds: float, routes: list[Route] | None = None) -> bool:
+        """Whether every session on the record's sandbox has been idle for ``idle_seconds``; one
+        that no session has joined yet (one is about to) counts from its start."""
+        assert record.sandbox is not None
+        routes = await self._on(record) if routes is None else routes
+        last_used = max(r.last_activity for r in routes) if routes else record.sandbox.created_at
+        return time.time() - last_used > idle_seconds
 
     async def _reap(self, seen: SharedVolume, idle_seconds: float, running_turns: RunningTurns) -> bool:
         async with holding(self._store.locks, placement_lock(seen.tenant), PLACEMENT_LOCK_SECONDS) as held:
@@ -274,12 +290,8 @@ class SharedSandboxes:
             if record is None or record.sandbox is None or record.token is None or record.sandbox_id != seen.sandbox_id:
                 return False
             sandbox = record.sandbox
-            routes = [route for session_id in record.seats
-                      if (route := await self._store.get(route_key(record.tenant, session_id))) is not None
-                      and route.sandbox_id == sandbox.sandbox_id]
-            # A sandbox no session has joined yet (one is about to) counts from its start.
-            last_used = max(r.last_activity for r in routes) if routes else sandbox.created_at
-            if time.time() - last_used <= idle_seconds:
+            routes = await self._on(record)
+            if not await self._idle(record, idle_seconds, routes):
                 return False
             if await running_turns(sandbox.address, record.token):  # one a client left may still be going
                 for route in routes:

@@ -16,13 +16,15 @@ import pytest
 import redis.asyncio as aioredis
 
 from hosting.gateway.conversations import CredentialedBackend, StoredConversations
+from hosting.gateway.provisioning import Provisioner
+from hosting.gateway.quotas import QuotaExceeded, Quotas, TenantLimits
 from hosting.gateway.routing.memory import MemoryRoutingStore
 from hosting.gateway.routing.protocols import RoutingStore
 from hosting.gateway.routing.records import Route
 from hosting.sandboxes.base import Sandbox, SandboxSpec
 from hosting.sandboxes.memory import MemoryBackend
 from hosting.stores.access import sandbox_user
-from tests.support.scopes import Scoped
+from tests.support.scopes import ENV, Scoped
 
 
 class SlowBackend(MemoryBackend):
@@ -168,6 +170,21 @@ async def test_a_failed_join_of_a_new_session_frees_its_seat(store: RoutingStore
         await gateway.provisioner().ensure("b", "alice")
     assert await store.get("alice/b") is None
     assert [v.seats for v in await store.shared_volumes("alice")] == [("a",)]
+
+
+async def test_the_sandbox_quota_counts_a_tenants_sessions_with_a_sandbox_not_the_sandboxes(
+        store: RoutingStore) -> None:
+    gateway = tenant_scope(store, sessions_per_sandbox=8)
+    quotas = Quotas(store, TenantLimits(max_sandboxes=2, max_turns=0, turns_per_minute=0))
+    provisioner = Provisioner(gateway.backend, store, ENV, timeout_seconds=10, quotas=quotas, shared=gateway.shared())
+    s1 = await provisioner.ensure("s1", "alice")
+    await provisioner.ensure("s2", "alice")
+    with pytest.raises(QuotaExceeded):
+        await provisioner.ensure("s3", "alice")
+    assert await store.get("alice/s3") is None and [v.seats for v in await store.shared_volumes("alice")] == [
+        ("s1", "s2")], "a refused session takes no seat"
+    assert (await provisioner.ensure("s1", "alice")).sandbox_id == s1.sandbox_id, "a session with a sandbox is served"
+    assert await store.count_sandboxes("alice") == 2 and gateway.backend.creates == 1
 
 
 @pytest.mark.stores
