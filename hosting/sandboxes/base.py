@@ -1,7 +1,8 @@
 """The cut-off between the gateway and whatever runs sandboxes.
 
 A *sandbox* is one isolated agent server (``hosting.server``) serving one
-session, reachable over HTTP at an address, behind its own bearer token. A
+session (or, in the gateway's tenant scope, up to :attr:`SandboxSpec.session_capacity`
+sessions of one tenant), reachable over HTTP at an address, behind its own bearer token. A
 *backend* starts, finds and removes sandboxes on one engine: local processes,
 Docker containers, Kubernetes pods, Modal Sandboxes.
 
