@@ -1,4 +1,5 @@
-"""The gateway: one authenticated front door, a sandbox per session behind it.
+"""The gateway: one authenticated front door, a sandbox per session behind it (or per
+few sessions of one tenant: ``GATEWAY_SANDBOX_SCOPE=tenant``).
 
 Same routes and errors as the server (:mod:`hosting.contract` enforces both).
 The gateway authenticates the tenant, finds or provisions the sandbox of that

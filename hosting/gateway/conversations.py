@@ -7,7 +7,9 @@ store user of its own (:mod:`hosting.stores.access`: a Redis ACL user, or a
 PostgreSQL role under row-level security), made when the sandbox is created and
 granted the one session it serves when it is assigned (created for the session,
 or claimed from the warm pool), removed with the sandbox. So code running in a
-sandbox can read and write its own session's entries and nothing else.
+sandbox can read and write its own session's entries and nothing else. In tenant
+scope a sandbox serves the sessions of one volume, all of one tenant, and its user
+is granted exactly those (:mod:`hosting.gateway.tenant_scope`).
 
 The gateway itself uses the store only for what no sandbox may do: removing a
 whole session for retention, and filing conversations stored before session ids
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -103,13 +105,14 @@ def _unavailable() -> Iterator[None]:
 
 
 class CredentialedBackend(SandboxBackend):
-    """A backend whose sandboxes each get a store credential for their own session only.
+    """A backend whose sandboxes each get a store credential for their own sessions only.
 
     Wraps the engine's backend (every other call goes straight through): the
     credential is made before the sandbox starts (it is in the sandbox's environment
     from its first moment, warm-pool sandboxes included, with no rights yet), granted
-    the session on assignment (:meth:`create` for a session, :meth:`claim`), and
-    removed after the sandbox is deleted."""
+    the session on assignment (:meth:`create` for a session, :meth:`claim`; in tenant
+    scope :meth:`grant_sessions`, with its volume's sessions), and removed after the
+    sandbox is deleted."""
 
     def __init__(self, inner: SandboxBackend, conversations: StoredConversations) -> None:
         self.inner = inner
@@ -128,11 +131,14 @@ class CredentialedBackend(SandboxBackend):
                 raise SandboxError(f"could not prepare the session store for sandbox credentials: {exc}") from None
             self._prepared = True
 
-    async def _grant(self, sandbox_id: str, tenant: str, session_id: str) -> None:
+    async def grant_sessions(self, sandbox_id: str, tenant: str, session_ids: Collection[str]) -> None:
+        """From now on the sandbox's credential reaches exactly these sessions of the tenant:
+        the one it serves, or in tenant scope those of its volume
+        (:mod:`hosting.gateway.tenant_scope`). :class:`SandboxError` if the store refuses."""
         try:
-            await self._access.grant(sandbox_id, [self._conversations.stored_id(tenant, session_id)])
+            await self._access.grant(sandbox_id, [self._conversations.stored_id(tenant, s) for s in session_ids])
         except (StoreAccessError, ConnectionError) as exc:
-            raise SandboxError(f"could not grant sandbox {sandbox_id} its session in the store: {exc}") from None
+            raise SandboxError(f"could not grant sandbox {sandbox_id} its sessions in the store: {exc}") from None
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
         await self.prepare()
@@ -142,7 +148,7 @@ class CredentialedBackend(SandboxBackend):
             raise SandboxError(f"could not make a store credential for sandbox {spec.sandbox_id}: {exc}") from None
         try:
             if spec.session_id is not None and spec.tenant is not None:
-                await self._grant(spec.sandbox_id, spec.tenant, spec.session_id)
+                await self.grant_sessions(spec.sandbox_id, spec.tenant, [spec.session_id])
             return await self.inner.create(replace(spec, env={**spec.env, STORE_URL_VARIABLE: url}))
         except BaseException:
             await self._forget(spec.sandbox_id)
@@ -153,7 +159,7 @@ class CredentialedBackend(SandboxBackend):
         if claimed is None:
             return None
         try:
-            await self._grant(sandbox.sandbox_id, tenant, session_id)
+            await self.grant_sessions(sandbox.sandbox_id, tenant, [session_id])
         except SandboxError as exc:
             # Out of the pool and of no use: remove it, as if someone else had claimed it.
             logger.warning("%s; removing the sandbox", exc)

@@ -18,10 +18,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from hosting.gateway.conversations import CredentialedBackend
-from hosting.gateway.pool import WarmPool
 from hosting.gateway.reconcile import adopt_legacy_routes, reconcile
 from hosting.gateway.routing.memory import MemoryRoutingStore
-from hosting.gateway.routing.protocols import RoutingStore, RoutingStoreUnavailable
+from hosting.gateway.routing.protocols import RoutingStoreUnavailable
 from hosting.gateway.services import GatewayServices
 from hosting.sandboxes.base import SandboxBackend, SandboxError
 
@@ -37,7 +36,7 @@ async def running(services: GatewayServices) -> AsyncIterator[None]:
         if isinstance(backend, CredentialedBackend):
             await backend.prepare()
         await adopt_legacy_routes(backend, store, services.conversations)
-        await reconcile(backend, store)
+        await reconcile(backend, store, services.shared)
         if isinstance(backend, CredentialedBackend):
             await backend.remove_orphan_credentials()
     except (RoutingStoreUnavailable, SandboxError, ConnectionError) as exc:
@@ -57,7 +56,7 @@ async def running(services: GatewayServices) -> AsyncIterator[None]:
             stop_by = services.relay.stop_by
             try:
                 async with asyncio.timeout_at(stop_by):
-                    await _remove_everything(backend, store, services.pool)
+                    await _remove_everything(services)
             except TimeoutError:
                 logger.warning("shutdown deadline: sandboxes still being removed are left to the next start")
         await services.relay.aclose()
@@ -69,12 +68,14 @@ async def running(services: GatewayServices) -> AsyncIterator[None]:
         services.telemetry.shutdown()
 
 
-async def _remove_everything(backend: SandboxBackend, store: RoutingStore, pool: WarmPool) -> None:
+async def _remove_everything(services: GatewayServices) -> None:
     """With an in-memory store nothing could find these sandboxes again: remove them.
     Session volumes stay on disk (a restarted gateway does not know them either)."""
-    await pool.drain()
-    await asyncio.gather(*(_delete(backend, route.sandbox_id) for route in await store.routes()
-                           if route.sandbox_id is not None))
+    await services.pool.drain()
+    sandbox_ids = {route.sandbox_id for route in await services.store.routes() if route.sandbox_id is not None}
+    if services.shared is not None:
+        sandbox_ids |= {v.sandbox_id for v in await services.shared.volumes() if v.sandbox_id is not None}
+    await asyncio.gather(*(_delete(services.backend, sandbox_id) for sandbox_id in sandbox_ids))
 
 
 async def _delete(backend: SandboxBackend, sandbox_id: str) -> None:

@@ -44,12 +44,15 @@ class WarmPool:
     """Keeps as many ready, unclaimed sandboxes as its demand's current target."""
 
     def __init__(self, backend: SandboxBackend, store: PoolStore, provisioner: Provisioner,
-                 sandbox_env: Mapping[str, str], demand: PoolDemand, lock_seconds: float) -> None:
+                 sandbox_env: Mapping[str, str], demand: PoolDemand, lock_seconds: float,
+                 session_capacity: int = 1) -> None:
         self._backend = backend
         self._store = store
         self._provisioner = provisioner
         self._env = sandbox_env
         self._demand = demand
+        self._session_capacity = session_capacity
+        """Sessions each pooled sandbox will hold: more than one in tenant scope."""
         self._lock_seconds = lock_seconds
         """How long the refill lock is held at most: longer than one sandbox's start."""
         self._pooling = asyncio.Lock()
@@ -115,7 +118,7 @@ class WarmPool:
     async def _add_one(self) -> bool:
         """Start a sandbox and pool it once ready, if the pool is still below its target
         then (else remove it); whether it was pooled."""
-        spec = new_spec(self._env)
+        spec = new_spec(self._env, session_capacity=self._session_capacity)
         self.starting += 1
         try:
             sandbox = await self._provisioner.start(spec)

@@ -7,6 +7,8 @@ route to appear instead of starting a second sandbox. The lock has an expiry
 so a replica that dies holding it cannot block the session for ever, and only
 its holder releases it. Each claim is counted, found a sandbox or not: the pool's
 target follows them (:mod:`hosting.gateway.pool_demand`).
+In tenant scope, what happens under that lock is a seat on a sandbox shared
+with the tenant's other sessions (:class:`SharedScope`).
 
 Tenant quotas are checked here too, under that lock and before anything is
 claimed or started: a tenant at its ``max_sandboxes`` gets
@@ -61,18 +63,32 @@ def new_sandbox_id() -> str:
 
 
 def new_spec(env: Mapping[str, str], session_id: str | None = None, tenant: str | None = None,
-             volume: str | None = None) -> SandboxSpec:
-    """A fresh sandbox: new id and token; a new volume unless the session has one."""
+             volume: str | None = None, *, session_capacity: int = 1) -> SandboxSpec:
+    """A fresh sandbox: new id and token; a new volume unless the session has one.
+    ``session_capacity``: the sessions it will hold (more than one in tenant scope)."""
     sandbox_id = new_sandbox_id()
     return SandboxSpec(sandbox_id=sandbox_id, volume=volume or f"vol-{sandbox_id.removeprefix('sbx-')}",
-                       token=secrets.token_urlsafe(32), env=env, session_id=session_id, tenant=tenant)
+                       token=secrets.token_urlsafe(32), env=env, session_id=session_id, tenant=tenant,
+                       session_capacity=session_capacity)
+
+
+class SharedScope(Protocol):
+    """Tenant scope (:class:`hosting.gateway.tenant_scope.SharedSandboxes`): sessions of one
+    tenant share sandboxes, each session seated on a volume for life."""
+
+    async def seat(self, provisioner: Provisioner, session_id: str, tenant: str, route: Route | None) -> Route:
+        """The session's route assigned to a shared sandbox (called under its provisioning lock)."""
+
+    async def lost(self, route: Route) -> None:
+        """The route's shared sandbox is gone: release every session on it, and remove it."""
 
 
 class Provisioner:
     """Finds or makes the sandbox of a session; the only writer of new routes."""
 
     def __init__(self, backend: SandboxBackend, store: ProvisioningStore, sandbox_env: Mapping[str, str],
-                 timeout_seconds: float, demand: PoolDemand | None = None, quotas: Quotas | None = None) -> None:
+                 timeout_seconds: float, demand: PoolDemand | None = None, quotas: Quotas | None = None,
+                 shared: SharedScope | None = None) -> None:
         self._backend = backend
         self._store = store
         self._env = sandbox_env
@@ -80,6 +96,8 @@ class Provisioner:
         self._demand = demand
         """Where claims on the pool are counted (its target follows them); ``None``: nowhere."""
         self._quotas = quotas
+        self._shared = shared
+        """Tenant scope's shared sandboxes; ``None`` in session scope (a sandbox per session)."""
 
     async def route(self, session_id: str, tenant: str) -> Route | None:
         """The tenant's session's route; ``None`` if it has none. Another tenant's session
@@ -125,8 +143,10 @@ class Provisioner:
             raise
 
     async def _provision_reserved(self, session_id: str, tenant: str, route: Route | None) -> Route:
+        if self._shared is not None:
+            return await self._shared.seat(self, session_id, tenant, route)
         if route is None:
-            claimed = await self._claim_from_pool(session_id, tenant)
+            claimed = await self.claim_from_pool(session_id, tenant)
             if claimed is not None:
                 route = Route(session_id, tenant, claimed.sandbox.volume).with_sandbox(claimed.sandbox, claimed.token)
                 try:
@@ -163,7 +183,9 @@ class Provisioner:
             raise
         return sandbox
 
-    async def _claim_from_pool(self, session_id: str, tenant: str) -> PoolEntry | None:
+    async def claim_from_pool(self, session_id: str, tenant: str) -> PoolEntry | None:
+        """A ready warm-pool sandbox, claimed for the tenant's session; ``None`` if the pool
+        has none (the ones found not ready are removed)."""
         if self._demand is not None:
             await self._demand.record_claim()
         while (entry := await self._store.pool_take()) is not None:
@@ -181,13 +203,16 @@ class Provisioner:
     async def replace(self, route: Route) -> Route:
         """The route's sandbox could not be reached: unless it still answers ``/ready``
         (a passing hiccup: the route is kept), drop it and provision another on the same
-        volume. Another request may have replaced it already; then that one is used."""
+        volume (in tenant scope, for every session on it). Another request may have
+        replaced it already; then that one is used."""
         if route.sandbox_id is not None and route.address is not None and route.token is not None:
             sandbox = Sandbox(route.sandbox_id, self._backend.name, route.address, route.volume, route.session_id,
                               route.tenant, pid=route.pid)
             if await self._backend.health(sandbox, route.token) is Health.READY:
                 return route
-        if route.sandbox_id is not None and await self._store.release(route.key, route.sandbox_id):
+        if route.sandbox_id is not None and self._shared is not None:
+            await self._shared.lost(route)
+        elif route.sandbox_id is not None and await self._store.release(route.key, route.sandbox_id):
             logger.warning("session %s: sandbox %s lost, replacing it", route.session_id, route.sandbox_id)
             await self._backend.delete(route.sandbox_id)
         return await self.ensure(route.session_id, route.tenant)

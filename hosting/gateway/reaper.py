@@ -13,6 +13,10 @@ Retention: a session unused for ``GATEWAY_SESSION_TTL_SECONDS`` is deleted whole
 (route, sandbox, volume, stored conversation), as a client's ``DELETE`` would.
 A sweep takes a lock, so one replica sweeps at a time, handles at most
 :data:`RETENTION_BATCH` sessions, and never one whose sandbox says a turn is running.
+
+In tenant scope (:mod:`hosting.gateway.tenant_scope`) a sandbox serves several sessions:
+it is reaped once all of them are idle and none runs a turn, and deleting a session
+removes that session from its shared volume, not its neighbours' sandbox or volume.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from hosting.gateway.conversations import StoredConversations
 from hosting.gateway.provisioning import provisioning_lock
 from hosting.gateway.routing.protocols import Locking, Routes, RoutingStoreUnavailable
 from hosting.gateway.routing.records import Route
+from hosting.gateway.tenant_scope import PlacementBusy, SharedSandboxes
 from hosting.locks import holding
 from hosting.sandboxes.base import SandboxBackend, SandboxError
 
@@ -43,7 +48,12 @@ async def turn_running(backend: SandboxBackend, route: Route) -> bool:
     """Whether the route's sandbox says a turn is running (a client may have left it)."""
     if route.address is None or route.token is None:
         return False
-    response = await backend.ask_ready(route.address, route.token)
+    return await running_turns(backend, route.address, route.token)
+
+
+async def running_turns(backend: SandboxBackend, address: str, token: str) -> bool:
+    """Whether the sandbox at ``address`` says a turn is running, of any of its sessions."""
+    response = await backend.ask_ready(address, token)
     try:
         return response is not None and bool(response.json().get("running_turns", 0))
     except (ValueError, AttributeError):
@@ -51,9 +61,13 @@ async def turn_running(backend: SandboxBackend, route: Route) -> bool:
 
 
 async def forget_session(backend: SandboxBackend, store: Routes, conversations: StoredConversations | None,
-                         route: Route) -> None:
+                         route: Route, shared: SharedSandboxes | None = None) -> None:
     """Delete a session whole: its sandbox, its volume, its stored conversation, its route.
-    The route goes last, so a failure part-way leaves something to retry from."""
+    The route goes last, so a failure part-way leaves something to retry from. In tenant
+    scope (``shared``), the session only: its sandbox's server has deleted its files."""
+    if shared is not None:
+        await shared.forget(route, erased=True)
+        return
     if route.sandbox_id is not None:
         await store.release(route.key, route.sandbox_id)
         await backend.delete(route.sandbox_id)
@@ -64,11 +78,14 @@ async def forget_session(backend: SandboxBackend, store: Routes, conversations: 
 
 
 class Reaper:
-    """Removes sandboxes idle for longer than ``idle_timeout_seconds``."""
+    """Removes sandboxes idle for longer than ``idle_timeout_seconds`` (in tenant scope,
+    ``shared``: those all of whose sessions are)."""
 
-    def __init__(self, backend: SandboxBackend, store: SweepStore, idle_timeout_seconds: float) -> None:
+    def __init__(self, backend: SandboxBackend, store: SweepStore, idle_timeout_seconds: float,
+                 shared: SharedSandboxes | None = None) -> None:
         self._backend = backend
         self._store = store
+        self._shared = shared
         self.idle_timeout = idle_timeout_seconds
         self.interval = max(0.5, min(idle_timeout_seconds / 4, 30.0))
 
@@ -82,6 +99,8 @@ class Reaper:
 
     async def sweep(self) -> list[str]:
         """Reap every idle sandbox; the ids reaped by this call."""
+        if self._shared is not None:
+            return await self._shared.reap_idle(self.idle_timeout, self._running_turns)
         reaped = []
         for route in await self._store.routes():
             if route.sandbox_id is not None and self._idle(route) and await self._reap(route):
@@ -90,6 +109,9 @@ class Reaper:
 
     def _idle(self, route: Route) -> bool:
         return time.time() - route.last_activity > self.idle_timeout
+
+    async def _running_turns(self, address: str, token: str) -> bool:
+        return await running_turns(self._backend, address, token)
 
     async def _reap(self, route: Route) -> bool:
         async with holding(self._store.locks, provisioning_lock(route.tenant, route.session_id), 60) as held:
@@ -116,10 +138,11 @@ class SessionRetention:
     """Deletes sessions unused for longer than ``ttl_seconds`` (0: never)."""
 
     def __init__(self, backend: SandboxBackend, store: SweepStore, conversations: StoredConversations | None,
-                 ttl_seconds: float) -> None:
+                 ttl_seconds: float, shared: SharedSandboxes | None = None) -> None:
         self._backend = backend
         self._store = store
         self._conversations = conversations
+        self._shared = shared
         self.ttl = ttl_seconds
         self.interval = max(0.5, min(ttl_seconds / 4, 600.0))
 
@@ -128,7 +151,7 @@ class SessionRetention:
             await asyncio.sleep(self.interval)
             try:
                 await self.sweep()
-            except (RoutingStoreUnavailable, SandboxError, ConnectionError) as exc:
+            except (RoutingStoreUnavailable, PlacementBusy, SandboxError, ConnectionError) as exc:
                 logger.warning("retention: %s", exc)
 
     def _expired(self, route: Route) -> bool:
@@ -155,9 +178,14 @@ class SessionRetention:
             current = await self._store.get(route.key)
             if current is None or not self._expired(current):
                 return False
-            if await turn_running(self._backend, current):
+            if self._shared is not None:  # its sandbox, if one runs, says whether a turn runs on this session
+                if not await self._shared.forget(current, erased=False):
+                    await self._store.touch(current.key)
+                    return False
+            elif await turn_running(self._backend, current):
                 await self._store.touch(current.key)
                 return False
-            await forget_session(self._backend, self._store, self._conversations, current)
+            else:
+                await forget_session(self._backend, self._store, self._conversations, current)
             logger.info("session of tenant %s unused for %.0f s: deleted", current.tenant, self.ttl)
             return True

@@ -8,6 +8,9 @@ the others are counted for their tenant's sandbox quota.
 A sandbox another replica is provisioning right now is not an orphan: its lock
 is held, and then it is left alone.
 
+In tenant scope the shared volumes' sandboxes are known too, and one that is gone is
+taken off its volume (its sessions' routes are released with the others).
+
 Before that, routes written before session ids were per tenant are moved under
 their tenant's key (:func:`adopt_legacy_routes`), and so are their stored
 conversations: each keeps working for its owner, and only for its owner.
@@ -23,6 +26,7 @@ from hosting.gateway.conversations import StoredConversations
 from hosting.gateway.pool import REFILL_LOCK
 from hosting.gateway.provisioning import provisioning_lock
 from hosting.gateway.routing.protocols import Locking, Routes, WarmPoolLedger
+from hosting.gateway.tenant_scope import SharedSandboxes, volume_lock
 from hosting.locks import holding
 from hosting.sandboxes.base import Sandbox, SandboxBackend, SandboxError
 
@@ -42,17 +46,22 @@ class Reconciled:
 
 
 def _lock_name(sandbox: Sandbox) -> str:
+    """The lock held while the sandbox is being made: its session's, its shared volume's, or the pool's."""
     if sandbox.session_id and sandbox.tenant:
         return provisioning_lock(sandbox.tenant, sandbox.session_id)
+    if sandbox.tenant:
+        return volume_lock(sandbox.tenant, sandbox.volume)
     return REFILL_LOCK
 
 
-async def reconcile(backend: SandboxBackend, store: ReconcileStore) -> Reconciled:
+async def reconcile(backend: SandboxBackend, store: ReconcileStore, shared: SharedSandboxes | None = None) -> Reconciled:
     result = Reconciled()
     sandboxes = await backend.list()
     routes = await store.routes()
     pool = await store.pool_entries()
     known = {r.sandbox_id for r in routes if r.sandbox_id} | {e.sandbox.sandbox_id for e in pool}
+    if shared is not None:
+        known |= {v.sandbox_id for v in await shared.volumes() if v.sandbox_id}
     existing = {s.sandbox_id for s in sandboxes}
     for sandbox in sandboxes:
         if sandbox.sandbox_id in known:
@@ -61,7 +70,7 @@ async def reconcile(backend: SandboxBackend, store: ReconcileStore) -> Reconcile
         async with holding(store.locks, _lock_name(sandbox), 60) as held:
             if not held:
                 continue
-            if await _known_now(store, sandbox):
+            if await _known_now(store, shared, sandbox):
                 result.adopted.append(sandbox.sandbox_id)
                 continue
             await backend.delete(sandbox.sandbox_id)
@@ -74,6 +83,8 @@ async def reconcile(backend: SandboxBackend, store: ReconcileStore) -> Reconcile
     for entry in pool:
         if entry.sandbox.sandbox_id not in existing and await store.pool_remove(entry.sandbox.sandbox_id):
             result.released.append(entry.sandbox.sandbox_id)
+    if shared is not None:
+        result.released += [s for s in await shared.release_lost(existing) if s not in result.released]
     logger.info("reconciled: %d adopted, %d orphans removed, %d lost sandboxes released",
                 len(result.adopted), len(result.removed), len(result.released))
     return result
@@ -100,9 +111,11 @@ async def adopt_legacy_routes(backend: SandboxBackend, store: Routes,
     return moved
 
 
-async def _known_now(store: ReconcileStore, sandbox: Sandbox) -> bool:
+async def _known_now(store: ReconcileStore, shared: SharedSandboxes | None, sandbox: Sandbox) -> bool:
     """Re-read under the lock: a replica may have recorded it since the snapshot (a
     claimed pool sandbox still carries no session on engines that cannot relabel)."""
     if any(route.sandbox_id == sandbox.sandbox_id for route in await store.routes()):
+        return True
+    if shared is not None and any(v.sandbox_id == sandbox.sandbox_id for v in await shared.volumes()):
         return True
     return any(e.sandbox.sandbox_id == sandbox.sandbox_id for e in await store.pool_entries())

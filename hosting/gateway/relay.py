@@ -114,6 +114,21 @@ class Relay:
             for probe in probing:
                 probe.cancel()
 
+    async def delete_session(self, route: Route) -> int | None:
+        """Ask the route's sandbox to delete its session (``DELETE /sessions/{id}``, in the
+        route's namespace): the status it answered, ``None`` if it could not be reached. In
+        tenant scope, how a session deleted without its client (retention) leaves the
+        volume it shares (:mod:`hosting.gateway.tenant_scope`)."""
+        try:
+            response = await self.send(route, "DELETE", f"/sessions/{route.session_id}", {})
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+        except (SandboxUnreachable, SandboxLost):
+            return None
+        return response.status_code
+
     async def _answers(self, address: str) -> bool:
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):

@@ -7,10 +7,12 @@ variable, and ``agent-gateway`` turns that into one line and exit status 2.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from hosting.contract import MAX_BODY_BYTES
 from hosting.gateway.budgets import TenantBudget
@@ -27,7 +29,7 @@ from hosting.gateway.tenants import (
 )
 from hosting.http_limits import HttpLimits
 from hosting.sandboxes.settings import BackendSettings
-from hosting.settings_env import ConfigError, float_setting, int_setting, optional_setting
+from hosting.settings_env import ConfigError, choice_setting, float_setting, int_setting, optional_setting
 from hosting.stores import store_url_setting
 from hosting.telemetry.settings import TelemetrySettings, telemetry_sandbox_env
 
@@ -52,6 +54,20 @@ else: the model endpoint and credentials, the model, the session store's setting
 :mod:`hosting.gateway.conversations`), and the
 telemetry settings, see :func:`~hosting.telemetry.settings.telemetry_sandbox_env`).
 Extra names can be added with ``GATEWAY_SANDBOX_ENV`` (comma-separated)."""
+
+
+SandboxScope = Literal["session", "tenant"]
+SANDBOX_SCOPES: tuple[SandboxScope, ...] = ("session", "tenant")
+
+MiB = 2**20
+
+
+def shared_sandbox_memory_bytes(sessions: int) -> int:
+    """The memory a sandbox of ``sessions`` sessions needs to keep each one's CLI warm beside
+    its two pre-started ones, as its server sizes itself (:meth:`hosting.server.box.Box.fit`:
+    the server and the CLI executable's cache, 160 MiB per CLI, within 80 % of the limit):
+    about 2.3 GiB for 8. The default limit of a tenant-scope sandbox (``docker``, ``modal``)."""
+    return math.ceil((64 * MiB + 240 * MiB + (sessions + 2) * 160 * MiB) / 0.8) + MiB  # + rounding room
 
 
 def _default_data_dir(env: Mapping[str, str]) -> Path:
@@ -116,6 +132,11 @@ class GatewaySettings:
     http: HttpLimits = field(default_factory=HttpLimits)
     """Header deadline and size, keep-alive (``GATEWAY_HTTP_*``)."""
     sandbox_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    sandbox_scope: SandboxScope = "session"
+    """``GATEWAY_SANDBOX_SCOPE``: ``session``, a sandbox per session; ``tenant``, a sandbox
+    serves up to :attr:`sessions_per_sandbox` sessions of one tenant (:mod:`hosting.gateway.tenant_scope`)."""
+    sessions_per_sandbox: int = 8
+    """``GATEWAY_SESSIONS_PER_SANDBOX``: the sessions a tenant-scope sandbox holds at most."""
     tenant_max_sandboxes: int = TenantLimits.max_sandboxes
     """Live sandboxes per tenant (``GATEWAY_TENANT_MAX_SANDBOXES``; 0 = unlimited)."""
     tenant_max_turns: int = TenantLimits.max_turns
@@ -157,6 +178,13 @@ class GatewaySettings:
         env = os.environ if env is None else env
         tenants_file = optional_setting(env, "GATEWAY_TENANTS_FILE")
         provision_timeout_seconds = float_setting(env, "GATEWAY_PROVISION_TIMEOUT_SECONDS", cls.provision_timeout_seconds)
+        scope = choice_setting(env, "GATEWAY_SANDBOX_SCOPE", SANDBOX_SCOPES)
+        sessions_per_sandbox = int_setting(env, "GATEWAY_SESSIONS_PER_SANDBOX", cls.sessions_per_sandbox, minimum=1)
+        sandboxes = BackendSettings.from_env(env, "GATEWAY_", data_dir=_default_data_dir(env), installation="default",
+                                             modal_app="research-agent-gateway",
+                                             start_timeout_seconds=provision_timeout_seconds)
+        if scope == "tenant" and not env.get("GATEWAY_SANDBOX_MEMORY_BYTES", "").strip():
+            sandboxes = replace(sandboxes, sandbox_memory_bytes=shared_sandbox_memory_bytes(sessions_per_sandbox))
         settings = cls(
             tenants=load_tenant_tokens(env.get("GATEWAY_TENANTS", ""), tenants_file),
             tenant_overrides=load_tenant_overrides(tenants_file),
@@ -169,9 +197,9 @@ class GatewaySettings:
                                             "GATEWAY_TENANT_USD_PER_MONTH"),
             host=env.get("HOST", "").strip() or cls.host,
             port=int_setting(env, "PORT", cls.port, minimum=1),
-            sandboxes=BackendSettings.from_env(env, "GATEWAY_", data_dir=_default_data_dir(env), installation="default",
-                                               modal_app="research-agent-gateway",
-                                               start_timeout_seconds=provision_timeout_seconds),
+            sandboxes=sandboxes,
+            sandbox_scope=scope,
+            sessions_per_sandbox=sessions_per_sandbox,
             redis_url=_redis_url(env),
             session_store_url=store_url_setting(env),
             session_ttl_seconds=float_setting(env, "GATEWAY_SESSION_TTL_SECONDS", cls.session_ttl_seconds),

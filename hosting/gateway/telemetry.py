@@ -25,7 +25,7 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from hosting.errors import ErrorCode, HostingError
 from hosting.gateway.pool import WarmPool
 from hosting.gateway.pool_demand import PoolDemand, TargetCause
-from hosting.gateway.provisioning import Provisioner, ProvisioningStore
+from hosting.gateway.provisioning import Provisioner, ProvisioningStore, SharedScope
 from hosting.gateway.quotas import Quotas
 from hosting.gateway.routing.records import PoolEntry, Route
 from hosting.gateway.tenants import Authenticator
@@ -118,6 +118,7 @@ class GatewayTelemetry:
                                                             "(result: claimed from the pool, or empty: started cold)")
         self.provisioning = meter.create_histogram("agent.gateway.provision.duration", unit="s",
                                                    description="Starting a sandbox until it is ready (kind: session, "
+                                                               "shared for a tenant-scope volume's, "
                                                                "or pool for a warm-pool refill)",
                                                    explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_SECONDS)
         self.store_failures = meter.create_counter("agent.gateway.route_store.failures",
@@ -201,8 +202,8 @@ class ObservedProvisioner(Provisioner):
 
     def __init__(self, telemetry: GatewayTelemetry, backend: SandboxBackend, store: ProvisioningStore,
                  sandbox_env: Mapping[str, str], timeout_seconds: float, demand: PoolDemand | None,
-                 quotas: Quotas | None) -> None:
-        super().__init__(backend, store, sandbox_env, timeout_seconds, demand, quotas)
+                 quotas: Quotas | None, shared: SharedScope | None = None) -> None:
+        super().__init__(backend, store, sandbox_env, timeout_seconds, demand, quotas, shared)
         self._telemetry = telemetry
         self._tracer = telemetry.tracer
         self._raw = telemetry.settings.raw_session_ids
@@ -221,7 +222,7 @@ class ObservedProvisioner(Provisioner):
             return await super().ensure(session_id, tenant, known)
 
     async def start(self, spec: SandboxSpec) -> Sandbox:
-        kind = "session" if spec.session_id is not None else "pool"
+        kind = "session" if spec.session_id is not None else "shared" if spec.tenant is not None else "pool"
         started = time.monotonic()
         with self._tracer.start_as_current_span("gateway.sandbox_start") as span:
             span.set_attribute("agent.sandbox_kind", kind)
@@ -229,10 +230,10 @@ class ObservedProvisioner(Provisioner):
         self._telemetry.provisioning.record(time.monotonic() - started, {"kind": kind})
         return sandbox
 
-    async def _claim_from_pool(self, session_id: str, tenant: str) -> PoolEntry | None:
+    async def claim_from_pool(self, session_id: str, tenant: str) -> PoolEntry | None:
         # The claim is the step the pool exists for: worth a span and a count of its own.
         with self._tracer.start_as_current_span("gateway.pool_claim") as span:
-            claimed = await super()._claim_from_pool(session_id, tenant)
+            claimed = await super().claim_from_pool(session_id, tenant)
             result = "claimed" if claimed is not None else "empty"
             span.set_attribute("agent.pool_claim", result)
         self._telemetry.pool_claims.add(1, {"result": result})

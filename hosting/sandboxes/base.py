@@ -1,7 +1,8 @@
 """The cut-off between the gateway and whatever runs sandboxes.
 
 A *sandbox* is one isolated agent server (``hosting.server``) serving one
-session, reachable over HTTP at an address, behind its own bearer token. A
+session (or, in the gateway's tenant scope, up to :attr:`SandboxSpec.session_capacity`
+sessions of one tenant), reachable over HTTP at an address, behind its own bearer token. A
 *backend* starts, finds and removes sandboxes on one engine: local processes,
 Docker containers, Kubernetes pods, Modal Sandboxes.
 
@@ -99,6 +100,8 @@ class SandboxSpec:
     prewarm: bool = True
     """Start a CLI ahead of the first turn; ``False`` for a sandbox whose server takes no
     turns (a self-hosted environment's, where the runner does the work)."""
+    session_capacity: int | None = 1
+    """The most sessions its server will hold (``AGENT_SESSION_CAPACITY``); ``None``: no limit."""
 
     def __post_init__(self) -> None:
         check_sandbox_id(self.sandbox_id)
@@ -108,16 +111,30 @@ class SandboxSpec:
 
     def server_env(self, *, host: str, port: int, data_dir: str) -> dict[str, str]:
         """The environment the server inside is started with: the spec's, then what
-        every sandbox shares (one session, so one pre-started CLI and one warm one)."""
-        return {
+        every sandbox shares, and its CLIs (:meth:`_cli_env`)."""
+        env = {
             **self.env,
             "AGENT_AUTH_TOKEN": self.token,
             "AGENT_DATA_DIR": data_dir,
-            "AGENT_PREWARM": "1" if self.prewarm else "0",
-            "AGENT_WARM_SESSIONS": "1" if self.prewarm else "0",
+            **self._cli_env(),
             "HOST": host,
             "PORT": str(port),
         }
+        if self.session_capacity is not None:
+            env["AGENT_SESSION_CAPACITY"] = str(self.session_capacity)
+        return env
+
+    def _cli_env(self) -> dict[str, str]:
+        """A sandbox of one session pre-starts one CLI and keeps one warm. One shared by
+        several sessions pre-starts two, so that two new sessions arriving at once both find
+        one, and keeps as many warm as its memory holds: the server sizes that from its
+        limit (``AGENT_WARM_SESSIONS`` set here would win over the limit, and a box too small
+        for every session's CLI would then be OOM-killed instead of closing the idlest)."""
+        if not self.prewarm:
+            return {"AGENT_PREWARM": "0", "AGENT_WARM_SESSIONS": "0"}
+        if self.session_capacity == 1:
+            return {"AGENT_PREWARM": "1", "AGENT_WARM_SESSIONS": "1"}
+        return {"AGENT_PREWARM": "2"}
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,11 @@
 Docker containers), the real SDK and CLI against the local model, real Redis.
 
 The tests that depend on how sandboxes run take the ``gateways`` fixture and run on both
-backends; those about backend-agnostic logic use the local backend only.
+backends; those about backend-agnostic logic use the local backend only. Those whose behaviour
+the sandbox scope changes (provisioning, replacement, reaping, deletion, reconciliation) take
+``scoped_gateways`` and run in tenant scope too, on the local backend; a sandbox killed
+mid-turn ends its stream the same way in either scope (in tenant scope, with its neighbours:
+``test_gateway_tenant_scope.py``).
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ def assert_no_turn_running(url: str, session_id: str) -> None:
     assert (idle.status_code, idle.json()["code"], "retry-after" in idle.headers) == (409, "no_turn_running", False)
 
 
-def test_two_tenants_on_one_id_have_two_conversations_and_cannot_see_each_other(gateways: Gateways) -> None:
+def test_two_tenants_on_one_id_have_two_conversations_and_cannot_see_each_other(scoped_gateways: Gateways) -> None:
+    gateways = scoped_gateways
     gateway = gateways.start()
     url = gateway.base_url
     unused = _answers(url, "trip-1", BOB)
@@ -180,7 +185,8 @@ def test_twenty_first_turns_across_two_replicas_on_redis(local_gateways: Gateway
     assert not others, f"sandboxes that are neither pooled nor the session's: {others}"
 
 
-def test_a_killed_sandbox_is_replaced_and_the_conversation_resumes(gateways: Gateways) -> None:
+def test_a_killed_sandbox_is_replaced_and_the_conversation_resumes(scoped_gateways: Gateways) -> None:
+    gateways = scoped_gateways
     gateway = gateways.start()
     url = gateway.base_url
     turn(url, "k-1", "Remember this value: 9182")
@@ -221,7 +227,8 @@ def test_a_sandbox_killed_mid_turn_ends_the_stream_with_sandbox_lost(gateways: G
     assert "5530" in turn(url, "m-1", RECALL).text
 
 
-def test_first_turns_claim_warm_sandboxes_and_the_pool_refills(gateways: Gateways) -> None:
+def test_first_turns_claim_warm_sandboxes_and_the_pool_refills(scoped_gateways: Gateways) -> None:
+    gateways = scoped_gateways
     gateway = gateways.start(GATEWAY_WARM_POOL="2")
     pooled = set(gateway.pool()["sandboxes"])
     assert len(pooled) == 2
@@ -250,7 +257,8 @@ def test_without_a_pool_a_sandbox_starts_on_demand(local_gateways: Gateways) -> 
     assert gateway.pool()["sandboxes"] == []
 
 
-def test_the_reaper_removes_idle_sandboxes_but_never_a_streaming_one(gateways: Gateways) -> None:
+def test_the_reaper_removes_idle_sandboxes_but_never_a_streaming_one(scoped_gateways: Gateways) -> None:
+    gateways = scoped_gateways
     gateway = gateways.start(GATEWAY_IDLE_TIMEOUT_SECONDS="3", GATEWAY_WARM_POOL="0")
     url = gateway.base_url
     turn(url, "r-1", "Remember this value: 6061")
@@ -268,7 +276,8 @@ def test_the_reaper_removes_idle_sandboxes_but_never_a_streaming_one(gateways: G
 
 
 @pytest.mark.stores
-def test_a_restarted_gateway_readopts_sandboxes_and_removes_orphans(gateways: Gateways, redis_url: str) -> None:
+def test_a_restarted_gateway_readopts_sandboxes_and_removes_orphans(scoped_gateways: Gateways, redis_url: str) -> None:
+    gateways = scoped_gateways
     gateway = gateways.start(GATEWAY_REDIS_URL=redis_url)
     turn(gateway.base_url, "g-1", "Remember this value: 3141")
     route = gateway.route("g-1")

@@ -12,6 +12,9 @@ PostgreSQL, the local model).
   for their owner.
 - Retention: a session unused past ``GATEWAY_SESSION_TTL_SECONDS`` is deleted whole; one
   with a running turn stays.
+
+All but the upgrade from before per-tenant ids run in both sandbox scopes (``scope``): in
+tenant scope too, each tenant's sessions are on sandboxes of their own.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from hosting.contract import STORE_PROJECT_KEY, durable_session_id
 from hosting.stores import open_session_store
 from tests.support.gateways import ALICE, BOB, GatewayProcess, Gateways, auth, open_turn
 from tests.support.polling import wait_for
+from tests.support.scopes import SCOPES
 from tests.support.stores import running_redis
 from tests.support.turns import post_turn
 
@@ -102,7 +106,10 @@ def assert_bobs_credential_reaches_bobs_session_only(gateway: GatewayProcess, st
     assert stored(store_url, installation, "alice", session) == alices_before, "alice's entries were changed"
 
 
-def test_a_replaced_gateway_resumes_each_tenants_own_conversation(local_gateways: Gateways, redis_url: str) -> None:
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_replaced_gateway_resumes_each_tenants_own_conversation(local_gateways: Gateways, redis_url: str,
+                                                                   scope: str) -> None:
+    local_gateways.scope = scope
     store_url, session = redis_url, f"trip-{uuid.uuid4().hex[:6]}"
     first = local_gateways.start(AGENT_SESSION_STORE=store_url, GATEWAY_WARM_POOL="0")
     remember(first.base_url, session, "4471", ALICE)
@@ -121,7 +128,10 @@ def test_a_replaced_gateway_resumes_each_tenants_own_conversation(local_gateways
     assert "4471" in (text := recalled(second.base_url, session, ALICE)) and "9090" not in text
 
 
-def test_a_flushed_routing_store_loses_nothing_and_leaks_nothing(local_gateways: Gateways, postgres_url: str) -> None:
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_flushed_routing_store_loses_nothing_and_leaks_nothing(local_gateways: Gateways, postgres_url: str,
+                                                                 scope: str) -> None:
+    local_gateways.scope = scope
     session = f"trip-{uuid.uuid4().hex[:6]}"
     with running_redis() as routes_url:
         gateway = local_gateways.start(AGENT_SESSION_STORE=postgres_url, GATEWAY_REDIS_URL=routes_url,
@@ -179,15 +189,19 @@ def test_routes_and_conversations_from_before_per_tenant_ids_keep_working_for_th
     assert not stored(postgres_url, installation, None, session), "the copy under the id alone is gone"
 
 
+@pytest.mark.parametrize("scope", SCOPES)
 def test_a_session_past_its_ttl_is_gone_everywhere_and_one_with_a_running_turn_stays(
-        local_gateways: Gateways, redis_url: str) -> None:
+        local_gateways: Gateways, redis_url: str, scope: str) -> None:
+    """The busy session is bob's, so that in tenant scope too the old one is alone on its
+    volume and goes whole (a deleted session's neighbours: ``test_gateway_tenant_scope.py``)."""
+    local_gateways.scope = scope
     old, busy = f"old-{uuid.uuid4().hex[:6]}", f"busy-{uuid.uuid4().hex[:6]}"
     gateway = local_gateways.start(AGENT_SESSION_STORE=redis_url, GATEWAY_WARM_POOL="0",
                                    GATEWAY_SESSION_TTL_SECONDS="4")
     remember(gateway.base_url, old, "7777", ALICE)
     route = gateway.route(old)
     assert route is not None and stored(redis_url, local_gateways.installation, "alice", old)
-    with open_turn(gateway.base_url, busy, "[[delay:9]] Remember this value: 8888") as running:
+    with open_turn(gateway.base_url, busy, "[[delay:9]] Remember this value: 8888", token=BOB) as running:
         wait_for(lambda: gateway.route(old) is None, timeout=20)
         assert gateway.route(busy) is not None, "a session with a running turn is never swept"
         assert running.finish()[-1] == "done"

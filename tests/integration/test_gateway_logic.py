@@ -2,6 +2,12 @@
 pool (two replicas growing it with their claims, never above its target, and its fall back
 to the floor), the reaper and start-up reconciliation, with both routing stores (Redis for real).
 
+What the sandbox scope changes (provisioning, replacement, reaping, retention, reconciliation,
+store credentials) runs in both scopes (``scope``), each session of a test in a tenant of its
+own where sessions of one tenant would share a sandbox in tenant scope; what tenant scope does
+with the sessions of one tenant is in ``test_tenant_scope.py``. The pool's refill is the same
+in both scopes and runs in one.
+
 Creates are slowed a little so concurrent callers really interleave."""
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from hosting.gateway.conversations import CredentialedBackend, StoredConversatio
 from hosting.gateway.pool import WarmPool
 from hosting.gateway.pool_demand import PoolDemand, PoolSizing
 from hosting.gateway.provisioning import Provisioner, ProvisioningFailed, new_spec, provisioning_lock
-from hosting.gateway.reaper import Reaper, SessionRetention
 from hosting.gateway.reconcile import reconcile
 from hosting.gateway.routing.memory import MemoryRoutingStore
 from hosting.gateway.routing.protocols import RoutingStore
@@ -28,8 +33,7 @@ from hosting.sandboxes.base import Health, Sandbox, SandboxSpec
 from hosting.sandboxes.memory import MemoryBackend
 from hosting.stores.access import sandbox_user
 from tests.support.polling import wait_for_async
-
-ENV = {"ANTHROPIC_API_KEY": "sk-x"}
+from tests.support.scopes import ENV, SCOPES, Scoped
 
 
 class SlowBackend(MemoryBackend):
@@ -50,9 +54,16 @@ def fixed_pool(backend: MemoryBackend, store: RoutingStore, size: int) -> tuple[
     return WarmPool(backend, store, provisioner(backend, store, demand), ENV, demand, lock_seconds=30), demand
 
 
-async def test_concurrent_first_requests_make_one_sandbox_per_tenant(store: RoutingStore) -> None:
+@pytest.fixture(params=SCOPES)
+def scope(request: pytest.FixtureRequest) -> str:
+    """Each sandbox scope: a sandbox per session, or sessions of a tenant sharing sandboxes."""
+    return str(request.param)
+
+
+async def test_concurrent_first_requests_make_one_sandbox_per_tenant(store: RoutingStore, scope: str) -> None:
     backend = SlowBackend()
-    routes = await asyncio.gather(*(provisioner(backend, store).ensure("s1", tenant)
+    gateway = Scoped(scope, backend, store)
+    routes = await asyncio.gather(*(gateway.provisioner().ensure("s1", tenant)
                                     for _ in range(10) for tenant in ("alice", "bob")))
     assert backend.creates == 2
     by_tenant = {tenant: {r.sandbox_id for r in routes if r.tenant == tenant} for tenant in ("alice", "bob")}
@@ -62,28 +73,32 @@ async def test_concurrent_first_requests_make_one_sandbox_per_tenant(store: Rout
     assert {s.tenant for s in await backend.list()} == {"alice", "bob"}
 
 
-async def test_a_failed_start_leaves_nothing_and_says_so(store: RoutingStore) -> None:
+async def test_a_failed_start_leaves_nothing_and_says_so(store: RoutingStore, scope: str) -> None:
     backend = MemoryBackend()
+    gateway = Scoped(scope, backend, store)
     backend.fail_next_create("engine said no")
     with pytest.raises(ProvisioningFailed, match="engine said no"):
-        await provisioner(backend, store).ensure("s1", "alice")
+        await gateway.provisioner().ensure("s1", "alice")
     assert await store.get("alice/s1") is None and await backend.list() == []
-    assert (await provisioner(backend, store).ensure("s1", "alice")).sandbox_id is not None
+    assert await store.shared_volumes("alice") == []
+    assert (await gateway.provisioner().ensure("s1", "alice")).sandbox_id is not None
 
 
-async def test_claims_skip_pooled_sandboxes_that_are_not_ready(store: RoutingStore) -> None:
+async def test_claims_skip_pooled_sandboxes_that_are_not_ready(store: RoutingStore, scope: str) -> None:
     backend = MemoryBackend()
-    pool, demand = fixed_pool(backend, store, 3)
+    gateway = Scoped(scope, backend, store)
+    pool, demand = gateway.fixed_pool(3)
     assert await pool.refill() == 3
     entries = await store.pool_entries()
+    assert {backend.spec_of(e.sandbox.sandbox_id).session_capacity for e in entries} == {gateway.session_capacity}
     dead, draining = entries[0].sandbox.sandbox_id, entries[1].sandbox.sandbox_id
     backend.kill(dead)
     backend.set_health(draining, Health.STARTING)
-    first = await provisioner(backend, store, demand).ensure("s1", "alice")
+    first = await gateway.provisioner(demand).ensure("s1", "alice")
     assert first.sandbox_id == entries[2].sandbox.sandbox_id, "only the ready pooled sandbox may be handed out"
     assert demand.changed.is_set()
     assert draining not in {s.sandbox_id for s in await backend.list()}, "a pooled sandbox that is not ready is removed"
-    second = await provisioner(backend, store, demand).ensure("s2", "alice")
+    second = await gateway.provisioner(demand).ensure("s2", "bob")
     assert second.sandbox_id not in (dead, draining, first.sandbox_id)
     assert await pool.refill() == 3
 
@@ -181,38 +196,42 @@ async def has_entries(store: RoutingStore, count: int) -> bool:
     return len(await store.pool_entries()) >= count
 
 
-async def test_a_lost_sandbox_is_replaced_on_the_same_volume_once(store: RoutingStore) -> None:
+async def test_a_lost_sandbox_is_replaced_on_the_same_volume_once(store: RoutingStore, scope: str) -> None:
     backend = MemoryBackend()
-    route = await provisioner(backend, store).ensure("s1", "alice")
+    gateway = Scoped(scope, backend, store)
+    route = await gateway.provisioner().ensure("s1", "alice")
     assert route.sandbox_id is not None
     backend.kill(route.sandbox_id)
-    replaced = await asyncio.gather(*(provisioner(backend, store).replace(route) for _ in range(5)))
+    replaced = await asyncio.gather(*(gateway.provisioner().replace(route) for _ in range(5)))
     assert len({r.sandbox_id for r in replaced}) == 1
     assert replaced[0].sandbox_id != route.sandbox_id and replaced[0].volume == route.volume
     assert backend.creates == 2
 
 
-async def test_the_reaper_removes_idle_sandboxes_once_and_keeps_volumes(store: RoutingStore) -> None:
+async def test_the_reaper_removes_idle_sandboxes_once_and_keeps_volumes(store: RoutingStore, scope: str) -> None:
     backend = MemoryBackend()
-    idle = await provisioner(backend, store).ensure("idle", "alice")
-    busy = await provisioner(backend, store).ensure("busy", "alice")
+    gateway = Scoped(scope, backend, store)
+    idle = await gateway.provisioner().ensure("idle", "alice")
+    busy = await gateway.provisioner().ensure("busy", "bob")
     await store.put(replace(idle, last_activity=time.time() - 100))
     await store.put(replace(busy, last_activity=time.time() - 100))
-    await store.touch("alice/busy")
-    reapers = [Reaper(backend, store, idle_timeout_seconds=10) for _ in range(3)]
+    await store.touch("bob/busy")
+    reapers = [gateway.reaper(idle_timeout_seconds=10) for _ in range(3)]
     reaped = await asyncio.gather(*(reaper.sweep() for reaper in reapers))
     assert sorted(sum(reaped, [])) == [idle.sandbox_id]
     assert idle.volume in backend.volumes
     after = await store.get("alice/idle")
     assert after is not None and after.sandbox_id is None and after.state == "released"
-    again = await provisioner(backend, store).ensure("idle", "alice")
+    again = await gateway.provisioner().ensure("idle", "alice")
     assert again.volume == idle.volume and again.sandbox_id not in (None, idle.sandbox_id)
 
 
-async def test_reconcile_readopts_known_removes_orphans_and_releases_the_lost(store: RoutingStore) -> None:
+async def test_reconcile_readopts_known_removes_orphans_and_releases_the_lost(store: RoutingStore,
+                                                                              scope: str) -> None:
     backend = MemoryBackend()
-    known = await provisioner(backend, store).ensure("known", "alice")
-    lost = await provisioner(backend, store).ensure("lost", "alice")
+    gateway = Scoped(scope, backend, store)
+    known = await gateway.provisioner().ensure("known", "alice")
+    lost = await gateway.provisioner().ensure("lost", "carol")
     assert lost.sandbox_id is not None
     backend.kill(lost.sandbox_id)
     orphan = await backend.create(new_spec(ENV, "orphan", "bob"))
@@ -221,24 +240,26 @@ async def test_reconcile_readopts_known_removes_orphans_and_releases_the_lost(st
     await store.pool_put(PoolEntry(await backend.create(pooled), pooled.token))
     lock = await store.locks.acquire(provisioning_lock("bob", "being-provisioned"), 30)
     assert lock is not None
-    result = await reconcile(backend, store)
+    result = await reconcile(backend, store, gateway.shared())
     assert sorted(result.adopted) == sorted([known.sandbox_id, pooled.sandbox_id])
     assert result.removed == [orphan.sandbox_id]
     assert result.released == [lost.sandbox_id]
     assert {s.sandbox_id for s in await backend.list()} == {known.sandbox_id, pooled.sandbox_id,
                                                             busy_orphan.sandbox_id}
-    assert (await store.get("alice/lost")) is not None and (await store.get("alice/lost")).sandbox_id is None  # type: ignore[union-attr]
+    assert (await store.get("carol/lost")) is not None and (await store.get("carol/lost")).sandbox_id is None  # type: ignore[union-attr]
+    assert all(v.sandbox_id != lost.sandbox_id for v in await store.shared_volumes("carol"))
 
 
 async def test_retention_deletes_unused_sessions_whole_once_and_a_bounded_number_per_sweep(
-        store: RoutingStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: RoutingStore, scope: str, monkeypatch: pytest.MonkeyPatch) -> None:
     backend = MemoryBackend()
-    routes = [await provisioner(backend, store).ensure(f"old{i}", "alice") for i in range(3)]
-    fresh = await provisioner(backend, store).ensure("fresh", "alice")
+    gateway = Scoped(scope, backend, store)
+    routes = [await gateway.provisioner().ensure(f"old{i}", f"tenant{i}") for i in range(3)]
+    fresh = await gateway.provisioner().ensure("fresh", "alice")
     for route in routes:
         await store.put(replace(route, last_activity=time.time() - 100))
     monkeypatch.setattr(reaper_module, "RETENTION_BATCH", 2)
-    sweepers = [SessionRetention(backend, store, None, ttl_seconds=10) for _ in range(3)]
+    sweepers = [gateway.retention(ttl_seconds=10) for _ in range(3)]
     first = sum(await asyncio.gather(*(sweeper.sweep() for sweeper in sweepers)), [])
     assert len(first) == 2, "one sweep at a time, at most RETENTION_BATCH sessions"
     second = await sweepers[0].sweep()
@@ -247,20 +268,21 @@ async def test_retention_deletes_unused_sessions_whole_once_and_a_bounded_number
         assert await store.get(route.key) is None and route.volume not in backend.volumes
         assert route.sandbox_id not in {s.sandbox_id for s in await backend.list()}
     assert await store.get(fresh.key) == fresh and fresh.volume in backend.volumes
-    assert await SessionRetention(backend, store, None, ttl_seconds=0).sweep() == [], "0 keeps sessions forever"
+    assert await gateway.retention(ttl_seconds=0).sweep() == [], "0 keeps sessions forever"
 
 
 @pytest.mark.stores
-async def test_each_sandbox_gets_a_store_credential_granted_its_session_on_assignment(redis_url: str) -> None:
+async def test_each_sandbox_gets_a_store_credential_granted_its_session_on_assignment(redis_url: str,
+                                                                                      scope: str) -> None:
     installation = f"t{secrets.token_hex(4)}"
     conversations = StoredConversations(redis_url, installation)
     backend = MemoryBackend()
     credentialed = CredentialedBackend(backend, conversations)
     store = MemoryRoutingStore()
+    gateway = Scoped(scope, credentialed, store, conversations=conversations)
     admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        demand = PoolDemand(store, PoolSizing(floor=1, ceiling=1))
-        pool = WarmPool(credentialed, store, provisioner(credentialed, store, demand), ENV, demand, lock_seconds=30)
+        pool, demand = gateway.fixed_pool(1)
         await pool.refill()
         (pooled,) = await store.pool_entries()
         user = sandbox_user(installation, pooled.sandbox.sandbox_id)
@@ -270,10 +292,10 @@ async def test_each_sandbox_gets_a_store_credential_granted_its_session_on_assig
         assert pooled_acl is not None and "research-agent" not in str(pooled_acl["keys"]), \
             "a pooled sandbox reaches no session yet"
 
-        claimed = await provisioner(credentialed, store, demand).ensure("s1", "alice")
+        claimed = await gateway.provisioner(demand).ensure("s1", "alice")
         assert claimed.sandbox_id == pooled.sandbox.sandbox_id
         assert conversations.stored_id("alice", "s1") in " ".join((await admin.acl_getuser(user))["keys"])
-        fresh = await provisioner(credentialed, store, demand).ensure("s2", "bob")  # started for its session
+        fresh = await gateway.provisioner(demand).ensure("s2", "bob")  # started for its session
         fresh_user = sandbox_user(installation, str(fresh.sandbox_id))
         assert conversations.stored_id("bob", "s2") in " ".join((await admin.acl_getuser(fresh_user))["keys"])
 
@@ -288,13 +310,15 @@ async def test_each_sandbox_gets_a_store_credential_granted_its_session_on_assig
         await conversations.aclose()
 
 
-async def test_without_the_store_no_sandbox_starts_and_nothing_is_left() -> None:
+async def test_without_the_store_no_sandbox_starts_and_nothing_is_left(scope: str) -> None:
     conversations = StoredConversations("redis://127.0.0.1:1/0", "down")  # nothing listens on port 1
     backend = MemoryBackend()
     credentialed = CredentialedBackend(backend, conversations)
+    store = MemoryRoutingStore()
     try:
         with pytest.raises(ProvisioningFailed, match="session store"):
-            await provisioner(credentialed, MemoryRoutingStore()).ensure("s1", "alice")
+            await Scoped(scope, credentialed, store, conversations=conversations).provisioner().ensure("s1", "alice")
         assert await backend.list() == [] and backend.creates == 0
+        assert await store.routes() == [] and await store.shared_volumes("alice") == []
     finally:
         await conversations.aclose()

@@ -1,5 +1,6 @@
 """The routing store's atomic steps, against both implementations (Redis for real): routes,
-locks (and ``holding``), the warm pool's entries and its window of claims."""
+locks (and ``holding``), the warm pool's entries and its window of claims, and tenant scope's
+shared volumes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from hosting.gateway.routing.protocols import RoutingStore
-from hosting.gateway.routing.records import PoolEntry, Route
+from hosting.gateway.routing.records import PoolEntry, Route, SharedVolume
 from hosting.locks import Locks, MemoryLocks, RedisLocks, holding
 from hosting.sandboxes.base import Sandbox
 from tests.support.polling import wait_for_async
@@ -147,3 +148,22 @@ async def test_recorded_events_all_count_until_they_leave_the_window(store: Rout
 
 async def _is_zero(count: Awaitable[int]) -> bool:
     return await count == 0
+
+
+@pytest.mark.stores
+async def test_shared_volumes_are_kept_per_tenant_whole(store: RoutingStore) -> None:
+    sandbox = Sandbox("sbx-1", "local", "http://a", "vol-a", tenant="alice", pid=7)
+    alices = SharedVolume("alice", "vol-a", ("s1", "s2"), sandbox, "tk", purge=("old",))
+    empty = SharedVolume("alice", "vol-b")
+    bobs = SharedVolume("bob", "vol-c", ("s1",))
+    for volume in (alices, empty, bobs):
+        await store.put_shared_volume(volume)
+    assert sorted(await store.shared_tenants()) == ["alice", "bob"]
+    assert sorted(await store.shared_volumes("alice"), key=lambda v: v.volume) == [alices, empty]
+    assert await store.shared_volumes("bob") == [bobs] and await store.shared_volumes("carol") == []
+    left = alices.unseated("s1", purge=True).without_sandbox()
+    await store.put_shared_volume(left)
+    assert left.seats == ("s2",) and left.purge == ("old", "s1") and left.token is None
+    assert sorted(await store.shared_volumes("alice"), key=lambda v: v.volume) == [left, empty]
+    await store.remove_shared_volume("bob", "vol-c")
+    assert await store.shared_volumes("bob") == [] and await store.shared_tenants() == ["alice"]

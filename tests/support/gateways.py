@@ -154,6 +154,8 @@ class Gateways:
     root: Path
     backend: str
     image: str | None
+    scope: str = "session"
+    """``GATEWAY_SANDBOX_SCOPE`` of the gateways started: a sandbox per session, or per tenant's sessions."""
     installation: str = field(default_factory=lambda: f"t{secrets.token_hex(4)}")
     started: list[GatewayProcess] = field(default_factory=list)
 
@@ -163,7 +165,8 @@ class Gateways:
         env.update({"HOST": "127.0.0.1", "GATEWAY_TENANTS": TENANTS, "GATEWAY_ADMIN_TOKEN": ADMIN,
                     "GATEWAY_BACKEND": self.backend, "GATEWAY_DATA_DIR": str(self.root / "gateway-data"),
                     "GATEWAY_INSTALLATION": self.installation, "GATEWAY_WARM_POOL": "1",
-                    "GATEWAY_PROVISION_TIMEOUT_SECONDS": "90", "SOME_GATEWAY_SECRET": "must-not-leak"})
+                    "GATEWAY_PROVISION_TIMEOUT_SECONDS": "90", "SOME_GATEWAY_SECRET": "must-not-leak",
+                    "GATEWAY_SANDBOX_SCOPE": self.scope})
         if self.backend == "docker":
             assert self.image is not None
             env.update({"GATEWAY_DOCKER_IMAGE": self.image, "GATEWAY_DOCKER_NETWORK": "host"})
@@ -232,6 +235,18 @@ def gateways(request: pytest.FixtureRequest, local_model: LocalModel, tmp_path: 
     """Gateways on each backend (the same tests run on both)."""
     image = request.getfixturevalue("agent_image") if request.param == "docker" else None
     factory = Gateways(local_model, tmp_path, request.param, image)
+    yield factory
+    factory.cleanup()
+
+
+@pytest.fixture(params=["local", pytest.param("docker", marks=pytest.mark.docker), "local-tenant"])
+def scoped_gateways(request: pytest.FixtureRequest, local_model: LocalModel, tmp_path: Path) -> Iterator[Gateways]:
+    """Gateways on each backend in session scope, and on the local one in tenant scope: for the
+    tests of what the scope changes (provisioning, replacement, reaping, deletion). Tenant scope
+    is backend-agnostic logic, so it does not run on Docker too."""
+    backend, _, scope = str(request.param).partition("-")
+    image = request.getfixturevalue("agent_image") if backend == "docker" else None
+    factory = Gateways(local_model, tmp_path, backend, image, scope or "session")
     yield factory
     factory.cleanup()
 

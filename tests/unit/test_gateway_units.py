@@ -12,8 +12,10 @@ from starlette.requests import Request
 
 from hosting.gateway.event_stream import StreamWatcher, lost_stream, next_event_id
 from hosting.gateway.pool_demand import PoolSizing
-from hosting.gateway.settings import GatewaySettings
+from hosting.gateway.settings import GatewaySettings, shared_sandbox_memory_bytes
 from hosting.gateway.tenants import TokenAuthenticator, load_tenant_tokens
+from hosting.sandboxes.base import SandboxSpec
+from hosting.server.box import Box
 from hosting.settings_env import ConfigError
 
 BASE_ENV = {"GATEWAY_TENANTS": "tok-a:alice", "ANTHROPIC_API_KEY": "sk-x"}
@@ -65,10 +67,35 @@ def test_settings_need_model_credentials_for_the_sandboxes() -> None:
 @pytest.mark.parametrize("name, value", [("GATEWAY_BACKEND", "k8s"), ("GATEWAY_WARM_POOL", "-1"),
                                          ("GATEWAY_WARM_POOL_MAX", "-1"), ("GATEWAY_POOL_START_CONCURRENCY", "0"),
                                          ("GATEWAY_REDIS_URL", "http://x"), ("GATEWAY_INSTALLATION", "Bad_Name"),
-                                         ("GATEWAY_DOCKER_NETWORK", "none"), ("PORT", "0")])
+                                         ("GATEWAY_DOCKER_NETWORK", "none"), ("PORT", "0"),
+                                         ("GATEWAY_SANDBOX_SCOPE", "user"), ("GATEWAY_SESSIONS_PER_SANDBOX", "0")])
 def test_settings_reject_bad_values_naming_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         GatewaySettings.from_env({**BASE_ENV, name: value})
+
+
+def test_the_sandbox_scope_and_what_a_shared_sandbox_is_sized_for() -> None:
+    default = GatewaySettings.from_env(BASE_ENV)
+    assert (default.sandbox_scope, default.sessions_per_sandbox) == ("session", 8)
+    assert default.sandboxes.sandbox_memory_bytes == 2**30
+    tenant = GatewaySettings.from_env({**BASE_ENV, "GATEWAY_SANDBOX_SCOPE": "tenant"})
+    assert tenant.sandbox_scope == "tenant" and tenant.sandboxes.sandbox_memory_bytes == shared_sandbox_memory_bytes(8)
+    chosen = GatewaySettings.from_env({**BASE_ENV, "GATEWAY_SANDBOX_SCOPE": "tenant",
+                                       "GATEWAY_SESSIONS_PER_SANDBOX": "3", "GATEWAY_SANDBOX_MEMORY_BYTES": "999999999"})
+    assert chosen.sessions_per_sandbox == 3 and chosen.sandboxes.sandbox_memory_bytes == 999999999
+    for sessions in (1, 2, 8, 20):  # the server's own sizing keeps every session's CLI warm beside two pre-started
+        fit = Box(machine_memory=2**40, cpus=2, memory_limit=shared_sandbox_memory_bytes(sessions)).fit()
+        assert fit.clis >= sessions + 2 and fit.warm_sessions(2) >= sessions
+
+
+def test_a_sandbox_of_one_session_keeps_one_cli_and_a_shared_one_as_many_as_fit() -> None:
+    def cli_env(**spec: object) -> dict[str, str]:
+        env = SandboxSpec("sbx-1", "vol-1", "tk", **spec).server_env(host="h", port=1, data_dir="d")
+        return {k: v for k, v in env.items() if k in ("AGENT_PREWARM", "AGENT_WARM_SESSIONS", "AGENT_SESSION_CAPACITY")}
+
+    assert cli_env() == {"AGENT_PREWARM": "1", "AGENT_WARM_SESSIONS": "1", "AGENT_SESSION_CAPACITY": "1"}
+    assert cli_env(session_capacity=8) == {"AGENT_PREWARM": "2", "AGENT_SESSION_CAPACITY": "8"}
+    assert cli_env(prewarm=False, session_capacity=None) == {"AGENT_PREWARM": "0", "AGENT_WARM_SESSIONS": "0"}
 
 
 def test_sandboxes_inherit_only_the_allowlist() -> None:

@@ -3,7 +3,8 @@
 Both are the sandbox's own answers, relayed; the session's sandbox is started again if
 the reaper removed it, since only the sandbox knows its conversation. A delete the
 sandbox accepts (or that finds nothing there) also forgets the route, the sandbox and
-the stored conversation.
+the stored conversation (in tenant scope the session's seat on its shared volume: the
+sandbox and volume go only with their last session).
 """
 
 from __future__ import annotations
@@ -35,6 +36,6 @@ async def delete_session(session_id: SessionId, tenant: Tenant, services: Servic
     route, response, body = await read_whole(services, route, request, f"/sessions/{session_id}")
     if response.status_code not in (204, 404):
         return relayed(response, body)
-    await forget_session(services.backend, services.store, services.conversations, route)
+    await forget_session(services.backend, services.store, services.conversations, route, services.shared)
     logger.info("session %s: deleted with sandbox %s", session_id, route.sandbox_id)
     return Response(status_code=204)

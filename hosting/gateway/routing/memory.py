@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from hosting.gateway.routing.protocols import RoutingStore
-from hosting.gateway.routing.records import PoolEntry, Route, route_key
+from hosting.gateway.routing.records import PoolEntry, Route, SharedVolume, route_key
 from hosting.locks import Locks, MemoryLocks
 
 
@@ -23,6 +23,8 @@ class MemoryRoutingStore(RoutingStore):
         self._clock = clock
         self._routes: dict[str, Route] = {}
         self._pool: dict[str, PoolEntry] = {}
+        self._shared: dict[str, dict[str, SharedVolume]] = {}
+        """tenant → volume → its record."""
         self._locks = MemoryLocks()
         self._slots: dict[str, dict[str, float]] = {}
         """name → token → when it lapses (on ``clock``)."""
@@ -93,6 +95,23 @@ class MemoryRoutingStore(RoutingStore):
 
     async def pool_entries(self) -> list[PoolEntry]:
         return list(self._pool.values())
+
+    # Shared volumes
+
+    async def shared_volumes(self, tenant: str) -> list[SharedVolume]:
+        return list(self._shared.get(tenant, {}).values())
+
+    async def put_shared_volume(self, volume: SharedVolume) -> None:
+        self._shared.setdefault(volume.tenant, {})[volume.volume] = volume
+
+    async def remove_shared_volume(self, tenant: str, volume: str) -> None:
+        volumes = self._shared.get(tenant, {})
+        volumes.pop(volume, None)
+        if not volumes:
+            self._shared.pop(tenant, None)
+
+    async def shared_tenants(self) -> list[str]:
+        return list(self._shared)
 
     # Slots
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from hosting.errors import StoreUnavailable
-from hosting.gateway.routing.records import PoolEntry, Route
+from hosting.gateway.routing.records import PoolEntry, Route, SharedVolume
 from hosting.locks import Locks
 
 
@@ -80,6 +80,21 @@ class WarmPoolLedger(Protocol):
     async def pool_entries(self) -> list[PoolEntry]: ...
 
 
+class SharedVolumes(Protocol):
+    """Tenant scope's volumes (:class:`~hosting.gateway.routing.records.SharedVolume`), per
+    tenant. Changed only under the tenant's placement lock
+    (:func:`hosting.gateway.tenant_scope.placement_lock`), so a plain read and write suffice."""
+
+    async def shared_volumes(self, tenant: str) -> list[SharedVolume]: ...
+
+    async def put_shared_volume(self, volume: SharedVolume) -> None: ...
+
+    async def remove_shared_volume(self, tenant: str, volume: str) -> None: ...
+
+    async def shared_tenants(self) -> list[str]:
+        """The tenants that have a shared volume."""
+
+
 class TurnSlots(Protocol):
     """Slots, named by the caller: one is held while something runs, and lapses after its
     ttl unless refreshed (so a crashed holder's do)."""
@@ -120,7 +135,8 @@ class Locking(Protocol):
     def locks(self) -> Locks: ...
 
 
-class RoutingStore(Routes, SandboxReservations, WarmPoolLedger, TurnSlots, RateWindows, Locking, Protocol):
+class RoutingStore(Routes, SandboxReservations, WarmPoolLedger, SharedVolumes, TurnSlots, RateWindows, Locking,
+                   Protocol):
     """All of the gateway's state: what a replica opens (:func:`~hosting.gateway.routing.open_routing_store`)."""
 
     async def ping(self) -> None:

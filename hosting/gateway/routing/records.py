@@ -1,8 +1,9 @@
-"""What the routing store keeps: routes (one per tenant's session) and pool entries.
+"""What the routing store keeps: routes (one per tenant's session), pool entries, and in
+tenant scope the volumes that sessions share.
 
 A session is one tenant's: routes are keyed by (tenant, session id) (:func:`route_key`),
-so two tenants using the same id have two routes, two sandboxes and two conversations,
-and neither can tell that the other exists.
+so two tenants using the same id have two routes, two conversations, and (in either
+scope) two sandboxes, and neither can tell that the other exists.
 """
 
 from __future__ import annotations
@@ -75,3 +76,52 @@ class PoolEntry:
     def from_json(cls, raw: str | bytes) -> PoolEntry:
         data = json.loads(raw)
         return cls(Sandbox(**data["sandbox"]), data["token"])
+
+
+@dataclass(frozen=True)
+class SharedVolume:
+    """A volume of tenant scope (:mod:`hosting.gateway.tenant_scope`): the sessions of one
+    tenant that keep their conversations on it (its seats), and the one sandbox serving
+    them now (``None`` once reaped or lost: the next turn of any of them starts one)."""
+
+    tenant: str
+    volume: str
+    seats: tuple[str, ...] = ()
+    """Its sessions' ids, assigned or released: a session keeps its seat (and volume) for
+    life, and frees it only when it is deleted."""
+    sandbox: Sandbox | None = None
+    token: str | None = field(default=None, repr=False)
+    purge: tuple[str, ...] = ()
+    """Sessions deleted while no sandbox ran here: their files are still on the volume, so
+    the next sandbox started on it deletes them before it serves anyone, and no new
+    session of the same id is seated here until then."""
+
+    @property
+    def sandbox_id(self) -> str | None:
+        return self.sandbox.sandbox_id if self.sandbox is not None else None
+
+    def seated(self, session_id: str) -> SharedVolume:
+        return self if session_id in self.seats else replace(self, seats=(*self.seats, session_id))
+
+    def unseated(self, session_id: str, *, purge: bool) -> SharedVolume:
+        """Without the session's seat; ``purge``: its files are left for the next sandbox to delete."""
+        return replace(self, seats=tuple(s for s in self.seats if s != session_id),
+                       purge=(*self.purge, session_id) if purge and session_id not in self.purge else self.purge)
+
+    def with_sandbox(self, sandbox: Sandbox, token: str) -> SharedVolume:
+        return replace(self, sandbox=sandbox, token=token)
+
+    def without_sandbox(self) -> SharedVolume:
+        return replace(self, sandbox=None, token=None)
+
+    def to_json(self) -> str:
+        return json.dumps({"tenant": self.tenant, "volume": self.volume, "seats": list(self.seats),
+                           "sandbox": asdict(self.sandbox) if self.sandbox is not None else None,
+                           "token": self.token, "purge": list(self.purge)})
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> SharedVolume:
+        data = json.loads(raw)
+        return cls(data["tenant"], data["volume"], tuple(data["seats"]),
+                   Sandbox(**data["sandbox"]) if data["sandbox"] is not None else None, data["token"],
+                   tuple(data["purge"]))

@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from hosting.gateway.routing.cache import ROUTE_CACHE_SIZE, RouteCache
 from hosting.gateway.routing.protocols import RoutingStore, RoutingStoreUnavailable
-from hosting.gateway.routing.records import PoolEntry, Route
+from hosting.gateway.routing.records import PoolEntry, Route, SharedVolume
 from hosting.locks import Locks, RedisLocks
 
 logger = logging.getLogger("hosting.gateway.routing")
@@ -97,9 +97,11 @@ class OutageLocks:
 class RedisRoutingStore(RoutingStore):
     """Routes in Redis, shared by every replica: a hash per session
     (``gw:<installation>:route:<tenant>/<id>``), a set indexing them, a hash for the pool,
-    plain keys for locks (``gw:<installation>:lock:<name>``, see :class:`OutageLocks`) and
-    sorted sets for the quota counters (``gw:<installation>:quota:<kind>:<tenant>``) and the
-    other rate windows (``gw:<installation>:quota:<name>``: the warm pool's claims).
+    in tenant scope a hash of each tenant's shared volumes (``gw:<installation>:shared:<tenant>``,
+    volume → record) and a set of those tenants, plain keys for locks
+    (``gw:<installation>:lock:<name>``, see :class:`OutageLocks`) and sorted sets for the
+    quota counters (``gw:<installation>:quota:<kind>:<tenant>``) and the other rate windows
+    (``gw:<installation>:quota:<name>``: the warm pool's claims).
     Scripts make each compound step atomic.
 
     Through an outage, :meth:`get` answers from the :class:`RouteCache` of the routes
@@ -241,6 +243,28 @@ class RedisRoutingStore(RoutingStore):
     async def pool_entries(self) -> list[PoolEntry]:
         raw = await or_unavailable(self._redis.hvals(self._key("pool")))
         return [PoolEntry.from_json(item) for item in raw]
+
+    async def shared_volumes(self, tenant: str) -> list[SharedVolume]:
+        raw = await or_unavailable(self._redis.hvals(self._key("shared", tenant)))
+        return [SharedVolume.from_json(item) for item in raw]
+
+    async def put_shared_volume(self, volume: SharedVolume) -> None:
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self._key("shared", volume.tenant), volume.volume, volume.to_json())
+                pipe.sadd(self._key("shared-tenants"), volume.tenant)
+                await pipe.execute()
+        await or_unavailable(write())
+
+    async def remove_shared_volume(self, tenant: str, volume: str) -> None:
+        async def remove() -> None:
+            await self._redis.hdel(self._key("shared", tenant), volume)
+            if not await self._redis.exists(self._key("shared", tenant)):  # under the tenant's lock: no race
+                await self._redis.srem(self._key("shared-tenants"), tenant)
+        await or_unavailable(remove())
+
+    async def shared_tenants(self) -> list[str]:
+        return sorted(await or_unavailable(self._redis.smembers(self._key("shared-tenants"))))
 
     async def take_slot(self, name: str, limit: int, ttl_seconds: float) -> str | None:
         token = secrets.token_hex(8)
