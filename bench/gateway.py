@@ -10,11 +10,13 @@ timed phase the warm pool is full and the tree is quiet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import secrets
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +34,13 @@ from bench.procs import (
     ScenarioError,
     clean_env,
     read_stat,
+    redis_server,
     serving,
     spawn,
     tree,
     tree_cpu_seconds,
 )
-from harness.processes import Process, ProcessFailed, free_port
+from harness.processes import Process, ProcessFailed, descendants, free_port
 from hosting.contract import NAMESPACE_HEADER
 from hosting.gateway.pool_demand import PoolSizing
 
@@ -73,7 +76,8 @@ def client(token: str = TENANT_TOKEN, connections: int = 200) -> httpx.AsyncClie
 
 @asynccontextmanager
 async def gateway(model_url: str, tmp: Path, name: str, pool: int, backend: str = "local",
-                  image: str | None = None, scope: str = "session", pool_max: int | None = None) -> AsyncIterator[Gateway]:
+                  image: str | None = None, scope: str = "session", pool_max: int | None = None,
+                  extra_env: Mapping[str, str] | None = None) -> AsyncIterator[Gateway]:
     """A gateway of its own; its warm pool holds ``pool`` (fixed, unless ``pool_max`` lets it
     follow demand up to that)."""
     root = tmp / name
@@ -94,6 +98,7 @@ async def gateway(model_url: str, tmp: Path, name: str, pool: int, backend: str 
     if backend == "docker":
         assert image is not None
         env |= {"GATEWAY_DOCKER_IMAGE": image, "GATEWAY_DOCKER_NETWORK": "host"}
+    env |= dict(extra_env or {})
     process = spawn(["-m", "hosting.gateway"], env, root / "gateway.log", f"gateway {name}")
     try:
         gw = Gateway(f"http://127.0.0.1:{port}", process, pool, backend, installation)
@@ -309,3 +314,39 @@ async def two_bursts(bench: Bench) -> dict[str, Any]:
                 "pool_after_first": {k: pool_between[k] for k in ("target", "reason", "ready")},
                 "pool_before_second": {k: pool_before[k] for k in ("target", "reason", "ready")},
                 "back_to_floor_s": time.perf_counter() - last_claim}
+
+
+async def frozen_sandbox(bench: Bench) -> dict[str, Any]:
+    """A session's sandbox stopped mid-turn (SIGSTOP, its server and CLIs), as a frozen VM
+    or a hung node would be; then the session's next turn, through a gateway with its routes
+    and the session store in Redis (local backend, no pool, so the replacement starts a
+    sandbox): how long until that turn's first event and its end, and whether it recalls.
+    Repeated ``gw_frozen`` times, each on a new session."""
+    counts = bench.counts
+    async with (redis_server(bench.tmp / "frozen-redis") as redis_url,
+                gateway(bench.model_url, bench.tmp, "g-frozen", 0, extra_env={
+                    "AGENT_SESSION_STORE": redis_url, "GATEWAY_REDIS_URL": redis_url.replace("/0", "/1")}) as gw,
+                client() as via, client(ADMIN_TOKEN) as admin):
+        turns: list[TurnResult] = []
+        recalls = 0
+        for i in range(counts.gw_frozen):
+            session = f"frozen-{i}"
+            value, prompt = remember_prompt()
+            if (await http_turn(via, gw.base_url, session, prompt)).error:
+                raise ScenarioError(f"the first turn of {session} failed")
+            route = (await admin.get(f"{gw.base_url}/admin/sessions/{session}")).json()
+            stuck = asyncio.create_task(http_turn(via, gw.base_url, session, "Tell me a long story [[slow:0.5]]"))
+            await asyncio.sleep(1.0)  # mid-turn
+            frozen = [route["pid"], *descendants(route["pid"])]
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                turn = await http_turn(via, gw.base_url, session, RECALL)
+            finally:
+                for pid in frozen:  # a killed one is gone: nothing to resume
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
+            await stuck
+            turns.append(turn)
+            recalls += recalled(turn, value)
+        return summarize(turns, recall_expected=counts.gw_frozen, recall_ok=recalls)

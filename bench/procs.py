@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis.asyncio
 
 from bench.cgroups import MemoryCgroup
 from harness.processes import Process, ProcessFailed, free_port
@@ -142,6 +144,34 @@ async def serving(args: list[str], env: Mapping[str, str], log_path: Path, port:
         yield base
     finally:
         process.stop()
+
+
+@asynccontextmanager
+async def redis_server(tmp: Path) -> AsyncIterator[str]:
+    """A redis-server of the scenario's own, without persistence: its ``redis://`` URL (db 0).
+    Debian's package (``scripts/install-store-servers.sh``); missing, the part says so."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FeatureMissing("redis-server not found (scripts/install-store-servers.sh installs it)")
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    process = Process([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                       "--dir", str(tmp)], log_path=tmp / "redis.log", name="redis-server")
+    try:
+        await process.await_until(lambda: _answers_ping(port), 30)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        await asyncio.to_thread(process.stop, signal.SIGTERM, 10)
+
+
+async def _answers_ping(port: int) -> bool:
+    client = redis.asyncio.Redis(port=port, socket_connect_timeout=1)
+    try:
+        return bool(await client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        await client.aclose()
 
 
 @asynccontextmanager

@@ -80,6 +80,9 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den if num is not None and den else None
 
 
+FROZEN_BOUND_SECONDS = 12
+"""The README's bound for a request to a sandbox that stopped answering: 7 s to find it out,
+then a new sandbox started on the session's volume (a no-pool first turn) and the turn."""
 SCOPE_SUFFIXES = ("", "_tenant")
 """(g)'s parts in session scope (no suffix) and in tenant scope."""
 
@@ -121,6 +124,7 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
         "g_second_over_first_wave_p95": _ratio(_get(results, "g", "waves", "second", "p95_s") if _ok(results, "g", "waves")
                                                else None, _get(results, "g", "waves", "first", "p95_s")),
         "g_back_to_floor_s": metric(("g", "waves"), "back_to_floor_s"),
+        "g_frozen_p95_s": metric(("g", "frozen"), "p95_s"),
         "o_on_over_off_p50": _ratio(_get(results, "o", "on", "p50_s") if _ok(results, "o") else None,
                                     _get(results, "o", "off", "p50_s")),
         "o_on_over_off_cpu": _ratio(_get(results, "o", "on", "cpu_s_per_turn") if _ok(results, "o") else None,
@@ -252,6 +256,10 @@ def _gateway_targets(results: dict[str, Any], r: dict[str, float | None]) -> lis
                       r["g_second_over_first_wave_p95"], "<=", 0.5, _why(results, waves), _failed_turns(results, waves)))
     out.append(Target("(g) seconds from the last claim until the pool is back at its floor", r["g_back_to_floor_s"],
                       "<=", 300, _why(results, waves)))
+    frozen = ("g", "frozen")
+    out.append(Target("(g) a frozen sandbox's session: its next turn answered within, s (README: the bound)",
+                      r["g_frozen_p95_s"], "<=", FROZEN_BOUND_SECONDS, _why(results, frozen),
+                      _failed_turns(results, frozen)))
     return out
 
 
@@ -326,6 +334,7 @@ GATEWAY_ROWS: list[tuple[tuple[str, ...], str]] = [
 ] + [
     (("g", "waves", "first"), "first burst (first turns), session scope, pool following demand"),
     (("g", "waves", "second"), "second burst, 60 s after the first began"),
+    (("g", "frozen"), "next turn of a session whose sandbox froze mid-turn (Redis routes and store)"),
 ]
 
 

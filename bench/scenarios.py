@@ -58,13 +58,14 @@ class Counts:
     gw_wave: int = 15           # (g) new sessions at once in each of the two bursts (the pool that follows demand)
     gw_wave_gap: float = 60.0   # (g) seconds from the first burst's start to the second's
     gw_floor_timeout: float = 420.0  # (g) most seconds after the last claim for the pool to be back at its floor
+    gw_frozen: int = 5          # (g) sessions whose sandbox is stopped mid-turn, one after another
     obs_turns: int = 150        # (o) follow-ups per server, telemetry on and off, alternated (fewer: noise > 3%)
     settle_timeout: float = 60.0
     prewarm_timeout: float = 240.0
 
 
 QUICK = Counts(follow_ups=3, first_turns=3, prewarm_b=4, burst_b=3, established=3, follow_ups_c=3, burst=3,
-               burst_rounds=1, gw_follow_ups=5, gw_first_turns=2, gw_burst=4, gw_wave=3, gw_wave_gap=10.0,
+               burst_rounds=1, gw_follow_ups=5, gw_first_turns=2, gw_burst=4, gw_wave=3, gw_wave_gap=10.0, gw_frozen=1,
                obs_turns=6, settle_timeout=30.0, prewarm_timeout=90.0)
 
 
@@ -405,6 +406,7 @@ async def run_all(bench: Bench, only: set[str]) -> dict[str, Any]:
                 g[key] = await part(bench, f"g/{key}", functools.partial(gateway.first_turns, bench, pool, scope=scope))
             g[f"burst{sfx}"] = await part(bench, f"g/burst{sfx}", functools.partial(gateway.burst, bench, scope))
         g["waves"] = await part(bench, "g/waves", functools.partial(gateway.two_bursts, bench))
+        g["frozen"] = await part(bench, "g/frozen", functools.partial(gateway.frozen_sandbox, bench))
         if bench.docker_image is not None:
             image = bench.docker_image
             for scope, sfx in (("session", ""), ("tenant", "_tenant")):

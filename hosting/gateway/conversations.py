@@ -167,8 +167,8 @@ class CredentialedBackend(SandboxBackend):
             return None
         return claimed
 
-    async def delete(self, sandbox_id: str) -> None:
-        await self.inner.delete(sandbox_id)
+    async def delete(self, sandbox_id: str, *, at_once: bool = False) -> None:
+        await self.inner.delete(sandbox_id, at_once=at_once)
         await self._forget(sandbox_id)
 
     async def _forget(self, sandbox_id: str) -> None:

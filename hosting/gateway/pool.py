@@ -120,17 +120,18 @@ class WarmPool:
         then (else remove it); whether it was pooled."""
         spec = new_spec(self._env, session_capacity=self._session_capacity)
         self.starting += 1
+        offered: list[bool] = []  # set once its entry is being put in the pool
         try:
             sandbox = await self._provisioner.start(spec)
             try:
                 if not await self._backend.wait_warm(sandbox, spec.token, WARM_TIMEOUT_SECONDS):
                     logger.warning("pooled sandbox %s has no pre-started CLI yet: pooling it anyway",
                                    sandbox.sandbox_id)
-                pooled = await self._pool_below_target(PoolEntry(sandbox, spec.token))
+                pooled = await self._pool_below_target(PoolEntry(sandbox, spec.token), offered)
             except BaseException:
-                # Not pooled (a store error, or the gateway stopping meanwhile), so nobody
-                # could claim or find it: remove it now, even while being cancelled.
-                await shielded(self._discard(sandbox))
+                # A store error, or the gateway stopping meanwhile: remove it now, even while
+                # being cancelled, unless its entry got into the pool and was claimed since.
+                await shielded(self._withdraw(sandbox, bool(offered)))
                 raise
         finally:
             self.starting -= 1
@@ -139,14 +140,26 @@ class WarmPool:
             await self._discard(sandbox)
         return pooled
 
-    async def _pool_below_target(self, entry: PoolEntry) -> bool:
+    async def _pool_below_target(self, entry: PoolEntry, offered: list[bool]) -> bool:
         # One at a time here (only the lock's holder pools, and claims only take away), so
         # two starts finishing together cannot both fill the last place.
         async with self._pooling:
             if len(await self._store.pool_entries()) >= (await self._demand.target()).size:
                 return False
+            offered.append(True)
             await self._store.pool_put(entry)
             return True
+
+    async def _withdraw(self, sandbox: Sandbox, offered: bool) -> None:
+        """Remove a sandbox whose pooling was cut short: taken back out of the pool first if
+        its entry may be there (an atomic remove, so a claimed one is left to its session)."""
+        if offered:
+            try:
+                if not await self._store.pool_remove(sandbox.sandbox_id):
+                    return  # claimed meanwhile, or never put (then reconciliation finds it)
+            except RoutingStoreUnavailable:
+                return
+        await self._discard(sandbox)
 
     async def _discard(self, sandbox: Sandbox) -> None:
         with contextlib.suppress(SandboxError):

@@ -79,7 +79,7 @@ class SharedScope(Protocol):
     async def seat(self, provisioner: Provisioner, session_id: str, tenant: str, route: Route | None) -> Route:
         """The session's route assigned to a shared sandbox (called under its provisioning lock)."""
 
-    async def lost(self, route: Route) -> None:
+    async def lost(self, route: Route, at_once: bool = False) -> None:
         """The route's shared sandbox is gone: release every session on it, and remove it."""
 
 
@@ -200,21 +200,26 @@ class Provisioner:
                 return PoolEntry(claimed, entry.token)
         return None
 
-    async def replace(self, route: Route) -> Route:
+    async def replace(self, route: Route, unresponsive: bool = False) -> Route:
         """The route's sandbox could not be reached: unless it still answers ``/ready``
         (a passing hiccup: the route is kept), drop it and provision another on the same
         volume (in tenant scope, for every session on it). Another request may have
-        replaced it already; then that one is used."""
-        if route.sandbox_id is not None and route.address is not None and route.token is not None:
+        replaced it already; then that one is used.
+
+        ``unresponsive``: the relay saw it connected but answering neither the request nor
+        ``/health`` (:class:`~hosting.gateway.sandbox_response.SandboxUnresponsive`), so it is
+        not asked again, and it is killed at once (it has nothing to drain), so that the
+        new sandbox can take its volume without waiting for a grace it cannot use."""
+        if not unresponsive and route.sandbox_id is not None and route.address is not None and route.token is not None:
             sandbox = Sandbox(route.sandbox_id, self._backend.name, route.address, route.volume, route.session_id,
                               route.tenant, pid=route.pid)
             if await self._backend.health(sandbox, route.token) is Health.READY:
                 return route
         if route.sandbox_id is not None and self._shared is not None:
-            await self._shared.lost(route)
+            await self._shared.lost(route, at_once=unresponsive)
         elif route.sandbox_id is not None and await self._store.release(route.key, route.sandbox_id):
             logger.warning("session %s: sandbox %s lost, replacing it", route.session_id, route.sandbox_id)
-            await self._backend.delete(route.sandbox_id)
+            await self._backend.delete(route.sandbox_id, at_once=unresponsive)
         return await self.ensure(route.session_id, route.tenant)
 
     async def _remove(self, sandbox: Sandbox, with_volume: bool = False) -> None:

@@ -240,10 +240,11 @@ class SharedSandboxes:
 
     # -- losing, reaping, deleting ----------------------------------------
 
-    async def lost(self, route: Route) -> None:
+    async def lost(self, route: Route, at_once: bool = False) -> None:
         """The route's sandbox is gone: take it off its volume and release every session on
         it, so that each starts or joins the volume's next sandbox on its next turn. Another
-        caller may have done so already; then nothing happens."""
+        caller may have done so already; then nothing happens. ``at_once``: it answers
+        nothing, so it is killed without a grace (see :meth:`Provisioner.replace`)."""
         assert route.sandbox_id is not None
         detached = False
         async with self._placement(route.tenant) as volumes:
@@ -255,7 +256,7 @@ class SharedSandboxes:
                 detached = await self._store.release(route_key(route.tenant, session_id), route.sandbox_id) or detached
         if detached:
             logger.warning("volume %s: sandbox %s lost, its sessions released", route.volume, route.sandbox_id)
-            await self._backend.delete(route.sandbox_id)
+            await self._backend.delete(route.sandbox_id, at_once=at_once)
 
     async def reap_idle(self, idle_seconds: float, running_turns: RunningTurns) -> list[str]:
         """Remove every shared sandbox all of whose sessions have been idle for ``idle_seconds``

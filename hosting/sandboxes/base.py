@@ -178,9 +178,10 @@ class SandboxBackend(abc.ABC):
         a sandbox that still comes up is deleted."""
 
     @abc.abstractmethod
-    async def delete(self, sandbox_id: str) -> None:
-        """Stop and remove the sandbox (a few seconds' grace, then killed). Its volume
-        stays. Deleting one that is gone, or that belongs to another installation, is
+    async def delete(self, sandbox_id: str, *, at_once: bool = False) -> None:
+        """Stop and remove the sandbox (a few seconds' grace, then killed; ``at_once``: killed
+        without the grace, for one that answers nothing and so has nothing to drain). Its
+        volume stays. Deleting one that is gone, or that belongs to another installation, is
         not an error: it is left alone."""
 
     @abc.abstractmethod

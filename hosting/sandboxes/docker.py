@@ -271,16 +271,16 @@ class DockerBackend(SandboxBackend):
         except NotFound:
             pass
 
-    async def delete(self, sandbox_id: str) -> None:
-        """``docker stop`` (SIGTERM: the server drains, SIGKILL after ``stop_timeout``), then remove."""
-        await self._call(self._delete, container_name(sandbox_id))
+    async def delete(self, sandbox_id: str, *, at_once: bool = False) -> None:
+        """``docker stop`` (SIGTERM: the server drains, SIGKILL after ``stop_timeout``, or at once), then remove."""
+        await self._call(self._delete, container_name(sandbox_id), 0 if at_once else self._stop_timeout)
 
-    def _delete(self, name: str) -> None:
+    def _delete(self, name: str, stop_timeout: int) -> None:
         try:
             labels = self._client.api.inspect_container(name)["Config"]["Labels"] or {}
             if labels.get(INSTALLATION_LABEL) != self.installation:
                 return
-            self._client.api.stop(name, timeout=self._stop_timeout)
+            self._client.api.stop(name, timeout=stop_timeout)
             self._client.api.remove_container(name, force=True)
         except NotFound:
             pass

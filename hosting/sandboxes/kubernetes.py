@@ -436,11 +436,11 @@ class KubernetesBackend(SandboxBackend):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    async def delete(self, sandbox_id: str) -> None:
-        """Delete the pod (SIGTERM: the server drains; SIGKILL after ``stop_timeout``) and
-        wait until it is gone, so nothing of it runs once this returns."""
+    async def delete(self, sandbox_id: str, *, at_once: bool = False) -> None:
+        """Delete the pod (SIGTERM: the server drains; SIGKILL after ``stop_timeout``, or at
+        once) and wait until it is gone, so nothing of it runs once this returns."""
         if await self._read(sandbox_id) is not None:
-            await self._remove(sandbox_id, self._stop_timeout)
+            await self._remove(sandbox_id, 0 if at_once else self._stop_timeout)
 
     async def _remove(self, sandbox_id: str, grace_seconds: int) -> None:
         name = pod_name(sandbox_id)

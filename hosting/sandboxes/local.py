@@ -196,15 +196,16 @@ class LocalBackend(SandboxBackend):
         self._children[spec.sandbox_id] = process
         return record.sandbox()
 
-    async def delete(self, sandbox_id: str) -> None:
-        """SIGTERM (the server drains), SIGKILL after ``stop_timeout``; then the record goes."""
+    async def delete(self, sandbox_id: str, *, at_once: bool = False) -> None:
+        """SIGTERM (the server drains), SIGKILL after ``stop_timeout`` (or SIGKILL at once); then the record goes."""
         check_sandbox_id(sandbox_id)
         record = self._read(sandbox_id)
         if record is None or record.installation != self.installation:
             return
         if _is_server_of(record.pid, sandbox_id):
-            self._signal(record, signal.SIGTERM)
-            if not await self._ended(record, self._stop_timeout):
+            if not at_once:
+                self._signal(record, signal.SIGTERM)
+            if at_once or not await self._ended(record, self._stop_timeout):
                 self._signal(record, signal.SIGKILL)
                 if not await self._ended(record, 10.0):
                     raise SandboxError(f"sandbox {sandbox_id} (pid {record.pid}) survived SIGKILL")

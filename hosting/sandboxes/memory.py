@@ -70,7 +70,7 @@ class MemoryBackend(SandboxBackend):
         self._notify()
         return sandbox
 
-    async def delete(self, sandbox_id: str) -> None:
+    async def delete(self, sandbox_id: str, *, at_once: bool = False) -> None:
         check_sandbox_id(sandbox_id)
         self.deletes += 1
         self._forget(sandbox_id)

@@ -217,8 +217,9 @@ class ModalBackend(SandboxBackend):
             raise
         return _record(tags, address)
 
-    async def delete(self, sandbox_id: str) -> None:
-        """Terminate it (Modal stops the container: SIGTERM, then SIGKILL)."""
+    async def delete(self, sandbox_id: str, *, at_once: bool = False) -> None:
+        """Terminate it (Modal stops the container: SIGTERM, then SIGKILL, on its own schedule
+        either way: ``at_once`` changes nothing here)."""
         await _modal_errors(self._delete(check_sandbox_id(sandbox_id)))
 
     async def _delete(self, sandbox_id: str) -> None:

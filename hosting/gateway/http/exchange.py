@@ -12,7 +12,7 @@ from fastapi import Request, Response
 
 from hosting.errors import ErrorCode, HostingError
 from hosting.gateway.routing.records import Route
-from hosting.gateway.sandbox_response import SandboxLost, SandboxResponse, SandboxUnreachable
+from hosting.gateway.sandbox_response import SandboxLost, SandboxResponse, SandboxUnreachable, SandboxUnresponsive
 from hosting.gateway.services import GatewayServices
 
 
@@ -31,8 +31,8 @@ async def send(services: GatewayServices, route: Route, request: Request, path: 
     relay = services.relay
     try:
         return route, await relay.send(route, request.method, path, request.headers, body)
-    except SandboxUnreachable:
-        route = await services.provisioner.replace(route)
+    except SandboxUnreachable as exc:
+        route = await services.provisioner.replace(route, unresponsive=isinstance(exc, SandboxUnresponsive))
         return route, await relay.send(route, request.method, path, request.headers, body)
 
 
