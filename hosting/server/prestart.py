@@ -3,7 +3,7 @@
 ``prewarm`` CLIs wait in a pool, each in its own new workspace. The pool refills one
 CLI at a time, with spare CPU only and never while a turn waits for its CLI, so
 refilling does not compete with turns in flight. A pre-started CLI is primed (asked
-for its context usage, no model call) before it joins the pool. Each holds a slot of
+for a summary of its context usage: nothing is sent upstream) before it joins the pool. Each holds a slot of
 the CLI budget (``admission.py``) and is the first to give it up to a queued turn.
 """
 
