@@ -3,8 +3,14 @@
 ``prewarm`` CLIs wait in a pool, each in its own new workspace. The pool refills one
 CLI at a time, with spare CPU only and never while a turn waits for its CLI, so
 refilling does not compete with turns in flight. A pre-started CLI is primed (asked
-for a summary of its context usage: nothing is sent upstream) before it joins the pool. Each holds a slot of
-the CLI budget (``admission.py``) and is the first to give it up to a queued turn.
+for a summary of its context usage: nothing is sent upstream) before it joins the pool.
+Each holds a slot of the CLI budget (``admission.py``) and is the first to give it up
+to a queued turn.
+
+With a session store the pool holds none (:func:`pool_target`): the store files a
+conversation under an SDK session id derived from its public id and tenant
+(``durable.py``), which is known at the session's first request, and a CLI's session
+id is fixed when it is spawned.
 """
 
 from __future__ import annotations
@@ -28,13 +34,20 @@ half of it) was spare over the last window of this length, and never while a tur
 for its CLI (it must not take a turn's start slot)."""
 
 
+def pool_target(prewarm: int, *, store: bool) -> int:
+    """How many pre-started CLIs the pool holds: ``prewarm``, or none with a session store
+    (they could never be handed out: see the module's docstring)."""
+    return 0 if store else prewarm
+
+
 class PrestartPool:
     """The pool of pre-started CLIs of one server process: it fills it, hands its CLIs to
     new sessions, and closes one when a queued turn needs the slot."""
 
     def __init__(self, settings: Settings, workspaces: WorkspaceStore, cli_factory: CliFactory,
-                 admission: Admission, disk: Disk) -> None:
+                 admission: Admission, disk: Disk, *, store: bool) -> None:
         self._settings = settings
+        self._store = store
         self._workspaces = workspaces
         self._cli_factory = cli_factory
         self._admission = admission
@@ -45,6 +58,11 @@ class PrestartPool:
 
     def __len__(self) -> int:
         return len(self._pool)
+
+    @property
+    def target(self) -> int:
+        """How many CLIs the pool holds once full (:func:`pool_target`)."""
+        return pool_target(self._settings.prewarm, store=self._store)
 
     def take(self) -> LiveSession | None:
         """The oldest pre-started CLI, for a new session (the pool refills); ``None`` if there is none."""
@@ -70,7 +88,7 @@ class PrestartPool:
         while True:
             await self._wanted.wait()
             self._wanted.clear()
-            while self._admission.accepting and len(self._pool) < self._settings.prewarm:
+            while self._admission.accepting and len(self._pool) < self.target:
                 if not await self._room_to_start():
                     continue
                 self._admission.take_slot()

@@ -19,6 +19,7 @@ from claude_agent_sdk import ClaudeSDKClient, ResultMessage
 from hosting.server.admission import EVICTION_GRACE_SECONDS
 from hosting.server.box import Box
 from hosting.server.live import LiveSession
+from hosting.server.prestart import pool_target
 from hosting.server.sessions import NoRoom, NotAccepting, SessionManager
 from hosting.server.settings import Settings
 from hosting.server.workspaces import WorkspaceStore
@@ -145,6 +146,11 @@ async def test_at_most_the_configured_number_of_clis_start_at_once(tmp_path, sta
     lives = [sessions._cli_factory.open(store.new_workspace()) for _ in range(5)]
     await asyncio.gather(*(sessions._cli_factory.connect(live, for_turn=True) for live in lives))
     assert len(starts.started) == 5 and starts.most_at_once == limit
+
+
+def test_the_pool_holds_none_with_a_session_store():
+    assert pool_target(4, store=False) == 4
+    assert pool_target(4, store=True) == 0  # a pre-started CLI's session id is not the store's
 
 
 async def test_the_pool_waits_for_spare_cpu(tmp_path, starts):
