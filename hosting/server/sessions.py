@@ -122,7 +122,7 @@ class SessionManager:
         self._cli_factory = CliFactory(settings, store)
         self._admission = Admission(settings)
         self._prestart = PrestartPool(settings, workspaces, self._cli_factory, self._admission, self._disk,
-                                      store=store is not None)
+                                      store=store is not None, sessions_held=self._sessions_held)
         self._background: list[asyncio.Task[None]] = []
         self._closed = False
         retention = Retention(settings.session_ttl_seconds,
@@ -209,8 +209,14 @@ class SessionManager:
 
     @property
     def prewarm_target(self) -> int:
-        """How many pre-started CLIs the pool holds once full (``GET /ready``'s ``prewarm_target``)."""
+        """How many pre-started CLIs the pool should hold now (``GET /ready``'s ``prewarm_target``):
+        0 once no session is to come (``session_capacity``), or with a store."""
         return self._prestart.target
+
+    def _sessions_held(self) -> int:
+        """Sessions this server holds (see ``session_capacity``): bound to a workspace here, whether
+        their CLI is warm or not, or with a first turn on its way to being bound."""
+        return len({session_id for session_id, _ in self._workspaces.last_turns()} | self._running.keys())
 
     def status(self) -> dict[str, Any]:
         box = self._settings.box
@@ -506,5 +512,6 @@ class SessionManager:
             await self._admission.close(live)
         removed = self._workspaces.unbind(session_id)
         if removed is not None:
+            self._prestart.refill()  # one more session may come
             await self._upkeep.discard(removed)
         return removed is not None or stored
