@@ -87,6 +87,7 @@ def create_app() -> FastAPI:
     ids = itertools.count(1)
     seen: deque[dict[str, Any]] = deque(maxlen=200)
     app.state.requests_total = 0
+    app.state.token_counts = 0
 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Any:
@@ -108,12 +109,16 @@ def create_app() -> FastAPI:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> dict[str, int]:
         body = await request.json()
+        app.state.token_counts += 1
         return {"input_tokens": max(1, len(json.dumps(body.get("messages", []))) // 4)}
 
     @app.get("/local/requests")
     async def requests_seen(since: int = 0) -> dict[str, Any]:
-        """How many requests arrived, and the recent ones numbered above ``since``."""
-        return {"total": app.state.requests_total, "recent": [r for r in seen if r["seq"] > since]}
+        """How many ``/v1/messages`` requests arrived (``total``), the recent ones numbered
+        above ``since``, and how many ``/v1/messages/count_tokens`` requests (``count_tokens``:
+        the real API rate-limits those on their own, so the tests count them too)."""
+        return {"total": app.state.requests_total, "recent": [r for r in seen if r["seq"] > since],
+                "count_tokens": app.state.token_counts}
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "HEAD", "PUT", "DELETE"])
     async def not_found(path: str) -> JSONResponse:

@@ -249,8 +249,9 @@ class SandboxBackend(abc.ABC):
 
     async def wait_warm(self, sandbox: Sandbox, token: str, timeout: float) -> bool:
         """Wait until the sandbox's server has started its pre-started CLI (``/ready``
-        reports ``prewarmed`` at ``prewarm_target``), so that a warm-pool sandbox answers
-        its first turn without spawning anything. ``False`` if that did not happen within
+        reports ``prewarmed`` at ``prewarm_target``, which is 0 for a server that starts
+        none: with a session store), so that a warm-pool sandbox answers its first turn
+        without spawning anything. ``False`` if that did not happen within
         ``timeout`` seconds: the sandbox still works, its first turn just starts a CLI."""
         deadline = time.monotonic() + timeout
         delay = 0.05  # a CLI starts in about a second, or much later on a busy box: back off

@@ -67,7 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         workspaces.ensure_writable()
         logger.info("%s: up to %d CLIs at once (%d warm, %d pre-started, %d starting at once)",
-                    settings.box.describe(), settings.cli_budget, settings.warm_sessions, settings.prewarm,
+                    settings.box.describe(), settings.cli_budget, settings.warm_sessions, sessions.prewarm_target,
                     settings.max_starting_clis)
         if (warning := settings.fit_warning()) is not None:
             logger.warning("%s", warning)

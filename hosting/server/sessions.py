@@ -121,7 +121,8 @@ class SessionManager:
         self._disk = Disk(settings.data_dir, settings.disk_budget_bytes)
         self._cli_factory = CliFactory(settings, store)
         self._admission = Admission(settings)
-        self._prestart = PrestartPool(settings, workspaces, self._cli_factory, self._admission, self._disk)
+        self._prestart = PrestartPool(settings, workspaces, self._cli_factory, self._admission, self._disk,
+                                      store=store is not None, sessions_held=self._sessions_held)
         self._background: list[asyncio.Task[None]] = []
         self._closed = False
         retention = Retention(settings.session_ttl_seconds,
@@ -206,12 +207,23 @@ class SessionManager:
 
     # -- state -----------------------------------------------------------
 
+    @property
+    def prewarm_target(self) -> int:
+        """How many pre-started CLIs the pool should hold now (``GET /ready``'s ``prewarm_target``):
+        0 once no session is to come (``session_capacity``), or with a store."""
+        return self._prestart.target
+
+    def _sessions_held(self) -> int:
+        """Sessions this server holds (see ``session_capacity``): bound to a workspace here, whether
+        their CLI is warm or not, or with a first turn on its way to being bound."""
+        return len({session_id for session_id, _ in self._workspaces.last_turns()} | self._running.keys())
+
     def status(self) -> dict[str, Any]:
         box = self._settings.box
         return {
             "accepting": self.accepting,
             "prewarmed": len(self._prestart),
-            "prewarm_target": self._settings.prewarm,
+            "prewarm_target": self.prewarm_target,
             "live_sessions": self._admission.warm_count + sum(1 for r in self._running.values() if r.live is not None),
             "running_turns": len(self._running),
             "warm_sessions_cap": self._settings.warm_sessions,
@@ -305,7 +317,8 @@ class SessionManager:
 
     def _needs_cli(self, session_id: str) -> bool:
         """Whether the session's next turn must start a CLI: it has no warm one, and it is not
-        a new session that a pre-started CLI can serve (never with a store: see :meth:`_bind`)."""
+        a new session that a pre-started CLI can serve (never with a store, whose pool is
+        empty: see :meth:`_bind`)."""
         if self._admission.is_warm(session_id):
             return False
         return not (len(self._prestart) > 0 and self._store is None and self._workspaces.get(session_id) is None)
@@ -325,8 +338,8 @@ class SessionManager:
         """The session's record; ``running.live`` becomes its connected CLI if one is ready
         (warm or pre-started), else the turn starts one with the slot it holds.
 
-        With a store the SDK session id must be derivable from the public id,
-        so pre-started CLIs (whose ids are fixed at spawn) are not used.
+        With a store the SDK session id must be derivable from the public id, so
+        pre-started CLIs (whose ids are fixed at spawn) are not used (none are started).
         """
         session_id = running.turn.session_id
         running.live = self._admission.take_warm(session_id)
@@ -499,5 +512,6 @@ class SessionManager:
             await self._admission.close(live)
         removed = self._workspaces.unbind(session_id)
         if removed is not None:
+            self._prestart.refill()  # one more session may come
             await self._upkeep.discard(removed)
         return removed is not None or stored

@@ -85,6 +85,10 @@ class Settings:
     heartbeat_seconds: float = 15.0
     warm_sessions: int = MAX_WARM_SESSIONS
     prewarm: int = MAX_PREWARM
+    session_capacity: int | None = None
+    """``AGENT_SESSION_CAPACITY``: the most sessions this server will hold (a gateway's sandbox
+    made for one session: 1); ``None``: no limit. The pre-started pool never holds more CLIs
+    than sessions still to come (``prestart.py``)."""
     max_starting_clis: int = field(default_factory=usable_cpus)
     queue_timeout_seconds: float = 10.0
     idle_timeout_seconds: float = 600.0
@@ -123,6 +127,7 @@ class Settings:
             heartbeat_seconds=float_setting(env, "AGENT_HEARTBEAT_SECONDS", cls.heartbeat_seconds),
             warm_sessions=int_setting(env, "AGENT_WARM_SESSIONS", fit.warm_sessions(prewarm)),
             prewarm=prewarm,
+            session_capacity=int_setting(env, "AGENT_SESSION_CAPACITY", 0, minimum=1) or None,
             max_starting_clis=int_setting(env, "AGENT_MAX_STARTING_CLIS", fit.max_starting_clis, minimum=1),
             queue_timeout_seconds=float_setting(env, "AGENT_QUEUE_TIMEOUT_SECONDS", cls.queue_timeout_seconds),
             idle_timeout_seconds=float_setting(env, "AGENT_IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds),

@@ -28,7 +28,7 @@ import redis
 from httpx_sse import connect_sse
 from psycopg import sql
 
-from harness.processes import free_port
+from harness.processes import descendants, free_port
 from hosting.contract import STORE_PROJECT_KEY, durable_session_id
 from tests.support import ROOT
 from tests.support.servers import agent_env, ready, workspace_of
@@ -134,16 +134,12 @@ def restartable_store(request: pytest.FixtureRequest) -> Iterator[RestartableSer
 
 @pytest.fixture
 def store_server(start_server: Any, tmp_path: Path) -> Any:
-    """Factory: ``store_server(url, name, **env)`` starts a server on data dir ``tmp_path/name``.
-
-    No pre-started CLIs: with a store they are never used for turns, and they
-    would only compete with the turns for the CPU.
-    """
+    """Factory: ``store_server(url, name, **env)`` starts a server on data dir ``tmp_path/name``."""
 
     def start(url: str, name: str, **env: str) -> Any:
         data_dir = tmp_path / name
         assert not data_dir.exists(), "every server gets its own, empty data dir"
-        return start_server(data_dir=data_dir, AGENT_SESSION_STORE=url, AGENT_PREWARM="0", **env)
+        return start_server(data_dir=data_dir, AGENT_SESSION_STORE=url, **env)
 
     return start
 
@@ -186,6 +182,20 @@ def test_the_session_event_of_a_restored_session_says_resumed(store_url, store_s
     second = completed(turn(b, session, RECALL))
     assert remembered(value) in second.text  # it *was* resumed...
     assert session_event(second)["resumed"] is True  # ...and the stream must say so
+
+
+@pytest.mark.timeout(300)
+def test_a_server_with_a_store_pre_starts_no_cli(redis_url, store_server):
+    """A pre-started CLI's session id is fixed at spawn, so with a store it could never be
+    handed out: the server starts none, and says so to the gateway's wait for its pool."""
+    server = store_server(redis_url, "pool", AGENT_PREWARM="2")
+    status = ready(server.base_url)
+    assert (status["prewarm_target"], status["prewarmed"]) == (0, 0)
+    session, value = new_id("pool"), new_value("P")
+    completed(turn(server, session, f"Remember this value: {value}"))  # seconds in which a pool would fill
+    assert ready(server.base_url)["prewarmed"] == 0
+    assert len(descendants(server.process.pid)) == 1  # the session's warm CLI only
+    assert workspace_of(server.data_dir, session).name == durable_session_id(session)
 
 
 # -- 2. concurrent sessions on one store ---------------------------------

@@ -18,12 +18,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from httpx_sse import connect_sse
 
+from harness.processes import descendants
 from tests.support import ROOT
 from tests.support.gateways import ADMIN, ALICE, BOB, Gateways, auth
 from tests.support.polling import wait_for
@@ -249,11 +251,23 @@ def test_first_turns_claim_warm_sandboxes_and_the_pool_refills(scoped_gateways: 
         assert route is not None and route["sandbox_id"] != dead, "a dead pooled sandbox was handed out"
 
 
-def test_without_a_pool_a_sandbox_starts_on_demand(local_gateways: Gateways) -> None:
+def sandbox_status(route: dict[str, Any]) -> dict[str, Any]:
+    """``GET /ready`` of a local sandbox's server, with the token from its environment."""
+    environ = Path(f"/proc/{route['pid']}/environ").read_bytes().split(b"\0")
+    token = next(entry.split(b"=", 1)[1].decode() for entry in environ if entry.startswith(b"AGENT_AUTH_TOKEN="))
+    return httpx.get(f"{route['address']}/ready", headers=auth(token), timeout=10).json()
+
+
+def test_without_a_pool_a_sandbox_starts_on_demand_with_one_cli_for_its_session(local_gateways: Gateways) -> None:
     gateway = local_gateways.start(GATEWAY_WARM_POOL="0")
     assert gateway.pool()["sandboxes"] == []
-    assert "77" in turn(gateway.base_url, "d-1", "Remember this value: 77").text + \
-        turn(gateway.base_url, "d-1", RECALL).text
+    first = turn(gateway.base_url, "d-1", "Remember this value: 77")
+    route = gateway.route("d-1")
+    assert route is not None
+    # A sandbox holds one session (AGENT_SESSION_CAPACITY=1): no CLI is started that no session would take.
+    assert (sandbox_status(route)["prewarm_target"], sandbox_status(route)["prewarmed"]) == (0, 0)
+    wait_for(lambda: len(descendants(route["pid"])) == 1 and sandbox_status(route)["live_clis"] == 1)
+    assert "77" in first.text + turn(gateway.base_url, "d-1", RECALL).text
     assert gateway.pool()["sandboxes"] == []
 
 

@@ -135,7 +135,7 @@ def test_warm_sessions_off_spawns_a_cli_per_turn(start_server):
 
 
 def test_prestarted_clis_serve_new_sessions_and_refill(start_server, local_model):
-    model_requests = local_model.requests_total()
+    model_requests, token_counts = local_model.requests_total(), local_model.token_counts()
     server = start_server(AGENT_PREWARM="2")
     base = server.base_url
     status = wait_for(lambda: (s := ready(base))["prewarmed"] == 2 and s, timeout=120)  # pre-starts wait for spare CPU
@@ -148,6 +148,8 @@ def test_prestarted_clis_serve_new_sessions_and_refill(start_server, local_model
     wait_for(lambda: ready(base)["prewarmed"] == 2, timeout=120)
     assert "You asked me to remember p2." in post_turn(base, "fresh", RECALL).text
     assert "You have not asked me to remember any value." in post_turn(base, "other", RECALL).text
+    wait_for(lambda: ready(base)["prewarmed"] == 2, timeout=120)
+    assert local_model.token_counts() == token_counts  # neither priming nor turns count tokens upstream
 
 
 def test_sigterm_drains_running_turns_cuts_the_rest_by_the_deadline_and_exits_0_without_orphans(start_server):

@@ -34,7 +34,12 @@ class LocalModel:
     base_url: str
 
     def requests_total(self) -> int:
+        """``POST /v1/messages`` requests served so far."""
         return httpx.get(f"{self.base_url}/local/requests").json()["total"]
+
+    def token_counts(self) -> int:
+        """``POST /v1/messages/count_tokens`` requests served so far."""
+        return httpx.get(f"{self.base_url}/local/requests").json()["count_tokens"]
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from claude_agent_sdk import ClaudeSDKClient, ResultMessage
 from hosting.server.admission import EVICTION_GRACE_SECONDS
 from hosting.server.box import Box
 from hosting.server.live import LiveSession
+from hosting.server.prestart import pool_target
 from hosting.server.sessions import NoRoom, NotAccepting, SessionManager
 from hosting.server.settings import Settings
 from hosting.server.workspaces import WorkspaceStore
@@ -145,6 +146,54 @@ async def test_at_most_the_configured_number_of_clis_start_at_once(tmp_path, sta
     lives = [sessions._cli_factory.open(store.new_workspace()) for _ in range(5)]
     await asyncio.gather(*(sessions._cli_factory.connect(live, for_turn=True) for live in lives))
     assert len(starts.started) == 5 and starts.most_at_once == limit
+
+
+@pytest.mark.parametrize("prewarm, store, capacity, sessions, target", [
+    (4, False, None, 7, 4),  # no capacity: the pool holds AGENT_PREWARM
+    (4, True, None, 0, 0),  # a pre-started CLI's session id is not the store's
+    (1, False, 1, 0, 1),  # a one-session sandbox before its session
+    (1, False, 1, 1, 0),  # ... and once it holds it: no second CLI
+    (4, False, 3, 1, 2),  # never more than the sessions still to come
+    (1, False, 3, 1, 1),
+    (2, False, 3, 5, 0),  # more sessions than the capacity: none (they are still served)
+    (2, True, 3, 0, 0),
+])
+def test_the_pool_holds_no_more_clis_than_sessions_to_come(prewarm, store, capacity, sessions, target):
+    assert pool_target(prewarm, store=store, capacity=capacity, sessions=sessions) == target
+
+
+async def test_a_one_session_server_pre_starts_one_cli_for_its_session_and_none_after(tmp_path, replies, starts):
+    sessions, store = manager(tmp_path, prewarm=1, session_capacity=1)
+    sessions._prestart._spare_cpu = FixedSpareCpu(2.0)
+    await sessions.start()
+    try:
+        await until(lambda: sessions.status()["prewarmed"] == 1)
+        assert sessions.status()["prewarm_target"] == 1
+        await run_turn(sessions, "only")
+        assert starts.started == [sdk_id(store, "only")]  # the pre-started CLI serves it
+        await asyncio.sleep(1.0)  # the pool has had every chance to refill
+        assert (sessions.status()["prewarmed"], sessions.status()["prewarm_target"], starts.alive) == (0, 0, 1)
+        assert await sessions.delete("only")  # room for one more session: one more CLI
+        await until(lambda: sessions.status()["prewarmed"] == 1)
+    finally:
+        await sessions.close()
+
+
+async def test_a_cli_the_pool_started_while_the_last_session_came_is_closed(tmp_path, replies, starts):
+    sessions, _ = manager(tmp_path, prewarm=1, session_capacity=1, max_starting_clis=2)
+    sessions._prestart._spare_cpu = FixedSpareCpu(2.0)
+    starts.release.clear()  # the pool's CLI is starting...
+    await sessions.start()
+    try:
+        await until(lambda: starts.running == 1)
+        turn = asyncio.create_task(run_turn(sessions, "only"))  # ...when the session comes, and starts its own
+        await until(lambda: starts.running == 2)
+        starts.release.set()
+        await turn
+        await until(lambda: starts.alive == 1)  # the session's; the pool's was not wanted any more
+        assert sessions.status()["prewarmed"] == 0 and sessions.status()["prewarm_target"] == 0
+    finally:
+        await sessions.close()
 
 
 async def test_the_pool_waits_for_spare_cpu(tmp_path, starts):

@@ -58,4 +58,6 @@ def test_http_streaming_and_plain_replies(local_model):
     assert lines[0] == "event: message_start" and lines[-1] == "event: message_stop"
     error = httpx.post(f"{local_model.base_url}/v1/messages", json={**body, "messages": [user("x [[error:529]]")]})
     assert error.status_code == 529 and error.json()["error"]["type"] == "overloaded_error"
+    counted = local_model.token_counts()
     assert httpx.post(f"{local_model.base_url}/v1/messages/count_tokens", json=body).json()["input_tokens"] > 0
+    assert local_model.token_counts() == counted + 1

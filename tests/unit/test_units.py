@@ -21,7 +21,8 @@ def test_settings_defaults_and_overrides():
     default = Settings.from_env({}, box=roomy)
     assert (default.port, default.data_dir, default.model, default.warm_sessions, default.prewarm) == (
         8000, Path("/data"), "claude-sonnet-4-6", 32, 12)
-    assert default.max_starting_clis == 4 and default.queue_timeout_seconds == 10
+    assert default.max_starting_clis == 4 and default.queue_timeout_seconds == 10 and default.session_capacity is None
+    assert Settings.from_env({"AGENT_SESSION_CAPACITY": "3"}).session_capacity == 3
     assert Settings.from_env({}).box.cpus == len(os.sched_getaffinity(0))
     custom = Settings.from_env({"PORT": "9000", "AGENT_WARM_SESSIONS": "0", "AGENT_SESSION_TTL_SECONDS": "0",
                                 "AGENT_SESSION_STORE": "redis://127.0.0.1:6379/0", "AGENT_MAX_STARTING_CLIS": "1"})
@@ -37,6 +38,7 @@ def test_cli_runtime_tuning_is_on_by_default_and_the_operator_can_override_it():
 @pytest.mark.parametrize("env, name", [
     ({"PORT": "http"}, "PORT"), ({"PORT": "0"}, "PORT"), ({"AGENT_PREWARM": "-1"}, "AGENT_PREWARM"),
     ({"AGENT_MAX_STARTING_CLIS": "0"}, "AGENT_MAX_STARTING_CLIS"),
+    ({"AGENT_SESSION_CAPACITY": "0"}, "AGENT_SESSION_CAPACITY"), ({"AGENT_SESSION_CAPACITY": "one"}, "AGENT_SESSION_CAPACITY"),
     ({"AGENT_QUEUE_TIMEOUT_SECONDS": "-1"}, "AGENT_QUEUE_TIMEOUT_SECONDS"),
     ({"AGENT_IDLE_TIMEOUT_SECONDS": "soon"}, "AGENT_IDLE_TIMEOUT_SECONDS"),
     ({"AGENT_SESSION_STORE": "mysql://x"}, "AGENT_SESSION_STORE"),
