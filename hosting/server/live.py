@@ -54,12 +54,15 @@ class LiveSession:
         list) now instead of in the session's first turn, which is that much faster
         (bench/README.md), with :data:`PRIME_REQUEST`: nothing is sent upstream.
         Only an optimisation: a CLI that cannot answer is still usable."""
-        query = self.client._query  # the SDK's get_context_usage() cannot ask for the summary
         try:
+            # Private: the SDK's get_context_usage() cannot ask for the summary. Inside the
+            # try, so that an SDK that moved it leaves the CLI unprimed, not unusable.
+            query = self.client._query
             if query is not None:
                 await query._send_control_request(PRIME_REQUEST)
-        except Exception:  # noqa: BLE001
-            logger.debug("could not prime the CLI of %s", self.workspace.sdk_session_id, exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - said once per CLI, so an SDK that changed is noticed
+            logger.warning("could not prime the CLI of %s (%s): its first turn starts colder",
+                           self.workspace.sdk_session_id, type(exc).__name__)
 
     async def close(self) -> None:
         try:
