@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from hosting.gateway.pool import WarmPool
+from hosting.gateway.pool_demand import PoolDemand, PoolSizing
 from hosting.gateway.provisioning import Provisioner
 from hosting.gateway.quotas import QuotaExceeded, Quotas, TenantLimits
 from hosting.gateway.routing.protocols import RoutingStoreUnavailable
@@ -30,7 +31,7 @@ from hosting.gateway.routing.records import Route
 from hosting.gateway.routing.redis import RedisRoutingStore
 from hosting.sandboxes.base import Sandbox, SandboxSpec
 from hosting.sandboxes.memory import MemoryBackend
-from tests.support.gateways import ALICE, Gateways, auth, open_turn
+from tests.support.gateways import ADMIN, ALICE, Gateways, auth, open_turn
 from tests.support.polling import wait_for
 from tests.support.stores import RestartableServer, restartable_redis
 from tests.support.turns import Turn, post_turn
@@ -146,9 +147,10 @@ async def test_a_provisioning_cut_by_an_outage_leaves_nothing_and_blocks_nothing
     store = RedisRoutingStore(redis_server.url, f"t{secrets.token_hex(4)}")
     backend = OutageBackend()
     backend.outage = lambda: down(redis_server)
-    provisioner = Provisioner(backend, store, ENV, timeout_seconds=30,
+    demand = PoolDemand(store, PoolSizing(floor=1, ceiling=1))
+    provisioner = Provisioner(backend, store, ENV, timeout_seconds=30, demand=demand,
                               quotas=Quotas(store, TenantLimits(max_sandboxes=1)))
-    pool = WarmPool(backend, store, provisioner, ENV, target=1, lock_seconds=40, wake=asyncio.Event())
+    pool = WarmPool(backend, store, provisioner, ENV, demand, lock_seconds=40)
 
     backend.during = "create"  # Redis dies while the session's sandbox starts
     with pytest.raises(RoutingStoreUnavailable):
@@ -259,7 +261,7 @@ def test_sigterm_refuses_new_turns_lets_the_running_stream_finish_and_exits_zero
     turn(url, "d1", "Remember this value: 4242")
     route = gateway.route("d1")
     assert route is not None
-    ready = lambda: httpx.get(f"{url}/ready", headers=auth(ALICE), timeout=10)  # noqa: E731
+    ready = lambda: httpx.get(f"{url}/ready", headers=auth(ADMIN), timeout=10)  # noqa: E731
     with open_turn(url, "d1", f"[[delay:3]] {RECALL}") as running, \
             concurrent.futures.ThreadPoolExecutor(1) as pool:
         provisioning = pool.submit(post_turn, url, "d3", "Remember this value: 3131", headers=auth(ALICE))
