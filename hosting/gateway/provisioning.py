@@ -83,6 +83,16 @@ class SharedScope(Protocol):
         """The route's shared sandbox is gone: release every session on it, and remove it."""
 
 
+async def remove_sandbox(backend: SandboxBackend, sandbox: Sandbox, with_volume: bool = False) -> None:
+    """Remove a sandbox nobody will use (and its volume, if asked); a failure is logged, not raised."""
+    try:
+        await backend.delete(sandbox.sandbox_id)
+        if with_volume:
+            await backend.delete_volume(sandbox.volume)
+    except SandboxError as exc:
+        logger.warning("could not remove sandbox %s: %s", sandbox.sandbox_id, exc)
+
+
 class Provisioner:
     """Finds or makes the sandbox of a session; the only writer of new routes."""
 
@@ -153,7 +163,7 @@ class Provisioner:
                     await self._store.put(route)
                 except BaseException:
                     # Nobody will ever find it: neither pooled nor routed any more.
-                    await self._remove(claimed.sandbox, with_volume=True)
+                    await remove_sandbox(self._backend, claimed.sandbox, with_volume=True)
                     raise
                 logger.info("session %s: claimed pooled sandbox %s", session_id, claimed.sandbox.sandbox_id)
                 return route
@@ -193,7 +203,7 @@ class Provisioner:
                 self._demand.changed.set()
             if await self._backend.health(entry.sandbox, entry.token) is not Health.READY:
                 logger.warning("pooled sandbox %s is not ready: removing it", entry.sandbox.sandbox_id)
-                await self._remove(entry.sandbox)
+                await remove_sandbox(self._backend, entry.sandbox)
                 continue
             claimed = await self._backend.claim(entry.sandbox, session_id, tenant)
             if claimed is not None:
@@ -222,10 +232,3 @@ class Provisioner:
             await self._backend.delete(route.sandbox_id, at_once=unresponsive)
         return await self.ensure(route.session_id, route.tenant)
 
-    async def _remove(self, sandbox: Sandbox, with_volume: bool = False) -> None:
-        try:
-            await self._backend.delete(sandbox.sandbox_id)
-            if with_volume:
-                await self._backend.delete_volume(sandbox.volume)
-        except SandboxError as exc:
-            logger.warning("could not remove sandbox %s: %s", sandbox.sandbox_id, exc)

@@ -38,7 +38,7 @@ from typing import Protocol
 from hosting.errors import ErrorCode, HostingError
 from hosting.gateway.cleanup import shielded
 from hosting.gateway.conversations import CredentialedBackend, StoredConversations
-from hosting.gateway.provisioning import Provisioner, ProvisioningFailed, new_spec
+from hosting.gateway.provisioning import Provisioner, ProvisioningFailed, new_spec, remove_sandbox
 from hosting.gateway.routing.protocols import Locking, Routes, RoutingStoreUnavailable, SharedVolumes
 from hosting.gateway.routing.records import Route, SharedVolume, route_key
 from hosting.locks import holding
@@ -154,7 +154,7 @@ class SharedSandboxes:
                     await self._put(record.seated(session_id))
             except BaseException:
                 if claimed is not None:  # neither pooled nor recorded any more: nobody would find it
-                    await self._discard(claimed.sandbox, with_volume=True)
+                    await remove_sandbox(self._backend, claimed.sandbox, with_volume=True)
                 raise
             if claimed is not None:
                 logger.info("session %s: claimed pooled sandbox %s for a new volume", session_id,
@@ -201,7 +201,7 @@ class SharedSandboxes:
                 await self._store.delete(route_key(tenant, session_id))
             if record is not None and emptied:
                 if record.sandbox is not None:
-                    await self._discard(record.sandbox)
+                    await remove_sandbox(self._backend, record.sandbox)
                 await self._backend.delete_volume(volume)
         except (RoutingStoreUnavailable, PlacementBusy, SandboxError) as exc:
             logger.warning("session %s: could not undo its seat on volume %s: %s", session_id, volume, exc)
@@ -228,7 +228,7 @@ class SharedSandboxes:
                     installed = True
         finally:
             if not installed:  # the volume went (its last session deleted), or this failed
-                await self._discard(sandbox)
+                await remove_sandbox(self._backend, sandbox)
         if installed:
             logger.info("volume %s of tenant %s: started sandbox %s", volume, tenant, sandbox.sandbox_id)
 
@@ -301,7 +301,7 @@ class SharedSandboxes:
             await self._store.put_shared_volume(record.without_sandbox())
             for route in routes:
                 await self._store.release(route.key, sandbox.sandbox_id)
-        await self._discard(sandbox)
+        await remove_sandbox(self._backend, sandbox)
         logger.info("volume %s: reaped idle sandbox %s (%d sessions)", record.volume, sandbox.sandbox_id, len(routes))
         return True
 
@@ -388,11 +388,3 @@ class SharedSandboxes:
             except SandboxError as exc:
                 logger.warning("%s", exc)
                 raise ProvisioningFailed(str(exc)) from None
-
-    async def _discard(self, sandbox: Sandbox, with_volume: bool = False) -> None:
-        try:
-            await self._backend.delete(sandbox.sandbox_id)
-            if with_volume:
-                await self._backend.delete_volume(sandbox.volume)
-        except SandboxError as exc:
-            logger.warning("could not remove sandbox %s: %s", sandbox.sandbox_id, exc)
